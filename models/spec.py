@@ -1,0 +1,639 @@
+"""The job spec: a PyTorch training run as JSON, validated by pydantic.
+
+Names are PyTorch's own: a layer's ``type`` is a ``torch.nn`` class name and its other keys are that
+class's keyword arguments; input sizes (in_features, in_channels, num_features, normalized_shape)
+are inferred from the data. Everything is an allow-list and nothing is ever evaluated.
+This module imports neither torch nor SQLAlchemy: the API validates specs without either.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from models.catalog import SKLEARN_DATASETS
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+IntPair = Annotated[list[PositiveInt], Field(min_length=1, max_length=2)]
+Size = Union[PositiveInt, IntPair]
+PadSize = Union[NonNegInt, Annotated[list[NonNegInt], Field(min_length=1, max_length=2)]]
+
+
+class Strict(BaseModel):
+    """Base for every spec part: unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- layers -------------------------------------------------------------------------------------
+
+
+class Linear(Strict):
+    type: Literal["Linear"]
+    out_features: PositiveInt
+    bias: bool = True
+
+
+class _Conv(Strict):
+    out_channels: PositiveInt
+    kernel_size: Size
+    stride: Size = 1
+    padding: Union[PadSize, Literal["same", "valid"]] = 0
+    dilation: Size = 1
+    groups: PositiveInt = 1
+    bias: bool = True
+    padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros"
+
+
+class Conv1d(_Conv):
+    type: Literal["Conv1d"]
+
+
+class Conv2d(_Conv):
+    type: Literal["Conv2d"]
+
+
+class _MaxPool(Strict):
+    kernel_size: Size
+    stride: Size | None = None
+    padding: PadSize = 0
+    dilation: Size = 1
+    ceil_mode: bool = False
+
+
+class MaxPool1d(_MaxPool):
+    type: Literal["MaxPool1d"]
+
+
+class MaxPool2d(_MaxPool):
+    type: Literal["MaxPool2d"]
+
+
+class _AvgPool(Strict):
+    kernel_size: Size
+    stride: Size | None = None
+    padding: PadSize = 0
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+
+
+class AvgPool1d(_AvgPool):
+    type: Literal["AvgPool1d"]
+
+
+class AvgPool2d(_AvgPool):
+    type: Literal["AvgPool2d"]
+
+
+class Flatten(Strict):
+    type: Literal["Flatten"]
+    start_dim: int = 1
+    end_dim: int = -1
+
+
+class Dropout(Strict):
+    type: Literal["Dropout"]
+    p: Annotated[float, Field(ge=0, lt=1)] = 0.5
+
+
+class _BatchNorm(Strict):
+    eps: PositiveFloat = 1e-5
+    momentum: Probability | None = 0.1
+    affine: bool = True
+    track_running_stats: bool = True
+
+
+class BatchNorm1d(_BatchNorm):
+    type: Literal["BatchNorm1d"]
+
+
+class BatchNorm2d(_BatchNorm):
+    type: Literal["BatchNorm2d"]
+
+
+class LayerNorm(Strict):
+    """Normalizes over the last dimension of its input (normalized_shape is inferred)."""
+
+    type: Literal["LayerNorm"]
+    eps: PositiveFloat = 1e-5
+    elementwise_affine: bool = True
+    bias: bool = True
+
+
+class ReLU(Strict):
+    type: Literal["ReLU"]
+
+
+class LeakyReLU(Strict):
+    type: Literal["LeakyReLU"]
+    negative_slope: NonNegFloat = 0.01
+
+
+class Sigmoid(Strict):
+    type: Literal["Sigmoid"]
+
+
+class Tanh(Strict):
+    type: Literal["Tanh"]
+
+
+class Softmax(Strict):
+    type: Literal["Softmax"]
+    dim: int = -1
+
+
+class LogSoftmax(Strict):
+    type: Literal["LogSoftmax"]
+    dim: int = -1
+
+
+class SELU(Strict):
+    type: Literal["SELU"]
+
+
+class Softplus(Strict):
+    type: Literal["Softplus"]
+    beta: PositiveFloat = 1.0
+    threshold: PositiveFloat = 20.0
+
+
+class GELU(Strict):
+    type: Literal["GELU"]
+    approximate: Literal["none", "tanh"] = "none"
+
+
+class ELU(Strict):
+    type: Literal["ELU"]
+    alpha: PositiveFloat = 1.0
+
+
+class Identity(Strict):
+    type: Literal["Identity"]
+
+
+Layer = Annotated[
+    Union[
+        Linear, Conv1d, Conv2d, MaxPool1d, MaxPool2d, AvgPool1d, AvgPool2d, Flatten, Dropout,
+        BatchNorm1d, BatchNorm2d, LayerNorm, ReLU, LeakyReLU, Sigmoid, Tanh, Softmax, LogSoftmax,
+        SELU, Softplus, GELU, ELU, Identity,
+    ],
+    Field(discriminator="type"),
+]
+
+# --- losses -------------------------------------------------------------------------------------
+
+
+class MSELoss(Strict):
+    type: Literal["MSELoss"]
+
+
+class L1Loss(Strict):
+    type: Literal["L1Loss"]
+
+
+class HuberLoss(Strict):
+    type: Literal["HuberLoss"]
+    delta: PositiveFloat = 1.0
+
+
+class SmoothL1Loss(Strict):
+    type: Literal["SmoothL1Loss"]
+    beta: NonNegFloat = 1.0
+
+
+class BCELoss(Strict):
+    """Expects probabilities: end the model with a Sigmoid."""
+
+    type: Literal["BCELoss"]
+
+
+class BCEWithLogitsLoss(Strict):
+    type: Literal["BCEWithLogitsLoss"]
+    pos_weight: PositiveFloat | None = None
+
+
+class CrossEntropyLoss(Strict):
+    type: Literal["CrossEntropyLoss"]
+    label_smoothing: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+class NLLLoss(Strict):
+    """Expects log-probabilities: end the model with a LogSoftmax."""
+
+    type: Literal["NLLLoss"]
+
+
+Loss = Annotated[
+    Union[MSELoss, L1Loss, HuberLoss, SmoothL1Loss, BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, NLLLoss],
+    Field(discriminator="type"),
+]
+REGRESSION_LOSSES = {"MSELoss", "L1Loss", "HuberLoss", "SmoothL1Loss"}
+BINARY_LOSSES = {"BCELoss", "BCEWithLogitsLoss"}
+MULTICLASS_LOSSES = {"CrossEntropyLoss", "NLLLoss"}
+
+# --- optimizers ---------------------------------------------------------------------------------
+
+Betas = Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)]
+
+
+class SGD(Strict):
+    type: Literal["SGD"]
+    lr: PositiveFloat = 0.01
+    momentum: NonNegFloat = 0.0
+    dampening: NonNegFloat = 0.0
+    weight_decay: NonNegFloat = 0.0
+    nesterov: bool = False
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> SGD:
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov requires momentum > 0 and dampening = 0")
+        return self
+
+
+class Adam(Strict):
+    type: Literal["Adam"]
+    lr: PositiveFloat = 0.001
+    betas: Betas = [0.9, 0.999]
+    eps: PositiveFloat = 1e-8
+    weight_decay: NonNegFloat = 0.0
+    amsgrad: bool = False
+
+
+class AdamW(Strict):
+    type: Literal["AdamW"]
+    lr: PositiveFloat = 0.001
+    betas: Betas = [0.9, 0.999]
+    eps: PositiveFloat = 1e-8
+    weight_decay: NonNegFloat = 0.01
+    amsgrad: bool = False
+
+
+class RMSprop(Strict):
+    type: Literal["RMSprop"]
+    lr: PositiveFloat = 0.01
+    alpha: Probability = 0.99
+    eps: PositiveFloat = 1e-8
+    weight_decay: NonNegFloat = 0.0
+    momentum: NonNegFloat = 0.0
+    centered: bool = False
+
+
+class Adagrad(Strict):
+    type: Literal["Adagrad"]
+    lr: PositiveFloat = 0.01
+    lr_decay: NonNegFloat = 0.0
+    weight_decay: NonNegFloat = 0.0
+    initial_accumulator_value: NonNegFloat = 0.0
+    eps: PositiveFloat = 1e-10
+
+
+class Adadelta(Strict):
+    type: Literal["Adadelta"]
+    lr: PositiveFloat = 1.0
+    rho: Probability = 0.9
+    eps: PositiveFloat = 1e-6
+    weight_decay: NonNegFloat = 0.0
+
+
+Optimizer = Annotated[Union[SGD, Adam, AdamW, RMSprop, Adagrad, Adadelta], Field(discriminator="type")]
+
+# --- schedulers (stepped once an epoch, except OneCycleLR: once a batch) ------------------------
+
+
+class StepLR(Strict):
+    type: Literal["StepLR"]
+    step_size: PositiveInt
+    gamma: PositiveFloat = 0.1
+
+
+class MultiStepLR(Strict):
+    type: Literal["MultiStepLR"]
+    milestones: Annotated[list[PositiveInt], Field(min_length=1, max_length=100)]
+    gamma: PositiveFloat = 0.1
+
+
+class ExponentialLR(Strict):
+    type: Literal["ExponentialLR"]
+    gamma: PositiveFloat
+
+
+class CosineAnnealingLR(Strict):
+    type: Literal["CosineAnnealingLR"]
+    T_max: PositiveInt
+    eta_min: NonNegFloat = 0.0
+
+
+class ReduceLROnPlateau(Strict):
+    type: Literal["ReduceLROnPlateau"]
+    monitor: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    factor: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    patience: NonNegInt = 10
+    threshold: NonNegFloat = 1e-4
+    threshold_mode: Literal["rel", "abs"] = "rel"
+    cooldown: NonNegInt = 0
+    min_lr: NonNegFloat = 0.0
+    eps: NonNegFloat = 1e-8
+
+
+class OneCycleLR(Strict):
+    """total_steps is inferred: epochs times batches per epoch."""
+
+    type: Literal["OneCycleLR"]
+    max_lr: PositiveFloat
+    pct_start: Annotated[float, Field(gt=0, lt=1)] = 0.3
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+    div_factor: PositiveFloat = 25.0
+    final_div_factor: PositiveFloat = 1e4
+    three_phase: bool = False
+
+
+Scheduler = Annotated[
+    Union[StepLR, MultiStepLR, ExponentialLR, CosineAnnealingLR, ReduceLROnPlateau, OneCycleLR],
+    Field(discriminator="type"),
+]
+
+# --- data ---------------------------------------------------------------------------------------
+
+ParamValue = Union[bool, int, float, str, list[Union[int, float]], None]
+
+
+class _DataCommon(Strict):
+    validation_split: Annotated[float, Field(ge=0, le=0.9)] = 0.2
+    standardize: bool = False
+    image_shape: Annotated[list[PositiveInt], Field(min_length=2, max_length=3)] | None = None
+
+
+class SklearnData(_DataCommon):
+    source: Literal["sklearn"]
+    name: str
+    params: dict[str, ParamValue] = {}
+
+    @model_validator(mode="after")
+    def _known_dataset_and_params(self) -> SklearnData:
+        entry = SKLEARN_DATASETS.get(self.name)
+        if entry is None:
+            raise SpecProblem("name", unknown_name_message(self.name, "scikit-learn dataset", SKLEARN_DATASETS))
+        for key in self.params:
+            if key not in entry.params:
+                raise SpecProblem(f"params.{key}", unknown_name_message(key, f"parameter of {self.name}",
+                                                                        entry.params))
+        return self
+
+
+class DatasetData(_DataCommon):
+    """A CSV or NPZ file uploaded to the service (POST /datasets)."""
+
+    source: Literal["dataset"]
+    dataset_id: Annotated[str, Field(min_length=1, max_length=64)]
+    target: str | None = None
+
+
+class FileData(_DataCommon):
+    """A local CSV or NPZ file, for ``torchyard train`` on one's own machine; the API refuses it."""
+
+    source: Literal["file"]
+    path: Annotated[str, Field(min_length=1, max_length=4096)]
+    target: str | None = None
+
+
+Data = Annotated[Union[SklearnData, DatasetData, FileData], Field(discriminator="source")]
+
+# --- the rest -----------------------------------------------------------------------------------
+
+
+class ModelSpec(Strict):
+    layers: Annotated[list[Layer], Field(min_length=1)]
+
+
+class Training(Strict):
+    epochs: PositiveInt = 10
+    batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 32
+    shuffle: bool = True
+    max_runtime_seconds: PositiveInt | None = None
+
+
+class EarlyStopping(Strict):
+    """Keras' EarlyStopping: the same arguments and the same rules."""
+
+    monitor: str = "val_loss"
+    mode: Literal["min", "max", "auto"] = "auto"
+    min_delta: NonNegFloat = 0.0
+    patience: NonNegInt = 0
+    baseline: float | None = None
+    restore_best_weights: bool = False
+    start_from_epoch: NonNegInt = 0
+
+
+class Checkpoint(Strict):
+    every_n_epochs: PositiveInt = 1
+    keep_last: Annotated[int, Field(ge=1, le=100)] = 2
+
+
+class Resources(Strict):
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    gpus: Annotated[int, Field(ge=0, le=64)] | None = None
+
+
+class JobSpec(Strict):
+    """A whole training run."""
+
+    name: Annotated[str, Field(min_length=1, max_length=200)] = "job"
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    task: Literal["regression", "binary", "multiclass"]
+    data: Data
+    model: ModelSpec
+    loss: Loss | None = None
+    optimizer: Optimizer = Field(default_factory=lambda: Adam(type="Adam"))
+    scheduler: Scheduler | None = None
+    training: Training = Field(default_factory=Training)
+    early_stopping: EarlyStopping | None = None
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint)
+    resources: Resources = Field(default_factory=Resources)
+
+    @property
+    def loss_type(self) -> str:
+        """The loss to train with: the spec's, or the task's default."""
+        if self.loss is not None:
+            return self.loss.type
+        return {"regression": "MSELoss", "binary": "BCEWithLogitsLoss", "multiclass": "CrossEntropyLoss"}[
+            self.task
+        ]
+
+    @property
+    def has_validation(self) -> bool:
+        return self.data.validation_split > 0
+
+    def metric_names(self) -> list[str]:
+        """Every per-epoch metric this job records (what ``monitor`` may name)."""
+        base = ["loss", "accuracy"] if self.task != "regression" else ["loss", "mae", "r2"]
+        names = base + ([f"val_{name}" for name in base] if self.has_validation else [])
+        return names + ["lr", "epoch_seconds", "samples_per_second"]
+
+
+# --- validation entry point ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits a deployment puts on one job."""
+
+    max_parameters: int = 50_000_000
+    max_layers: int = 100
+    max_epochs: int = 10_000
+    max_samples: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a spec, at a field path such as ``model.layers[2].out_features``."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class SpecError(ValueError):
+    """A spec that can't be run; ``problems`` lists every reason by field path."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("invalid spec:\n" + "\n".join(f"  {problem}" for problem in problems))
+
+
+class SpecProblem(ValueError):
+    """Raised inside a validator to report a problem at a sub-path of the model being validated."""
+
+    def __init__(self, subpath: str, message: str):
+        self.subpath = subpath
+        super().__init__(message)
+
+
+def unknown_name_message(name: Any, what: str, allowed) -> str:
+    """``'Linaer' is not a layer; did you mean 'Linear'?`` (or the allowed names when nothing is close)."""
+    allowed = sorted(allowed)
+    close = difflib.get_close_matches(str(name), allowed, n=3, cutoff=0.6)
+    if close:
+        suggestion = "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    else:
+        suggestion = "allowed: " + ", ".join(allowed)
+    return f"{name!r} is not a {what}; {suggestion}"
+
+
+def _type_names(annotated) -> dict[str, type[Strict]]:
+    """``{"Linear": Linear, ...}`` for one of the discriminated unions above."""
+    members = typing.get_args(typing.get_args(annotated)[0])
+    return {typing.get_args(m.model_fields["type"].annotation)[0]: m for m in members}
+
+
+LAYER_TYPES = _type_names(Layer)
+LOSS_TYPES = _type_names(Loss)
+OPTIMIZER_TYPES = _type_names(Optimizer)
+SCHEDULER_TYPES = _type_names(Scheduler)
+DATA_SOURCES = {"sklearn", "dataset", "file"}
+_TAGS = set(LAYER_TYPES) | set(LOSS_TYPES) | set(OPTIMIZER_TYPES) | set(SCHEDULER_TYPES) | DATA_SOURCES
+
+
+def format_path(loc: tuple) -> str:
+    """``('model', 'layers', 2, 'Linear', 'out_features')`` -> ``model.layers[2].out_features``."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in _TAGS or part.startswith(("function-", "union[", "list[", "nullable[")):
+            continue  # pydantic's name for the union member, not a field the user wrote
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _what_for(path: str) -> tuple[str, dict] | None:
+    """Which allow-list a discriminator at ``path`` belongs to."""
+    if path.startswith("model.layers["):
+        return "layer", LAYER_TYPES
+    for field, what, names in (("loss", "loss", LOSS_TYPES), ("optimizer", "optimizer", OPTIMIZER_TYPES),
+                               ("scheduler", "scheduler", SCHEDULER_TYPES)):
+        if path == field:
+            return what, names
+    if path == "data":
+        return "data source", DATA_SOURCES
+    return None
+
+
+def _problem_from_error(error: dict) -> Problem:
+    path = format_path(error["loc"])
+    kind = error["type"]
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        tag_field = error.get("ctx", {}).get("discriminator", "'type'").strip("'")
+        what, names = _what_for(path) or ("value", {})
+        field_path = f"{path}.{tag_field}" if path else tag_field
+        if kind == "union_tag_not_found":
+            return Problem(field_path, f"missing; one of: {', '.join(sorted(names))}")
+        return Problem(field_path, unknown_name_message(error["ctx"]["tag"], what, names))
+    if kind == "extra_forbidden":
+        return Problem(path, "unknown field")
+    if kind == "value_error" and isinstance(error.get("ctx", {}).get("error"), SpecProblem):
+        problem = error["ctx"]["error"]
+        return Problem(f"{path}.{problem.subpath}" if path else problem.subpath, str(problem))
+    message = error["msg"].removeprefix("Value error, ")
+    return Problem(path, message)
+
+
+def parse_spec(data: Any, limits: Limits | None = None) -> JobSpec:
+    """Validate a spec (a parsed JSON value); raise SpecError listing every problem by field path."""
+    if not isinstance(data, dict):
+        raise SpecError([Problem("", "a spec is a JSON object")])
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError([_problem_from_error(e) for e in exc.errors()]) from None
+    problems = check_semantics(spec, limits or Limits())
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def check_semantics(spec: JobSpec, limits: Limits) -> list[Problem]:
+    """Rules across fields that the field types alone can't express, and the limits."""
+    from models.shapes import data_shape, infer_shapes  # shapes imports this module
+
+    problems = []
+    if len(spec.model.layers) > limits.max_layers:
+        problems.append(Problem("model.layers", f"{len(spec.model.layers)} layers exceed the limit of "
+                                                f"{limits.max_layers} (max_layers)"))
+    if spec.training.epochs > limits.max_epochs:
+        problems.append(Problem("training.epochs", f"{spec.training.epochs} exceeds the limit of "
+                                                   f"{limits.max_epochs} (max_epochs)"))
+    allowed_losses = {"regression": REGRESSION_LOSSES, "binary": BINARY_LOSSES,
+                      "multiclass": MULTICLASS_LOSSES}[spec.task]
+    if spec.loss is not None and spec.loss.type not in allowed_losses:
+        problems.append(Problem("loss.type", f"{spec.loss.type} does not fit task {spec.task!r}; use one of "
+                                             f"{', '.join(sorted(allowed_losses))}"))
+    metrics = spec.metric_names()
+    if spec.early_stopping is not None and spec.early_stopping.monitor not in metrics:
+        problems.append(Problem("early_stopping.monitor", unknown_name_message(
+            spec.early_stopping.monitor, "metric this job records", metrics)))
+    if spec.scheduler is not None and spec.scheduler.type == "ReduceLROnPlateau" \
+            and spec.scheduler.monitor not in metrics:
+        problems.append(Problem("scheduler.monitor", unknown_name_message(
+            spec.scheduler.monitor, "metric this job records", metrics)))
+    if spec.data.source == "sklearn":
+        shape = data_shape(spec.data, spec.task)
+        problems += shape.problems
+        if shape.n_samples is not None and shape.n_samples > limits.max_samples:
+            problems.append(Problem("data.params.n_samples", f"{shape.n_samples} samples exceed the limit of "
+                                                             f"{limits.max_samples} (max_samples)"))
+        if not shape.problems:
+            problems += infer_shapes(spec, shape.input_shape, shape.n_outputs, limits).problems
+    return problems

@@ -1,0 +1,173 @@
+"""The service's data model: SQLAlchemy 2 typed tables shared by the API and the workers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from typing import Any, Optional
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Named constraints make Alembic migrations deterministic across SQLite and PostgreSQL.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def new_id(prefix: str) -> str:
+    """A random, URL-safe id such as ``job_3f9c…``; random so ids can't be enumerated."""
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dt.datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("usr"))
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """A bearer token; only its SHA-256 is stored (tokens are random, so no slow hash is needed)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("key"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[Optional[dt.datetime]]
+    revoked_at: Mapped[Optional[dt.datetime]]
+
+    user: Mapped[User] = relationship()
+
+
+class Job(Base):
+    """One training run. The row is the job: status, progress, reasons and lease all live here."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("user_id", "idempotency_key"),
+        Index("ix_jobs_user_id_created_at", "user_id", "created_at"),
+        Index("ix_jobs_status_queue", "status", "queue"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), default="queued")
+    spec: Mapped[dict[str, Any]]
+    queue: Mapped[str] = mapped_column(String(50), default="cpu")
+    idempotency_key: Mapped[Optional[str]] = mapped_column(String(200))
+
+    # Progress.
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    epochs: Mapped[int] = mapped_column(Integer)
+    best_metric: Mapped[Optional[str]] = mapped_column(String(100))
+    best_value: Mapped[Optional[float]] = mapped_column(Float)
+    best_epoch: Mapped[Optional[int]]
+    final_metrics: Mapped[Optional[dict[str, Any]]]
+
+    # Why it is where it is.
+    stop_reason: Mapped[Optional[str]] = mapped_column(String(100))
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    pending_reason: Mapped[Optional[str]] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    # Attempts and the lease of the one attempt that may write (fencing by attempt number).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    worker_id: Mapped[Optional[str]] = mapped_column(String(200))
+    device: Mapped[Optional[str]] = mapped_column(String(100))
+    lease_expires_at: Mapped[Optional[dt.datetime]]
+
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[Optional[dt.datetime]]
+    finished_at: Mapped[Optional[dt.datetime]]
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class EpochMetrics(Base):
+    """One row an epoch: the metrics the engine recorded (loss, val_loss, accuracy, lr, ...)."""
+
+    __tablename__ = "epoch_metrics"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    values: Mapped[dict[str, Any]]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Artifact(Base):
+    """A stored file of a job: checkpoint, weights, model card, metrics."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("art"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(20))  # checkpoint | weights | model_card | metrics
+    name: Mapped[str] = mapped_column(String(200))
+    uri: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    epoch: Mapped[Optional[int]]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Dataset(Base):
+    """An uploaded CSV or NPZ file, stored under a server-made name."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ds"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    format: Mapped[str] = mapped_column(String(10))  # csv | npz
+    uri: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    n_rows: Mapped[int] = mapped_column(Integer)
+    n_features: Mapped[int] = mapped_column(Integer)
+    # What a spec is checked against at submit: the default target column of a CSV file, the target
+    # width, and the distinct integer labels of the target (None when it is not a set of class labels).
+    target: Mapped[Optional[str]] = mapped_column(String(200))
+    n_targets: Mapped[int] = mapped_column(Integer, default=1)
+    n_classes: Mapped[Optional[int]] = mapped_column(Integer)
+    columns: Mapped[Optional[dict[str, Any]]]  # CSV: {"names": [...], "n_classes": {name: int | None}}
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Worker(Base):
+    """A live worker process: it registers at start and heartbeats while it runs."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(200))
+    queues: Mapped[str] = mapped_column(String(200))
+    devices: Mapped[Optional[dict[str, Any]]]
+    slots: Mapped[int] = mapped_column(Integer, default=1)
+    current_job_id: Mapped[Optional[str]] = mapped_column(String(40))
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_heartbeat_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

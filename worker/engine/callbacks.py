@@ -1,0 +1,65 @@
+"""The trainer's hooks. Callbacks decide, the trainer acts: every hook does nothing by default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class StopTraining(Exception):
+    """Raised by a callback to end training at once, not as a failure (``reason``: 'cancelled', 'preempted').
+
+    No final weights are written; the newest checkpoint stays for a later resume.
+    """
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+class TrainingFailed(Exception):
+    """Training can't go on (a NaN loss, a run time limit); the message says why for the user."""
+
+
+@dataclass
+class RunState:
+    """What callbacks may read about the run in progress."""
+
+    epochs: int
+    epoch: int = 0  # the last completed epoch (1-based); 0 before the first
+    batch: int = 0  # batches done in the current epoch
+    batches_per_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    device: str = "cpu"
+    model: Any = None  # the nn.Module being trained
+    stop_reason: str | None = None  # set by a callback at epoch end to stop after this epoch
+
+
+class Callback:
+    """Base class: override the hooks you need."""
+
+    def on_train_begin(self, state: RunState) -> None:
+        """Before the first epoch of this run (also after a resume)."""
+
+    def on_batch_end(self, state: RunState) -> None:
+        """After each optimizer step; raise StopTraining to stop at this batch boundary."""
+
+    def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
+        """After each epoch with its metrics row (``epoch`` is 1-based); set state.stop_reason to stop."""
+
+    def on_checkpoint(self, state: RunState, path: Path, epoch: int) -> None:
+        """After a checkpoint file was written completely."""
+
+    def on_checkpoint_removed(self, state: RunState, path: Path, epoch: int) -> None:
+        """After an old checkpoint was pruned (keep_last)."""
+
+    def on_train_end(self, state: RunState, result: Any) -> None:
+        """After training ended and the outputs were written (result: TrainResult)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs of this callback; saved in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict() returned."""

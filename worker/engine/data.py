@@ -1,0 +1,182 @@
+"""Datasets: from scikit-learn or a CSV/NPZ file to train/validation tensors on the device.
+
+Files are parsed without pickle (NPZ with allow_pickle=False, CSV as numbers only), so an uploaded
+file can never run code.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.catalog import DataShape
+from models.shapes import DataReport, describe_data
+from models.spec import JobSpec, Problem, SpecError
+
+
+@dataclass
+class Arrays:
+    """Features and targets as loaded, before splitting."""
+
+    X: np.ndarray
+    y: np.ndarray
+    feature_names: list[str] | None = None
+
+
+@dataclass
+class TensorData:
+    """Train and validation tensors on the device, with what the network needs to know of them."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor | None
+    y_val: torch.Tensor | None
+    report: DataReport
+    mean: torch.Tensor | None = None  # standardization fitted on the training part
+    std: torch.Tensor | None = None
+
+    @property
+    def n_train(self) -> int:
+        return len(self.x_train)
+
+    @property
+    def n_val(self) -> int:
+        return 0 if self.x_val is None else len(self.x_val)
+
+
+def load_sklearn(name: str, params: dict) -> Arrays:
+    """Call an allow-listed scikit-learn generator or loader (names were checked by the spec)."""
+    import sklearn.datasets
+
+    function = getattr(sklearn.datasets, name)
+    if name.startswith("load_"):
+        bunch = function(**params)
+        return Arrays(np.asarray(bunch.data), np.asarray(bunch.target), list(getattr(bunch, "feature_names", [])))
+    X, y = function(**params)[:2]
+    return Arrays(np.asarray(X), np.asarray(y))
+
+
+def read_csv(path: Path, target: str | None) -> Arrays:
+    """A numeric CSV with a header row; ``target`` names the label column (default: the last one)."""
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if not header:
+            raise SpecError([Problem("data", f"{path.name} is empty")])
+        target = target or header[-1]
+        if target not in header:
+            raise SpecError([Problem("data.target", f"{target!r} is not a column of {path.name}; "
+                                                    f"columns: {', '.join(header)}")])
+        rows = []
+        for line_number, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise SpecError([Problem("data", f"{path.name} line {line_number} has {len(row)} values, "
+                                                 f"the header has {len(header)}")])
+            try:
+                rows.append([float(value) for value in row])
+            except ValueError:
+                bad = next(i for i, value in enumerate(row) if not _is_number(value))
+                raise SpecError([Problem("data", f"{path.name} line {line_number}, column {header[bad]!r}: "
+                                                 f"{row[bad]!r} is not a number")]) from None
+    if not rows:
+        raise SpecError([Problem("data", f"{path.name} has a header but no rows")])
+    table = np.asarray(rows, dtype=np.float64)
+    column = header.index(target)
+    features = [name for i, name in enumerate(header) if i != column]
+    return Arrays(np.delete(table, column, axis=1), table[:, column], features)
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def read_npz(path: Path) -> Arrays:
+    """An NPZ file with arrays ``X`` and ``y``; object arrays are refused (they would need pickle)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = {"X", "y"} - set(archive.files)
+            if missing:
+                raise SpecError([Problem("data", f"{path.name} lacks array(s) {', '.join(sorted(missing))}; "
+                                                 f"it has {', '.join(archive.files) or 'none'}")])
+            return Arrays(archive["X"], archive["y"])
+    except ValueError as exc:  # numpy's refusal of object arrays
+        raise SpecError([Problem("data", f"{path.name}: {exc}")]) from None
+
+
+def load_arrays(spec: JobSpec, data_path: Path | None = None) -> Arrays:
+    """The spec's data as NumPy arrays; ``data_path`` is where an uploaded or local file lies."""
+    data = spec.data
+    if data.source == "sklearn":
+        return load_sklearn(data.name, data.params)
+    path = Path(data_path or getattr(data, "path"))
+    if not path.is_file():
+        raise SpecError([Problem("data.path", f"no such file: {path}")])
+    if path.suffix.lower() == ".npz":
+        return read_npz(path)
+    if path.suffix.lower() == ".csv":
+        return read_csv(path, data.target)
+    raise SpecError([Problem("data.path", f"{path.name}: expected a .csv or .npz file")])
+
+
+def shape_of(arrays: Arrays, task: str) -> DataShape:
+    """The DataShape of loaded arrays (classes are counted for classification tasks)."""
+    n_features = int(np.prod(arrays.X.shape[1:])) if arrays.X.ndim > 1 else 1
+    n_targets = arrays.y.shape[1] if arrays.y.ndim > 1 else 1
+    n_classes = None
+    if task != "regression":
+        labels = np.unique(arrays.y)
+        if not np.all(labels == np.round(labels)) or labels.min() < 0:
+            raise SpecError([Problem("task", f"{task!r} needs integer class labels 0..k-1 in the target, "
+                                             f"found values such as {labels[:5].tolist()}")])
+        n_classes = max(int(labels.max()) + 1, 2)
+    return DataShape(len(arrays.X), n_features, n_targets, n_classes)
+
+
+def split_indices(n: int, validation_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded shuffle split: (train indices, validation indices)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * validation_split))
+    if validation_split > 0 and not 1 <= n_val < n:
+        raise SpecError([Problem("data.validation_split", f"{validation_split} of {n} samples leaves an empty "
+                                                          "training or validation part")])
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def prepare(spec: JobSpec, arrays: Arrays, device: torch.device) -> TensorData:
+    """Split, shape and (optionally) standardize the data, then move it to the device once."""
+    shape = shape_of(arrays, spec.task)
+    report = describe_data(shape, spec.task, spec.data.image_shape)
+    if report.problems:
+        raise SpecError(report.problems)
+    X = torch.as_tensor(arrays.X, dtype=torch.float32).reshape(len(arrays.X), *report.input_shape)
+    y = _targets(arrays.y, spec)
+    train_idx, val_idx = split_indices(len(X), spec.data.validation_split, spec.seed)
+    x_train, y_train = X[train_idx], y[train_idx]
+    mean = std = None
+    if spec.data.standardize:
+        mean = x_train.mean(dim=0)
+        std = x_train.std(dim=0, unbiased=False).clamp_min(1e-8)  # constant features stay finite
+    has_val = len(val_idx) > 0
+    return TensorData(
+        x_train=x_train.to(device), y_train=y_train.to(device),
+        x_val=X[val_idx].to(device) if has_val else None, y_val=y[val_idx].to(device) if has_val else None,
+        report=report, mean=mean, std=std,
+    )
+
+
+def _targets(y: np.ndarray, spec: JobSpec) -> torch.Tensor:
+    """Targets in the dtype and shape the task's loss expects."""
+    if spec.loss_type in ("CrossEntropyLoss", "NLLLoss"):
+        return torch.as_tensor(y.reshape(-1), dtype=torch.long)
+    target = torch.as_tensor(y, dtype=torch.float32)
+    return target.reshape(len(y), -1)

@@ -1,0 +1,21 @@
+"""Which device a run uses."""
+
+from __future__ import annotations
+
+import torch
+
+from models.spec import Problem, SpecError
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu for 'auto'; an explicit device that isn't there is a clear error."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[requested]:
+        raise SpecError([Problem("resources.device", f"{requested!r} was asked for but this machine has none")])
+    return torch.device(requested)

@@ -1,0 +1,76 @@
+"""What a finished run leaves in its output folder: weights, a model card and the metrics."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import sklearn
+import torch
+from torch import nn
+
+from models.shapes import ShapeReport
+from models.spec import JobSpec
+
+WEIGHTS = "weights.safetensors"
+CARD = "model.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+CARD_FORMAT = "torchyard.model/1"
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """The model's state as safetensors (tensors only, loads without pickle)."""
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    write_atomically(path, safetensors.torch.save(tensors))
+
+
+def write_metrics(history: list[dict[str, Any]], path: Path) -> None:
+    """metrics.jsonl: one JSON line an epoch."""
+    write_atomically(path, "".join(json.dumps(row) + "\n" for row in history).encode())
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("torchyard")
+    except PackageNotFoundError:
+        ours = "unknown"
+    return {"torchyard": ours, "torch": torch.__version__, "numpy": np.__version__,
+            "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+
+
+def model_card(spec: JobSpec, plan: ShapeReport, input_shape, n_outputs: int, summary: dict[str, Any]) -> dict:
+    """Everything needed to rebuild the network (spec and shapes) and to judge the run."""
+    return {
+        "format": CARD_FORMAT,
+        "name": spec.name,
+        "task": spec.task,
+        "seed": spec.seed,
+        "input_shape": list(input_shape),
+        "n_outputs": n_outputs,
+        "layers": [{"index": i, "type": layer.type, "output_shape": list(layer.output_shape),
+                    "parameters": layer.parameters} for i, layer in enumerate(plan.layers)],
+        "total_parameters": plan.total_parameters,
+        **summary,
+        "versions": versions(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "spec": spec.model_dump(mode="json"),
+    }
+
+
+def write_card(card: dict, path: Path) -> None:
+    write_atomically(path, (json.dumps(card, indent=2) + "\n").encode())

@@ -1,0 +1,153 @@
+"""``train()``: one spec, one output folder; the engine's whole public entry point."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.spec import JobSpec, Limits, Problem, SpecError
+from worker.engine import checkpoints, outputs
+from worker.engine.callbacks import Callback, RunState, StopTraining, TrainingFailed
+from worker.engine.data import load_arrays, prepare
+from worker.engine.device import pick_device
+from worker.engine.network import build_network, plan_network
+from worker.engine.trainer import Trainer
+
+
+@dataclass
+class TrainResult:
+    """How a run ended. ``status``: succeeded, failed (see ``error``) or stopped (see ``stop_reason``)."""
+
+    status: str
+    stop_reason: str | None = None
+    error: str | None = None
+    epochs_completed: int = 0
+    best_metric: str | None = None
+    best_value: float | None = None
+    best_epoch: int | None = None
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+    out_dir: Path | None = None
+    device: str = "cpu"
+    total_parameters: int = 0
+
+    @property
+    def weights_path(self) -> Path:
+        return self.out_dir / outputs.WEIGHTS
+
+    @property
+    def card_path(self) -> Path:
+        return self.out_dir / outputs.CARD
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / outputs.METRICS
+
+
+class MetricsFile(Callback):
+    """Appends each epoch to metrics.jsonl as it ends, so the file can be followed during training."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+
+
+@dataclass
+class Prepared:
+    """A run set up and ready to fit: what the CLI shows before training starts."""
+
+    trainer: Trainer
+    plan: Any
+    data: Any
+    resumed_from: int | None
+
+
+def prepare_run(spec: JobSpec, out_dir: Path, *, resume: bool = False, callbacks: Sequence[Callback] = (),
+                data_path: Path | None = None, device: str | None = None,
+                limits: Limits | None = None) -> Prepared:
+    """Load the data, check the network against it, build everything, and restore a checkpoint if resuming."""
+    limits = limits or Limits()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch_device = pick_device(device or spec.resources.device)
+    arrays = load_arrays(spec, data_path)
+    if len(arrays.X) > limits.max_samples:
+        raise SpecError([Problem("data", f"{len(arrays.X)} samples exceed the limit of {limits.max_samples} "
+                                         "(max_samples)")])
+    data = prepare(spec, arrays, torch_device)
+    plan = plan_network(spec, data.report.input_shape, data.report.n_outputs, limits)
+    torch.manual_seed(spec.seed)  # fixed initial weights for a fixed seed
+    model = build_network(spec, plan, data.mean, data.std)
+    checkpoint_dir = out_dir / outputs.CHECKPOINTS
+    state = checkpoints.load_newest(checkpoint_dir, torch_device) if resume else None
+    if not resume:  # a fresh run must not pick up a previous run's files
+        for _epoch, path in checkpoints.list_checkpoints(checkpoint_dir):
+            path.unlink()
+    metrics_file = out_dir / outputs.METRICS
+    trainer = Trainer(spec, model, data, torch_device, checkpoint_dir, [MetricsFile(metrics_file), *callbacks])
+    if state is not None:
+        trainer.restore(state)
+    outputs.write_metrics(trainer.state.history, metrics_file)  # the history up to the resume point
+    return Prepared(trainer, plan, data, state["epoch"] if state else None)
+
+
+def finish(prepared: Prepared, spec: JobSpec, out_dir: Path) -> TrainResult:
+    """Run the loop and write the outputs; map how it ended onto a TrainResult."""
+    trainer = prepared.trainer
+    result = TrainResult(status="succeeded", out_dir=out_dir, device=str(trainer.device),
+                         total_parameters=prepared.plan.total_parameters)
+    try:
+        trainer.fit()
+        result.stop_reason = trainer.state.stop_reason or "completed"
+    except StopTraining as stop:
+        result.status, result.stop_reason = "stopped", stop.reason
+    except TrainingFailed as failure:
+        result.status, result.error = "failed", str(failure)
+    history = trainer.state.history
+    result.epochs_completed = trainer.state.epoch
+    result.final_metrics = history[-1] if history else {}
+    if history:
+        best = trainer.best
+        result.best_metric, result.best_value, result.best_epoch = best.monitor, best.best, best.best_epoch + 1
+    if result.status == "succeeded":
+        write_outputs(trainer, prepared, spec, out_dir, result)
+    for callback in trainer.callbacks:
+        callback.on_train_end(trainer.state, result)
+    return result
+
+
+def write_outputs(trainer: Trainer, prepared: Prepared, spec: JobSpec, out_dir: Path, result: TrainResult):
+    restored = trainer.early_stopping.restore(trainer.model) if trainer.early_stopping else False
+    outputs.save_weights(trainer.model, out_dir / outputs.WEIGHTS)
+    outputs.write_metrics(trainer.state.history, out_dir / outputs.METRICS)
+    summary = {
+        "stop_reason": result.stop_reason,
+        "epochs_completed": result.epochs_completed,
+        "final_metrics": result.final_metrics,
+        "best": {"metric": result.best_metric, "value": result.best_value, "epoch": result.best_epoch},
+        "restored_best_weights": restored,
+        "standardize": spec.data.standardize,
+        "device": result.device,
+    }
+    report = prepared.data.report
+    card = outputs.model_card(spec, prepared.plan, report.input_shape, report.n_outputs, summary)
+    outputs.write_card(card, out_dir / outputs.CARD)
+
+
+def train(spec: JobSpec, out_dir: Path, *, resume: bool = False, callbacks: Sequence[Callback] = (),
+          data_path: Path | None = None, device: str | None = None, limits: Limits | None = None) -> TrainResult:
+    """Train ``spec`` into ``out_dir`` (weights.safetensors, model.json, metrics.jsonl, checkpoints/).
+
+    Raises SpecError when the data or network don't fit; any exception a callback raises other than
+    StopTraining passes through untouched.
+    """
+    out_dir = Path(out_dir)
+    prepared = prepare_run(spec, out_dir, resume=resume, callbacks=callbacks, data_path=data_path,
+                           device=device, limits=limits)
+    return finish(prepared, spec, out_dir)
