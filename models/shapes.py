@@ -118,8 +118,7 @@ def _spatial(layer, shape: Shape, rank: int, pool: bool) -> tuple[Shape, int]:
     name = layer.type
     if len(shape) != rank + 1:
         want = "channels x length" if rank == 1 else "channels x height x width"
-        hint = "set data.image_shape" if len(shape) == 1 else "check the layers before it"
-        raise _ShapeError("type", f"{name} needs input of {want}, got shape {list(shape)}; {hint}")
+        raise _ShapeError("type", f"{name} needs input of {want}, got shape {list(shape)}")
     channels, sizes = shape[0], shape[1:]
     kernel = _pair(layer.kernel_size, rank)
     stride = _pair(layer.stride if layer.stride is not None else layer.kernel_size, rank)
@@ -185,7 +184,10 @@ def infer_shapes(spec: JobSpec, input_shape: Shape, n_outputs: int, limits: Limi
         try:
             out, parameters = layer_output(layer, shape)
         except _ShapeError as exc:
-            report.problems.append(Problem(f"model.layers[{index}].{exc.field_name}", str(exc)))
+            message = str(exc)
+            if exc.field_name == "type":  # the input has the wrong rank: say where it came from
+                message += "; set data.image_shape" if index == 0 else "; check the layers before it"
+            report.problems.append(Problem(f"model.layers[{index}].{exc.field_name}", message))
             return report
         report.layers.append(LayerShape(layer.type, shape, out, parameters))
         shape = out
@@ -194,10 +196,10 @@ def infer_shapes(spec: JobSpec, input_shape: Shape, n_outputs: int, limits: Limi
         report.problems.append(Problem(last, f"the network must end with one value per output, but it gives "
                                              f"shape {list(shape)}; add a Flatten and a Linear"))
     elif shape[0] != n_outputs:
-        need = {"regression": "target", "binary": "output (one logit for two classes)",
-                "multiclass": "class"}[spec.task]
+        why = {"regression": "one per target", "binary": "one logit for two classes",
+               "multiclass": "one per class"}[spec.task]
         report.problems.append(Problem(last, f"the network ends with {shape[0]} outputs but task {spec.task!r} "
-                                             f"on this data needs {n_outputs} (one per {need})"))
+                                             f"on this data needs {n_outputs} ({why})"))
     limits = limits or Limits()
     if report.total_parameters > limits.max_parameters:
         report.problems.append(Problem("model", f"{report.total_parameters:,} parameters exceed the limit of "

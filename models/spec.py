@@ -30,7 +30,8 @@ PadSize = Union[NonNegInt, Annotated[list[NonNegInt], Field(min_length=1, max_le
 class Strict(BaseModel):
     """Base for every spec part: unknown keys are errors, never silently ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: "16" is not 16; a spec says what it means.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # --- layers -------------------------------------------------------------------------------------
@@ -528,7 +529,8 @@ def unknown_name_message(name: Any, what: str, allowed) -> str:
         suggestion = "did you mean " + " or ".join(repr(c) for c in close) + "?"
     else:
         suggestion = "allowed: " + ", ".join(allowed)
-    return f"{name!r} is not a {what}; {suggestion}"
+    article = "an" if what[0] in "aeiou" else "a"
+    return f"{name!r} is not {article} {what}; {suggestion}"
 
 
 def _type_names(annotated) -> dict[str, type[Strict]]:
@@ -542,6 +544,7 @@ LOSS_TYPES = _type_names(Loss)
 OPTIMIZER_TYPES = _type_names(Optimizer)
 SCHEDULER_TYPES = _type_names(Scheduler)
 DATA_SOURCES = {"sklearn", "dataset", "file"}
+INFERRED_FIELDS = {"in_features", "in_channels", "num_features", "normalized_shape"}
 _TAGS = set(LAYER_TYPES) | set(LOSS_TYPES) | set(OPTIMIZER_TYPES) | set(SCHEDULER_TYPES) | DATA_SOURCES
 
 
@@ -582,6 +585,8 @@ def _problem_from_error(error: dict) -> Problem:
             return Problem(field_path, f"missing; one of: {', '.join(sorted(names))}")
         return Problem(field_path, unknown_name_message(error["ctx"]["tag"], what, names))
     if kind == "extra_forbidden":
+        if path.rsplit(".", 1)[-1] in INFERRED_FIELDS:
+            return Problem(path, "is inferred from the data; remove it")
         return Problem(path, "unknown field")
     if kind == "value_error" and isinstance(error.get("ctx", {}).get("error"), SpecProblem):
         problem = error["ctx"]["error"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"^epoch-(\d+)\.pt$")
 
 
@@ -50,8 +52,8 @@ def load_newest(directory: Path, device: torch.device) -> dict[str, Any] | None:
     for _epoch, path in reversed(list_checkpoints(directory)):
         try:
             return load_checkpoint(path, device)
-        except (RuntimeError, EOFError, OSError):
-            continue
+        except Exception as exc:  # a torn or foreign file fails in many ways; all mean "not usable"
+            log.warning("skipping unreadable checkpoint %s: %s: %s", path, type(exc).__name__, exc)
     return None
 
 

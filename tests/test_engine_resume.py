@@ -1,0 +1,125 @@
+"""A run that is killed and resumed ends with the same bytes of weights and the same metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from models.spec import parse_spec
+from worker.engine import Callback, StopTraining, train
+
+TIMING = {"epoch_seconds", "samples_per_second"}
+
+
+def resumable_spec(n_samples=300, epochs=6) -> dict:
+    # Dropout (global RNG), shuffling (own generator), a scheduler and early-stopping state all
+    # have to come back exactly for the bytes to match.
+    return {
+        "name": "resume",
+        "seed": 7,
+        "task": "multiclass",
+        "data": {"source": "sklearn", "name": "make_classification", "validation_split": 0.2,
+                 "params": {"n_samples": n_samples, "n_features": 20, "n_informative": 8, "n_classes": 3,
+                            "random_state": 0}},
+        "model": {"layers": [{"type": "Linear", "out_features": 64}, {"type": "ReLU"},
+                             {"type": "Dropout", "p": 0.3}, {"type": "Linear", "out_features": 64},
+                             {"type": "BatchNorm1d"}, {"type": "ReLU"}, {"type": "Linear", "out_features": 3}]},
+        "optimizer": {"type": "AdamW", "lr": 0.003},
+        "scheduler": {"type": "StepLR", "step_size": 2, "gamma": 0.7},
+        "training": {"epochs": epochs, "batch_size": 64},
+        "early_stopping": {"monitor": "val_loss", "patience": 100, "restore_best_weights": True},
+        "checkpoint": {"every_n_epochs": 1, "keep_last": 2},
+    }
+
+
+def metrics_without_timing(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in open(path)]
+
+
+def test_resume_after_a_stop_continues_exactly(tmp_path):
+    spec = parse_spec(resumable_spec())
+    whole = train(spec, tmp_path / "whole")
+
+    class StopInEpoch4(Callback):
+        def on_batch_end(self, state):
+            if state.epoch == 3 and state.batch == 2:
+                raise StopTraining("preempted")
+
+    stopped = train(spec, tmp_path / "parts", callbacks=[StopInEpoch4()])
+    assert (stopped.status, stopped.epochs_completed) == ("stopped", 3)
+    resumed = train(spec, tmp_path / "parts", resume=True)
+
+    assert resumed.status == "succeeded"
+    assert (tmp_path / "parts/weights.safetensors").read_bytes() == whole.weights_path.read_bytes()
+    assert metrics_without_timing(resumed.metrics_path) == metrics_without_timing(whole.metrics_path)
+    assert [row["epoch"] for row in metrics_without_timing(resumed.metrics_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoints_hold_everything_and_load_with_weights_only(tmp_path):
+    train(parse_spec(resumable_spec(epochs=3)), tmp_path)
+    state = torch.load(tmp_path / "checkpoints/epoch-0003.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "callbacks", "rng", "epoch", "history"} <= set(state)
+    assert state["epoch"] == 3 and len(state["history"]) == 3
+    assert set(state["rng"]) == {"torch", "cuda", "shuffle"}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0002.pt", "epoch-0003.pt"]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    spec = parse_spec(resumable_spec(epochs=4))
+    whole = train(spec, tmp_path / "whole")
+    train(spec, tmp_path / "parts", callbacks=[_StopAtEpochStart(4)])
+    (tmp_path / "parts/checkpoints/epoch-0003.pt").write_bytes(b"torn write")
+    resumed = train(spec, tmp_path / "parts", resume=True)
+    assert (tmp_path / "parts/weights.safetensors").read_bytes() == whole.weights_path.read_bytes()
+    assert resumed.epochs_completed == 4
+
+
+class _StopAtEpochStart(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_batch_end(self, state):
+        if state.epoch + 1 == self.epoch:
+            raise StopTraining("preempted")
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "torchyard.cli", "train", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_gives_byte_identical_weights(tmp_path):
+    spec_path = tmp_path / "spec.json"
+    # Big enough that an epoch takes a while, so the kill lands in the middle of the run.
+    spec_path.write_text(json.dumps(resumable_spec(n_samples=20_000, epochs=6)))
+
+    whole = run_cli(str(spec_path), "--out", str(tmp_path / "whole"))
+    assert whole.wait(timeout=300) == 0, whole.stdout.read()
+
+    killed = run_cli(str(spec_path), "--out", str(tmp_path / "killed"), start_new_session=True)
+    checkpoint = tmp_path / "killed/checkpoints/epoch-0003.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert killed.poll() is None, "the run ended before it could be killed"
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed/weights.safetensors").exists()
+
+    resumed = run_cli(str(spec_path), "--out", str(tmp_path / "killed"), "--resume")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resuming after epoch 3" in output or "resuming after epoch 4" in output
+
+    assert (tmp_path / "killed/weights.safetensors").read_bytes() == \
+        (tmp_path / "whole/weights.safetensors").read_bytes()
+    assert metrics_without_timing(tmp_path / "killed/metrics.jsonl") == \
+        metrics_without_timing(tmp_path / "whole/metrics.jsonl")
