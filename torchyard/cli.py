@@ -17,6 +17,13 @@ def _read_spec_file(path: Path) -> dict:
         raise click.ClickException(f"{path} is not valid JSON: {exc}") from None
 
 
+def _local_data_path(spec, spec_file: Path) -> Path | None:
+    """A relative data.path is relative to the spec file, as paths in compose files are."""
+    if spec.data.source != "file":
+        return None
+    return spec_file.parent / spec.data.path  # an absolute path stays as it is
+
+
 def _print_problems(error) -> None:
     click.echo("invalid spec:", err=True)
     for problem in error.problems:
@@ -48,7 +55,7 @@ def train(spec_file: Path, out_dir: Path, resume: bool, device: str | None) -> N
     try:
         spec = parse_spec(_read_spec_file(spec_file), limits)
         prepared = prepare_run(spec, out_dir, resume=resume, callbacks=[ProgressPrinter()],
-                               device=device, limits=limits)
+                               data_path=_local_data_path(spec, spec_file), device=device, limits=limits)
     except SpecError as error:
         _print_problems(error)
         sys.exit(2)
