@@ -42,6 +42,11 @@ class Settings(BaseModel):
     # Processes.
     host: str = "127.0.0.1"
     port: int = 8000
+    api_workers: int = 2  # gunicorn processes of ``torchyard api``
+
+    # The CLI as a client: which server, which key (default: the one ``torchyard serve`` saved).
+    url: str = ""
+    token: str = ""
     worker_queues: str = "cpu"
     worker_concurrency: int = 1
 
@@ -55,6 +60,7 @@ class Settings(BaseModel):
                 "broker_url": self.broker_url or "filesystem://",
                 "artifacts_url": self.artifacts_url or str(home / "artifacts"),
                 "scratch_dir": self.scratch_dir or str(home / "scratch"),
+                "url": self.url or f"http://{self.host}:{self.port}",
             }
         )
 

@@ -73,5 +73,210 @@ def train(spec_file: Path, out_dir: Path, resume: bool, device: str | None) -> N
     click.echo(f"outputs in {out_dir}")
 
 
+# --- running the service ---------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to listen on (TORCHYARD_HOST, default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (TORCHYARD_PORT, default 8000).")
+def serve(host: str | None, port: int | None) -> None:
+    """The whole service on this machine: migrations, the API and one worker."""
+    from torchyard.serve import serve as run
+
+    run(host, port)
+
+
+@main.command()
+@click.option("--bind", default=None, help="host:port for gunicorn (default TORCHYARD_HOST:TORCHYARD_PORT).")
+@click.option("--workers", type=int, default=None, help="gunicorn processes (TORCHYARD_API_WORKERS).")
+def api(bind: str | None, workers: int | None) -> None:
+    """The API alone under gunicorn, for production (run `torchyard db upgrade` first)."""
+    import os
+
+    from models.settings import get_settings
+
+    settings = get_settings()
+    bind = bind or f"{settings.host}:{settings.port}"
+    argv = ["gunicorn", "--bind", bind, "--workers", str(workers or settings.api_workers),
+            "--access-logfile", "-", "api:create_app()"]
+    os.execvp(sys.executable, [sys.executable, "-m", *argv])
+
+
+@main.command()
+@click.option("--queues", default=None, help="Comma-separated queues to serve: cpu, gpu (TORCHYARD_WORKER_QUEUES).")
+@click.option("--concurrency", type=int, default=None, help="Jobs run at once (TORCHYARD_WORKER_CONCURRENCY).")
+@click.option("--loglevel", default="INFO")
+def worker(queues: str | None, concurrency: int | None, loglevel: str) -> None:
+    """A Celery worker that trains jobs from the queues."""
+    from models.settings import get_settings
+    from worker.processes import run_worker
+
+    settings = get_settings()
+    names = [q.strip() for q in (queues or settings.worker_queues).split(",") if q.strip()]
+    try:
+        run_worker(names, concurrency or settings.worker_concurrency, loglevel)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database (TORCHYARD_DATABASE_URL) to the newest schema."""
+    from models.migrate import upgrade
+    from models.settings import get_settings
+
+    upgrade(get_settings().database_url)
+    click.echo("database is at the newest revision")
+
+
+@main.group()
+def token() -> None:
+    """API keys."""
+
+
+@token.command("create")
+@click.argument("name")
+@click.option("--user", default=None, help="The user the key belongs to (default: NAME).")
+def token_create(name: str, user: str | None) -> None:
+    """Create an API key and print it (only its hash is stored: keep it)."""
+    from api.auth import create_api_key
+    from models.db import make_engine, make_sessionmaker
+    from models.settings import get_settings
+
+    engine = make_engine(get_settings().database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            click.echo(create_api_key(session, user or name, name))
+    finally:
+        engine.dispose()
+
+
+# --- talking to a service --------------------------------------------------------------------
+
+
+def _client():
+    from models.settings import get_settings
+    from torchyard.client import Client
+
+    settings = get_settings()
+    token_value = settings.token
+    saved = settings.home / "token"
+    if not token_value and saved.is_file():
+        token_value = saved.read_text().strip()
+    if not token_value:
+        raise click.UsageError("no API key: set TORCHYARD_TOKEN (or run `torchyard serve`, which saves one)")
+    return Client(settings.url, token_value)
+
+
+def _call(function, *args, **kwargs):
+    from torchyard.client import ApiError
+
+    try:
+        return function(*args, **kwargs)
+    except ApiError as error:
+        raise click.ClickException(str(error)) from None
+    except OSError as error:
+        raise click.ClickException(f"can't reach the torchyard API: {error}") from None
+
+
+def _echo_json(value) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+def _status_line(job: dict) -> str:
+    progress = job["progress"]
+    reason = job.get("error") or job.get("pending_reason") or job.get("stop_reason") or ""
+    return f"{job['id']}  {job['status']:<9}  epoch {progress['epoch']}/{progress['epochs']}  {reason}".rstrip()
+
+
+def _follow(client, job_id: str) -> dict:
+    """A live line per epoch while the job runs; returns the finished job."""
+    from torchyard.progress import epoch_line
+
+    state = {"status": None}
+
+    def show(job, rows):
+        for row in rows:
+            remaining = job["progress"]["epochs"] - row["epoch"]
+            click.echo(epoch_line(row, job["progress"]["epochs"], row.get("epoch_seconds", 0) * remaining))
+        if job["status"] != state["status"]:
+            state["status"] = job["status"]
+            click.echo(_status_line(job))
+
+    return _call(client.wait, job_id, timeout=float("inf"), on_update=show)
+
+
+@main.command()
+@click.argument("spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--follow", is_flag=True, help="Show progress until the job finishes.")
+def submit(spec_file: Path, follow: bool) -> None:
+    """Submit SPEC_FILE to the service and print the job id."""
+    client = _client()
+    job = _call(client.submit, _read_spec_file(spec_file))
+    click.echo(job["id"])
+    if follow:
+        job = _follow(client, job["id"])
+        if job["status"] != "succeeded":
+            sys.exit(1)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--follow", is_flag=True, help="Show progress until the job finishes.")
+def status(job_id: str, follow: bool) -> None:
+    """A job's state as JSON (with --follow: live progress)."""
+    client = _client()
+    if follow:
+        _follow(client, job_id)
+    else:
+        _echo_json(_call(client.job, job_id))
+
+
+@main.command("list")
+@click.option("--status", "status_filter", default=None, help="Only jobs in this status.")
+@click.option("--limit", type=int, default=20)
+def list_jobs(status_filter: str | None, limit: int) -> None:
+    """Your newest jobs, one a line."""
+    for job in _call(_client().jobs, status=status_filter, limit=limit)["jobs"]:
+        click.echo(_status_line(job))
+
+
+@main.command()
+@click.argument("job_id")
+def metrics(job_id: str) -> None:
+    """A job's per-epoch metrics as JSON lines."""
+    for row in _call(_client().metrics, job_id):
+        click.echo(json.dumps(row))
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+def download(job_id: str, out_dir: Path) -> None:
+    """Download weights, model card and metrics into --out (load with torchyard.load_model)."""
+    _call(_client().download_bundle, job_id, out_dir)
+    click.echo(f"saved to {out_dir}")
+
+
+@main.command()
+@click.argument("job_id")
+def cancel(job_id: str) -> None:
+    """Cancel a queued or running job."""
+    click.echo(_status_line(_call(_client().cancel, job_id)))
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--target", default=None, help="The label column of a CSV file (default: the last one).")
+def upload(path: Path, target: str | None) -> None:
+    """Upload a CSV or NPZ dataset; use its id as data.dataset_id in a spec."""
+    _echo_json(_call(_client().upload_dataset, path, target=target))
+
+
 if __name__ == "__main__":
     main()

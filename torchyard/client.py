@@ -1,0 +1,169 @@
+"""A small HTTP client for the torchyard API (standard library only, so it installs anywhere).
+
+    from torchyard.client import Client
+    client = Client("http://127.0.0.1:8000", token="ty_...")
+    job = client.submit(spec)
+    job = client.wait(job["id"])
+    client.download_bundle(job["id"], "out/")
+    model = torchyard.load_model("out/")
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+class ApiError(Exception):
+    """An error response; ``problem`` is the RFC 9457 body (title, detail, errors by field path)."""
+
+    def __init__(self, status: int, problem: dict[str, Any]):
+        self.status = status
+        self.problem = problem
+        lines = [f"{status} {problem.get('title', '')}: {problem.get('detail', '')}".rstrip(": ")]
+        lines += [f"  {e.get('path')}: {e.get('message')}" for e in problem.get("errors", [])]
+        super().__init__("\n".join(lines))
+
+
+class Client:
+    """One API server and one token."""
+
+    def __init__(self, url: str, token: str, timeout: float = 30.0):
+        self.base = url.rstrip("/") + "/api/v1"
+        self.token = token
+        self.timeout = timeout
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, body: Any = None, headers: dict | None = None,
+                 query: dict | None = None) -> urllib.request.Request:
+        url = self.base + path
+        if query:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        data = None
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json", **(headers or {})}
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        return urllib.request.Request(url, data=data, method=method, headers=headers)
+
+    def _open(self, request: urllib.request.Request):
+        try:
+            return urllib.request.urlopen(request, timeout=self.timeout)
+        except urllib.error.HTTPError as error:
+            raw = error.read()
+            try:
+                problem = json.loads(raw)
+            except ValueError:
+                problem = {"title": error.reason, "detail": raw.decode(errors="replace")[:500]}
+            raise ApiError(error.code, problem) from None
+
+    def _json(self, method: str, path: str, **kwargs) -> Any:
+        with self._open(self._request(method, path, **kwargs)) as response:
+            raw = response.read()
+        return json.loads(raw) if raw else None
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    def submit(self, spec: dict, idempotency_key: str | None = None) -> dict:
+        """Submit a spec; retried submits with the same key return the same job."""
+        key = idempotency_key or str(uuid.uuid4())
+        return self._json("POST", "/jobs", body=spec, headers={"Idempotency-Key": key})
+
+    def job(self, job_id: str) -> dict:
+        return self._json("GET", f"/jobs/{job_id}")
+
+    def jobs(self, status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict:
+        """One page of the caller's jobs, newest first: {"jobs": [...], "next_cursor": ...}."""
+        return self._json("GET", "/jobs", query={"status": status, "limit": limit, "cursor": cursor})
+
+    def metrics(self, job_id: str, since_epoch: int = 0) -> list[dict]:
+        return self._json("GET", f"/jobs/{job_id}/metrics", query={"since_epoch": since_epoch})["metrics"]
+
+    def cancel(self, job_id: str) -> dict:
+        return self._json("POST", f"/jobs/{job_id}/cancel")
+
+    def delete(self, job_id: str) -> None:
+        self._json("DELETE", f"/jobs/{job_id}")
+
+    def follow(self, job_id: str, interval: float = 1.0) -> Iterator[tuple[dict, list[dict]]]:
+        """Yield (job, new metric rows) on each poll until the job has finished."""
+        seen = 0
+        while True:
+            job = self.job(job_id)
+            rows = self.metrics(job_id, since_epoch=seen)
+            if rows:
+                seen = rows[-1]["epoch"]
+            yield job, rows
+            if job["status"] in FINISHED:
+                return
+            time.sleep(interval)
+
+    def wait(self, job_id: str, timeout: float = 3600, interval: float = 0.5,
+             on_update: Callable[[dict, list[dict]], None] | None = None) -> dict:
+        """Poll until the job has finished; return its final state."""
+        deadline = time.monotonic() + timeout
+        for job, rows in self.follow(job_id, interval):
+            if on_update:
+                on_update(job, rows)
+            if job["status"] in FINISHED:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+        raise AssertionError("unreachable")
+
+    def download_weights(self, job_id: str, path: str | Path) -> Path:
+        """Save the final weights (safetensors) to ``path``."""
+        with self._open(self._request("GET", f"/jobs/{job_id}/weights")) as response:
+            Path(path).write_bytes(response.read())
+        return Path(path)
+
+    def download_bundle(self, job_id: str, directory: str | Path) -> Path:
+        """Weights, model card and metrics into ``directory``, ready for ``torchyard.load_model``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        request = self._request("GET", f"/jobs/{job_id}/weights", query={"format": "bundle"})
+        with self._open(request) as response, tarfile.open(fileobj=io.BytesIO(response.read())) as archive:
+            for member in archive.getmembers():
+                # Only plain files, flattened into the folder: a hostile archive can't write elsewhere.
+                if member.isfile():
+                    source = archive.extractfile(member)
+                    (directory / Path(member.name).name).write_bytes(source.read())
+        return directory
+
+    # --- datasets and the rest ------------------------------------------------------------------
+
+    def upload_dataset(self, path: str | Path, name: str | None = None, target: str | None = None) -> dict:
+        """Upload a CSV or NPZ file (multipart/form-data)."""
+        path = Path(path)
+        boundary = uuid.uuid4().hex
+        fields = {"name": name or path.name, "target": target}
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
+                 for key, value in fields.items() if value is not None]
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + path.read_bytes() + b"\r\n")
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        request = urllib.request.Request(self.base + "/datasets", data=body, method="POST", headers={
+            "Authorization": f"Bearer {self.token}", "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with self._open(request) as response:
+            return json.loads(response.read())
+
+    def datasets(self) -> dict:
+        return self._json("GET", "/datasets")
+
+    def workers(self) -> dict:
+        return self._json("GET", "/workers")
+
+    def health(self) -> dict:
+        return self._json("GET", "/health")
