@@ -1,0 +1,43 @@
+"""torchyard's HTTP API: a Flask app factory over plain SQLAlchemy sessions. Never imports torch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from models.settings import Settings, get_settings
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app from the settings; ``test_config`` keys that name a setting (``database_url``,
+    ``artifacts_url``, …) override it, and the other (upper-case) keys go to Flask's config.
+    """
+    from api import artifacts, datasets, health, jobs, workers  # blueprints import the app's helpers
+    from api.db import init_services
+    from api.errors import register_error_handlers
+
+    settings = app_settings(test_config or {})
+    app = Flask(__name__, static_folder=None)  # an API: no static files
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes,
+        # Form fields beside an upload are small; the file part alone may use the whole limit.
+        MAX_FORM_MEMORY_SIZE=1024 * 1024,
+        JSON_SORT_KEYS=False,
+    )
+    app.config.update({k: v for k, v in (test_config or {}).items() if k not in Settings.model_fields})
+    init_services(app, settings)
+    register_error_handlers(app)
+    for module in (jobs, artifacts, datasets, workers, health):
+        app.register_blueprint(module.bp)
+    return app
+
+
+def app_settings(overrides: Mapping[str, Any]) -> Settings:
+    """The process settings with the named fields replaced (validated like the environment's)."""
+    base = get_settings()
+    fields = {k: v for k, v in overrides.items() if k in Settings.model_fields}
+    if not fields:
+        return base
+    return Settings.model_validate({**base.model_dump(), **fields}).resolved()

@@ -128,10 +128,10 @@ def _spatial(layer, shape: Shape, rank: int, pool: bool) -> tuple[Shape, int]:
             raise _ShapeError("padding", "'same' padding needs stride 1")
         return (layer.out_channels, *sizes), channels
     padding = _pair(0 if layer.padding == "valid" else layer.padding, rank)
-    if pool and any(p > k / 2 for p, k in zip(padding, kernel)):
+    if pool and any(p > k / 2 for p, k in zip(padding, kernel, strict=True)):
         raise _ShapeError("padding", "must be at most half of kernel_size")
     out = tuple(_window_out(n, k, s, p, d, getattr(layer, "ceil_mode", False))
-                for n, k, s, p, d in zip(sizes, kernel, stride, padding, dilation))
+                for n, k, s, p, d in zip(sizes, kernel, stride, padding, dilation, strict=True))
     if any(n < 1 for n in out):
         raise _ShapeError("kernel_size", f"input {list(shape)} is too small for kernel_size "
                                          f"{list(kernel)} (output would be {list(out)})")

@@ -6,8 +6,20 @@ import datetime as dt
 import secrets
 from typing import Any, Optional
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text
-from sqlalchemy import UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Named constraints make Alembic migrations deterministic across SQLite and PostgreSQL.
@@ -150,7 +162,7 @@ class Dataset(Base):
     n_rows: Mapped[int] = mapped_column(Integer)
     n_features: Mapped[int] = mapped_column(Integer)
     # What a spec is checked against at submit: the default target column of a CSV file, the target
-    # width, and the distinct integer labels of the target (None when it is not a set of class labels).
+    # width, and its classes as the engine counts them (largest label + 1; None for a continuous target).
     target: Mapped[Optional[str]] = mapped_column(String(200))
     n_targets: Mapped[int] = mapped_column(Integer, default=1)
     n_classes: Mapped[Optional[int]] = mapped_column(Integer)

@@ -62,6 +62,33 @@ def test_resume_after_a_stop_continues_exactly(tmp_path):
     assert [row["epoch"] for row in metrics_without_timing(resumed.metrics_path)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_preemption_checkpoints_mid_epoch_and_the_resume_loses_no_batch(tmp_path):
+    spec = parse_spec(resumable_spec())
+    whole = train(spec, tmp_path / "whole")
+    batches_run = []
+
+    class PreemptInEpoch4(Callback):
+        def on_batch_end(self, state):
+            batches_run.append((state.epoch + 1, state.batch))
+            if (state.epoch, state.batch) == (3, 2):
+                raise StopTraining("preempted", checkpoint=True)
+
+    stopped = train(spec, tmp_path / "parts", callbacks=[PreemptInEpoch4()])
+    assert (stopped.status, stopped.stop_reason) == ("stopped", "preempted")
+    assert (tmp_path / "parts/checkpoints/epoch-0003-batch-000002.pt").exists()
+
+    class Count(Callback):
+        def on_batch_end(self, state):
+            batches_run.append((state.epoch + 1, state.batch))
+
+    train(spec, tmp_path / "parts", resume=True, callbacks=[Count()])
+    assert (tmp_path / "parts/weights.safetensors").read_bytes() == whole.weights_path.read_bytes()
+    assert metrics_without_timing(tmp_path / "parts/metrics.jsonl") == metrics_without_timing(whole.metrics_path)
+    # Every batch of the run was trained exactly once across the two attempts.
+    assert len(batches_run) == len(set(batches_run)) == 6 * 4
+    assert not (tmp_path / "parts/checkpoints/epoch-0003-batch-000002.pt").exists()
+
+
 def test_checkpoints_hold_everything_and_load_with_weights_only(tmp_path):
     train(parse_spec(resumable_spec(epochs=3)), tmp_path)
     state = torch.load(tmp_path / "checkpoints/epoch-0003.pt", weights_only=True)

@@ -34,10 +34,14 @@ def spec_of(**overrides) -> dict:
     return base
 
 
+def read_metrics(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_per_epoch_losses_equal_a_hand_written_pytorch_loop(tmp_path):
     spec = parse_spec(spec_of())
     result = train(spec, tmp_path)
-    engine_losses = [row["loss"] for row in map(json.loads, open(result.metrics_path))]
+    engine_losses = [row["loss"] for row in read_metrics(result.metrics_path)]
 
     X, y = make_regression(n_samples=200, n_features=5, noise=1.0, random_state=0)
     X, y = torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.float32).reshape(-1, 1)
@@ -179,7 +183,7 @@ def test_every_optimizer_lowers_the_loss(tmp_path, optimizer):
                               data={"source": "sklearn", "name": "make_regression", "standardize": True,
                                     "params": {"n_samples": 200, "n_features": 5, "random_state": 0}}))
     result = train(spec, tmp_path)
-    losses = [row["loss"] for row in map(json.loads, open(result.metrics_path))]
+    losses = [row["loss"] for row in read_metrics(result.metrics_path)]
     assert losses[-1] < losses[0]
 
 
@@ -194,7 +198,7 @@ def test_epoch_schedulers_set_the_learning_rate_of_each_epoch(tmp_path, schedule
                               data={"source": "sklearn", "name": "make_regression", "standardize": True,
                                     "params": {"n_samples": 100, "n_features": 5, "random_state": 0}}))
     result = train(spec, tmp_path)
-    lrs = [row["lr"] for row in map(json.loads, open(result.metrics_path))]
+    lrs = [row["lr"] for row in read_metrics(result.metrics_path)]
     assert lrs == pytest.approx(expected_lrs, abs=1e-9)
 
 

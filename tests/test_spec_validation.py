@@ -45,7 +45,8 @@ DELETE = object()
 CONV = {"type": "Conv2d", "out_channels": 4, "kernel_size": 3}
 
 BAD_SPECS = [
-    (mutate("model.layers.0.type", "Linaer"), "model.layers[0].type", "'Linaer' is not a layer; did you mean 'Linear'?"),
+    (mutate("model.layers.0.type", "Linaer"), "model.layers[0].type",
+     "'Linaer' is not a layer; did you mean 'Linear'?"),
     (mutate("model.layers.0.out_features", 0), "model.layers[0].out_features", "greater than or equal to 1"),
     (mutate("model.layers.0.out_features", "16"), "model.layers[0].out_features", "valid integer"),
     (mutate("model.layers.0.in_features", 2), "model.layers[0].in_features", "inferred from the data"),

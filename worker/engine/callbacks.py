@@ -10,11 +10,13 @@ from typing import Any
 class StopTraining(Exception):
     """Raised by a callback to end training at once, not as a failure (``reason``: 'cancelled', 'preempted').
 
-    No final weights are written; the newest checkpoint stays for a later resume.
+    No final weights are written. With ``checkpoint=True`` the trainer first saves a checkpoint of the
+    batch it stopped at, so a resume loses no work (graceful preemption).
     """
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, checkpoint: bool = False):
         self.reason = reason
+        self.checkpoint = checkpoint
         super().__init__(reason)
 
 

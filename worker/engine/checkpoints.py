@@ -11,11 +11,19 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"^epoch-(\d+)\.pt$")
+# epoch-0003.pt: after epoch 3; epoch-0003-batch-000120.pt: 120 batches into epoch 4 (a preemption).
+_NAME = re.compile(r"^epoch-(\d+)(?:-batch-(\d+))?\.pt$")
 
 
-def checkpoint_path(directory: Path, epoch: int) -> Path:
-    return directory / f"epoch-{epoch:04d}.pt"
+def checkpoint_path(directory: Path, epoch: int, batch: int = 0) -> Path:
+    suffix = f"-batch-{batch:06d}" if batch else ""
+    return directory / f"epoch-{epoch:04d}{suffix}.pt"
+
+
+def position(name: str) -> tuple[int, int] | None:
+    """(completed epochs, batches into the next epoch) of a checkpoint file name, or None."""
+    match = _NAME.match(name)
+    return (int(match.group(1)), int(match.group(2) or 0)) if match else None
 
 
 def save_atomically(obj: dict[str, Any], path: Path) -> None:
@@ -34,11 +42,11 @@ def save_atomically(obj: dict[str, Any], path: Path) -> None:
         os.close(directory)
 
 
-def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of every complete checkpoint, oldest first."""
+def list_all(directory: Path) -> list[tuple[tuple[int, int], Path]]:
+    """((epoch, batch), path) of every complete checkpoint, mid-epoch ones included, oldest first."""
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    found = [(pos, p) for p in directory.iterdir() if (pos := position(p.name)) is not None]
     return sorted(found)
 
 
@@ -49,7 +57,7 @@ def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
 
 def load_newest(directory: Path, device: torch.device) -> dict[str, Any] | None:
     """The newest checkpoint that loads; a damaged one is skipped for the one before it."""
-    for _epoch, path in reversed(list_checkpoints(directory)):
+    for _position, path in reversed(list_all(directory)):
         try:
             return load_checkpoint(path, device)
         except Exception as exc:  # a torn or foreign file fails in many ways; all mean "not usable"

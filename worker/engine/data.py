@@ -62,7 +62,7 @@ def load_sklearn(name: str, params: dict) -> Arrays:
 
 def read_csv(path: Path, target: str | None) -> Arrays:
     """A numeric CSV with a header row; ``target`` names the label column (default: the last one)."""
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if not header:
@@ -118,7 +118,7 @@ def load_arrays(spec: JobSpec, data_path: Path | None = None) -> Arrays:
     data = spec.data
     if data.source == "sklearn":
         return load_sklearn(data.name, data.params)
-    path = Path(data_path or getattr(data, "path"))
+    path = Path(data_path or data.path)
     if not path.is_file():
         raise SpecError([Problem("data.path", f"no such file: {path}")])
     if path.suffix.lower() == ".npz":

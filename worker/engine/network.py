@@ -61,5 +61,6 @@ def plan_network(spec: JobSpec, input_shape: tuple[int, ...], n_outputs: int, li
 
 def build_network(spec: JobSpec, plan: ShapeReport, mean=None, std=None) -> Network:
     """Create the network's modules in spec order (so a fixed seed gives fixed initial weights)."""
-    body = nn.Sequential(*(make_layer(layer, shape) for layer, shape in zip(spec.model.layers, plan.layers)))
+    layers = zip(spec.model.layers, plan.layers, strict=True)
+    body = nn.Sequential(*(make_layer(layer, shape) for layer, shape in layers))
     return Network(body, mean, std)

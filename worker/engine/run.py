@@ -87,7 +87,7 @@ def prepare_run(spec: JobSpec, out_dir: Path, *, resume: bool = False, callbacks
     checkpoint_dir = out_dir / outputs.CHECKPOINTS
     state = checkpoints.load_newest(checkpoint_dir, torch_device) if resume else None
     if not resume:  # a fresh run must not pick up a previous run's files
-        for _epoch, path in checkpoints.list_checkpoints(checkpoint_dir):
+        for _position, path in checkpoints.list_all(checkpoint_dir):
             path.unlink()
     metrics_file = out_dir / outputs.METRICS
     trainer = Trainer(spec, model, data, torch_device, checkpoint_dir, [MetricsFile(metrics_file), *callbacks])

@@ -57,6 +57,12 @@ class Trainer:
         self.elapsed_before = elapsed_seconds
         self.started = time.monotonic()
         self.runtime_limit = spec.training.max_runtime_seconds
+        # The epoch in progress, for a mid-epoch checkpoint: the shuffle state it started from and
+        # the per-batch results so far.
+        self.order_state = self.shuffle_generator.get_state()
+        self.outputs: list[torch.Tensor] = []
+        self.losses: list[torch.Tensor] = []
+        self.resume_batch = 0
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -64,19 +70,29 @@ class Trainer:
         """Train until the last epoch, a stop decision, StopTraining or TrainingFailed."""
         for callback in self.callbacks:
             callback.on_train_begin(self.state)
-        while self.state.epoch < self.spec.training.epochs and self.state.stop_reason is None:
-            metrics = self.run_epoch(self.state.epoch + 1)
-            self.end_epoch(metrics)
+        try:
+            while self.state.epoch < self.spec.training.epochs and self.state.stop_reason is None:
+                metrics = self.run_epoch(self.state.epoch + 1)
+                self.end_epoch(metrics)
+        except StopTraining as stop:
+            if stop.checkpoint and self.state.batch > 0:
+                self.save_checkpoint(mid_epoch=True)
+            raise
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training data, then evaluation; returns the epoch's metrics row."""
         started = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
         self.model.train()
+        if self.resume_batch:  # continuing a preempted epoch: the same order, the batches not yet done
+            self.shuffle_generator.set_state(self.order_state)
+        else:
+            self.order_state = self.shuffle_generator.get_state()
+            self.outputs, self.losses = [], []
         x, y = self.shuffled()
-        outputs, losses = [], []
-        self.state.batch = 0
-        for start in range(0, self.data.n_train, self.batch_size):
+        outputs, losses = self.outputs, self.losses
+        self.state.batch, self.resume_batch = self.resume_batch, 0
+        for start in range(self.state.batch * self.batch_size, self.data.n_train, self.batch_size):
             xb, yb = x[start:start + self.batch_size], y[start:start + self.batch_size]
             out = self.model(xb)
             loss = self.loss_fn(out, yb)
@@ -186,19 +202,35 @@ class Trainer:
             },
             "history": self.state.history,
             "elapsed_seconds": self.elapsed(),
+            "partial": None,
         }
 
-    def save_checkpoint(self) -> None:
-        path = checkpoints.checkpoint_path(self.checkpoint_dir, self.state.epoch)
-        checkpoints.save_atomically(self.checkpoint_state(), path)
+    def save_checkpoint(self, mid_epoch: bool = False) -> None:
+        """Save the state after this epoch (or, mid_epoch, after this batch); prune old checkpoints."""
+        state = self.checkpoint_state()
+        if mid_epoch:
+            state["partial"] = {"batch": self.state.batch, "order_state": self.order_state,
+                                "outputs": self.outputs, "losses": self.losses}
+        path = checkpoints.checkpoint_path(self.checkpoint_dir, self.state.epoch,
+                                           self.state.batch if mid_epoch else 0)
+        checkpoints.save_atomically(state, path)
         for callback in self.callbacks:
             callback.on_checkpoint(self.state, path, self.state.epoch)
-        existing = dict(checkpoints.list_checkpoints(self.checkpoint_dir))
+        if not mid_epoch:
+            self.prune_checkpoints()
+
+    def prune_checkpoints(self) -> None:
+        """Keep the last k end-of-epoch checkpoints and the best; mid-epoch ones are superseded."""
+        every = checkpoints.list_all(self.checkpoint_dir)
+        stale = [(epoch, path) for (epoch, batch), path in every if batch]
+        whole = dict((epoch, path) for (epoch, batch), path in every if not batch)
         best_epoch = self.best.best_epoch + 1 if self.state.history else None
-        for epoch in checkpoints.to_prune(list(existing), self.spec.checkpoint.keep_last, best_epoch):
-            existing[epoch].unlink(missing_ok=True)
+        stale += [(epoch, whole[epoch])
+                  for epoch in checkpoints.to_prune(list(whole), self.spec.checkpoint.keep_last, best_epoch)]
+        for epoch, path in stale:
+            path.unlink(missing_ok=True)
             for callback in self.callbacks:
-                callback.on_checkpoint_removed(self.state, existing[epoch], epoch)
+                callback.on_checkpoint_removed(self.state, path, epoch)
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint written by checkpoint_state()."""
@@ -217,6 +249,11 @@ class Trainer:
         self.state.stop_reason = state["stop_reason"]
         self.elapsed_before = state["elapsed_seconds"]
         self.started = time.monotonic()
+        partial = state.get("partial")
+        if partial:
+            self.resume_batch = partial["batch"]
+            self.order_state = partial["order_state"].cpu()
+            self.outputs, self.losses = list(partial["outputs"]), list(partial["losses"])
 
 
 __all__ = ["Trainer", "StopTraining", "TrainingFailed"]

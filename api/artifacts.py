@@ -1,0 +1,141 @@
+"""A job's files: final weights (safetensors, or a bundle for ``torchyard.load_model``) and checkpoints."""
+
+from __future__ import annotations
+
+import tarfile
+import tempfile
+from typing import IO
+
+from flask import Blueprint, Response, request
+from sqlalchemy import select
+
+from api.auth import owned, require_user
+from api.db import get_session, services
+from api.errors import conflict, not_found, validation_error
+from api.schemas import API_PREFIX, CheckpointList, CheckpointOut, as_utc, json_response
+from models.spec import Problem, unknown_name_message
+from models.tables import Artifact, Job
+
+bp = Blueprint("artifacts", __name__, url_prefix=f"{API_PREFIX}/jobs")
+bp.before_request(require_user)
+
+CHUNK = 1024 * 1024
+WEIGHT_FORMATS = ("safetensors", "bundle")
+# The files a bundle holds, by artifact kind; the first two are what load_model needs.
+BUNDLE_KINDS = ("weights", "model_card", "metrics")
+SPOOL_BYTES = 32 * 1024 * 1024
+
+
+@bp.get("/<job_id>/weights")
+def weights(job_id: str):
+    """The final weights as safetensors, or ``?format=bundle``: a .tar.gz with model card and metrics."""
+    fmt = request.args.get("format", "safetensors")
+    if fmt not in WEIGHT_FORMATS:
+        raise validation_error(
+            [Problem("format", unknown_name_message(fmt, "weights format", WEIGHT_FORMATS))],
+            "Invalid query argument",
+        )
+    session = get_session()
+    job = owned(session, Job, job_id, "job")
+    artifacts = {
+        a.kind: a
+        for a in session.scalars(
+            select(Artifact).where(Artifact.job_id == job.id, Artifact.kind.in_(BUNDLE_KINDS))
+        )
+    }
+    if "weights" not in artifacts:
+        raise conflict(f"job {job.id} has no weights yet (it is {job.status})")
+    if fmt == "safetensors":
+        return stream_artifact(artifacts["weights"], f"{job.id}.safetensors")
+    if "model_card" not in artifacts:
+        raise conflict(f"job {job.id} has weights but no model card yet, so no bundle")
+    return bundle(job, [artifacts[kind] for kind in BUNDLE_KINDS if kind in artifacts])
+
+
+@bp.get("/<job_id>/checkpoints")
+def checkpoints(job_id: str):
+    """The checkpoints the job keeps, oldest first, each with its download link."""
+    session = get_session()
+    job = owned(session, Job, job_id, "job")
+    rows = session.scalars(
+        select(Artifact)
+        .where(Artifact.job_id == job.id, Artifact.kind == "checkpoint")
+        .order_by(Artifact.epoch, Artifact.name)
+    ).all()
+    return json_response(
+        CheckpointList(
+            checkpoints=[
+                CheckpointOut(
+                    epoch=a.epoch,
+                    name=a.name,
+                    size=a.size,
+                    sha256=a.sha256,
+                    created_at=as_utc(a.created_at),
+                    download=f"{API_PREFIX}/jobs/{job.id}/checkpoints/{a.epoch}",
+                )
+                for a in rows
+            ]
+        )
+    )
+
+
+@bp.get("/<job_id>/checkpoints/<int:epoch>")
+def checkpoint(job_id: str, epoch: int):
+    """One checkpoint file."""
+    session = get_session()
+    job = owned(session, Job, job_id, "job")
+    artifact = session.scalar(
+        select(Artifact).where(
+            Artifact.job_id == job.id, Artifact.kind == "checkpoint", Artifact.epoch == epoch
+        )
+    )
+    if artifact is None:
+        raise not_found("checkpoint of epoch", str(epoch))
+    return stream_artifact(artifact, f"{job.id}-epoch-{epoch:04d}.pt")
+
+
+def stream_artifact(artifact: Artifact, download_name: str) -> Response:
+    """Stream a stored file as an attachment, chunk by chunk (weights can be large)."""
+    source = services().store.open(artifact.uri)
+    response = Response(
+        _chunks(source),
+        mimetype="application/octet-stream",
+        headers={
+            "Content-Length": str(artifact.size),
+            "Content-Disposition": f'attachment; filename="{download_name}"',
+            "ETag": f'"{artifact.sha256}"',
+        },
+    )
+    response.call_on_close(source.close)
+    return response
+
+
+def bundle(job: Job, members: list[Artifact]) -> Response:
+    """A .tar.gz with ``<job id>/weights.safetensors``, ``model.json`` and ``metrics.jsonl``."""
+    store = services().store
+    # Small bundles stay in memory; large ones spill to a temporary file, never the whole weights in RAM.
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 closed by the response
+    with tarfile.open(fileobj=spool, mode="w:gz") as tar:
+        for artifact in members:
+            info = tarfile.TarInfo(f"{job.id}/{artifact.name}")
+            info.size, info.mode = artifact.size, 0o644
+            info.mtime = int(as_utc(artifact.created_at).timestamp())
+            with store.open(artifact.uri) as source:
+                tar.addfile(info, source)
+    size = spool.tell()
+    spool.seek(0)
+    response = Response(
+        _chunks(spool),
+        mimetype="application/gzip",
+        headers={
+            "Content-Length": str(size),
+            "Content-Disposition": f'attachment; filename="{job.id}.tar.gz"',
+        },
+    )
+    response.call_on_close(spool.close)
+    return response
+
+
+def _chunks(source: IO[bytes]):
+    while chunk := source.read(CHUNK):
+        yield chunk

@@ -1,0 +1,135 @@
+"""The jobs resource: submit, list, read, follow metrics, cancel, delete."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, request
+from sqlalchemy import and_, delete, or_, select, update
+
+from api.auth import current_user, owned, require_user
+from api.db import get_session, services
+from api.errors import conflict, validation_error
+from api.pagination import MAX_LIMIT, decode_cursor, encode_cursor, int_arg
+from api.presenters import job_out, job_summary
+from api.schemas import API_PREFIX, JobList, MetricsOut, json_response
+from api.submit import json_body, submit_job
+from models.spec import Problem, unknown_name_message
+from models.storage import job_prefix
+from models.tables import FINISHED_STATUSES, JOB_STATUSES, Artifact, EpochMetrics, Job, utcnow
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("jobs", __name__, url_prefix=f"{API_PREFIX}/jobs")
+bp.before_request(require_user)
+
+DEFAULT_LIMIT = 20
+
+
+@bp.post("")
+def submit():
+    """Submit a spec: 201 with the new job, or 200 with the job an earlier request of this key made."""
+    job, created = submit_job(
+        get_session(),
+        current_user(),
+        json_body(request),
+        request.headers.get("Idempotency-Key"),
+        services().settings,
+    )
+    headers = {"Location": f"{API_PREFIX}/jobs/{job.id}"}
+    return json_response(job_out(job), status=201 if created else 200, headers=headers)
+
+
+@bp.get("")
+def list_jobs():
+    """The caller's jobs, newest first, a page at a time."""
+    limit = int_arg(request.args, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    query = select(Job).where(Job.user_id == current_user().id)
+    status = request.args.get("status")
+    if status:
+        if status not in JOB_STATUSES:
+            raise validation_error(
+                [Problem("status", unknown_name_message(status, "job status", JOB_STATUSES))],
+                "Invalid query argument",
+            )
+        query = query.where(Job.status == status)
+    cursor = request.args.get("cursor")
+    if cursor:
+        created, ident = decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < ident)))
+    # One row more than the page tells whether a next page exists.
+    rows = get_session().scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    return json_response(JobList(jobs=[job_summary(job) for job in page], next_cursor=next_cursor))
+
+
+@bp.get("/<job_id>")
+def get_job(job_id: str):
+    """One job: status, progress, attempts, best metric, reasons, timestamps, spec."""
+    return json_response(job_out(owned(get_session(), Job, job_id, "job")))
+
+
+@bp.get("/<job_id>/metrics")
+def metrics(job_id: str):
+    """Per-epoch metrics in epoch order; ``?since_epoch=N`` gives only the epochs after N (for polling)."""
+    session = get_session()
+    job = owned(session, Job, job_id, "job")
+    since = int_arg(request.args, "since_epoch", 0, 0)
+    rows = session.scalars(
+        select(EpochMetrics)
+        .where(EpochMetrics.job_id == job.id, EpochMetrics.epoch > since)
+        .order_by(EpochMetrics.epoch)
+    ).all()
+    return json_response(
+        MetricsOut(metrics=[{"epoch": r.epoch, **r.values} for r in rows], status=job.status)
+    )
+
+
+@bp.post("/<job_id>/cancel")
+def cancel(job_id: str):
+    """A queued job is cancelled at once (200); a running one is asked to stop at its next batch (202)."""
+    session = get_session()
+    user_id = current_user().id
+    now = utcnow()
+    # Conditional UPDATEs: a worker claiming the job at this instant can't be overwritten.
+    cancelled = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.user_id == user_id, Job.status == "queued")
+        .values(
+            status="cancelled", stop_reason="cancelled", pending_reason=None, finished_at=now, updated_at=now
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    requested = 0
+    if not cancelled:
+        requested = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.user_id == user_id, Job.status == "running")
+            .values(cancel_requested=True, updated_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    session.commit()
+    job = owned(session, Job, job_id, "job")
+    session.refresh(job)
+    if not cancelled and not requested:
+        raise conflict(f"job {job.id} is {job.status} already; only queued or running jobs can be cancelled")
+    return json_response(job_out(job), status=200 if cancelled else 202)
+
+
+@bp.delete("/<job_id>")
+def delete_job(job_id: str):
+    """Delete a finished job: its artifact files first (so a failure can be retried), then its rows."""
+    session = get_session()
+    job = owned(session, Job, job_id, "job")
+    if job.status not in FINISHED_STATUSES:
+        raise conflict(f"job {job.id} is {job.status}; cancel it and delete it once it has stopped")
+    store = services().store
+    for artifact in session.scalars(select(Artifact).where(Artifact.job_id == job.id)):
+        store.delete(artifact.uri)
+    store.delete_tree(job_prefix(job.id))
+    session.execute(delete(EpochMetrics).where(EpochMetrics.job_id == job.id))
+    session.execute(delete(Artifact).where(Artifact.job_id == job.id))
+    session.execute(delete(Job).where(Job.id == job.id))
+    session.commit()
+    return Response(status=204)

@@ -1,0 +1,167 @@
+"""The API's response bodies as pydantic models: they build the responses and the OpenAPI document."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from flask import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.tables import JOB_STATUSES
+
+API_PREFIX = "/api/v1"
+JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
+
+
+def as_utc(value: dt.datetime | None) -> dt.datetime | None:
+    """A stored time as an aware UTC datetime (SQLite hands them back without a zone)."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=dt.timezone.utc)
+
+
+def json_response(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response from a response model."""
+    return Response(model.model_dump_json(), status=status, headers=headers, mimetype="application/json")
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+
+
+class Progress(Out):
+    epoch: int = Field(description="epochs completed")
+    epochs: int = Field(description="epochs the spec asks for")
+
+
+class Best(Out):
+    metric: str
+    value: float
+    epoch: int
+
+
+class JobLinks(Out):
+    self: str
+    metrics: str
+    weights: str
+    checkpoints: str
+    cancel: str
+
+
+class JobSummary(Out):
+    """A job as listed: everything but its spec."""
+
+    id: str
+    name: str
+    status: JobStatus
+    progress: Progress
+    attempts: int
+    max_attempts: int
+    best: Best | None
+    final_metrics: dict[str, Any] | None
+    stop_reason: str | None
+    error: str | None
+    pending_reason: str | None
+    cancel_requested: bool
+    queue: str
+    device: str | None
+    worker_id: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    updated_at: dt.datetime
+    links: JobLinks
+
+
+class JobOut(JobSummary):
+    """One job with its normalized spec (defaults filled in)."""
+
+    spec: dict[str, Any]
+
+
+class JobList(Out):
+    jobs: list[JobSummary]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
+
+
+class MetricsOut(Out):
+    metrics: list[dict[str, Any]] = Field(description='per-epoch rows, e.g. {"epoch": 1, "loss": 0.7, ...}')
+    status: JobStatus
+
+
+class CheckpointOut(Out):
+    epoch: int | None
+    name: str
+    size: int
+    sha256: str
+    created_at: dt.datetime
+    download: str
+
+
+class CheckpointList(Out):
+    checkpoints: list[CheckpointOut]
+
+
+# --- datasets -----------------------------------------------------------------------------------
+
+
+class DatasetOut(Out):
+    id: str
+    name: str
+    format: Literal["csv", "npz"]
+    size: int
+    sha256: str
+    n_rows: int
+    n_features: int
+    n_targets: int
+    n_classes: int | None = Field(description="classes of the target (largest label + 1); null if continuous")
+    target: str | None = Field(description="a CSV file's default target column; a job may name another")
+    columns: list[str] | None
+    created_at: dt.datetime
+
+
+class DatasetList(Out):
+    datasets: list[DatasetOut]
+
+
+# --- workers, health, problems ------------------------------------------------------------------
+
+
+class WorkerOut(Out):
+    id: str
+    hostname: str
+    queues: list[str]
+    devices: dict[str, Any] | None
+    slots: int
+    busy: bool
+    current_job_id: str | None = Field(description="shown only when the job is the caller's own")
+    started_at: dt.datetime
+    last_heartbeat_at: dt.datetime
+
+
+class WorkerList(Out):
+    workers: list[WorkerOut]
+
+
+class HealthOut(Out):
+    status: Literal["ok", "error"]
+    checks: dict[str, str]
+
+
+class FieldProblem(Out):
+    path: str
+    message: str
+
+
+class ProblemOut(Out):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str | None = None
+    errors: list[FieldProblem] | None = None

@@ -1,0 +1,184 @@
+"""Submitting a job: validate spec and dataset, honour Idempotency-Key, commit, then ring the doorbell."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from typing import Any
+
+from flask import Request
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError, validation_error
+from models.catalog import DataShape
+from models.settings import Settings
+from models.shapes import describe_data, infer_shapes
+from models.spec import JobSpec, Limits, Problem, SpecError, parse_spec, unknown_name_message
+from models.tables import Dataset, Job, User
+
+log = logging.getLogger(__name__)
+
+MAX_IDEMPOTENCY_KEY = 200
+
+
+def json_body(request: Request) -> Any:
+    """The request's JSON value; 415 when it isn't JSON, 400 naming where malformed JSON breaks."""
+    if not request.is_json:
+        raise ApiError(
+            415, "Unsupported Media Type", "send the spec as JSON (Content-Type: application/json)"
+        )
+    try:
+        return json.loads(request.get_data(cache=False))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "Bad Request", f"malformed JSON: {exc}", kind="malformed-json") from None
+
+
+def queue_for(spec: JobSpec) -> str:
+    """The broker queue that serves a spec: GPU workers take only jobs that ask for CUDA."""
+    return "gpu" if spec.resources.device == "cuda" else "cpu"
+
+
+def submit_job(
+    session: Session, user: User, body: Any, idempotency_key: str | None, settings: Settings
+) -> tuple[Job, bool]:
+    """Validate and store a job, then publish it; return (job, created). A retried key gets the first job."""
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+        raise validation_error([Problem("Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters")])
+    spec = validate_spec(session, user, body, settings.limits)
+    normalized = spec.model_dump(mode="json")
+    existing = _same_key_job(session, user, idempotency_key, normalized)
+    if existing is not None:
+        return existing, False
+    job = Job(
+        user_id=user.id,
+        name=spec.name,
+        spec=normalized,
+        queue=queue_for(spec),
+        epochs=spec.training.epochs,
+        max_attempts=settings.max_attempts,
+        idempotency_key=idempotency_key,
+    )
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same key won the insert; answer with its job.
+        session.rollback()
+        existing = _same_key_job(session, user, idempotency_key, normalized)
+        if existing is None:
+            raise
+        return existing, False
+    ring_doorbell(job)
+    return job, True
+
+
+def _same_key_job(session: Session, user: User, key: str | None, normalized: dict) -> Job | None:
+    if key is None:
+        return None
+    job = session.scalar(select(Job).where(Job.user_id == user.id, Job.idempotency_key == key))
+    if job is not None and job.spec != normalized:
+        # As the IETF Idempotency-Key draft says: a reused key with another payload is a client error.
+        raise ApiError(
+            422,
+            "Idempotency-Key reused",
+            f"key {key!r} was used for job {job.id} with a different spec; use a new key for a new job",
+            kind="idempotency-key-reused",
+        )
+    return job
+
+
+def ring_doorbell(job: Job) -> None:
+    """Publish the job id to its queue. The row is committed already: a lost publish only delays the job,
+    because the reconciler re-publishes queued rows that no worker took, so a failure is logged, not raised.
+    """
+    try:
+        # Imported here so the API runs (and its tests pass) without a broker or the worker package.
+        doorbell = importlib.import_module("worker.doorbell")
+        doorbell.ring(job.id, job.queue)
+    except Exception:
+        log.warning(
+            "could not publish job %s to queue %r; the reconciler will", job.id, job.queue, exc_info=True
+        )
+
+
+def validate_spec(session: Session, user: User, body: Any, limits: Limits) -> JobSpec:
+    """A runnable spec for this service, or 422 listing every problem by field path."""
+    refused = []
+    if isinstance(body, dict) and isinstance(body.get("data"), dict) and body["data"].get("source") == "file":
+        refused.append(
+            Problem(
+                "data.source",
+                "'file' reads a path on the machine that trains; the service "
+                "refuses it: upload the file (POST /api/v1/datasets) and use "
+                "source 'dataset'",
+            )
+        )
+    try:
+        spec = parse_spec(body, limits)
+    except SpecError as exc:
+        raise validation_error(refused + exc.problems, "Invalid job spec") from None
+    if refused:
+        raise validation_error(refused, "Invalid job spec")
+    if spec.data.source == "dataset":
+        spec = check_dataset(session, user, spec, limits)
+    return spec
+
+
+def check_dataset(session: Session, user: User, spec: JobSpec, limits: Limits) -> JobSpec:
+    """Check the network against the caller's uploaded dataset; fill in the CSV target column it will use."""
+    data = spec.data
+    dataset = session.scalar(select(Dataset).where(Dataset.id == data.dataset_id, Dataset.user_id == user.id))
+    if dataset is None:
+        raise validation_error(
+            [
+                Problem(
+                    "data.dataset_id",
+                    f"no dataset {data.dataset_id!r}; upload one with POST /api/v1/datasets",
+                )
+            ],
+            "Invalid job spec",
+        )
+    target, shape, problems = dataset_shape(dataset, data.target)
+    if not problems and shape.n_samples > limits.max_samples:
+        problems.append(
+            Problem(
+                "data.dataset_id",
+                f"{shape.n_samples} samples exceed the limit of {limits.max_samples} (max_samples)",
+            )
+        )
+    if not problems:
+        report = describe_data(shape, spec.task, data.image_shape)
+        problems = (
+            report.problems or infer_shapes(spec, report.input_shape, report.n_outputs, limits).problems
+        )
+    if problems:
+        raise validation_error(problems, "Invalid job spec")
+    # The stored spec names its target, so the worker needn't know the upload's default.
+    return spec.model_copy(update={"data": data.model_copy(update={"target": target})})
+
+
+def dataset_shape(dataset: Dataset, target: str | None) -> tuple[str | None, DataShape, list[Problem]]:
+    """The target column a job uses, the data's shape with it, and what's wrong with that choice."""
+    base = DataShape(dataset.n_rows, dataset.n_features, dataset.n_targets, dataset.n_classes)
+    if dataset.format == "npz":
+        if target is not None:
+            return (
+                None,
+                base,
+                [Problem("data.target", "an NPZ dataset holds arrays X and y; leave target out")],
+            )
+        return None, base, []
+    columns = dataset.columns or {}
+    names = columns.get("names", [])
+    target = target or dataset.target or names[-1]  # the engine's default: the last column
+    if target not in names:
+        return (
+            None,
+            base,
+            [Problem("data.target", unknown_name_message(target, f"column of {dataset.id}", names))],
+        )
+    n_classes = columns.get("n_classes", {}).get(target)
+    return target, DataShape(dataset.n_rows, len(names) - 1, 1, n_classes), []

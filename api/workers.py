@@ -1,0 +1,30 @@
+"""The workers resource: the live worker processes (a heartbeat within the lease)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from flask import Blueprint
+from sqlalchemy import select
+
+from api.auth import current_user, require_user
+from api.db import get_session, services
+from api.presenters import worker_out
+from api.schemas import API_PREFIX, WorkerList, json_response
+from models.tables import Job, Worker, utcnow
+
+bp = Blueprint("workers", __name__, url_prefix=f"{API_PREFIX}/workers")
+bp.before_request(require_user)
+
+
+@bp.get("")
+def list_workers():
+    """Workers that heartbeat within ``lease_seconds``: host, queues, devices, whether busy."""
+    session = get_session()
+    fresh = utcnow() - dt.timedelta(seconds=services().settings.lease_seconds)
+    workers = session.scalars(
+        select(Worker).where(Worker.last_heartbeat_at > fresh).order_by(Worker.id)
+    ).all()
+    running = {w.current_job_id for w in workers if w.current_job_id}
+    own = set(session.scalars(select(Job.id).where(Job.id.in_(running), Job.user_id == current_user().id)))
+    return json_response(WorkerList(workers=[worker_out(w, own) for w in workers]))

@@ -1,0 +1,444 @@
+"""Shared pytest fixtures. Each group sits under its own header; add yours as a new group."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+# ==================================================================================================
+# API, database and migrations (api/, models/migrate.py, models/storage.py)
+# ==================================================================================================
+
+# The PostgreSQL server these tests need; they fail (never skip) when it is not there.
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+CIRCLES_SPEC = {
+    "name": "circles-mlp",
+    "seed": 0,
+    "task": "binary",
+    "data": {"source": "sklearn", "name": "make_circles",
+             "params": {"n_samples": 300, "factor": 0.5, "noise": 0.1, "random_state": 2020}},
+    "model": {"layers": [{"type": "Linear", "out_features": 16}, {"type": "ReLU"},
+                         {"type": "Linear", "out_features": 1}]},
+    "optimizer": {"type": "Adam", "lr": 0.1},
+    "training": {"epochs": 5, "batch_size": 50},
+}
+
+
+@pytest.fixture
+def spec() -> dict:
+    """A small valid job spec (a fresh copy each test may change)."""
+    return copy.deepcopy(CIRCLES_SPEC)
+
+
+def _admin_connection() -> psycopg.Connection:
+    try:
+        return psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is required at {POSTGRES_ADMIN_URL} and is not reachable: {exc}")
+
+
+@pytest.fixture
+def empty_postgres_url():
+    """A fresh, empty PostgreSQL database (SQLAlchemy URL), dropped after the test."""
+    name = f"torchyard_test_{secrets.token_hex(6)}"
+    with _admin_connection() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
+    yield url.render_as_string(hide_password=False)
+    with _admin_connection() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_sqlite_url(tmp_path) -> str:
+    """A SQLite database file that doesn't exist yet."""
+    return f"sqlite:///{tmp_path / 'torchyard.db'}"
+
+
+@pytest.fixture
+def sqlite_url(empty_sqlite_url) -> str:
+    """A SQLite database migrated to head."""
+    from models.migrate import upgrade
+
+    upgrade(empty_sqlite_url)
+    return empty_sqlite_url
+
+
+@pytest.fixture
+def postgres_url(empty_postgres_url) -> str:
+    """A PostgreSQL database migrated to head."""
+    from models.migrate import upgrade
+
+    upgrade(empty_postgres_url)
+    return empty_postgres_url
+
+
+@pytest.fixture
+def database_url(sqlite_url) -> str:
+    """The database the app fixture uses; test modules may override it (e.g. over both backends)."""
+    return sqlite_url
+
+
+@pytest.fixture
+def doorbell(monkeypatch) -> list[tuple[str, str]]:
+    """Record what the API publishes instead of ringing a broker: the one true edge of the API tests."""
+    rung: list[tuple[str, str]] = []
+
+    def ring(job_id: str, queue: str) -> None:
+        rung.append((job_id, queue))
+
+    try:
+        import worker.doorbell as real
+    except ImportError:  # the worker side may not be there; the API imports it by name, through sys.modules
+        monkeypatch.setitem(sys.modules, "worker.doorbell", types.SimpleNamespace(ring=ring))
+    else:
+        monkeypatch.setattr(real, "ring", ring)
+    return rung
+
+
+@pytest.fixture
+def artifacts_url(tmp_path) -> str:
+    """The artifact store's root folder."""
+    return str(tmp_path / "artifacts")
+
+
+@pytest.fixture
+def make_app(database_url, artifacts_url, doorbell):
+    """Build apps over the test's database and artifact folder; keyword arguments override settings."""
+    from api import create_app
+
+    apps = []
+
+    def make_app(**overrides):
+        config = {"TESTING": True, "database_url": database_url, "artifacts_url": artifacts_url,
+                  "broker_url": "filesystem://", **overrides}
+        apps.append(create_app(config))
+        return apps[-1]
+
+    yield make_app
+    for app in apps:
+        app.extensions["torchyard"].engine.dispose()
+
+
+@pytest.fixture
+def app(make_app):
+    """The API over a real migrated database and a real artifact folder."""
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    """Flask's test client."""
+    return app.test_client()
+
+
+@pytest.fixture
+def sessions(app):
+    """A session factory on the app's database, for arranging and checking rows directly."""
+    return app.extensions["torchyard"].sessions
+
+
+@pytest.fixture
+def store(app):
+    """The app's artifact store."""
+    return app.extensions["torchyard"].store
+
+
+@pytest.fixture
+def tokens(sessions) -> dict[str, str]:
+    """API keys of two users, alice and bob."""
+    from api.auth import create_api_key
+
+    with sessions() as session:
+        return {name: create_api_key(session, name, "test") for name in ("alice", "bob")}
+
+
+@pytest.fixture
+def alice(tokens) -> dict[str, str]:
+    """Request headers authenticating as alice."""
+    return {"Authorization": f"Bearer {tokens['alice']}"}
+
+
+@pytest.fixture
+def bob(tokens) -> dict[str, str]:
+    """Request headers authenticating as bob."""
+    return {"Authorization": f"Bearer {tokens['bob']}"}
+
+
+@pytest.fixture
+def live_server(app):
+    """The app served over real HTTP by werkzeug in a thread; yields its base URL."""
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def set_job(sessions):
+    """Change a job's columns as a worker would (claim, progress, finish)."""
+    from sqlalchemy import update
+
+    from models.tables import Job
+
+    def set_job(job_id: str, **values) -> None:
+        with sessions() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(**values))
+            session.commit()
+
+    return set_job
+
+
+@pytest.fixture
+def add_artifact(sessions, store):
+    """Store a file of a job and its row, under the key layout workers use (``jobs/<id>/<name>``)."""
+    from models.storage import job_prefix
+    from models.tables import Artifact
+
+    def add_artifact(job_id: str, kind: str, name: str, data: bytes, epoch: int | None = None) -> Artifact:
+        uri, size, sha256 = store.put_bytes(data, f"{job_prefix(job_id)}/{name}")
+        artifact = Artifact(job_id=job_id, kind=kind, name=name, uri=uri, size=size, sha256=sha256,
+                            epoch=epoch)
+        with sessions() as session:
+            session.add(artifact)
+            session.commit()
+        return artifact
+
+    return add_artifact
+
+
+# ==================================================================================================
+# Workers (worker/: celery_app, runner, maintenance): real `celery worker` processes, real brokers
+# ==================================================================================================
+
+# The shared Redis server; worker tests use their own db number and flush it before and after.
+REDIS_TEST_URL = "redis://127.0.0.1:6379/7"
+# Short enough that leases expire and reapers act within a test; long enough for a busy 2-core machine.
+FAST_RELIABILITY = {"heartbeat_seconds": 1, "lease_seconds": 6, "reconcile_seconds": 3}
+
+
+def worker_settings(home, **fields):
+    """Settings of a test deployment under ``home`` (SQLite, filesystem broker and store by default)."""
+    from models.settings import Settings
+
+    return Settings(home=home, **{**FAST_RELIABILITY, **fields}).resolved()
+
+
+def settings_env(settings) -> dict[str, str]:
+    """This process's environment without TORCHYARD_* variables, plus ``settings`` as variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHYARD_")}
+    for name, value in settings.model_dump().items():
+        env[f"TORCHYARD_{name.upper()}"] = str(value)
+    return env
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "condition", log=None):
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` (and the worker log)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    tail = f"\n--- worker log ---\n{log()}" if log else ""
+    pytest.fail(f"timed out after {timeout} s waiting for {what}{tail}")
+
+
+class WorkerProcess:
+    """``python -m celery -A worker.celery_app worker`` with the CLI's arguments, in its own process group."""
+
+    def __init__(self, settings, queues=("cpu",), concurrency: int = 1, name: str = "worker"):
+        from worker.processes import worker_argv
+
+        self.log_path = settings.home / f"{name}.log"
+        argv = worker_argv(list(queues), concurrency, "INFO")
+        with open(self.log_path, "ab") as log:
+            command = [sys.executable, "-m", "celery", "-A", "worker.celery_app", *argv]
+            self.process = subprocess.Popen(command, env=settings_env(settings), stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.worker_id = None
+
+    def log(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_registered(self, sessions, timeout: float = 60) -> str:
+        """Wait for the worker's row in the registry (it is consuming by then); return its id."""
+        from sqlalchemy import select
+
+        from models.tables import Worker
+
+        def registered():
+            assert self.process.poll() is None, f"the worker exited:\n{self.log()}"
+            with sessions() as session:
+                ids = session.scalars(select(Worker.id)).all()
+            return next((i for i in ids if i.endswith(f":{self.process.pid}")), None)
+
+        self.worker_id = wait_for(registered, timeout, "the worker to register", self.log)
+        return self.worker_id
+
+    def stop(self, timeout: float = 60) -> int:
+        """A warm shutdown (SIGTERM), as ``torchyard serve`` does it."""
+        from torchyard.serve import stop_worker
+
+        return stop_worker(self.process, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: a machine that vanished."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+class Service:
+    """A test deployment: the API (Flask test client, real doorbell) over ``settings``, and its workers."""
+
+    def __init__(self, settings):
+        from api import create_app
+        from api.auth import create_api_key
+
+        self.settings = settings
+        self.app = create_app({"TESTING": True, **settings.model_dump()})
+        services = self.app.extensions["torchyard"]
+        self.sessions, self.store = services.sessions, services.store
+        self.client = self.app.test_client()
+        with self.sessions() as session:
+            self.headers = {"Authorization": f"Bearer {create_api_key(session, 'alice', 'test')}"}
+        self.workers: list[WorkerProcess] = []
+
+    def start_worker(self, queues=("cpu",), name: str | None = None) -> WorkerProcess:
+        worker = WorkerProcess(self.settings, queues, name=name or f"worker-{len(self.workers)}")
+        self.workers.append(worker)
+        worker.wait_registered(self.sessions)
+        return worker
+
+    def log(self) -> str:
+        return "\n".join(f"[{w.log_path.name}]\n{w.log()}" for w in self.workers)
+
+    def wait_for(self, predicate, timeout: float = 60, what: str = "condition"):
+        """``wait_for`` that shows the workers' logs when it times out."""
+        return wait_for(predicate, timeout, what, self.log)
+
+    def submit(self, spec: dict) -> str:
+        response = self.client.post("/api/v1/jobs", json=spec, headers=self.headers)
+        assert response.status_code == 201, response.get_json()
+        return response.get_json()["id"]
+
+    def job(self, job_id: str) -> dict:
+        response = self.client.get(f"/api/v1/jobs/{job_id}", headers=self.headers)
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()
+
+    def wait_status(self, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout: float = 90):
+        """Poll the job over the API until its status is one of ``statuses``; return the job."""
+        def reached():
+            job = self.job(job_id)
+            return job if job["status"] in statuses else None
+
+        return wait_for(reached, timeout, f"job {job_id} to be {'/'.join(statuses)}", self.log)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                worker.kill()
+        self.app.extensions["torchyard"].engine.dispose()
+
+
+@contextlib.contextmanager
+def running_service(settings, queues=("cpu",)):
+    """Migrate, start one worker, point this process's doorbell at the deployment's broker; yield it."""
+    import worker.doorbell
+    from models.migrate import upgrade
+    from worker.celery_app import make_celery
+
+    upgrade(settings.database_url)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(worker.doorbell, "app", make_celery(settings))
+        service = Service(settings)
+        try:
+            service.start_worker(queues)
+            yield service
+        finally:
+            service.close()
+
+
+def flushed_redis(url: str = REDIS_TEST_URL):
+    """The test Redis db, emptied; fail (never skip) when the server is not there."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=5)
+    try:
+        client.flushdb()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis is required at {url} and is not reachable: {exc}")
+    return client
+
+
+@pytest.fixture(scope="module")
+def embedded_service(tmp_path_factory):
+    """The embedded default: SQLite, filesystem broker and local store in a temporary home; one worker."""
+    settings = worker_settings(tmp_path_factory.mktemp("home"))
+    with running_service(settings) as service:
+        yield service
+
+
+@pytest.fixture
+def own_embedded_service(tmp_path):
+    """An embedded deployment of the test's own, for tests that kill or stop its workers."""
+    with running_service(worker_settings(tmp_path / "home")) as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def production_service(tmp_path_factory):
+    """PostgreSQL (a fresh database) and Redis (db 7, flushed before and after); one worker."""
+    redis_client = flushed_redis()
+    name = f"torchyard_test_{secrets.token_hex(6)}"
+    with _admin_connection() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
+    settings = worker_settings(tmp_path_factory.mktemp("home"), broker_url=REDIS_TEST_URL,
+                               database_url=url.render_as_string(hide_password=False))
+    try:
+        with running_service(settings) as service:
+            yield service
+    finally:
+        redis_client.flushdb()
+        with _admin_connection() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def worker_context(request, tmp_path):
+    """A worker's Context (settings, engine, sessions, store) over a migrated database of each kind,
+    with this process's doorbell ringing the deployment's filesystem broker under ``tmp_path``."""
+    import worker.doorbell
+    from models.db import make_engine, make_sessionmaker
+    from models.migrate import upgrade
+    from models.storage import ArtifactStore
+    from worker.celery_app import make_celery
+    from worker.context import Context
+
+    url = request.getfixturevalue("postgres_url" if request.param == "postgresql" else "sqlite_url")
+    settings = worker_settings(tmp_path / "home", database_url=url)
+    upgrade(url)
+    engine = make_engine(url)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(worker.doorbell, "app", make_celery(settings))
+        yield Context(settings, engine, make_sessionmaker(engine), ArtifactStore(settings.artifacts_url))
+    engine.dispose()

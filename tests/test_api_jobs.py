@@ -1,0 +1,220 @@
+"""The jobs resource, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from models.tables import EpochMetrics, Job
+
+JOBS = "/api/v1/jobs"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request) -> str:
+    """Every test here runs on both backends."""
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+def count_jobs(sessions) -> int:
+    with sessions() as session:
+        return session.scalar(select(func.count()).select_from(Job))
+
+
+def submit(client, headers, spec, **kwargs):
+    return client.post(JOBS, json=spec, headers=headers, **kwargs)
+
+
+def test_requests_without_a_valid_key_are_401_problems(client, tokens, spec):
+    wrong = ({}, {"Authorization": "Bearer ty_not-a-key"}, {"Authorization": f"Basic {tokens['alice']}"})
+    for headers in wrong:
+        response = client.get(JOBS, headers=headers)
+        assert response.status_code == 401
+        assert response.mimetype == "application/problem+json"
+        assert response.json["status"] == 401
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert submit(client, {}, spec).status_code == 401
+
+
+def test_submit_stores_the_job_then_rings_its_queue(client, alice, spec, doorbell):
+    response = submit(client, alice, spec)
+    assert response.status_code == 201
+    job = response.json
+    assert job["status"] == "queued"
+    assert job["progress"] == {"epoch": 0, "epochs": 5}
+    assert job["queue"] == "cpu"
+    assert job["attempts"] == 0 and job["max_attempts"] == 3
+    assert job["spec"]["optimizer"]["lr"] == 0.1
+    assert job["spec"]["checkpoint"] == {"every_n_epochs": 1, "keep_last": 2}  # defaults filled in
+    assert response.headers["Location"] == f"{JOBS}/{job['id']}"
+    assert job["links"]["weights"] == f"{JOBS}/{job['id']}/weights"
+    assert doorbell == [(job["id"], "cpu")]
+    assert client.get(f"{JOBS}/{job['id']}", headers=alice).json == job
+
+
+def test_a_cuda_job_goes_to_the_gpu_queue(client, alice, spec, doorbell):
+    spec["resources"] = {"device": "cuda"}
+    job = submit(client, alice, spec).json
+    assert job["queue"] == "gpu"
+    assert doorbell == [(job["id"], "gpu")]
+
+
+def test_a_lost_publish_keeps_the_queued_job(client, alice, spec, monkeypatch, doorbell):
+    import importlib
+
+    def broker_down(job_id, queue):
+        raise ConnectionError("broker unreachable")
+
+    monkeypatch.setattr(importlib.import_module("worker.doorbell"), "ring", broker_down)
+    response = submit(client, alice, spec)
+    assert response.status_code == 201
+    assert client.get(f"{JOBS}/{response.json['id']}", headers=alice).json["status"] == "queued"
+
+
+def test_a_bad_spec_is_422_naming_the_field_and_writes_no_row(client, alice, spec, sessions, doorbell):
+    spec["model"]["layers"][2]["out_features"] = 0
+    spec["optimizer"]["type"] = "Adamm"
+    response = submit(client, alice, spec)
+    assert response.status_code == 422
+    assert response.mimetype == "application/problem+json"
+    paths = {error["path"]: error["message"] for error in response.json["errors"]}
+    assert "model.layers[2].out_features" in paths
+    assert "'Adam'" in paths["optimizer.type"]
+    assert count_jobs(sessions) == 0
+    assert doorbell == []
+
+
+def test_a_network_that_does_not_fit_its_data_is_422(client, alice, spec, sessions):
+    spec["model"]["layers"][2]["out_features"] = 3  # binary needs one logit
+    response = submit(client, alice, spec)
+    assert response.status_code == 422
+    assert [e["path"] for e in response.json["errors"]] == ["model.layers[2]"]
+    assert count_jobs(sessions) == 0
+
+
+def test_a_file_source_is_refused_at_data_source(client, alice, spec, sessions):
+    spec["data"] = {"source": "file", "path": "/etc/passwd", "target": "y"}
+    response = submit(client, alice, spec)
+    assert response.status_code == 422
+    assert [e["path"] for e in response.json["errors"]] == ["data.source"]
+    assert count_jobs(sessions) == 0
+
+
+def test_malformed_or_non_json_bodies_are_problems(client, alice):
+    broken = client.post(JOBS, data='{"name": ', headers=alice, content_type="application/json")
+    assert broken.status_code == 400
+    assert broken.mimetype == "application/problem+json"
+    assert "malformed JSON" in broken.json["detail"]
+    assert client.post(JOBS, data="name=x", headers=alice).status_code == 415
+    not_an_object = client.post(JOBS, json=[1, 2], headers=alice)
+    assert not_an_object.status_code == 422
+
+
+def test_an_idempotency_key_returns_the_first_job(client, alice, bob, spec, sessions, doorbell):
+    first = submit(client, {**alice, "Idempotency-Key": "run-1"}, spec)
+    again = submit(client, {**alice, "Idempotency-Key": "run-1"}, spec)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json["id"] == first.json["id"]
+    assert len(doorbell) == 1
+    # The key is the caller's own: another user with the same key gets a job of their own.
+    other = submit(client, {**bob, "Idempotency-Key": "run-1"}, spec)
+    assert other.status_code == 201 and other.json["id"] != first.json["id"]
+    spec["seed"] = 1
+    reused = submit(client, {**alice, "Idempotency-Key": "run-1"}, spec)
+    assert reused.status_code == 422
+    assert count_jobs(sessions) == 2
+
+
+def test_listing_pages_newest_first_with_a_cursor(client, alice, bob, spec):
+    made = [submit(client, alice, {**spec, "name": f"job-{i}"}).json["id"] for i in range(7)]
+    submit(client, bob, spec)
+    seen, cursor, pages = [], None, 0
+    while True:
+        query = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+        page = client.get(JOBS, query_string=query, headers=alice).json
+        pages += 1
+        seen += [job["id"] for job in page["jobs"]]
+        assert "spec" not in page["jobs"][0]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert seen == made[::-1]
+
+
+def test_listing_filters_by_status_and_checks_its_arguments(client, alice, spec, set_job):
+    first, second = (submit(client, alice, spec).json["id"] for _ in range(2))
+    set_job(first, status="succeeded")
+    queued = client.get(JOBS, query_string={"status": "queued"}, headers=alice).json["jobs"]
+    assert [job["id"] for job in queued] == [second]
+    for query, path in (({"status": "done"}, "status"), ({"limit": 101}, "limit"), ({"limit": "x"}, "limit"),
+                        ({"cursor": "garbage"}, "cursor")):
+        response = client.get(JOBS, query_string=query, headers=alice)
+        assert response.status_code == 422
+        assert response.json["errors"][0]["path"] == path
+
+
+def test_metrics_since_an_epoch_come_in_order(client, alice, spec, sessions, set_job):
+    job_id = submit(client, alice, spec).json["id"]
+    set_job(job_id, status="running", epoch=3, attempts=1)
+    with sessions() as session:
+        for epoch in (3, 1, 2):
+            session.add(EpochMetrics(job_id=job_id, epoch=epoch, attempt=1, values={"loss": 1.0 / epoch}))
+        session.commit()
+    everything = client.get(f"{JOBS}/{job_id}/metrics", headers=alice).json
+    assert everything["status"] == "running"
+    assert [row["epoch"] for row in everything["metrics"]] == [1, 2, 3]
+    assert everything["metrics"][1] == {"epoch": 2, "loss": 0.5}
+    later = client.get(f"{JOBS}/{job_id}/metrics", query_string={"since_epoch": 1}, headers=alice).json
+    assert [row["epoch"] for row in later["metrics"]] == [2, 3]
+
+
+def test_cancelling_a_queued_job_is_immediate(client, alice, spec):
+    job_id = submit(client, alice, spec).json["id"]
+    response = client.post(f"{JOBS}/{job_id}/cancel", headers=alice)
+    assert response.status_code == 200
+    assert response.json["status"] == "cancelled"
+    assert response.json["stop_reason"] == "cancelled"
+    assert response.json["finished_at"] is not None
+    again = client.post(f"{JOBS}/{job_id}/cancel", headers=alice)
+    assert again.status_code == 409
+    assert again.mimetype == "application/problem+json"
+
+
+def test_cancelling_a_running_job_asks_it_to_stop(client, alice, spec, set_job):
+    job_id = submit(client, alice, spec).json["id"]
+    set_job(job_id, status="running", attempts=1, worker_id="w1")
+    response = client.post(f"{JOBS}/{job_id}/cancel", headers=alice)
+    assert response.status_code == 202
+    assert response.json["status"] == "running"
+    assert response.json["cancel_requested"] is True
+
+
+def test_deleting_a_finished_job_removes_its_rows_and_files(client, alice, spec, set_job, add_artifact, store,
+                                                            sessions):
+    job_id = submit(client, alice, spec).json["id"]
+    assert client.delete(f"{JOBS}/{job_id}", headers=alice).status_code == 409  # still queued
+    weights = add_artifact(job_id, "weights", "weights.safetensors", b"w" * 10)
+    checkpoint = add_artifact(job_id, "checkpoint", "checkpoints/epoch-0001.pt", b"c" * 10, epoch=1)
+    set_job(job_id, status="succeeded")
+    assert store.exists(weights.uri) and store.exists(checkpoint.uri)
+    assert client.delete(f"{JOBS}/{job_id}", headers=alice).status_code == 204
+    assert not store.exists(weights.uri) and not store.exists(checkpoint.uri)
+    assert not store.exists(f"jobs/{job_id}")
+    assert client.get(f"{JOBS}/{job_id}", headers=alice).status_code == 404
+    assert count_jobs(sessions) == 0
+
+
+def test_another_users_job_is_404_everywhere(client, alice, bob, spec, set_job, add_artifact):
+    job_id = submit(client, alice, spec).json["id"]
+    add_artifact(job_id, "weights", "weights.safetensors", b"w")
+    add_artifact(job_id, "checkpoint", "checkpoints/epoch-0001.pt", b"c", epoch=1)
+    for method, path in (("get", ""), ("get", "/metrics"), ("get", "/weights"), ("get", "/checkpoints"),
+                         ("get", "/checkpoints/1"), ("post", "/cancel"), ("delete", "")):
+        response = getattr(client, method)(f"{JOBS}/{job_id}{path}", headers=bob)
+        assert response.status_code == 404, path
+        assert response.json["detail"] == f"no job {job_id!r}"
+    assert client.get(JOBS, headers=bob).json["jobs"] == []
+    set_job(job_id, status="succeeded")
+    assert client.delete(f"{JOBS}/{job_id}", headers=bob).status_code == 404
+    assert client.get(f"{JOBS}/{job_id}", headers=alice).json["status"] == "succeeded"

@@ -1,0 +1,57 @@
+"""The migrations build exactly the schema the models describe, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect
+
+from models.db import make_engine
+from models.migrate import downgrade, upgrade
+from models.tables import Base
+
+
+def schema_diff(url: str) -> list:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            return compare_metadata(context, Base.metadata)
+    finally:
+        engine.dispose()
+
+
+def table_names(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_url(request) -> str:
+    return request.getfixturevalue(f"empty_{request.param}_url")
+
+
+def test_an_empty_database_upgraded_to_head_matches_the_models(empty_url):
+    upgrade(empty_url)
+    assert schema_diff(empty_url) == []
+    assert set(Base.metadata.tables) <= table_names(empty_url)
+
+
+def test_upgrade_twice_is_a_no_op_and_downgrade_empties_the_database(empty_url):
+    upgrade(empty_url)
+    upgrade(empty_url)
+    downgrade(empty_url)
+    assert table_names(empty_url) == {"alembic_version"}
+    upgrade(empty_url)
+    assert schema_diff(empty_url) == []
+
+
+def test_upgrade_creates_the_folder_of_a_new_sqlite_file(tmp_path):
+    url = f"sqlite:///{tmp_path / 'home' / 'nested' / 'torchyard.db'}"
+    upgrade(url)
+    assert (tmp_path / "home" / "nested" / "torchyard.db").exists()
+    assert schema_diff(url) == []
