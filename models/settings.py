@@ -43,12 +43,12 @@ class Settings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     api_workers: int = 2  # gunicorn processes of ``torchyard api``
+    worker_queues: str = "cpu"
+    worker_concurrency: int = 1
 
     # The CLI as a client: which server, which key (default: the one ``torchyard serve`` saved).
     url: str = ""
     token: str = ""
-    worker_queues: str = "cpu"
-    worker_concurrency: int = 1
 
     def resolved(self) -> Settings:
         """Fill the defaults that derive from ``home``."""
