@@ -441,8 +441,24 @@ class Checkpoint(Strict):
 
 
 class Resources(Strict):
+    """Where to train. ``gpus`` > 1 (cuda) or ``processes`` > 1 (cpu) trains data-parallel on one machine."""
+
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    gpus: Annotated[int, Field(ge=0, le=64)] | None = None
+    gpus: Annotated[int, Field(ge=1, le=64)] | None = None
+    processes: Annotated[int, Field(ge=1, le=64)] | None = None
+
+    @model_validator(mode="after")
+    def _devices_fit(self) -> Resources:
+        if self.gpus is not None and self.device in ("cpu", "mps"):
+            raise SpecProblem("gpus", f"GPUs need device 'cuda' (or 'auto'), not {self.device!r}")
+        if self.processes is not None and self.device != "cpu":
+            raise SpecProblem("processes", "processes is for device 'cpu'; use gpus for cuda")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """How many processes train the job together."""
+        return self.gpus or self.processes or 1
 
 
 class JobSpec(Strict):

@@ -7,15 +7,18 @@ import torch
 from models.spec import Problem, SpecError
 
 
-def pick_device(requested: str = "auto") -> torch.device:
-    """cuda, then mps, then cpu for 'auto'; an explicit device that isn't there is a clear error."""
+def pick_device(requested: str = "auto", rank: int = 0) -> torch.device:
+    """cuda, then mps, then cpu for 'auto'; an explicit device that isn't there is a clear error.
+
+    Under data parallelism rank r uses GPU r of those visible to the job.
+    """
     if requested == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", rank) if rank else torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available[requested]:
         raise SpecError([Problem("resources.device", f"{requested!r} was asked for but this machine has none")])
-    return torch.device(requested)
+    return torch.device("cuda", rank) if requested == "cuda" and rank else torch.device(requested)

@@ -15,6 +15,7 @@ from worker.engine import checkpoints, outputs
 from worker.engine.callbacks import Callback, RunState, StopTraining, TrainingFailed
 from worker.engine.data import load_arrays, prepare
 from worker.engine.device import pick_device
+from worker.engine.distributed import Single
 from worker.engine.network import build_network, plan_network
 from worker.engine.trainer import Trainer
 
@@ -71,11 +72,16 @@ class Prepared:
 
 def prepare_run(spec: JobSpec, out_dir: Path, *, resume: bool = False, callbacks: Sequence[Callback] = (),
                 data_path: Path | None = None, device: str | None = None,
-                limits: Limits | None = None) -> Prepared:
-    """Load the data, check the network against it, build everything, and restore a checkpoint if resuming."""
+                limits: Limits | None = None, group=None) -> Prepared:
+    """Load the data, check the network against it, build everything, and restore a checkpoint if resuming.
+
+    ``group`` is this process's place in a data-parallel run (worker.engine.distributed); rank 0 or a
+    single process owns the output folder and the callbacks.
+    """
     limits = limits or Limits()
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch_device = pick_device(device or spec.resources.device)
+    group = group or Single()
+    torch_device = pick_device(device or spec.resources.device, group.rank)
     arrays = load_arrays(spec, data_path)
     if len(arrays.X) > limits.max_samples:
         raise SpecError([Problem("data", f"{len(arrays.X)} samples exceed the limit of {limits.max_samples} "
@@ -84,16 +90,20 @@ def prepare_run(spec: JobSpec, out_dir: Path, *, resume: bool = False, callbacks
     plan = plan_network(spec, data.report.input_shape, data.report.n_outputs, limits)
     torch.manual_seed(spec.seed)  # fixed initial weights for a fixed seed
     model = build_network(spec, plan, data.mean, data.std)
+    if group.rank:
+        torch.manual_seed(spec.seed + group.rank)  # each rank its own dropout masks
     checkpoint_dir = out_dir / outputs.CHECKPOINTS
     state = checkpoints.load_newest(checkpoint_dir, torch_device) if resume else None
-    if not resume:  # a fresh run must not pick up a previous run's files
+    if not resume and group.is_main:  # a fresh run must not pick up a previous run's files
         for _position, path in checkpoints.list_all(checkpoint_dir):
             path.unlink()
     metrics_file = out_dir / outputs.METRICS
-    trainer = Trainer(spec, model, data, torch_device, checkpoint_dir, [MetricsFile(metrics_file), *callbacks])
+    callbacks = [MetricsFile(metrics_file), *callbacks] if group.is_main else []
+    trainer = Trainer(spec, model, data, torch_device, checkpoint_dir, callbacks, group)
     if state is not None:
         trainer.restore(state)
-    outputs.write_metrics(trainer.state.history, metrics_file)  # the history up to the resume point
+    if group.is_main:
+        outputs.write_metrics(trainer.state.history, metrics_file)  # the history up to the resume point
     return Prepared(trainer, plan, data, state["epoch"] if state else None)
 
 
@@ -115,7 +125,7 @@ def finish(prepared: Prepared, spec: JobSpec, out_dir: Path) -> TrainResult:
     if history:
         best = trainer.best
         result.best_metric, result.best_value, result.best_epoch = best.monitor, best.best, best.best_epoch + 1
-    if result.status == "succeeded":
+    if result.status == "succeeded" and trainer.dist.is_main:
         write_outputs(trainer, prepared, spec, out_dir, result)
     for callback in trainer.callbacks:
         callback.on_train_end(trainer.state, result)
@@ -123,8 +133,8 @@ def finish(prepared: Prepared, spec: JobSpec, out_dir: Path) -> TrainResult:
 
 
 def write_outputs(trainer: Trainer, prepared: Prepared, spec: JobSpec, out_dir: Path, result: TrainResult):
-    restored = trainer.early_stopping.restore(trainer.model) if trainer.early_stopping else False
-    outputs.save_weights(trainer.model, out_dir / outputs.WEIGHTS)
+    restored = trainer.early_stopping.restore(trainer.module) if trainer.early_stopping else False
+    outputs.save_weights(trainer.module, out_dir / outputs.WEIGHTS)
     outputs.write_metrics(trainer.state.history, out_dir / outputs.METRICS)
     summary = {
         "stop_reason": result.stop_reason,
@@ -148,6 +158,32 @@ def train(spec: JobSpec, out_dir: Path, *, resume: bool = False, callbacks: Sequ
     StopTraining passes through untouched.
     """
     out_dir = Path(out_dir)
+    if spec.resources.world_size > 1:
+        return train_distributed(spec, out_dir, resume=resume, callbacks=callbacks, data_path=data_path,
+                                 device=device, limits=limits)
     prepared = prepare_run(spec, out_dir, resume=resume, callbacks=callbacks, data_path=data_path,
                            device=device, limits=limits)
     return finish(prepared, spec, out_dir)
+
+
+def train_distributed(spec: JobSpec, out_dir: Path, *, resume: bool, callbacks: Sequence[Callback],
+                      data_path: Path | None, device: str | None, limits: Limits | None) -> TrainResult:
+    """Data-parallel training: this process is rank 0, the other ranks are subprocesses."""
+    import torch.distributed as torch_dist
+
+    from worker.engine.distributed import free_port, init_group, start_ranks, stop_ranks
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    world_size, port = spec.resources.world_size, free_port()
+    device_type = pick_device(device or spec.resources.device).type
+    ranks = start_ranks(spec.model_dump_json(), out_dir, world_size, port, resume, data_path, device_type)
+    try:
+        group = init_group(0, world_size, port, device_type)
+        try:
+            prepared = prepare_run(spec, out_dir, resume=resume, callbacks=callbacks, data_path=data_path,
+                                   device=device_type, limits=limits, group=group)
+            return finish(prepared, spec, out_dir)
+        finally:
+            torch_dist.destroy_process_group()
+    finally:
+        stop_ranks(ranks)

@@ -16,6 +16,7 @@ from worker.engine import checkpoints
 from worker.engine.callbacks import Callback, RunState, StopTraining, TrainingFailed
 from worker.engine.components import BATCH_SCHEDULERS, make_loss, make_optimizer, make_scheduler
 from worker.engine.data import TensorData
+from worker.engine.distributed import Single
 from worker.engine.early_stopping import EarlyStopping
 
 CHECKPOINT_FORMAT = 1
@@ -34,16 +35,21 @@ class Trainer:
     """Runs epochs over tensors already on the device; callbacks decide, the trainer acts."""
 
     def __init__(self, spec: JobSpec, model: nn.Module, data: TensorData, device: torch.device,
-                 checkpoint_dir: Path, callbacks: Sequence[Callback] = (), elapsed_seconds: float = 0.0):
+                 checkpoint_dir: Path, callbacks: Sequence[Callback] = (), group=None):
         self.spec = spec
-        self.model = model.to(device)
+        self.dist = group or Single()
+        self.module = model.to(device)  # what checkpoints and weights hold
+        self.model = self.dist.wrap(self.module, device)  # what trains (DistributedDataParallel if n > 1)
         self.data = data
         self.device = device
         self.checkpoint_dir = checkpoint_dir
         self.batch_size = min(spec.training.batch_size, data.n_train)
-        self.steps_per_epoch = math.ceil(data.n_train / self.batch_size)
+        self.n_used = data.n_train
+        if data.n_train % self.batch_size and data.n_train % self.batch_size < self.dist.world_size:
+            self.n_used -= data.n_train % self.batch_size  # a last batch too small to share is dropped
+        self.steps_per_epoch = math.ceil(self.n_used / self.batch_size)
         self.loss_fn = make_loss(spec, device)
-        self.optimizer = make_optimizer(spec, self.model)
+        self.optimizer = make_optimizer(spec, self.module)
         self.scheduler = make_scheduler(spec, self.optimizer, self.steps_per_epoch)
         self.shuffle_generator = torch.Generator().manual_seed(spec.seed)
         self.early_stopping = EarlyStopping(**spec.early_stopping.model_dump()) if spec.early_stopping else None
@@ -53,8 +59,8 @@ class Trainer:
         self.internal = {"best": self.best}
         self.callbacks = [*self.internal.values(), *callbacks]
         self.state = RunState(epochs=spec.training.epochs, batches_per_epoch=self.steps_per_epoch,
-                              device=str(device), model=self.model)
-        self.elapsed_before = elapsed_seconds
+                              device=str(device), model=self.module)
+        self.elapsed_before = 0.0
         self.started = time.monotonic()
         self.runtime_limit = spec.training.max_runtime_seconds
         # The epoch in progress, for a mid-epoch checkpoint: the shuffle state it started from and
@@ -75,7 +81,8 @@ class Trainer:
                 metrics = self.run_epoch(self.state.epoch + 1)
                 self.end_epoch(metrics)
         except StopTraining as stop:
-            if stop.checkpoint and self.state.batch > 0:
+            # Mid-epoch checkpoints hold one process's batch results, so only a single process makes them.
+            if stop.checkpoint and self.state.batch > 0 and self.dist.world_size == 1:
                 self.save_checkpoint(mid_epoch=True)
             raise
 
@@ -92,8 +99,9 @@ class Trainer:
         x, y = self.shuffled()
         outputs, losses = self.outputs, self.losses
         self.state.batch, self.resume_batch = self.resume_batch, 0
-        for start in range(self.state.batch * self.batch_size, self.data.n_train, self.batch_size):
+        for start in range(self.state.batch * self.batch_size, self.n_used, self.batch_size):
             xb, yb = x[start:start + self.batch_size], y[start:start + self.batch_size]
+            xb, yb = self.dist.shard(xb), self.dist.shard(yb)
             out = self.model(xb)
             loss = self.loss_fn(out, yb)
             self.optimizer.zero_grad(set_to_none=True)
@@ -103,20 +111,31 @@ class Trainer:
                 self.scheduler.step()
             # Keep results on the device; reading them every batch would force a sync.
             outputs.append(out.detach())
-            losses.append(loss.detach())
+            losses.append(loss.detach() * len(yb))
             self.state.batch += 1
-            self.check_runtime()
-            for callback in self.callbacks:
-                callback.on_batch_end(self.state)
-        metrics = {"epoch": epoch, **self.train_metrics(torch.cat(outputs), y, torch.stack(losses))}
+            self.dist.agreed(self.batch_end)
+        loss_sum = torch.stack(losses).double().sum()
+        metrics = {"epoch": epoch, **self.summarize(torch.cat(outputs), self.local_targets(y), loss_sum)}
         if self.data.n_val:
             metrics.update({f"val_{k}": v for k, v in self.evaluate(self.data.x_val, self.data.y_val).items()})
         seconds = time.perf_counter() - started
-        metrics.update(lr=lr, epoch_seconds=seconds, samples_per_second=self.data.n_train / seconds)
+        metrics.update(lr=lr, epoch_seconds=seconds, samples_per_second=self.n_used / seconds)
         if not math.isfinite(metrics["loss"]):
             raise TrainingFailed(f"loss became {metrics['loss']} at epoch {epoch}; lower the learning rate "
                                  "or standardize the data")
         return metrics
+
+    def local_targets(self, y: torch.Tensor) -> torch.Tensor:
+        """The targets this process trained on this epoch, in the order of its outputs."""
+        if self.dist.world_size == 1:
+            return y[:self.n_used]
+        return torch.cat([self.dist.shard(y[i:i + self.batch_size]) for i in range(0, self.n_used, self.batch_size)])
+
+    def batch_end(self) -> None:
+        """The batch boundary: the run-time limit, then the callbacks (rank 0's only, under DDP)."""
+        self.check_runtime()
+        for callback in self.callbacks:
+            callback.on_batch_end(self.state)
 
     def shuffled(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The training data in this epoch's order: one gather, then every batch is a cheap slice."""
@@ -154,34 +173,47 @@ class Trainer:
 
     # --- metrics --------------------------------------------------------------------------------
 
-    def train_metrics(self, outputs: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor) -> dict:
-        """Loss as the mean over samples of the batch losses (as Keras reports it), and task metrics."""
-        sizes = torch.full((len(losses),), float(self.batch_size), device=losses.device)
-        sizes[-1] = self.data.n_train - self.batch_size * (len(losses) - 1)
-        loss = (losses * sizes).sum() / self.data.n_train
-        return {"loss": loss.item(), **self.task_metrics(outputs, targets)}
+    def summarize(self, outputs: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor,
+                  across_ranks: bool = True) -> dict[str, float]:
+        """Loss (mean over samples, as Keras reports it) and task metrics, from sums over all ranks."""
+        sums = torch.cat([loss_sum.double().reshape(1), self.task_sums(outputs.detach(), targets)])
+        if across_ranks:
+            sums = self.dist.all_sum(sums)
+        return self.metrics_from(sums.tolist())
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """Loss and task metrics of the model in eval mode over a whole split."""
-        self.model.eval()
+        """Loss and task metrics of the model in eval mode over a whole split (each rank: all of it)."""
+        self.dist.sync_buffers(self.module)
+        self.module.eval()
         chunk = max(self.batch_size, 4096)
-        outputs = torch.cat([self.model(x[i:i + chunk]) for i in range(0, len(x), chunk)])
-        self.model.train()
-        return {"loss": self.loss_fn(outputs, y).item(), **self.task_metrics(outputs, y)}
+        outputs = torch.cat([self.module(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+        self.module.train()
+        return self.summarize(outputs, y, self.loss_fn(outputs, y) * len(y), across_ranks=False)
 
-    def task_metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        """Accuracy for classification; MAE and R² for regression."""
-        outputs = outputs.detach()
+    def task_sums(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Sums that add up across batches and ranks: [n, correct] or [n, |e|, e², Σy, Σy² per target]."""
+        n = torch.tensor([len(targets)], dtype=torch.float64, device=outputs.device)
         if self.spec.task == "multiclass":
-            return {"accuracy": (outputs.argmax(dim=1) == targets).float().mean().item()}
-        if self.spec.task == "binary":
+            correct = (outputs.argmax(dim=1) == targets).sum()
+        elif self.spec.task == "binary":
             threshold = 0.5 if self.spec.loss_type == "BCELoss" else 0.0  # probabilities or logits
-            return {"accuracy": ((outputs > threshold) == (targets > 0.5)).float().mean().item()}
-        residual = outputs - targets
-        total = ((targets - targets.mean(dim=0)) ** 2).sum()
-        r2 = 1 - (residual**2).sum() / total if total > 0 else torch.tensor(float("nan"))
-        return {"mae": residual.abs().mean().item(), "r2": r2.item()}
+            correct = ((outputs > threshold) == (targets > 0.5)).sum()
+        else:
+            residual, y = (outputs - targets).double(), targets.double()
+            return torch.cat([n, residual.abs().sum().reshape(1), (residual**2).sum().reshape(1),
+                              y.sum(dim=0), (y**2).sum(dim=0)]).cpu()
+        return torch.cat([n, correct.double().reshape(1)]).cpu()
+
+    def metrics_from(self, sums: list[float]) -> dict[str, float]:
+        """Accuracy for classification; MAE and R² for regression."""
+        loss_sum, n = sums[0], sums[1]
+        if self.spec.task != "regression":
+            return {"loss": loss_sum / n, "accuracy": sums[2] / n}
+        abs_sum, squared_sum, k = sums[2], sums[3], (len(sums) - 4) // 2
+        total = sum(y_sq - y_sum**2 / n for y_sum, y_sq in zip(sums[4:4 + k], sums[4 + k:], strict=True))
+        r2 = 1 - squared_sum / total if total > 0 else float("nan")
+        return {"loss": loss_sum / n, "mae": abs_sum / (n * k), "r2": r2}
 
     # --- checkpoints ----------------------------------------------------------------------------
 
@@ -191,7 +223,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "epoch": self.state.epoch,
             "stop_reason": self.state.stop_reason,
-            "model": self.model.state_dict(),
+            "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "callbacks": {name: cb.state_dict() for name, cb in self.internal.items()},
@@ -207,6 +239,8 @@ class Trainer:
 
     def save_checkpoint(self, mid_epoch: bool = False) -> None:
         """Save the state after this epoch (or, mid_epoch, after this batch); prune old checkpoints."""
+        if not self.dist.is_main:
+            return
         state = self.checkpoint_state()
         if mid_epoch:
             state["partial"] = {"batch": self.state.batch, "order_state": self.order_state,
@@ -234,7 +268,7 @@ class Trainer:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint written by checkpoint_state()."""
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
