@@ -37,8 +37,8 @@ def json_body(request: Request) -> Any:
 
 
 def queue_for(spec: JobSpec) -> str:
-    """The broker queue that serves a spec: GPU workers take only jobs that ask for CUDA."""
-    return "gpu" if spec.resources.device == "cuda" else "cpu"
+    """The broker queue that serves a spec: GPU workers take only jobs that ask for CUDA or GPUs."""
+    return "gpu" if spec.resources.device == "cuda" or spec.resources.gpus else "cpu"
 
 
 def submit_job(
