@@ -12,6 +12,7 @@ from sqlalchemy import select
 from api.auth import owned, require_user
 from api.db import get_session, services
 from api.errors import conflict, not_found, validation_error
+from api.pagination import MAX_INT
 from api.schemas import API_PREFIX, CheckpointList, CheckpointOut, as_utc, json_response
 from models.spec import Problem, unknown_name_message
 from models.tables import Artifact, Job
@@ -84,6 +85,8 @@ def checkpoint(job_id: str, epoch: int):
     """One checkpoint file."""
     session = get_session()
     job = owned(session, Job, job_id, "job")
+    if epoch > MAX_INT:  # past any stored epoch, and past what the database's INTEGER can be compared with
+        raise not_found("checkpoint of epoch", str(epoch))
     artifact = session.scalar(
         select(Artifact).where(
             Artifact.job_id == job.id, Artifact.kind == "checkpoint", Artifact.epoch == epoch

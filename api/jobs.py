@@ -10,9 +10,10 @@ from sqlalchemy import and_, delete, or_, select, update
 from api.auth import current_user, owned, require_user
 from api.db import get_session, services
 from api.errors import conflict, validation_error
-from api.pagination import MAX_LIMIT, decode_cursor, encode_cursor, int_arg
+from api.pagination import MAX_INT, MAX_LIMIT, decode_cursor, encode_cursor, int_arg
 from api.presenters import job_out, job_summary
 from api.schemas import API_PREFIX, JobList, MetricsOut, json_response
+from api.streams import metrics_stream, resume_epoch, wants_stream
 from api.submit import json_body, submit_job
 from models.spec import Problem, unknown_name_message
 from models.storage import job_prefix
@@ -46,7 +47,7 @@ def list_jobs():
     limit = int_arg(request.args, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     query = select(Job).where(Job.user_id == current_user().id)
     status = request.args.get("status")
-    if status:
+    if status is not None:
         if status not in JOB_STATUSES:
             raise validation_error(
                 [Problem("status", unknown_name_message(status, "job status", JOB_STATUSES))],
@@ -72,10 +73,14 @@ def get_job(job_id: str):
 
 @bp.get("/<job_id>/metrics")
 def metrics(job_id: str):
-    """Per-epoch metrics in epoch order; ``?since_epoch=N`` gives only the epochs after N (for polling)."""
+    """Per-epoch metrics in epoch order; ``?since_epoch=N`` gives only the epochs after N (for polling).
+    With ``Accept: text/event-stream`` (or ``?stream=1``) an SSE stream follows new epochs live."""
     session = get_session()
     job = owned(session, Job, job_id, "job")
-    since = int_arg(request.args, "since_epoch", 0, 0)
+    since = int_arg(request.args, "since_epoch", 0, 0, MAX_INT)
+    if wants_stream(request):
+        # The stream polls with sessions of its own; the request's session closes when this view returns.
+        return metrics_stream(services().sessions, job.id, resume_epoch(request, since))
     rows = session.scalars(
         select(EpochMetrics)
         .where(EpochMetrics.job_id == job.id, EpochMetrics.epoch > since)

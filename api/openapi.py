@@ -6,6 +6,7 @@ import functools
 
 from pydantic.json_schema import models_json_schema
 
+from api.pagination import MAX_INT
 from api.schemas import (
     API_PREFIX,
     CheckpointList,
@@ -19,6 +20,7 @@ from api.schemas import (
     WorkerList,
 )
 from models.spec import JobSpec
+from models.tables import JOB_STATUSES
 
 RESPONSE_MODELS = (
     JobOut,
@@ -46,6 +48,52 @@ def _binary(description: str, mimetype: str = "application/octet-stream") -> dic
     return {
         "description": description,
         "content": {mimetype: {"schema": {"type": "string", "contentMediaType": mimetype}}},
+    }
+
+
+def _weights_content() -> dict:
+    binary = {"type": "string", "contentMediaType": "application/octet-stream"}
+    return {
+        "description": "safetensors (application/octet-stream), or with format=bundle a .tar.gz "
+        "(application/gzip) of the weights, model card and metrics",
+        "content": {
+            "application/octet-stream": {"schema": binary},
+            "application/gzip": {"schema": {"type": "string", "contentMediaType": "application/gzip"}},
+        },
+    }
+
+
+# One event of the metrics stream, as OpenAPI 3.1 describes a text/event-stream item (3.2's itemSchema).
+SSE_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": ["metrics", "status"]},
+        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the epoch of a metrics event"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": 'metrics: one epoch\'s row, {"epoch": 3, "loss": 0.4, ...}; '
+            "status: the finished job (as JobOut), after which the stream ends",
+        },
+        "retry": {"type": "integer"},
+    },
+}
+METRICS_STREAM_DESCRIPTION = (
+    "metrics in epoch order (application/json); or, when asked for with Accept: text/event-stream or "
+    "stream=true, a Server-Sent Events stream: one `metrics` event per new epoch (`id` is its epoch), a "
+    "`status` event with the job once it has finished, then the end of the stream; a comment keeps the "
+    "connection alive every 15 s, and a stream ends after an hour: reconnect with Last-Event-ID."
+)
+
+
+def _metrics_content() -> dict:
+    return {
+        "description": METRICS_STREAM_DESCRIPTION,
+        "content": {
+            "application/json": {"schema": _ref("MetricsOut")},
+            "text/event-stream": {"schema": SSE_EVENT},
+        },
     }
 
 
@@ -146,7 +194,7 @@ def _paths() -> dict:
                 {200: _json("JobList", "a page of jobs")},
                 errors=(401, 422),
                 params=[
-                    _param("status", "query", {"type": "string"}),
+                    _param("status", "query", {"enum": list(JOB_STATUSES)}),
                     _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 100}),
                     _param("cursor", "query", {"type": "string"}, "next_cursor of the previous page"),
                 ],
@@ -163,16 +211,36 @@ def _paths() -> dict:
         },
         f"{jobs}/{{job_id}}/metrics": {
             "get": _op(
-                "Per-epoch metrics",
-                {200: _json("MetricsOut", "metrics in epoch order")},
+                "Per-epoch metrics, or a live stream of them",
+                {200: _metrics_content()},
                 errors=(401, 404, 422),
-                params=[JOB_ID, _param("since_epoch", "query", {"type": "integer", "minimum": 0})],
+                params=[
+                    JOB_ID,
+                    _param(
+                        "since_epoch",
+                        "query",
+                        {"type": "integer", "minimum": 0, "maximum": MAX_INT},
+                        "only the epochs after this one",
+                    ),
+                    _param(
+                        "stream",
+                        "query",
+                        {"type": "boolean"},
+                        "true: answer with text/event-stream (as does Accept: text/event-stream)",
+                    ),
+                    _param(
+                        "Last-Event-ID",
+                        "header",
+                        {"type": "integer", "minimum": 0, "maximum": MAX_INT},
+                        "a reconnecting stream's last epoch; it takes the place of since_epoch",
+                    ),
+                ],
             )
         },
         f"{jobs}/{{job_id}}/weights": {
             "get": _op(
                 "Download the final weights",
-                {200: _binary("safetensors, or a .tar.gz bundle with format=bundle")},
+                {200: _weights_content()},
                 errors=(401, 404, 409, 422),
                 params=[JOB_ID, _param("format", "query", {"enum": ["safetensors", "bundle"]})],
             )
@@ -186,7 +254,7 @@ def _paths() -> dict:
             "get": _op(
                 "Download a checkpoint",
                 {200: _binary("the checkpoint file")},
-                params=[JOB_ID, _param("epoch", "path", {"type": "integer"})],
+                params=[JOB_ID, _param("epoch", "path", {"type": "integer", "minimum": 0, "maximum": MAX_INT})],
             )
         },
         f"{jobs}/{{job_id}}/cancel": {

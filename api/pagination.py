@@ -11,6 +11,8 @@ from api.errors import validation_error
 from models.spec import Problem
 
 MAX_LIMIT = 100
+# The largest whole number a query argument may carry: an INTEGER column's range on every backend.
+MAX_INT = 2**31 - 1
 
 
 def encode_cursor(created_at: dt.datetime, ident: str) -> str:
@@ -33,9 +35,9 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
 
 
 def int_arg(args: Mapping[str, str], name: str, default: int, low: int, high: int | None = None) -> int:
-    """A whole-number query argument in [low, high], or 422 naming it."""
+    """A whole-number query argument in [low, high] (``default`` when absent), or 422 naming it."""
     value = args.get(name)
-    if value is None or value == "":
+    if value is None:
         return default
     try:
         number = int(value)

@@ -97,8 +97,9 @@ def api(bind: str | None, workers: int | None) -> None:
 
     settings = get_settings()
     bind = bind or f"{settings.host}:{settings.port}"
+    # Threads, so a client following a job's metrics stream (SSE) doesn't hold a whole process.
     argv = ["gunicorn", "--bind", bind, "--workers", str(workers or settings.api_workers),
-            "--access-logfile", "-", "api:create_app()"]
+            "--worker-class", "gthread", "--threads", "16", "--access-logfile", "-", "api:create_app()"]
     os.execvp(sys.executable, [sys.executable, "-m", *argv])
 
 

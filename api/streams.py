@@ -1,0 +1,121 @@
+"""Live metrics as Server-Sent Events: each new epoch row an ``event: metrics``, then ``event: status``.
+
+The stream polls the database with a fresh short-lived session each time, so no connection or transaction
+stays open while it waits; the request's own session is closed when the view returns, before the stream.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+from flask import Request, Response, current_app
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.errors import validation_error
+from api.pagination import MAX_INT, int_arg
+from api.presenters import job_out
+from models.spec import Problem
+from models.tables import FINISHED_STATUSES, EpochMetrics, Job
+
+EVENT_STREAM = "text/event-stream"
+STREAM_FLAGS = {"1": True, "true": True, "0": False, "false": False, "": False}
+# Defaults of the tuning knobs; the app's config (METRICS_STREAM_*) may override them, e.g. in tests.
+POLL_SECONDS = 0.5
+KEEPALIVE_SECONDS = 15.0
+# A stream ends after this long (the client reconnects with Last-Event-ID), so no request lives forever.
+MAX_SECONDS = 3600.0
+# How long an EventSource waits before reconnecting after the stream ends.
+RETRY_MILLISECONDS = 1000
+
+
+def wants_stream(request: Request) -> bool:
+    """True for ``?stream=1`` (or ``true``), or an Accept header that prefers text/event-stream over JSON."""
+    flag = request.args.get("stream")
+    if flag is not None:
+        if flag.lower() not in STREAM_FLAGS:
+            raise validation_error(
+                [Problem("stream", f"must be true, false, 1 or 0, not {flag!r}")], "Invalid query argument"
+            )
+        return STREAM_FLAGS[flag.lower()]
+    return request.accept_mimetypes.best_match(["application/json", EVENT_STREAM]) == EVENT_STREAM
+
+
+def resume_epoch(request: Request, since_epoch: int) -> int:
+    """The last epoch the client has: a reconnect's ``Last-Event-ID`` header wins over ``since_epoch``."""
+    header = request.headers.get("Last-Event-ID")
+    if header is None:
+        return since_epoch
+    return int_arg({"Last-Event-ID": header.strip()}, "Last-Event-ID", since_epoch, 0, MAX_INT)
+
+
+def metrics_stream(sessions: sessionmaker[Session], job_id: str, since_epoch: int) -> Response:
+    """The SSE response that follows a job's metrics from after ``since_epoch`` until the job finishes."""
+    config = current_app.config
+    events = follow_metrics(
+        sessions,
+        job_id,
+        since_epoch,
+        poll=config.get("METRICS_STREAM_POLL_SECONDS", POLL_SECONDS),
+        keepalive=config.get("METRICS_STREAM_KEEPALIVE_SECONDS", KEEPALIVE_SECONDS),
+        max_seconds=config.get("METRICS_STREAM_MAX_SECONDS", MAX_SECONDS),
+    )
+    # No caching, and no buffering by a reverse proxy (nginx honours X-Accel-Buffering).
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(events, mimetype=EVENT_STREAM, headers=headers)
+
+
+def follow_metrics(
+    sessions: sessionmaker[Session],
+    job_id: str,
+    since_epoch: int,
+    *,
+    poll: float,
+    keepalive: float,
+    max_seconds: float,
+) -> Iterator[str]:
+    """SSE text: new epoch rows as they appear, a status event when the job has finished, keep-alives
+    between; it ends at the status event, when the job is gone, or after ``max_seconds``."""
+    started = last_sent = time.monotonic()
+    last_epoch = since_epoch
+    yield f"retry: {RETRY_MILLISECONDS}\n\n"
+    while True:
+        job, rows = _poll(sessions, job_id, last_epoch)
+        for epoch, data in rows:
+            yield sse("metrics", data, event_id=str(epoch))
+            last_epoch, last_sent = epoch, time.monotonic()
+        if job is None:
+            return  # deleted while followed
+        if job.status in FINISHED_STATUSES:
+            yield sse("status", json.loads(job_out(job).model_dump_json()))
+            return
+        now = time.monotonic()
+        if now - started >= max_seconds:
+            return
+        if now - last_sent >= keepalive:
+            yield ": keep-alive\n\n"
+            last_sent = now
+        time.sleep(poll)
+
+
+def _poll(sessions: sessionmaker[Session], job_id: str, after: int) -> tuple[Job | None, list[tuple[int, dict]]]:
+    # The job is read before its metrics: a job seen finished has all its epoch rows committed already,
+    # so the rows read next include the last ones, also where each statement sees its own snapshot.
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        rows = session.execute(
+            select(EpochMetrics.epoch, EpochMetrics.values)
+            .where(EpochMetrics.job_id == job_id, EpochMetrics.epoch > after)
+            .order_by(EpochMetrics.epoch)
+        ).all()
+        if job is not None:
+            session.expunge(job)
+    return job, [(epoch, {"epoch": epoch, **values}) for epoch, values in rows]
+
+
+def sse(event: str, data: dict, event_id: str | None = None) -> str:
+    """One event in the text/event-stream format (JSON data holds no newline, so one data line)."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"

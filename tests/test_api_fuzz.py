@@ -1,0 +1,179 @@
+"""Fuzzing the API over real HTTP with schemathesis, from the OpenAPI document the API serves.
+
+Each operation gets its own fresh database and server, some existing rows to aim at (a finished job with
+metrics and files, a queued job, an uploaded dataset), and a bounded number of generated requests, valid
+and invalid, with alice's key, with none, or with a bad one. Every response must be one the document
+describes, never a 5xx or a stack trace; errors are problem+json; a refused request writes nothing.
+
+The doorbell is the conftest's recording fake: the broker is the API's one true edge, and counting the
+rings checks "a created job is published once, a refused one never" without a broker's files to sift.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from sqlalchemy import func, select
+
+from api.openapi import openapi_document
+from models.tables import Artifact, Dataset, EpochMetrics, Job
+
+OPERATIONS = [f"{method.upper()} {path}" for path, item in openapi_document()["paths"].items() for method in item]
+# Per operation (16 of them): about a thousand requests in all, in well under a minute.
+MAX_EXAMPLES = 80
+TRACE_MARKERS = ("Traceback", 'File "', '.py", line')
+# Requests that follow the document may still be refused (422) for what JSON Schema can't say: whether a
+# network fits its data and limits, whether a cursor is one the API made, whether an upload is a CSV.
+SEMANTIC_422 = (("POST", "/api/v1/jobs"), ("GET", "/api/v1/jobs"), ("POST", "/api/v1/datasets"))
+CONFIG = {
+    # The API ignores query parameters it doesn't know, as most HTTP APIs do (a client's cache buster,
+    # a newer client's option): an unknown parameter is not invalid data here.
+    "generation": {"allow-extra-parameters": False},
+    "operations": [
+        {
+            "include-method": method,
+            "include-path": path,
+            "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "404", "409", "422"]}},
+        }
+        for method, path in SEMANTIC_422
+    ]
+}
+
+
+@pytest.fixture
+def app(make_app):
+    """The API with a metrics stream that ends quickly: the fuzzer may ask for one on a queued job."""
+    return make_app(METRICS_STREAM_POLL_SECONDS=0.05, METRICS_STREAM_MAX_SECONDS=0.3)
+
+
+@pytest.fixture
+def targets(live_server, tokens, spec, set_job, add_artifact, sessions) -> dict[str, list]:
+    """Rows of alice's for generated requests to aim at, besides the random ids that miss."""
+    headers = {"Authorization": f"Bearer {tokens['alice']}"}
+    finished = requests.post(f"{live_server}/api/v1/jobs", json=spec, headers=headers, timeout=10).json()["id"]
+    queued = requests.post(f"{live_server}/api/v1/jobs", json=spec, headers=headers, timeout=10).json()["id"]
+    with sessions() as session:
+        session.add_all(EpochMetrics(job_id=finished, epoch=e, attempt=1, values={"loss": 1 / e}) for e in (1, 2))
+        session.commit()
+    add_artifact(finished, "checkpoint", "checkpoint-0002.pt", b"c" * 100, epoch=2)
+    add_artifact(finished, "weights", "weights.safetensors", b"w" * 100)
+    add_artifact(finished, "model_card", "model.json", b"{}")
+    set_job(finished, status="succeeded", epoch=2)
+    upload = {"file": ("points.csv", io.BytesIO(b"x,y\n1,0\n2,1\n"), "text/csv")}
+    dataset = requests.post(f"{live_server}/api/v1/datasets", files=upload, headers=headers, timeout=10)
+    return {"job_id": [finished, queued], "dataset_id": [dataset.json()["id"]], "epoch": [2]}
+
+
+def valid_specs(spec: dict):
+    """Runnable job specs: the conftest's circles network with a few of its numbers changed."""
+    return st.builds(
+        lambda epochs, lr, width, device: {
+            **spec,
+            "model": {"layers": [{"type": "Linear", "out_features": width}, {"type": "ReLU"},
+                                 {"type": "Linear", "out_features": 1}]},
+            "optimizer": {"type": "Adam", "lr": lr},
+            "training": {"epochs": epochs, "batch_size": 50},
+            "resources": {"device": device},
+        },
+        st.integers(1, 10_000),
+        st.floats(1e-6, 1.0),
+        st.integers(1, 512),
+        st.sampled_from(["auto", "cpu", "cuda"]),
+    )
+
+
+def count_rows(sessions) -> dict[str, int]:
+    with sessions() as session:
+        return {
+            model.__tablename__: session.scalar(select(func.count()).select_from(model))
+            for model in (Job, Dataset, Artifact, EpochMetrics)
+        }
+
+
+def strategy(operation, targets: dict[str, list], spec: dict):
+    """Valid and invalid requests, and valid ones whose path names an existing row."""
+    options = [operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)]
+    if (operation.method.upper(), operation.path) == ("POST", "/api/v1/jobs"):
+        # Generated specs almost never describe a network that fits its data; these do, so jobs get made.
+        options.append(valid_specs(spec).flatmap(lambda body: operation.as_strategy(body=body)))
+    names = {p.name for p in operation.path_parameters}
+    if names:
+        # The kept checkpoint's epoch, or any whole number (past what an INTEGER column holds, too).
+        pick = {name: st.sampled_from(targets[name]) for name in names}
+        if "epoch" in pick:
+            pick["epoch"] = st.one_of(pick["epoch"], st.integers(min_value=0))
+        known = st.fixed_dictionaries(pick)
+        options.append(known.flatmap(lambda path: operation.as_strategy(path_parameters=path)))
+    return st.one_of(options)
+
+
+def use_key(case, authorization: str | None) -> None:
+    """Send this Authorization value (or none) where the case sends one; schemathesis generates a random
+    token there, and leaving it out is one of its invalid cases, which stays as it is. Schemathesis sees
+    the edit and checks the response against the request as sent."""
+    if case.headers and "Authorization" in case.headers:
+        if authorization is None:
+            del case.headers["Authorization"]
+        else:
+            case.headers["Authorization"] = authorization
+
+
+def check_response(case, response, before: dict, after: dict) -> None:
+    """What every response must be, beyond schemathesis's checks."""
+    status, body = response.status_code, response.content
+    assert status < 500, f"{case.method} {case.formatted_path}: {status} {body[:500]!r}"
+    leaked = [marker for marker in TRACE_MARKERS if marker.encode() in body]
+    assert not leaked, f"a stack trace in the body: {body[:500]!r}"
+    if status >= 400:
+        text = body.decode()
+        assert response.headers.get("content-type") == ["application/problem+json"], text[:200]
+        assert json.loads(text)["status"] == status
+        assert after == before, f"a refused request ({status}) changed rows: {before} -> {after}"
+
+
+@pytest.mark.parametrize("label", OPERATIONS)
+def test_fuzzed_requests_get_documented_answers_and_refusals_write_nothing(
+    label, live_server, tokens, targets, spec, sessions, store, doorbell
+):
+    schema = schemathesis.openapi.from_url(
+        f"{live_server}/api/v1/openapi.json", config=schemathesis.Config.from_dict(CONFIG)
+    )
+    operation = schema.find_operation_by_label(label)
+    keys = {"alice": f"Bearer {tokens['alice']}", "bogus": "Bearer ty_not-a-key", "none": None}
+    start_jobs = count_rows(sessions)["jobs"]
+    created: list[str] = []
+    http = requests.Session()
+
+    @settings(max_examples=MAX_EXAMPLES, derandomize=True, database=None, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    @given(case=strategy(operation, targets, spec), key=st.sampled_from(["alice", "alice", "bogus", "none"]))
+    def fuzz(case, key):
+        use_key(case, keys[key])
+        before = count_rows(sessions)
+        response = case.call(base_url=live_server, session=http, timeout=30)
+        check_response(case, response, before, count_rows(sessions))
+        case.validate_response(response)
+        if label == "POST /api/v1/jobs" and response.status_code == 201:
+            created.append(json.loads(response.text)["id"])
+
+    fuzz()
+
+    # A job row, and one ring of the doorbell, for each 201 and for nothing else.
+    if label == "POST /api/v1/jobs":
+        assert count_rows(sessions)["jobs"] == start_jobs + len(set(created))
+        assert [job_id for job_id, _ in doorbell[2:]] == created
+    else:
+        assert len(doorbell) == 2  # the two target jobs
+    # The store holds the files of existing rows and nothing else (no upload left behind by a refusal).
+    with sessions() as session:
+        uris = set(session.scalars(select(Dataset.uri))) | set(session.scalars(select(Artifact.uri)))
+    files = {str(path) for path in Path(store.root).rglob("*") if path.is_file()}
+    assert files == {store.path(uri) for uri in uris}
