@@ -404,6 +404,18 @@ def own_embedded_service(tmp_path):
         yield service
 
 
+@pytest.fixture
+def serve_deployment(tmp_path):
+    """Settings of an embedded deployment on a free port, and the environment that selects them."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = worker_settings(tmp_path / "home", port=port)
+    return settings, settings_env(settings)
+
+
 @pytest.fixture(scope="module")
 def production_service(tmp_path_factory):
     """PostgreSQL (a fresh database) and Redis (db 7, flushed before and after); one worker."""

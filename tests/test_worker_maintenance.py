@@ -1,0 +1,190 @@
+"""The reaper, the reconciler, the claim and the fence, against real databases (SQLite and PostgreSQL)
+and a real filesystem broker: each rule is one conditional UPDATE, and only its winner rings."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+
+import pytest
+
+from models.spec import parse_spec
+from models.tables import EpochMetrics, Job, User, Worker, utcnow
+from worker import maintenance, runner
+from worker.engine import RunState
+from worker.job_callbacks import DatabaseMetrics, Fence, LeaseLost
+
+SPEC = {"task": "regression",
+        "data": {"source": "sklearn", "name": "make_regression",
+                 "params": {"n_samples": 100, "n_features": 3}},
+        "model": {"layers": [{"type": "Linear", "out_features": 1}]},
+        "training": {"epochs": 2}}
+LONG_AGO = dt.timedelta(hours=1)
+
+
+def add_job(ctx, **columns) -> str:
+    with ctx.sessions() as session:
+        user = session.query(User).filter_by(name="alice").one_or_none() or User(name="alice")
+        session.add(user)
+        session.flush()
+        job = Job(user_id=user.id, name="j", spec=SPEC, epochs=2, **columns)
+        session.add(job)
+        session.commit()
+        return job.id
+
+
+def job(ctx, job_id: str) -> Job:
+    with ctx.sessions() as session:
+        return session.get(Job, job_id)
+
+
+def rung(ctx, queue: str = "cpu") -> list[str]:
+    """The job ids waiting in the filesystem broker's queue folder (Celery's message protocol 2)."""
+    ids = []
+    for path in sorted((ctx.settings.home / "broker" / "queue").glob(f"*.{queue}.msg")):
+        body = json.loads(base64.b64decode(json.loads(path.read_text())["body"]))
+        ids.append(body[0][0])
+    return ids
+
+
+def add_worker(ctx, worker_id: str, queues: str, heartbeat_age=dt.timedelta(0), slots: int = 1) -> None:
+    with ctx.sessions() as session:
+        session.add(Worker(id=worker_id, hostname="h", queues=queues, slots=slots,
+                           last_heartbeat_at=utcnow() - heartbeat_age))
+        session.commit()
+
+
+def running(ctx, attempts=1, lease_age=LONG_AGO, worker_id="gone:1", **columns) -> str:
+    return add_job(ctx, status="running", attempts=attempts, worker_id=worker_id,
+                   lease_expires_at=utcnow() - lease_age, **columns)
+
+
+# --- reaper -------------------------------------------------------------------------------------
+
+
+def test_the_reaper_requeues_a_job_whose_lease_expired_and_rings_for_it(worker_context):
+    job_id = running(worker_context)
+
+    assert maintenance.reap(worker_context) == [job_id]
+
+    row = job(worker_context, job_id)
+    assert (row.status, row.worker_id, row.lease_expires_at, row.attempts) == ("queued", None, None, 1)
+    assert row.pending_reason == "requeued: worker gone:1 stopped renewing its lease (attempt 1 of 3)"
+    assert rung(worker_context) == [job_id]
+    assert maintenance.reap(worker_context) == []  # done once, not again
+
+
+def test_the_reaper_leaves_a_live_lease_alone(worker_context):
+    job_id = running(worker_context, lease_age=-dt.timedelta(minutes=1))
+
+    assert maintenance.reap(worker_context) == []
+    assert job(worker_context, job_id).status == "running"
+
+
+def test_a_job_whose_worker_was_lost_max_attempts_times_fails_saying_so(worker_context):
+    job_id = running(worker_context, attempts=3, max_attempts=3)
+
+    maintenance.reap(worker_context)
+
+    row = job(worker_context, job_id)
+    assert (row.status, row.error) == ("failed", "worker lost 3 times")
+    assert rung(worker_context) == []
+
+
+def test_a_lost_job_that_was_being_cancelled_ends_cancelled(worker_context):
+    job_id = running(worker_context, cancel_requested=True)
+
+    maintenance.reap(worker_context)
+
+    assert (job(worker_context, job_id).status, rung(worker_context)) == ("cancelled", [])
+
+
+# --- reconciler ---------------------------------------------------------------------------------
+
+
+def test_the_reconciler_says_why_a_gpu_job_waits_and_clears_it_when_a_gpu_worker_comes(worker_context):
+    add_worker(worker_context, "cpu-box:1", "cpu")
+    job_id = add_job(worker_context, queue="gpu")
+
+    maintenance.reconcile(worker_context)
+    assert job(worker_context, job_id).pending_reason == "no live worker serves queue 'gpu'"
+
+    add_worker(worker_context, "gpu-box:1", "cpu,gpu")
+    maintenance.reconcile(worker_context)
+    assert job(worker_context, job_id).pending_reason is None
+
+
+def test_a_worker_that_stopped_heartbeating_serves_nothing_and_is_pruned(worker_context):
+    add_worker(worker_context, "dead:1", "cpu", heartbeat_age=LONG_AGO)
+    job_id = add_job(worker_context)
+
+    maintenance.reconcile(worker_context)
+    maintenance.prune(worker_context)
+
+    assert job(worker_context, job_id).pending_reason == "no live worker serves queue 'cpu'"
+    with worker_context.sessions() as session:
+        assert session.query(Worker).count() == 0
+
+
+def test_a_job_nobody_took_while_a_worker_was_free_is_rung_again_once(worker_context):
+    add_worker(worker_context, "cpu-box:1", "cpu")
+    stale = add_job(worker_context, updated_at=utcnow() - LONG_AGO)
+    fresh = add_job(worker_context)
+
+    assert maintenance.reconcile(worker_context) == [stale]
+    assert maintenance.reconcile(worker_context) == []  # rung just now: wait reconcile_seconds again
+    assert rung(worker_context) == [stale]
+    assert job(worker_context, fresh).pending_reason is None
+
+
+def test_a_job_waiting_behind_busy_workers_is_not_rung_again(worker_context):
+    add_worker(worker_context, "cpu-box:1", "cpu")
+    running(worker_context, lease_age=-dt.timedelta(minutes=1), worker_id="cpu-box:1")
+    add_job(worker_context, updated_at=utcnow() - LONG_AGO)
+
+    assert maintenance.reconcile(worker_context) == []
+
+
+# --- claim and fence ----------------------------------------------------------------------------
+
+
+def test_a_job_is_claimed_by_one_message_only(worker_context):
+    job_id = add_job(worker_context)
+
+    assert runner.claim(worker_context, job_id, "cpu") == 1
+    assert runner.claim(worker_context, job_id, "cpu") is None
+    row = job(worker_context, job_id)
+    assert (row.status, row.attempts, row.device) == ("running", 1, "cpu")
+    assert row.lease_expires_at is not None
+
+
+def test_a_cancelled_or_exhausted_queued_job_is_not_claimed(worker_context):
+    cancelled = add_job(worker_context, cancel_requested=True)
+    exhausted = add_job(worker_context, attempts=3, max_attempts=3)
+
+    assert runner.claim(worker_context, cancelled, "cpu") is None
+    assert runner.claim(worker_context, exhausted, "cpu") is None
+    assert runner.give_up_if_exhausted(worker_context, exhausted) == "gave up"
+    assert job(worker_context, exhausted).error == "gave up after 3 attempts (max_attempts 3)"
+    assert job(worker_context, cancelled).status == "queued"
+
+
+def test_an_attempt_that_lost_its_job_writes_nothing(worker_context):
+    job_id = add_job(worker_context)
+    first = runner.claim(worker_context, job_id, "cpu")
+    with worker_context.sessions() as session:  # the lease runs out and the job goes to another worker
+        session.get(Job, job_id).lease_expires_at = utcnow() - LONG_AGO
+        session.commit()
+    maintenance.reap(worker_context)
+    second = runner.claim(worker_context, job_id, "cpu")
+    assert (first, second) == (1, 2)
+
+    stale = DatabaseMetrics(Fence(worker_context, job_id, first), parse_spec(SPEC))
+    metrics = {"epoch": 1, "loss": 1.0, "val_loss": 1.0}
+    with pytest.raises(LeaseLost):
+        stale.on_epoch_end(RunState(epochs=2, epoch=1, history=[metrics]), metrics)
+
+    with worker_context.sessions() as session:
+        assert session.query(EpochMetrics).count() == 0
+        assert session.get(Job, job_id).epoch == 0

@@ -1,0 +1,98 @@
+"""The runner in this process over real databases: whatever goes wrong, the job ends saying why."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from sqlalchemy import select
+
+from models.tables import Artifact, Job, User
+from worker import runner
+
+MOONS = {"task": "binary",
+         "data": {"source": "sklearn", "name": "make_moons", "params": {"n_samples": 200, "random_state": 0}},
+         "model": {"layers": [{"type": "Linear", "out_features": 8}, {"type": "ReLU"},
+                              {"type": "Linear", "out_features": 1}]},
+         "training": {"epochs": 3, "batch_size": 50}}
+
+
+@pytest.fixture
+def ctx(worker_context, monkeypatch):
+    """The runner's context is the test deployment's."""
+    monkeypatch.setattr(runner, "context", lambda: worker_context)
+    return worker_context
+
+
+def add_job(ctx, spec: dict) -> str:
+    with ctx.sessions() as session:
+        user = User(name="alice")
+        session.add(user)
+        session.flush()
+        job = Job(user_id=user.id, name="j", spec=spec, epochs=spec["training"]["epochs"])
+        session.add(job)
+        session.commit()
+        return job.id
+
+
+def job(ctx, job_id: str) -> Job:
+    with ctx.sessions() as session:
+        return session.get(Job, job_id)
+
+
+def test_a_job_runs_in_process_to_success(ctx):
+    job_id = add_job(ctx, MOONS)
+
+    assert runner.run_job(job_id) == "succeeded"
+    assert runner.run_job(job_id) == "skipped"  # a late duplicate
+    with ctx.sessions() as session:
+        names = set(session.scalars(select(Artifact.name).where(Artifact.job_id == job_id)))
+    assert {"weights.safetensors", "model.json", "metrics.jsonl", "checkpoints/epoch-0003.pt"} <= names
+    assert not (ctx.settings.home / "scratch" / job_id).exists()  # the scratch folder is cleaned up
+
+
+def test_a_deleted_dataset_fails_the_job_naming_the_field(ctx):
+    job_id = add_job(ctx, {**MOONS, "data": {"source": "dataset", "dataset_id": "ds_gone", "target": "y"}})
+
+    assert runner.run_job(job_id) == "failed"
+    assert job(ctx, job_id).error == "data.dataset_id: no dataset 'ds_gone' (deleted?)"
+
+
+def test_a_local_file_source_is_refused_by_the_worker(ctx):
+    job_id = add_job(ctx, {**MOONS, "data": {"source": "file", "path": "/etc/passwd", "target": "x"}})
+
+    assert runner.run_job(job_id) == "failed"
+    assert job(ctx, job_id).error.startswith("data.source: 'file' is for local runs")
+
+
+def test_an_unexpected_engine_error_fails_the_job_in_one_line_and_the_runner_goes_on(ctx, monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("CUDA error: out of memory\nTried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(runner, "train", broken)
+    job_id = add_job(ctx, MOONS)
+
+    assert runner.run_job(job_id) == "failed"
+    assert job(ctx, job_id).error == "RuntimeError: CUDA error: out of memory Tried to allocate 2.00 GiB"
+
+
+def test_the_deployment_run_time_limit_fails_a_long_job(ctx, monkeypatch):
+    limited = dataclasses.replace(ctx, settings=ctx.settings.model_copy(update={"max_runtime_seconds": 1}))
+    monkeypatch.setattr(runner, "context", lambda: limited)
+    job_id = add_job(ctx, {**MOONS, "training": {"epochs": 10000, "batch_size": 10}})
+
+    assert runner.run_job(job_id) == "failed"
+    row = job(ctx, job_id)
+    assert row.error == "timed out after 1 s (max_runtime_seconds)"
+    assert 0 < row.epoch < 10000
+
+
+def test_a_job_of_a_stopping_worker_goes_back_to_the_queue_and_is_rung_for(ctx, monkeypatch):
+    monkeypatch.setattr(runner, "draining", lambda: True)
+    job_id = add_job(ctx, {**MOONS, "training": {"epochs": 10000, "batch_size": 10}})
+
+    assert runner.run_job(job_id) == "requeued"
+    row = job(ctx, job_id)
+    assert (row.status, row.worker_id, row.attempts, row.max_attempts) == ("queued", None, 1, 4)
+    assert row.pending_reason == "requeued: its worker shut down"
+    assert len(list((ctx.settings.home / "broker" / "queue").glob("*.cpu.msg"))) == 1

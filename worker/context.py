@@ -1,0 +1,79 @@
+"""What a worker process needs: settings, a database engine, sessions, the artifact store, its id.
+
+Made lazily once per process id, so a prefork child never uses a connection pool made before the fork
+(SQLAlchemy's rule: dispose an inherited engine without closing its connections, which the parent owns).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.db import make_engine, make_sessionmaker
+from models.settings import Settings, get_settings
+from models.storage import ArtifactStore
+
+
+@dataclass
+class Context:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    store: ArtifactStore
+
+
+_contexts: dict[int, Context] = {}
+# The Celery main process's id, set before the pool forks; children inherit it, so the jobs a child runs
+# name the registered worker (hostname:pid of the main process).
+_worker_id: str | None = None
+
+
+def context() -> Context:
+    """This process's context, made on first use."""
+    pid = os.getpid()
+    if pid not in _contexts:
+        settings = get_settings()
+        engine = make_engine(settings.database_url)
+        store = ArtifactStore(settings.artifacts_url)
+        _contexts[pid] = Context(settings, engine, make_sessionmaker(engine), store)
+    return _contexts[pid]
+
+
+def _forget_inherited_engines() -> None:
+    for ctx in _contexts.values():
+        ctx.engine.dispose(close=False)
+    _contexts.clear()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_engines)
+
+
+def set_worker_id(worker_id: str) -> None:
+    """Name this process (and the children it forks later) as the registered worker ``worker_id``."""
+    global _worker_id
+    _worker_id = worker_id
+
+
+def worker_id() -> str:
+    """The registered worker this process belongs to; hostname:pid outside a Celery worker."""
+    return _worker_id or f"{socket.gethostname()}:{os.getpid()}"
+
+
+# One shared byte, mapped before the pool forks: the main process sets it when the worker starts shutting
+# down and the children running jobs read it (LeaseKeeper) to checkpoint and hand their jobs back.
+_drain_flag = mmap.mmap(-1, 1)
+
+
+def start_draining() -> None:
+    """Tell this worker's processes that the worker is shutting down."""
+    _drain_flag[0] = 1
+
+
+def draining() -> bool:
+    """Whether this worker is shutting down."""
+    return _drain_flag[0] == 1

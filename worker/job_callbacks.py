@@ -1,0 +1,221 @@
+"""The engine callbacks that tie a run to its job row: metrics, checkpoint uploads, lease and cancel.
+
+Every write is fenced by the attempt number: ``UPDATE jobs ... WHERE id = :id AND attempts = :attempt
+AND status = 'running'``. No row means another attempt owns the job now (the reaper requeued it), so
+this one raises LeaseLost and writes nothing more.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from models.spec import JobSpec
+from models.storage import job_prefix
+from models.tables import Artifact, EpochMetrics, Job, utcnow
+from worker.context import Context
+from worker.engine import Callback, RunState, StopTraining, TrainingFailed
+from worker.engine.checkpoints import position, to_prune
+from worker.engine.early_stopping import EarlyStopping
+from worker.engine.trainer import best_tracker
+
+CANCEL_CHECK_SECONDS = 1.0  # a cancel is seen within a second, without a query every batch
+
+
+class LeaseLost(Exception):
+    """This attempt no longer owns its job; stop at once and write nothing more."""
+
+
+def finite(value: Any) -> Any:
+    """NaN and infinities as None (PostgreSQL's JSON has no such numbers); other values as they are."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def finite_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row that any database stores as JSON."""
+    return {key: finite(value) for key, value in values.items()}
+
+
+class Fence:
+    """The one attempt of one job that may write its row."""
+
+    def __init__(self, ctx: Context, job_id: str, attempt: int):
+        self.ctx = ctx
+        self.job_id = job_id
+        self.attempt = attempt
+
+    def lease_until(self) -> dt.datetime:
+        return utcnow() + dt.timedelta(seconds=self.ctx.settings.lease_seconds)
+
+    def update(self, session: Session, **values: Any) -> Job:
+        """Update the job row if this attempt still owns it (renewing the lease); LeaseLost otherwise."""
+        statement = (
+            update(Job)
+            .where(Job.id == self.job_id, Job.attempts == self.attempt, Job.status == "running")
+            .values(**{"lease_expires_at": self.lease_until(), **values})
+            .returning(Job.cancel_requested, Job.best_epoch)
+            .execution_options(synchronize_session=False)
+        )
+        row = session.execute(statement).first()
+        if row is None:
+            session.rollback()
+            raise LeaseLost(f"job {self.job_id}: attempt {self.attempt} lost its lease")
+        return row
+
+    def renew(self) -> bool:
+        """Renew the lease in its own transaction; return whether a cancel was requested."""
+        with self.ctx.sessions() as session:
+            row = self.update(session)
+            session.commit()
+        return row.cancel_requested
+
+    def key(self, name: str) -> str:
+        return f"{job_prefix(self.job_id)}/{name}"
+
+
+def checkpoint_name(path: Path) -> str:
+    """The artifact name of a checkpoint file, the same relative path as in the run's folder."""
+    return f"checkpoints/{path.name}"
+
+
+def record_artifact(session: Session, job_id: str, kind: str, name: str, stored: tuple[str, int, str],
+                    epoch: int | None = None) -> None:
+    """Insert or replace the (job, name) artifact row."""
+    uri, size, sha256 = stored
+    row = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+    if row is None:
+        row = Artifact(job_id=job_id, name=name)
+        session.add(row)
+    row.kind, row.uri, row.size, row.sha256, row.epoch = kind, uri, size, sha256, epoch
+
+
+def make_best_tracker(spec: JobSpec) -> EarlyStopping:
+    """The trainer's rule for the best epoch: early stopping's when the job has it, else best_tracker's."""
+    if spec.early_stopping is not None:
+        return EarlyStopping(**spec.early_stopping.model_dump(), stops_training=False)
+    return best_tracker(spec)
+
+
+class DatabaseMetrics(Callback):
+    """Each epoch: its EpochMetrics row and the job's progress and best, in one fenced transaction."""
+
+    def __init__(self, fence: Fence, spec: JobSpec):
+        self.fence = fence
+        self.spec = spec
+        self.best = make_best_tracker(spec)
+
+    def on_train_begin(self, state: RunState) -> None:
+        # A resumed run starts at its checkpoint: replay the history it restored, and drop rows of
+        # later epochs that a lost attempt wrote (this attempt writes them again).
+        for row in state.history:
+            self.best.decide(row["epoch"] - 1, row[self.best.monitor])
+        with self.fence.ctx.sessions() as session:
+            self.fence.update(session, epoch=state.epoch, **self.progress(state.history))
+            session.execute(delete(EpochMetrics).where(EpochMetrics.job_id == self.fence.job_id,
+                                                       EpochMetrics.epoch > state.epoch))
+            session.commit()
+
+    def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
+        self.best.decide(metrics["epoch"] - 1, metrics[self.best.monitor])
+        with self.fence.ctx.sessions() as session:
+            self.fence.update(session, epoch=metrics["epoch"], **self.progress(state.history))
+            # merge() upserts by (job_id, epoch): a resumed attempt replaces a row rather than adding one.
+            session.merge(EpochMetrics(job_id=self.fence.job_id, epoch=metrics["epoch"],
+                                       attempt=self.fence.attempt, values=finite_values(metrics)))
+            session.commit()
+
+    def progress(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        if not history:
+            return {}
+        return {"best_metric": self.best.monitor, "best_value": finite(self.best.best),
+                "best_epoch": self.best.best_epoch + 1}
+
+
+class ArtifactUploader(Callback):
+    """Mirrors the run's checkpoints into the artifact store, each with an Artifact row."""
+
+    def __init__(self, fence: Fence, keep_last: int):
+        self.fence = fence
+        self.keep_last = keep_last
+
+    def on_checkpoint(self, state: RunState, path: Path, epoch: int) -> None:
+        self.fence.renew()  # don't overwrite a stored checkpoint on behalf of an attempt that lost the job
+        name = checkpoint_name(path)
+        stored = self.fence.ctx.store.put_file(str(path), self.fence.key(name))
+        with self.fence.ctx.sessions() as session:
+            job = self.fence.update(session)
+            record_artifact(session, self.fence.job_id, "checkpoint", name, stored, epoch)
+            mid_epoch = position(path.name)[1] > 0  # the engine prunes after whole epochs only
+            stale = [] if mid_epoch else self.prune(session, job.best_epoch)
+            session.commit()
+        self.delete_files(stale)
+
+    def on_checkpoint_removed(self, state: RunState, path: Path, epoch: int) -> None:
+        with self.fence.ctx.sessions() as session:
+            self.fence.update(session)
+            session.execute(delete(Artifact).where(Artifact.job_id == self.fence.job_id,
+                                                   Artifact.name == checkpoint_name(path)))
+            session.commit()
+        self.delete_files([checkpoint_name(path)])
+
+    def prune(self, session: Session, best_epoch: int | None) -> list[str]:
+        """Delete the rows of stored checkpoints the engine's rule would not keep; return their names.
+
+        The engine prunes only the files in its folder; after a resume that folder holds just the
+        checkpoint it resumed from, so the ones an earlier attempt stored are pruned here by the same
+        rule (Trainer.prune_checkpoints): mid-epoch ones are superseded, whole epochs go by to_prune.
+        """
+        rows = session.scalars(select(Artifact).where(Artifact.job_id == self.fence.job_id,
+                                                      Artifact.kind == "checkpoint")).all()
+        whole = {row.epoch: row for row in rows if position(Path(row.name).name)[1] == 0}
+        doomed = set(to_prune(list(whole), self.keep_last, best_epoch))
+        stale = [row for row in rows if row.epoch in doomed or row not in whole.values()]
+        for row in stale:
+            session.delete(row)
+        return [row.name for row in stale]
+
+    def delete_files(self, names: list[str]) -> None:
+        # Rows first, files second: the API never lists a checkpoint whose file is gone.
+        for name in names:
+            self.fence.ctx.store.delete(self.fence.key(name))
+
+
+class LeaseKeeper(Callback):
+    """From batch ends: renews the lease, sees a cancel or a worker shutdown, enforces the run time."""
+
+    def __init__(self, fence: Fence, runtime_limit: int, draining: Callable[[], bool]):
+        self.fence = fence
+        self.runtime_limit = runtime_limit
+        self.draining = draining
+        self.heartbeat = fence.ctx.settings.heartbeat_seconds
+        self.started = self.last_check = self.last_renew = time.monotonic()
+
+    def on_train_begin(self, state: RunState) -> None:
+        self.started = self.last_check = time.monotonic()
+        self.last_renew = 0.0  # renew at the first batch: loading data may have taken a while
+
+    def on_batch_end(self, state: RunState) -> None:
+        now = time.monotonic()
+        if now - self.last_check < CANCEL_CHECK_SECONDS:
+            return  # a clock read is all a batch pays
+        self.last_check = now
+        if now - self.started > self.runtime_limit:
+            raise TrainingFailed(f"timed out after {self.runtime_limit} s (max_runtime_seconds)")
+        if self.draining():
+            # The worker is shutting down: checkpoint this batch and hand the job back.
+            raise StopTraining("preempted", checkpoint=True)
+        if now - self.last_renew >= self.heartbeat:
+            self.last_renew = now
+            cancelled = self.fence.renew()
+        else:
+            with self.fence.ctx.sessions() as session:
+                cancelled = session.scalar(select(Job.cancel_requested).where(Job.id == self.fence.job_id))
+        if cancelled:
+            raise StopTraining("cancelled")

@@ -1,0 +1,213 @@
+"""Keeping the queue honest: the worker registry, the reaper and the reconciler.
+
+Every worker runs these from one daemon thread in its main process (see ``start``). Each change is a
+conditional UPDATE, so any number of workers can run them at once: one wins, the others change nothing,
+and only the winner rings the doorbell.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+import time
+
+from sqlalchemy import delete, func, select, update
+
+from models.tables import Job, Worker, utcnow
+from worker.context import Context
+from worker.doorbell import ring
+
+log = logging.getLogger(__name__)
+
+NO_WORKER = "no live worker serves queue"
+PROCESSED_MESSAGE_MAX_AGE = 3600  # seconds a consumed message file of the filesystem broker is kept
+
+
+# --- registry -----------------------------------------------------------------------------------
+
+
+def live_after(ctx: Context) -> dt.datetime:
+    """Workers whose last heartbeat is older than this are gone (three missed heartbeats)."""
+    return utcnow() - dt.timedelta(seconds=3 * ctx.settings.heartbeat_seconds)
+
+
+def register_worker(ctx: Context, worker_id: str, queues: list[str], slots: int, devices: dict) -> None:
+    """Insert or refresh this worker's row."""
+    now = utcnow()
+    with ctx.sessions() as session:
+        session.merge(Worker(id=worker_id, hostname=socket.gethostname(), queues=",".join(queues),
+                             devices=devices, slots=slots, current_job_id=None, started_at=now,
+                             last_heartbeat_at=now))
+        session.commit()
+
+
+def heartbeat_worker(ctx: Context, worker_id: str) -> bool:
+    """Record that the worker is alive; False when its row is gone (pruned as dead) and must be re-made."""
+    with ctx.sessions() as session:
+        rows = session.execute(update(Worker).where(Worker.id == worker_id)
+                               .values(last_heartbeat_at=utcnow())).rowcount
+        session.commit()
+    return rows == 1
+
+
+def unregister_worker(ctx: Context, worker_id: str) -> None:
+    """Delete this worker's row (on a clean shutdown)."""
+    with ctx.sessions() as session:
+        session.execute(delete(Worker).where(Worker.id == worker_id))
+        session.commit()
+
+
+def local_devices() -> dict:
+    """CPU cores and CUDA devices of this machine (device_count() asks NVML, so the pool can still fork)."""
+    import torch
+
+    return {"cpu": os.cpu_count() or 1, "cuda": torch.cuda.device_count()}
+
+
+# --- reaper -------------------------------------------------------------------------------------
+
+
+def reap(ctx: Context) -> list[str]:
+    """Requeue running jobs whose lease expired (or fail them when attempts ran out); return their ids."""
+    now = utcnow()
+    with ctx.sessions() as session:
+        expired = session.execute(select(Job.id, Job.attempts, Job.max_attempts, Job.worker_id, Job.queue,
+                                         Job.cancel_requested)
+                                  .where(Job.status == "running", Job.lease_expires_at < now)).all()
+    reaped = []
+    for job in expired:
+        if job.cancel_requested:
+            values = {"status": "cancelled", "stop_reason": "cancelled", "finished_at": now}
+        elif job.attempts >= job.max_attempts:
+            values = {"status": "failed", "error": f"worker lost {job.attempts} times", "finished_at": now}
+        else:
+            values = {"status": "queued", "worker_id": None, "device": None,
+                      "pending_reason": f"requeued: worker {job.worker_id} stopped renewing its lease "
+                                        f"(attempt {job.attempts} of {job.max_attempts})"}
+        with ctx.sessions() as session:
+            rows = session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status == "running", Job.attempts == job.attempts,
+                       Job.lease_expires_at < now)
+                .values(lease_expires_at=None, **values)
+            ).rowcount
+            session.commit()
+        if rows:
+            log.warning("reaper: job %s (attempt %s) lost its worker %s: %s", job.id, job.attempts,
+                        job.worker_id, values["status"])
+            reaped.append(job.id)
+            if values["status"] == "queued":
+                ring(job.id, job.queue)
+    return reaped
+
+
+# --- reconciler ---------------------------------------------------------------------------------
+
+
+def queue_capacity(ctx: Context) -> tuple[set[str], set[str]]:
+    """(queues some live worker serves, queues some live worker has a free slot for)."""
+    with ctx.sessions() as session:
+        workers = session.execute(select(Worker.id, Worker.queues, Worker.slots)
+                                  .where(Worker.last_heartbeat_at >= live_after(ctx))).all()
+        busy = dict(session.execute(select(Job.worker_id, func.count()).where(Job.status == "running")
+                                    .group_by(Job.worker_id)).all())
+    served, free = set(), set()
+    for worker in workers:
+        queues = set(worker.queues.split(","))
+        served |= queues
+        if busy.get(worker.id, 0) < worker.slots:
+            free |= queues
+    return served, free
+
+
+def reconcile(ctx: Context) -> list[str]:
+    """Explain queued jobs that no live worker serves, and re-ring the ones a free worker never took.
+
+    A queued job older than ``reconcile_seconds`` while a worker of its queue sits idle lost its message
+    (a broker restart, a failed publish): ring again. While every worker is busy the message is just
+    waiting its turn, so nothing is re-sent. Returns the ids rung again.
+    """
+    now = utcnow()
+    stale = now - dt.timedelta(seconds=ctx.settings.reconcile_seconds)
+    served, free = queue_capacity(ctx)
+    with ctx.sessions() as session:
+        queued = session.execute(select(Job.id, Job.queue, Job.pending_reason, Job.updated_at < stale)
+                                 .where(Job.status == "queued")).all()
+    rung = []
+    for job_id, queue, reason, is_stale in queued:
+        if queue not in served:
+            set_pending_reason(ctx, job_id, reason, f"{NO_WORKER} {queue!r}")
+            continue
+        if reason and reason.startswith(NO_WORKER):
+            set_pending_reason(ctx, job_id, reason, None)
+        if is_stale and queue in free and bump(ctx, job_id, stale):
+            log.warning("reconciler: job %s waited over %s s on queue %s with a worker free; ringing again",
+                        job_id, ctx.settings.reconcile_seconds, queue)
+            ring(job_id, queue)
+            rung.append(job_id)
+    return rung
+
+
+def set_pending_reason(ctx: Context, job_id: str, old: str | None, new: str | None) -> None:
+    if old == new:
+        return
+    with ctx.sessions() as session:
+        session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+                        .values(pending_reason=new))
+        session.commit()
+
+
+def bump(ctx: Context, job_id: str, stale: dt.datetime) -> bool:
+    """Mark a stale queued job as just rung; False when another worker's reconciler got there first."""
+    with ctx.sessions() as session:
+        rows = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued",
+                                                 Job.updated_at < stale).values(updated_at=utcnow())).rowcount
+        session.commit()
+    return rows == 1
+
+
+def prune(ctx: Context) -> None:
+    """Delete the rows of dead workers, and old consumed message files of the filesystem broker."""
+    with ctx.sessions() as session:
+        session.execute(delete(Worker).where(Worker.last_heartbeat_at < live_after(ctx)))
+        session.commit()
+    processed = ctx.settings.home / "broker" / "processed"
+    if ctx.settings.broker_url.startswith("filesystem://") and processed.is_dir():
+        cutoff = time.time() - PROCESSED_MESSAGE_MAX_AGE
+        for path in processed.iterdir():
+            if path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+
+
+# --- the thread ---------------------------------------------------------------------------------
+
+
+def tick(ctx: Context, worker_id: str, register: dict) -> None:
+    """One round: heartbeat (re-registering if pruned), reap, reconcile, prune."""
+    if not heartbeat_worker(ctx, worker_id):
+        register_worker(ctx, worker_id, **register)
+    reap(ctx)
+    reconcile(ctx)
+    prune(ctx)
+
+
+def start(ctx: Context, worker_id: str, queues: list[str], slots: int) -> threading.Event:
+    """Register the worker and run ``tick`` every heartbeat in a daemon thread; set the event to stop it."""
+    register = {"queues": queues, "slots": slots, "devices": local_devices()}
+    register_worker(ctx, worker_id, **register)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while True:
+            try:
+                tick(ctx, worker_id, register)
+            except Exception:  # noqa: BLE001 - a database blip must not end maintenance; next tick retries
+                log.exception("maintenance tick failed; retrying in %s s", ctx.settings.heartbeat_seconds)
+            if stop.wait(ctx.settings.heartbeat_seconds):
+                return
+
+    threading.Thread(target=loop, name="torchyard-maintenance", daemon=True).start()
+    return stop

@@ -1,0 +1,21 @@
+"""The Celery task: a thin adapter from a job id on the broker to ``worker.runner.run_job``."""
+
+from __future__ import annotations
+
+from celery import shared_task
+from celery.exceptions import Reject
+
+import worker.lifecycle  # noqa: F401 - connects the worker's signal handlers
+from worker import runner
+from worker.celery_app import RUN_JOB
+from worker.context import draining
+
+
+@shared_task(name=RUN_JOB)
+def run_job(job_id: str) -> str:
+    """Claim and run one job; the database row, not this return value, records the outcome."""
+    if draining():
+        # A stopping worker can still be handed a message (even the one it just rang for the job it
+        # handed back): return it to the broker for another worker instead of starting the job here.
+        raise Reject("worker shutting down", requeue=True)
+    return runner.run_job(job_id)
