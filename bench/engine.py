@@ -52,11 +52,11 @@ WORKLOADS = {
 }
 
 
-def engine_seconds(spec, out_dir: Path) -> tuple[float, object]:
+def engine_seconds(spec, out_dir: Path) -> float:
     prepared = prepare_run(spec, out_dir)
     started = time.perf_counter()
     prepared.trainer.fit()
-    return time.perf_counter() - started, prepared
+    return time.perf_counter() - started
 
 
 def fresh_copy(prepared, seed: int):
@@ -111,14 +111,16 @@ def bench(name: str, raw: dict, epochs: int, repeats: int) -> dict:
                        "checkpoint": {"every_n_epochs": epochs, "keep_last": 1}})
     times = {"engine": [], "hand": [], "dataloader": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for repeat in range(repeats):  # interleaved, so drifting machine load hits all three alike
-            seconds, prepared = engine_seconds(spec, Path(tmp) / f"run{repeat}")
-            times["engine"].append(seconds)
-            data, loss_fn = prepared.data, prepared.trainer.loss_fn
-            for kind, loop in (("hand", hand_seconds), ("dataloader", dataloader_seconds)):
-                model = fresh_copy(prepared, spec.seed)
-                times[kind].append(loop(model, loss_fn, data.x_train, data.y_train, epochs,
-                                        spec.training.batch_size, spec.seed))
+        prepared = prepare_run(spec, Path(tmp) / "setup")
+        data, loss_fn = prepared.data, prepared.trainer.loss_fn
+        for repeat in range(repeats):  # interleaved, order rotated, so drifting load hits all three alike
+            runs = [("engine", None), ("hand", hand_seconds), ("dataloader", dataloader_seconds)]
+            for kind, loop in runs[repeat % 3:] + runs[:repeat % 3]:
+                if loop is None:
+                    times[kind].append(engine_seconds(spec, Path(tmp) / f"run{repeat}"))
+                else:
+                    times[kind].append(loop(fresh_copy(prepared, spec.seed), loss_fn, data.x_train,
+                                            data.y_train, epochs, spec.training.batch_size, spec.seed))
     return {kind: statistics.median(values) for kind, values in times.items()}
 
 

@@ -68,6 +68,7 @@ class Trainer:
         self.order_state = self.shuffle_generator.get_state()
         self.outputs: list[torch.Tensor] = []
         self.losses: list[torch.Tensor] = []
+        self.sizes: list[int] = []
         self.resume_batch = 0
 
     # --- the loop -------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ class Trainer:
             self.shuffle_generator.set_state(self.order_state)
         else:
             self.order_state = self.shuffle_generator.get_state()
-            self.outputs, self.losses = [], []
+            self.outputs, self.losses, self.sizes = [], [], []
         x, y = self.shuffled()
         outputs, losses = self.outputs, self.losses
         self.state.batch, self.resume_batch = self.resume_batch, 0
@@ -111,10 +112,12 @@ class Trainer:
                 self.scheduler.step()
             # Keep results on the device; reading them every batch would force a sync.
             outputs.append(out.detach())
-            losses.append(loss.detach() * len(yb))
+            losses.append(loss.detach())
+            self.sizes.append(len(yb))
             self.state.batch += 1
             self.dist.agreed(self.batch_end)
-        loss_sum = torch.stack(losses).double().sum()
+        sizes = torch.tensor(self.sizes, dtype=torch.float64, device=self.device)
+        loss_sum = (torch.stack(losses).double() * sizes).sum()
         metrics = {"epoch": epoch, **self.summarize(torch.cat(outputs), self.local_targets(y), loss_sum)}
         if self.data.n_val:
             metrics.update({f"val_{k}": v for k, v in self.evaluate(self.data.x_val, self.data.y_val).items()})
@@ -244,7 +247,7 @@ class Trainer:
         state = self.checkpoint_state()
         if mid_epoch:
             state["partial"] = {"batch": self.state.batch, "order_state": self.order_state,
-                                "outputs": self.outputs, "losses": self.losses}
+                                "outputs": self.outputs, "losses": self.losses, "sizes": self.sizes}
         path = checkpoints.checkpoint_path(self.checkpoint_dir, self.state.epoch,
                                            self.state.batch if mid_epoch else 0)
         checkpoints.save_atomically(state, path)
@@ -288,6 +291,7 @@ class Trainer:
             self.resume_batch = partial["batch"]
             self.order_state = partial["order_state"].cpu()
             self.outputs, self.losses = list(partial["outputs"]), list(partial["losses"])
+            self.sizes = list(partial["sizes"])
 
 
 __all__ = ["Trainer", "StopTraining", "TrainingFailed"]
