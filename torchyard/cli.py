@@ -34,6 +34,12 @@ def _print_problems(error) -> None:
 @click.version_option(package_name="torchyard")
 def main() -> None:
     """torchyard: training-as-a-service for PyTorch."""
+    from models.settings import get_settings
+
+    try:
+        get_settings()
+    except ValueError as error:  # an unknown or malformed TORCHYARD_* variable
+        raise click.ClickException(f"bad configuration: {error}") from None
 
 
 @main.command()

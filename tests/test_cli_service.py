@@ -1,0 +1,79 @@
+"""The service's CLI commands: db upgrade, token create, api (gunicorn) and worker argument checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from sqlalchemy import create_engine, inspect
+
+
+def cli_env(tmp_path, **extra) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TORCHYARD_")}
+    return {**env, "TORCHYARD_HOME": str(tmp_path / "home"), **extra}
+
+
+def torchyard(*args, env, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torchyard.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_db_upgrade_creates_the_schema_and_token_create_prints_a_working_key(tmp_path):
+    env = cli_env(tmp_path)
+    upgraded = torchyard("db", "upgrade", env=env)
+    assert upgraded.returncode == 0, upgraded.stderr
+    tables = set(inspect(create_engine(f"sqlite:///{tmp_path / 'home/torchyard.db'}")).get_table_names())
+    assert {"jobs", "epoch_metrics", "artifacts", "datasets", "api_keys", "users", "workers"} <= tables
+
+    created = torchyard("token", "create", "laptop", "--user", "carol", env=env)
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    assert token.startswith("ty_") and len(token) > 30
+
+    from api import create_app
+
+    app = create_app({"TESTING": True, "database_url": f"sqlite:///{tmp_path / 'home/torchyard.db'}",
+                      "artifacts_url": str(tmp_path / "artifacts")})
+    client = app.test_client()
+    assert client.get("/api/v1/jobs", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert client.get("/api/v1/jobs", headers={"Authorization": f"Bearer {token}x"}).status_code == 401
+
+
+def test_torchyard_api_serves_under_gunicorn(tmp_path):
+    env = cli_env(tmp_path)
+    assert torchyard("db", "upgrade", env=env).returncode == 0
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "torchyard.cli", "api", "--bind", f"127.0.0.1:{port}",
+                               "--workers", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline, health = time.monotonic() + 60, None
+        while health is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=2) as response:
+                    health = json.loads(response.read())
+            except OSError:
+                time.sleep(0.2)
+        assert health is not None, server.stdout.read1().decode() if server.poll() is not None else "no answer"
+        assert health["status"] == "ok"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_worker_refuses_an_unknown_queue(tmp_path):
+    refused = torchyard("worker", "--queues", "tpu", env=cli_env(tmp_path))
+    assert refused.returncode == 2
+    assert "unknown queue(s) tpu" in refused.stderr
+
+
+def test_an_unknown_setting_is_an_error_not_ignored(tmp_path):
+    run = torchyard("db", "upgrade", env=cli_env(tmp_path, TORCHYARD_DATABSE_URL="sqlite://"))
+    assert run.returncode != 0
+    assert "unknown setting TORCHYARD_DATABSE_URL" in run.stderr
