@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from models.spec import Limits
 
@@ -87,7 +87,11 @@ class Settings(BaseModel):
                 known = ", ".join(PREFIX + name.upper() for name in cls.model_fields)
                 raise ValueError(f"unknown setting {key}; known settings: {known}")
             values[field] = value
-        return cls(**values).resolved()
+        try:
+            return cls(**values).resolved()
+        except ValidationError as exc:  # name the variable, not the field
+            problems = "; ".join(f"{PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+            raise ValueError(problems) from None
 
 
 @functools.cache
