@@ -7,14 +7,19 @@ this one raises LeaseLost and writes nothing more.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import itertools
+import logging
 import math
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from models.spec import JobSpec
@@ -27,10 +32,29 @@ from worker.engine.early_stopping import EarlyStopping
 from worker.engine.trainer import best_tracker
 
 CANCEL_CHECK_SECONDS = 1.0  # a cancel is seen within a second, without a query every batch
+RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds between tries of a write while the database is unreachable;
+# the last one repeats until the lease would have run out
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class LeaseLost(Exception):
     """This attempt no longer owns its job; stop at once and write nothing more."""
+
+
+class DatabaseUnavailable(Exception):
+    """The database stayed unreachable for a whole lease: the attempt stops without writing (it can't), and
+    the reaper requeues the job once the database is back and the lease has run out."""
+
+
+def database_down(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database can't be reached now (restarting, connection dropped), rather
+    than that a statement was wrong: the write may simply be tried again on a fresh connection."""
+    if isinstance(exc, DatabaseUnavailable):
+        return True
+    return isinstance(exc, (OperationalError, InterfaceError)) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
 def finite(value: Any) -> Any:
@@ -69,12 +93,61 @@ class Fence:
             raise LeaseLost(f"job {self.job_id}: attempt {self.attempt} lost its lease")
         return row
 
+    def transaction(self, work: Callable[[Session], T]) -> T:
+        """Run ``work(session)`` and commit; while the database is unreachable, again on a new connection.
+
+        A database restart drops every connection: the run waits it out instead of failing the job. Each
+        ``work`` is one transaction of idempotent writes (fenced updates, upserts), so a second try is safe.
+        After ``lease_seconds`` of trying it raises DatabaseUnavailable: by then the lease may be gone.
+        """
+        deadline = time.monotonic() + self.ctx.settings.lease_seconds
+        for tries in itertools.count():
+            try:
+                with self.ctx.sessions() as session:
+                    result = work(session)
+                    session.commit()
+                return result
+            except DBAPIError as exc:
+                delay = RETRY_DELAYS[min(tries, len(RETRY_DELAYS) - 1)]
+                if not database_down(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise DatabaseUnavailable(f"job {self.job_id}: database unavailable for "
+                                              f"{self.ctx.settings.lease_seconds} s") from exc
+                log.warning("job %s: database unavailable (%s); trying again in %s s", self.job_id,
+                            " ".join(str(exc.orig or exc).split())[:200], delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # for type checkers: count() never ends
+
     def renew(self) -> bool:
         """Renew the lease in its own transaction; return whether a cancel was requested."""
-        with self.ctx.sessions() as session:
-            row = self.update(session)
-            session.commit()
-        return row.cancel_requested
+        return self.transaction(self.update).cancel_requested
+
+    @contextlib.contextmanager
+    def keep_alive(self) -> Iterator[threading.Event]:
+        """Renew the lease from a thread while the attempt downloads, loads data or uploads.
+
+        Setting the yielded event ends the renewals early: the training loop renews the lease itself
+        (LeaseKeeper), so a hung loop still loses its lease.
+        """
+        done = threading.Event()
+
+        def renew_until_done() -> None:
+            while not done.wait(self.ctx.settings.heartbeat_seconds):
+                try:
+                    self.renew()
+                except LeaseLost:
+                    return  # the next fenced write of the attempt itself stops it
+                except Exception:  # the attempt's own fenced writes report a lasting outage
+                    log.warning("job %s: lease renewal failed", self.job_id, exc_info=True)
+
+        thread = threading.Thread(target=renew_until_done, name=f"lease-{self.job_id}", daemon=True)
+        thread.start()
+        try:
+            yield done
+        finally:
+            done.set()
+            thread.join()
 
     def key(self, name: str) -> str:
         return f"{job_prefix(self.job_id)}/{name}"
@@ -116,20 +189,26 @@ class DatabaseMetrics(Callback):
         # later epochs that a lost attempt wrote (this attempt writes them again).
         for row in state.history:
             self.best.decide(row["epoch"] - 1, row[self.best.monitor])
-        with self.fence.ctx.sessions() as session:
-            self.fence.update(session, epoch=state.epoch, **self.progress(state.history))
+        progress = self.progress(state.history)
+
+        def write(session: Session) -> None:
+            self.fence.update(session, epoch=state.epoch, **progress)
             session.execute(delete(EpochMetrics).where(EpochMetrics.job_id == self.fence.job_id,
                                                        EpochMetrics.epoch > state.epoch))
-            session.commit()
+
+        self.fence.transaction(write)
 
     def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
         self.best.decide(metrics["epoch"] - 1, metrics[self.best.monitor])
-        with self.fence.ctx.sessions() as session:
-            self.fence.update(session, epoch=metrics["epoch"], **self.progress(state.history))
+        progress = self.progress(state.history)
+
+        def write(session: Session) -> None:
+            self.fence.update(session, epoch=metrics["epoch"], **progress)
             # merge() upserts by (job_id, epoch): a resumed attempt replaces a row rather than adding one.
             session.merge(EpochMetrics(job_id=self.fence.job_id, epoch=metrics["epoch"],
                                        attempt=self.fence.attempt, values=finite_values(metrics)))
-            session.commit()
+
+        self.fence.transaction(write)
 
     def progress(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         if not history:
@@ -149,20 +228,22 @@ class ArtifactUploader(Callback):
         self.fence.renew()  # don't overwrite a stored checkpoint on behalf of an attempt that lost the job
         name = checkpoint_name(path)
         stored = self.fence.ctx.store.put_file(str(path), self.fence.key(name))
-        with self.fence.ctx.sessions() as session:
+
+        def write(session: Session) -> list[str]:
             job = self.fence.update(session)
             record_artifact(session, self.fence.job_id, "checkpoint", name, stored, epoch)
             mid_epoch = position(path.name)[1] > 0  # the engine prunes after whole epochs only
-            stale = [] if mid_epoch else self.prune(session, job.best_epoch)
-            session.commit()
-        self.delete_files(stale)
+            return [] if mid_epoch else self.prune(session, job.best_epoch)
+
+        self.delete_files(self.fence.transaction(write))
 
     def on_checkpoint_removed(self, state: RunState, path: Path, epoch: int) -> None:
-        with self.fence.ctx.sessions() as session:
+        def write(session: Session) -> None:
             self.fence.update(session)
             session.execute(delete(Artifact).where(Artifact.job_id == self.fence.job_id,
                                                    Artifact.name == checkpoint_name(path)))
-            session.commit()
+
+        self.fence.transaction(write)
         self.delete_files([checkpoint_name(path)])
 
     def prune(self, session: Session, best_epoch: int | None) -> list[str]:
@@ -190,14 +271,18 @@ class ArtifactUploader(Callback):
 class LeaseKeeper(Callback):
     """From batch ends: renews the lease, sees a cancel or a worker shutdown, enforces the run time."""
 
-    def __init__(self, fence: Fence, runtime_limit: int, draining: Callable[[], bool]):
+    def __init__(self, fence: Fence, runtime_limit: int, draining: Callable[[], bool],
+                 setup_done: threading.Event | None = None):
         self.fence = fence
+        self.setup_done = setup_done  # ends Fence.keep_alive's renewals once the loop renews itself
         self.runtime_limit = runtime_limit
         self.draining = draining
         self.heartbeat = fence.ctx.settings.heartbeat_seconds
         self.started = self.last_check = self.last_renew = time.monotonic()
 
     def on_train_begin(self, state: RunState) -> None:
+        if self.setup_done is not None:
+            self.setup_done.set()
         self.started = self.last_check = time.monotonic()
         self.last_renew = 0.0  # renew at the first batch: loading data may have taken a while
 
@@ -215,7 +300,7 @@ class LeaseKeeper(Callback):
             self.last_renew = now
             cancelled = self.fence.renew()
         else:
-            with self.fence.ctx.sessions() as session:
-                cancelled = session.scalar(select(Job.cancel_requested).where(Job.id == self.fence.job_id))
+            cancelled = self.fence.transaction(
+                lambda session: session.scalar(select(Job.cancel_requested).where(Job.id == self.fence.job_id)))
         if cancelled:
             raise StopTraining("cancelled")

@@ -12,9 +12,12 @@ import shutil
 from pathlib import Path
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from models.spec import JobSpec, Problem, SpecError, parse_spec
 from models.tables import Artifact, Dataset, Job, Worker, utcnow
+from worker import gpus
 from worker.context import Context, context, draining, worker_id
 from worker.doorbell import ring
 from worker.engine import TrainResult, train
@@ -26,6 +29,7 @@ from worker.job_callbacks import (
     Fence,
     LeaseKeeper,
     LeaseLost,
+    database_down,
     finite,
     finite_values,
     record_artifact,
@@ -41,11 +45,13 @@ def run_job(job_id: str) -> str:
     if job is None or job.status != "queued":
         return "skipped"  # a stale or duplicate message; the claim below is the real gate
     spec, problem, device = prepare_spec(ctx, job)
-    attempt = claim(ctx, job_id, device)
+    attempt = claim(ctx, job_id, gpus.device_label(device))
     if attempt is None:
         return give_up_if_exhausted(ctx, job_id)
     fence = Fence(ctx, job_id, attempt)
-    scratch = Path(ctx.settings.scratch_dir) / job_id
+    # A folder per attempt: a lost attempt that wakes up (SIGSTOP, a long GC pause) and cleans up after
+    # itself must not delete the folder of the attempt that took its job over on the same machine.
+    scratch = Path(ctx.settings.scratch_dir) / f"{job_id}.{attempt}"
     try:
         if problem is not None:
             raise problem
@@ -57,6 +63,9 @@ def run_job(job_id: str) -> str:
         log.info("job %s can't run: %s", job_id, error_line(exc))
         return record_failure(fence, error_line(exc))
     except Exception as exc:  # noqa: BLE001 - the job fails with the reason; the worker lives on
+        if database_down(exc):  # not the job's fault, and nothing can be written: the reaper requeues it
+            log.warning("job %s attempt %s stops, database unavailable: %s", job_id, attempt, error_line(exc))
+            return "database unavailable"
         log.exception("job %s attempt %s failed", job_id, attempt)
         return record_failure(fence, error_line(exc))
     finally:
@@ -70,13 +79,26 @@ def prepare_spec(ctx: Context, job: Job) -> tuple[JobSpec | None, SpecError | No
         spec = parse_spec(job.spec, ctx.settings.limits)
         if spec.data.source == "file":  # a path on the worker's disk is never the user's to read
             raise SpecError([Problem("data.source", "'file' is for local runs; upload it as a dataset")])
+        check_slot_holds(spec)
         return spec, None, str(pick_device(spec.resources.device))
     except SpecError as exc:
         return None, exc, None
 
 
+def check_slot_holds(spec: JobSpec) -> None:
+    """A job needing more GPUs than this pool process's slot holds fails (its queue's workers hold them)."""
+    pinned = gpus.slot_gpus()
+    needs = spec.resources.gpus or 0
+    if pinned is not None and needs > len(pinned):
+        raise SpecError([Problem("resources.gpus", f"{needs} GPUs asked for, but this worker's slot holds "
+                                                   f"{len(pinned)} ({gpus.VISIBLE}={','.join(pinned)})")])
+
+
 def claim(ctx: Context, job_id: str, device: str | None) -> int | None:
-    """Take the job with one conditional UPDATE; return the attempt number, None if it isn't ours."""
+    """Take the job with one conditional UPDATE; return the attempt number, None if it isn't ours.
+
+    ``device`` is what the row records: the torch device, and the GPUs of a GPU worker's slot.
+    """
     now = utcnow()
     statement = (
         update(Job)
@@ -115,18 +137,22 @@ def give_up_if_exhausted(ctx: Context, job_id: str) -> str:
 
 def execute(ctx: Context, fence: Fence, job: Job, spec: JobSpec, device: str, scratch: Path) -> str:
     """Fetch the files, train, upload the outputs and record the outcome."""
-    shutil.rmtree(scratch, ignore_errors=True)  # an earlier attempt's files here are not to be trusted
+    for earlier in scratch.parent.glob(f"{job.id}.*"):  # left by attempts that lost the job (killed ones)
+        shutil.rmtree(earlier, ignore_errors=True)
     out_dir = scratch / "out"
-    data_path = fetch_dataset(ctx, job, spec, scratch) if spec.data.source == "dataset" else None
-    resume = fetch_checkpoint(ctx, job.id, out_dir / "checkpoints")
-    fence.renew()  # downloads may have taken a while; the lease is next renewed at the first batch
     limit = min(spec.training.max_runtime_seconds or ctx.settings.max_runtime_seconds,
                 ctx.settings.max_runtime_seconds)
-    callbacks = [DatabaseMetrics(fence, spec), ArtifactUploader(fence, spec.checkpoint.keep_last),
-                 LeaseKeeper(fence, limit, draining)]
-    result = train(spec, out_dir, resume=resume, callbacks=callbacks, data_path=data_path, device=device,
-                   limits=ctx.settings.limits)
-    return record_result(fence, result)
+    # Downloads and loading the data may take longer than a lease: renew it from a thread until the
+    # training loop starts renewing it at batch ends.
+    with fence.keep_alive() as setup_done:
+        data_path = fetch_dataset(ctx, job, spec, scratch) if spec.data.source == "dataset" else None
+        resume = fetch_checkpoint(ctx, job.id, out_dir / "checkpoints")
+        callbacks = [DatabaseMetrics(fence, spec), ArtifactUploader(fence, spec.checkpoint.keep_last),
+                     LeaseKeeper(fence, limit, draining, setup_done)]
+        result = train(spec, out_dir, resume=resume, callbacks=callbacks, data_path=data_path, device=device,
+                       limits=ctx.settings.limits)
+    with fence.keep_alive():  # uploading the outputs
+        return record_result(fence, result)
 
 
 def fetch_dataset(ctx: Context, job: Job, spec: JobSpec, scratch: Path) -> Path:
@@ -172,12 +198,14 @@ def record_result(fence: Fence, result: TrainResult) -> str:
         stored = [(kind, path.name, fence.ctx.store.put_file(str(path), fence.key(path.name)))
                   for kind, path in outputs.items()]
     status = {"succeeded": "succeeded", "failed": "failed"}.get(result.status, "cancelled")
-    with fence.ctx.sessions() as session:
+
+    def write(session: Session) -> None:
         fence.update(session, status=status, stop_reason=result.stop_reason, error=result.error,
                      finished_at=utcnow(), lease_expires_at=None, **outcome)
         for kind, name, info in stored:
             record_artifact(session, fence.job_id, kind, name, info)
-        session.commit()
+
+    fence.transaction(write)
     log.info("job %s %s (%s)", fence.job_id, status, result.stop_reason or result.error)
     return status
 
@@ -186,13 +214,22 @@ def requeue(fence: Fence) -> str:
     """Hand a preempted job back to the queue (it resumes from its checkpoint) and ring for it.
 
     A clean hand-back doesn't use up one of the job's attempts: ``max_attempts`` grows with ``attempts``,
-    which only ever grows, because it is the fence.
+    which only ever grows, because it is the fence. A job being cancelled ends cancelled instead: the drain
+    may have stopped it before it saw the cancel, and a queued job with a cancel request is never claimed.
     """
-    with fence.ctx.sessions() as session:
+    def write(session: Session) -> str | None:
+        if fence.update(session).cancel_requested:  # the row is now locked: no cancel slips in after this
+            fence.update(session, status="cancelled", stop_reason="cancelled", finished_at=utcnow(),
+                         lease_expires_at=None)
+            return None
         fence.update(session, status="queued", worker_id=None, device=None, lease_expires_at=None,
                      max_attempts=Job.max_attempts + 1, pending_reason="requeued: its worker shut down")
-        queue = session.scalar(select(Job.queue).where(Job.id == fence.job_id))
-        session.commit()
+        return session.scalar(select(Job.queue).where(Job.id == fence.job_id))
+
+    queue = fence.transaction(write)
+    if queue is None:
+        log.info("job %s cancelled (stopped by the worker's shutdown)", fence.job_id)
+        return "cancelled"
     ring(fence.job_id, queue)
     return "requeued"
 
@@ -200,9 +237,8 @@ def requeue(fence: Fence) -> str:
 def record_failure(fence: Fence, error: str) -> str:
     """Fail the job with ``error`` unless another attempt owns it now."""
     try:
-        with fence.ctx.sessions() as session:
-            fence.update(session, status="failed", error=error, finished_at=utcnow(), lease_expires_at=None)
-            session.commit()
+        fence.transaction(lambda session: fence.update(session, status="failed", error=error,
+                                                       finished_at=utcnow(), lease_expires_at=None))
     except LeaseLost:
         return "lease lost"
     return "failed"
@@ -218,7 +254,12 @@ def error_line(exc: BaseException) -> str:
 
 def release_worker(ctx: Context, job_id: str) -> None:
     """Clear the worker registry's current job if it is still this one."""
-    with ctx.sessions() as session:
-        session.execute(update(Worker).where(Worker.id == worker_id(), Worker.current_job_id == job_id)
-                        .values(current_job_id=None))
-        session.commit()
+    try:
+        with ctx.sessions() as session:
+            session.execute(update(Worker).where(Worker.id == worker_id(), Worker.current_job_id == job_id)
+                            .values(current_job_id=None))
+            session.commit()
+    except DBAPIError as exc:
+        if not database_down(exc):
+            raise
+        log.warning("could not clear job %s from the worker registry: database unavailable", job_id)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import sklearn.datasets  # imported up front: a worker loads it once, before its pool forks
 import torch
 
 from models.catalog import DataShape
@@ -50,8 +51,6 @@ class TensorData:
 
 def load_sklearn(name: str, params: dict) -> Arrays:
     """Call an allow-listed scikit-learn generator or loader (names were checked by the spec)."""
-    import sklearn.datasets
-
     function = getattr(sklearn.datasets, name)
     if name.startswith("load_"):
         bunch = function(**params)
