@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError, validation_error
+from models import queues
 from models.catalog import DataShape
 from models.settings import Settings
 from models.shapes import describe_data, infer_shapes
@@ -37,8 +38,8 @@ def json_body(request: Request) -> Any:
 
 
 def queue_for(spec: JobSpec) -> str:
-    """The broker queue that serves a spec: GPU workers take only jobs that ask for CUDA or GPUs."""
-    return "gpu" if spec.resources.device == "cuda" or spec.resources.gpus else "cpu"
+    """The broker queue that serves a spec: ``cpu``, or ``gpu`` / ``gpu.k`` by the GPUs one job needs."""
+    return queues.queue_for(spec.resources)
 
 
 def submit_job(

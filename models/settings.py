@@ -6,8 +6,9 @@ import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from models.spec import Limits
 
@@ -44,11 +45,29 @@ class Settings(BaseModel):
     port: int = 8000
     api_workers: int = 2  # gunicorn processes of ``torchyard api``
     worker_queues: str = "cpu"
-    worker_concurrency: int = 1
+    worker_concurrency: int = 1  # jobs a CPU worker runs at once; a GPU worker runs one a GPU slot
+    # GPUs a GPU worker uses: "auto" counts this machine's CUDA devices at worker start; a number picks
+    # the first ones (on a machine without CUDA a number simulates GPUs, for tests and dry runs).
+    worker_gpus: int | Literal["auto"] = "auto"
+    # GPUs of one job slot: slots = worker_gpus // worker_gpus_per_slot; such a worker serves gpu.<k>.
+    worker_gpus_per_slot: Annotated[int, Field(ge=1)] = 1
 
     # The CLI as a client: which server, which key (default: the one ``torchyard serve`` saved).
     url: str = ""
     token: str = ""
+
+    @field_validator("worker_gpus", mode="before")
+    @classmethod
+    def _gpu_count(cls, value: object) -> int | str:
+        if value == "auto":
+            return value
+        try:
+            count = int(value)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            count = -1
+        if count < 0 or isinstance(value, float) and value != count:
+            raise ValueError(f"'auto' or a number of GPUs (0 or more), not {value!r}")
+        return count
 
     def resolved(self) -> Settings:
         """Fill the defaults that derive from ``home``."""

@@ -454,3 +454,208 @@ def worker_context(request, tmp_path):
         patch.setattr(worker.doorbell, "app", make_celery(settings))
         yield Context(settings, engine, make_sessionmaker(engine), ArtifactStore(settings.artifacts_url))
     engine.dispose()
+
+
+# ==================================================================================================
+# Servers that tests flush, stop or restart (tests/test_chaos_servers.py): a private Redis and a private
+# PostgreSQL on free ports (tests/private_servers.py), and the API under gunicorn over real HTTP
+# ==================================================================================================
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A Redis server of the test's own (no persistence), to flush or restart; fails if it can't start."""
+    from private_servers import PrivateRedis
+
+    server = PrivateRedis(tmp_path / "redis")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def private_postgres():
+    """A PostgreSQL cluster of the test's own, to stop or restart; fails if it can't start."""
+    from private_servers import PrivatePostgres
+
+    server = PrivatePostgres()
+    yield server
+    server.close()
+
+
+class HttpService(Service):
+    """A Service whose jobs go in and come back through ``torchyard api`` (gunicorn) over real HTTP, with the
+    ``torchyard.client`` SDK; ``sessions`` still reads the rows directly."""
+
+    def __init__(self, settings):
+        from private_servers import ApiServer
+
+        from torchyard.client import Client
+
+        super().__init__(settings)
+        self.api = ApiServer(settings_env(settings), settings.home / "api.log")
+        self.http = Client(self.api.url, self.headers["Authorization"].removeprefix("Bearer "))
+
+    def submit(self, spec: dict) -> str:
+        return self.http.submit(spec)["id"]
+
+    def job(self, job_id: str) -> dict:
+        return self.http.job(job_id)
+
+    def wait_status(self, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout: float = 90):
+        """Poll the job over HTTP until its status is one of ``statuses``, riding out a server's outage."""
+        from torchyard.client import ApiError
+
+        def reached():
+            try:
+                job = self.job(job_id)
+            except ApiError as error:
+                if error.status < 500:
+                    raise
+                return None  # a dependency is down (503/500): ask again
+            except OSError:
+                return None
+            return job if job["status"] in statuses else None
+
+        return wait_for(reached, timeout, f"job {job_id} to be {'/'.join(statuses)}", self.log)
+
+    def log(self) -> str:
+        return f"{super().log()}\n[api.log]\n{self.api.log()}"
+
+    def close(self) -> None:
+        super().close()
+        self.api.stop()
+
+
+@pytest.fixture
+def http_deployment(tmp_path):
+    """Start deployments over given database and broker URLs: the API under gunicorn and ``workers``
+    worker processes (FAST_RELIABILITY unless overridden); all stopped after the test."""
+    from models.migrate import upgrade
+
+    services: list[HttpService] = []
+
+    def start(database_url: str, broker_url: str, workers: int = 1, **fields) -> HttpService:
+        home = tmp_path / f"home-{len(services)}"
+        home.mkdir(parents=True)
+        settings = worker_settings(home, database_url=database_url, broker_url=broker_url, **fields)
+        upgrade(database_url)
+        services.append(HttpService(settings))
+        for _ in range(workers):
+            services[-1].start_worker()
+        return services[-1]
+
+    yield start
+    for service in services:
+        service.close()
+
+
+# ==================================================================================================
+# Scale-out (tests/test_storage_s3.py, tests/test_scale_out.py): an S3 artifact store (moto's server
+# mode, a real HTTP endpoint) and deployments of several "machines" sharing PostgreSQL, Redis and S3
+# ==================================================================================================
+
+# Scale-out tests' own Redis db (flushed before and after), apart from the other worker tests' db 7.
+REDIS_SCALE_URL = "redis://127.0.0.1:6379/9"
+AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory):
+    """moto's S3 server in a subprocess on a free port; its URL. Fails (never skips) if it can't start."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    env = {**os.environ, **AWS_TEST_ENV}
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"moto's S3 server did not start (pip install 'moto[server]'):\n"
+                            f"{log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.1)
+    yield url
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def s3_bucket(endpoint: str):
+    """A fresh bucket on ``endpoint``, with this process's AWS variables pointing there (workers started
+    meanwhile inherit them); yields its ``s3://`` URL and empties and deletes it afterwards."""
+    import boto3
+    import s3fs
+
+    name = f"torchyard-test-{secrets.token_hex(6)}"
+    with pytest.MonkeyPatch.context() as patch:
+        for variable in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+            patch.delenv(variable, raising=False)
+        for variable, value in {**AWS_TEST_ENV, "AWS_ENDPOINT_URL_S3": endpoint}.items():
+            patch.setenv(variable, value)
+        s3fs.S3FileSystem.clear_instance_cache()  # a cached client may point at another test's server
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket=name)
+        try:
+            yield f"s3://{name}"
+        finally:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+                for item in page.get("Contents", []):
+                    client.delete_object(Bucket=name, Key=item["Key"])
+            client.delete_bucket(Bucket=name)
+            s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_url(moto_endpoint):
+    """The URL of an empty bucket of the test's own on the moto server (AWS variables set)."""
+    with s3_bucket(moto_endpoint) as url:
+        yield url
+
+
+def s3_objects(url: str) -> dict[str, bytes]:
+    """Every object under an ``s3://bucket/prefix`` URL, read with boto3 (not through the store under test)."""
+    import boto3
+
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    client = boto3.client("s3")
+    keys = [item["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for item in page.get("Contents", [])]
+    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+
+
+@contextlib.contextmanager
+def production_settings(home, redis_url: str = REDIS_SCALE_URL, **fields):
+    """Settings over a fresh, migrated PostgreSQL database and a flushed Redis db (both cleaned up after);
+    ``fields`` override the rest (artifacts_url, …)."""
+    from models.migrate import upgrade
+
+    redis_client = flushed_redis(redis_url)
+    name = f"torchyard_test_{secrets.token_hex(6)}"
+    with _admin_connection() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
+    try:
+        settings = worker_settings(home, broker_url=redis_url, database_url=url.render_as_string(hide_password=False),
+                                   **fields)
+        upgrade(settings.database_url)
+        yield settings
+    finally:
+        redis_client.flushdb()
+        with _admin_connection() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -108,7 +108,7 @@ def test_the_reconciler_says_why_a_gpu_job_waits_and_clears_it_when_a_gpu_worker
     job_id = add_job(worker_context, queue="gpu")
 
     maintenance.reconcile(worker_context)
-    assert job(worker_context, job_id).pending_reason == "no live worker serves queue 'gpu'"
+    assert job(worker_context, job_id).pending_reason == "no live worker serves queue 'gpu' (jobs needing 1 GPU)"
 
     add_worker(worker_context, "gpu-box:1", "cpu,gpu")
     maintenance.reconcile(worker_context)

@@ -110,8 +110,11 @@ def api(bind: str | None, workers: int | None) -> None:
 
 
 @main.command()
-@click.option("--queues", default=None, help="Comma-separated queues to serve: cpu, gpu (TORCHYARD_WORKER_QUEUES).")
-@click.option("--concurrency", type=int, default=None, help="Jobs run at once (TORCHYARD_WORKER_CONCURRENCY).")
+@click.option("--queues", default=None,
+              help="Comma-separated queues to serve: cpu, gpu, gpu.K for K-GPU jobs (TORCHYARD_WORKER_QUEUES).")
+@click.option("--concurrency", type=int, default=None,
+              help="Jobs a CPU worker runs at once (TORCHYARD_WORKER_CONCURRENCY); a GPU worker runs one a "
+                   "slot of TORCHYARD_WORKER_GPUS_PER_SLOT GPUs.")
 @click.option("--loglevel", default="INFO")
 def worker(queues: str | None, concurrency: int | None, loglevel: str) -> None:
     """A Celery worker that trains jobs from the queues."""

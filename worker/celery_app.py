@@ -12,9 +12,9 @@ from pathlib import Path
 from celery import Celery
 from kombu import Queue
 
+from models.queues import QUEUES
 from models.settings import Settings, get_settings
 
-QUEUES = ("cpu", "gpu")
 RUN_JOB = "worker.tasks.run_job"
 # Jobs run for hours; a redelivery after this long is harmless (the claim refuses it) and the database
 # lease plus the reaper, not the broker, bring back the jobs of lost workers.

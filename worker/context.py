@@ -11,7 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.db import make_engine, make_sessionmaker
@@ -39,9 +39,27 @@ def context() -> Context:
     if pid not in _contexts:
         settings = get_settings()
         engine = make_engine(settings.database_url)
+        end_stalled_transactions(engine, settings.lease_seconds)
         store = ArtifactStore(settings.artifacts_url)
         _contexts[pid] = Context(settings, engine, make_sessionmaker(engine), store)
     return _contexts[pid]
+
+
+def end_stalled_transactions(engine: Engine, seconds: int) -> None:
+    """On PostgreSQL, have the server end this engine's sessions that sit in a transaction for ``seconds``.
+
+    A worker frozen mid-transaction (SIGSTOP, a paused VM) holds its job row's lock: every other worker's
+    reaper would wait on it forever and the job would never be requeued. Our transactions are a few
+    statements long, so one idle for a whole lease belongs to a worker that has lost its job anyway.
+    """
+    if engine.dialect.name != "postgresql":
+        return
+
+    @event.listens_for(engine, "connect")
+    def _set_timeout(dbapi_connection, _record):
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET idle_in_transaction_session_timeout = {int(seconds * 1000)}")
+        dbapi_connection.commit()
 
 
 def _forget_inherited_engines() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from models.queues import describe_queues
 from worker.celery_app import QUEUES, RUN_JOB, app
 
 log = logging.getLogger(__name__)
@@ -16,7 +17,7 @@ RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "in
 def ring(job_id: str, queue: str) -> None:
     """Publish ``job_id`` on ``queue`` (call it after committing the job row)."""
     if queue not in QUEUES:
-        raise ValueError(f"unknown queue {queue!r}; queues: {', '.join(QUEUES)}")
+        raise ValueError(f"unknown queue {queue!r}; queues: {describe_queues()}")
     try:
         app.send_task(RUN_JOB, args=[job_id], queue=queue, retry=True, retry_policy=RETRY_POLICY)
     except Exception as exc:  # noqa: BLE001 - the reconciler re-rings; say so rather than fail the request

@@ -16,6 +16,7 @@ import time
 
 from sqlalchemy import delete, func, select, update
 
+from models.queues import queue_gpus, who_serves
 from models.tables import Job, Worker, utcnow
 from worker.context import Context
 from worker.doorbell import ring
@@ -139,7 +140,7 @@ def reconcile(ctx: Context) -> list[str]:
     rung = []
     for job_id, queue, reason, is_stale in queued:
         if queue not in served:
-            set_pending_reason(ctx, job_id, reason, f"{NO_WORKER} {queue!r}")
+            set_pending_reason(ctx, job_id, reason, no_worker_reason(queue))
             continue
         if reason and reason.startswith(NO_WORKER):
             set_pending_reason(ctx, job_id, reason, None)
@@ -149,6 +150,15 @@ def reconcile(ctx: Context) -> list[str]:
             ring(job_id, queue)
             rung.append(job_id)
     return rung
+
+
+def no_worker_reason(queue: str) -> str:
+    """Why a job waits when no live worker serves its queue: ``… queue 'gpu.4' (jobs needing 4 GPUs)``."""
+    try:
+        needs = queue_gpus(queue)
+    except ValueError:  # a queue this version doesn't know (a newer API): no more to say
+        needs = 0
+    return f"{NO_WORKER} {queue!r}" + (f" ({who_serves(queue)})" if needs else "")
 
 
 def set_pending_reason(ctx: Context, job_id: str, old: str | None, new: str | None) -> None:
@@ -194,9 +204,13 @@ def tick(ctx: Context, worker_id: str, register: dict) -> None:
     prune(ctx)
 
 
-def start(ctx: Context, worker_id: str, queues: list[str], slots: int) -> threading.Event:
-    """Register the worker and run ``tick`` every heartbeat in a daemon thread; set the event to stop it."""
-    register = {"queues": queues, "slots": slots, "devices": local_devices()}
+def start(ctx: Context, worker_id: str, queues: list[str], slots: int,
+          devices: dict | None = None) -> threading.Event:
+    """Register the worker and run ``tick`` every heartbeat in a daemon thread; set the event to stop it.
+
+    ``devices`` is what the registry shows of the machine (a GPU worker's GPUs); default: local_devices().
+    """
+    register = {"queues": queues, "slots": slots, "devices": devices or local_devices()}
     register_worker(ctx, worker_id, **register)
     stop = threading.Event()
 

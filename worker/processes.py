@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 
-from worker.celery_app import QUEUES
+from models.queues import QUEUES, describe_queues
 
 
 def worker_argv(queues: list[str], concurrency: int, loglevel: str = "INFO") -> list[str]:
@@ -12,7 +12,7 @@ def worker_argv(queues: list[str], concurrency: int, loglevel: str = "INFO") -> 
     unknown = [queue for queue in queues if queue not in QUEUES]
     if unknown or not queues:
         given = ", ".join(unknown) or "(none given)"
-        raise ValueError(f"unknown queue(s) {given}; queues: {', '.join(QUEUES)}")
+        raise ValueError(f"unknown queue(s) {given}; queues: {describe_queues()}")
     return [
         "worker",
         "--queues", ",".join(queues),

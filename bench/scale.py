@@ -1,0 +1,173 @@
+"""Queue throughput against worker processes: N small jobs through PostgreSQL and Redis with 1, 2 and 4
+worker processes, measured in the same run.
+
+    python bench/scale.py [--jobs 200] [--processes 1,2,4] [--mode both|workers|concurrency]
+
+Each measurement is a fresh PostgreSQL database, a flushed Redis db (11) and a local artifact folder:
+  workers      N separate ``celery worker`` processes of concurrency 1 (as N machines would run them,
+               each with its own maintenance thread)
+  concurrency  one worker with ``--concurrency N`` (N prefork pool processes under one main process)
+The workers start and register first; then the jobs are submitted through the API (Flask test client, in
+this process) as fast as it takes them, and the clock runs from the first submit until the last job has
+finished. Prints jobs/s and the ratio to one process. Needs PostgreSQL at 127.0.0.1:5432 (user postgres)
+and Redis at 127.0.0.1:6379.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import psycopg  # noqa: E402
+import redis  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+from models.settings import Settings  # noqa: E402
+
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/11"
+SMALL_JOB = {
+    "name": "small",
+    "task": "multiclass",
+    "data": {"source": "sklearn", "name": "make_blobs",
+             "params": {"n_samples": 200, "centers": 3, "n_features": 4, "random_state": 0}},
+    "model": {"layers": [{"type": "Linear", "out_features": 16}, {"type": "ReLU"},
+                         {"type": "Linear", "out_features": 3}]},
+    "training": {"epochs": 3, "batch_size": 50},
+}
+
+
+class Deployment:
+    """A fresh database, a flushed Redis db, the API in this process, and worker processes."""
+
+    def __init__(self, home: Path):
+        self.database = f"torchyard_scalebench_{secrets.token_hex(6)}"
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.database}"')
+        self.redis = redis.Redis.from_url(REDIS_URL)
+        self.redis.flushdb()
+        url = make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql+psycopg", database=self.database)
+        self.settings = Settings(home=home, database_url=url.render_as_string(hide_password=False),
+                                 broker_url=REDIS_URL).resolved()
+        self.workers: list[subprocess.Popen] = []
+        self.app = None
+
+    def start(self) -> None:
+        import worker.doorbell
+        from api import create_app
+        from api.auth import create_api_key
+        from models.migrate import upgrade
+        from worker.celery_app import make_celery
+
+        upgrade(self.settings.database_url)
+        worker.doorbell.app = make_celery(self.settings)  # the API's doorbell rings this deployment's Redis
+        self.app = create_app({"TESTING": False, **self.settings.model_dump()})
+        self.sessions = self.app.extensions["torchyard"].sessions
+        self.client = self.app.test_client()
+        with self.sessions() as session:
+            self.headers = {"Authorization": f"Bearer {create_api_key(session, 'bench', 'bench')}"}
+
+    def start_workers(self, count: int, concurrency: int) -> None:
+        from models.tables import Worker
+        from worker.processes import worker_argv
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHYARD_")}
+        env.update({f"TORCHYARD_{k.upper()}": str(v) for k, v in self.settings.model_dump().items()})
+        for index in range(count):
+            log = open(self.settings.home / f"worker-{index}.log", "ab")  # noqa: SIM115 - the worker's
+            argv = worker_argv(["cpu"], concurrency, os.environ.get("BENCH_LOGLEVEL", "WARNING"))
+            self.workers.append(subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app", *argv],
+                                                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+        deadline = time.monotonic() + 120
+        while True:
+            with self.sessions() as session:
+                if session.scalar(select(func.count()).select_from(Worker)) == count:
+                    return
+            if time.monotonic() > deadline or any(w.poll() is not None for w in self.workers):
+                raise SystemExit(f"workers did not start; see {self.settings.home}/worker-*.log")
+            time.sleep(0.2)
+
+    def run(self, jobs: int) -> float:
+        """Submit ``jobs`` jobs and wait for all to finish; return the seconds it took."""
+        from models.tables import Job
+
+        started = time.perf_counter()
+        for index in range(jobs):
+            response = self.client.post("/api/v1/jobs", json={**SMALL_JOB, "seed": index}, headers=self.headers)
+            assert response.status_code == 201, response.get_json()
+        while True:
+            with self.sessions() as session:
+                counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            if counts.get("failed") or counts.get("cancelled"):
+                raise SystemExit(f"jobs failed: {counts}")
+            if counts.get("succeeded", 0) == jobs:
+                return time.perf_counter() - started
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        for process in self.workers:
+            process.terminate()
+        for process in self.workers:
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if self.app is not None:
+            self.app.extensions["torchyard"].engine.dispose()
+        self.redis.flushdb()
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+
+
+def measure(jobs: int, processes: int, mode: str) -> float:
+    with tempfile.TemporaryDirectory(prefix="torchyard-bench-") as home:
+        deployment = Deployment(Path(home))
+        try:
+            deployment.start()
+            if mode == "workers":
+                deployment.start_workers(processes, concurrency=1)
+            else:
+                deployment.start_workers(1, concurrency=processes)
+            return deployment.run(jobs)
+        finally:
+            deployment.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--processes", default="1,2,4")
+    parser.add_argument("--mode", choices=["both", "workers", "concurrency"], default="both")
+    args = parser.parse_args()
+    counts = [int(n) for n in args.processes.split(",")]
+    modes = ["workers", "concurrency"] if args.mode == "both" else [args.mode]
+
+    import torch
+
+    print(f"{args.jobs} jobs ({SMALL_JOB['training']['epochs']} epochs of make_blobs, 200 samples), "
+          f"PostgreSQL + Redis, local artifact folder; {os.cpu_count()} cores, torch {torch.__version__}")
+    print("load average before: {:.2f} {:.2f} {:.2f} (other processes on this machine skew the figures)"
+          .format(*os.getloadavg()))
+    print(f"{'mode':<13}{'processes':>10}{'seconds':>10}{'jobs/s':>10}{'vs 1':>8}")
+    for mode in modes:
+        base = None
+        for count in counts:
+            seconds = measure(args.jobs, count, mode)
+            rate = args.jobs / seconds
+            base = base or rate
+            print(f"{mode:<13}{count:>10}{seconds:>10.1f}{rate:>10.2f}{rate / base:>8.2f}", flush=True)
+    print("load average after:  {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+
+
+if __name__ == "__main__":
+    main()
