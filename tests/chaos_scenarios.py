@@ -21,6 +21,7 @@ import os
 import secrets
 import signal
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -54,8 +55,10 @@ JOB_TIMEOUT = 180  # seconds a job may take to end; generous: other suites may s
 LEASE_LOST = ": 'lease lost'"
 
 
-def spec(name: str = "chaos") -> dict:
-    return {**copy.deepcopy(SPEC), "name": name}
+def spec(name: str = "chaos", epochs: int = EPOCHS) -> dict:
+    job_spec = {**copy.deepcopy(SPEC), "name": name}
+    job_spec["training"]["epochs"] = epochs
+    return job_spec
 
 
 def uninterrupted_sha256(directory: Path) -> str:
@@ -223,12 +226,19 @@ class Deployment:
         with self.sessions() as session:
             return session.get(Job, job_id)
 
-    def wait_row(self, job_id: str, predicate: Callable[[Job], bool], what: str, timeout: float = JOB_TIMEOUT) -> Job:
+    def wait_row(self, job_id: str, predicate: Callable[[Job], bool], what: str, timeout: float = JOB_TIMEOUT,
+                 every: float = 0.1) -> Job:
+        """Poll the job row until ``predicate``; ``every`` 0.02 s where a signal must land within an epoch."""
         def reached():
             job = self.row(job_id)
             return job if predicate(job) else None
 
-        return wait_for(reached, timeout, f"job {job_id}: {what}", self.log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if job := reached():
+                return job
+            time.sleep(every)
+        return wait_for(reached, 0.5, f"job {job_id}: {what}", self.log)  # one more look, then fail with the logs
 
     def wait_final(self, job_id: str, timeout: float = JOB_TIMEOUT) -> Job:
         return self.wait_row(job_id, lambda job: job.status in FINAL, "a final status", timeout)
@@ -348,7 +358,8 @@ def killed_mid_run(deploy: Deployment) -> Outcome:
     try:
         (first,) = deploy.start_workers(1, "killed")
         job_id = deploy.submit(spec("killed"))
-        deploy.wait_row(job_id, lambda job: job.status == "running" and job.epoch >= 2, "epoch 2 recorded")
+        deploy.wait_row(job_id, lambda job: job.status == "running" and job.epoch >= 2, "epoch 2 recorded",
+                        every=0.02)
         first.kill()
         at_kill = deploy.snapshot(job_id)  # attempt 1 is gone: this is all it ever recorded
         (second,) = deploy.start_workers(1, "killed-new")
@@ -390,7 +401,8 @@ def stopped_past_lease(deploy: Deployment) -> Outcome:
     try:
         deploy.start_workers(2, "stopped")
         job_id = deploy.submit(spec("stopped"))
-        job = deploy.wait_row(job_id, lambda job: job.status == "running" and job.epoch >= 2, "epoch 2 recorded")
+        job = deploy.wait_row(job_id, lambda job: job.status == "running" and job.epoch >= 2, "epoch 2 recorded",
+                              every=0.02)
         stopped = deploy.holder(job)
         os.killpg(stopped.process.pid, signal.SIGSTOP)
         at_stop = deploy.snapshot(job_id)
@@ -441,7 +453,7 @@ def cancelled_then_restarted(deploy: Deployment, sig: signal.Signals = signal.SI
 
     try:
         (first,) = deploy.start_workers(1, f"cancel-{sig.name}")
-        job_id = deploy.submit(spec(f"cancel-{sig.name}"))
+        job_id = deploy.submit(spec(f"cancel-{sig.name}", epochs=5 * EPOCHS))  # never near its end when cancelled
         deploy.wait_row(job_id, lambda job: job.status == "running" and job.epoch >= 1, "epoch 1 recorded")
         (second,) = deploy.spawn_workers(1, f"cancel-{sig.name}-new")  # it starts while the first stops
         requested = deploy.cancel(job_id)

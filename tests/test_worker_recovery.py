@@ -18,7 +18,8 @@ LONG = {
     "seed": 1,
     "task": "binary",
     "data": {"source": "sklearn", "name": "make_moons",
-             "params": {"n_samples": 300, "noise": 0.2, "random_state": 0}},
+             # Enough rows that the 40 epochs last several seconds: a stop must land mid-run.
+             "params": {"n_samples": 4000, "noise": 0.2, "random_state": 0}},
     "model": {"layers": [{"type": "Linear", "out_features": 32}, {"type": "Tanh"},
                          {"type": "Linear", "out_features": 1}]},
     "optimizer": {"type": "Adam", "lr": 0.01},
@@ -79,6 +80,7 @@ def test_a_stopping_worker_hands_its_job_back_and_another_finishes_it(own_embedd
     first = service.workers[0]
     service.wait_status(job_id, ("running",))
     service.wait_for(lambda: epoch_of(service, job_id) >= 5, 60, "epoch 5")
+    assert epoch_of(service, job_id) < EPOCHS // 2, "too quick to interrupt; make the job longer"
 
     assert first.stop(timeout=30) == 0, first.log()
     job = service.job(job_id)
