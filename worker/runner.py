@@ -37,6 +37,7 @@ from worker.job_callbacks import (
 
 log = logging.getLogger(__name__)
 
+
 def run_job(job_id: str) -> str:
     """Claim and run ``job_id``; return what happened (for the log). Never raises for a job's fault."""
     ctx = context()
