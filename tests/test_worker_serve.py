@@ -1,5 +1,5 @@
 """``serve()`` is the whole service on one machine: it migrates, prints a token, trains jobs submitted
-over real HTTP, and on Ctrl-C stops its worker cleanly."""
+over real HTTP, and on Ctrl-C or SIGTERM stops its worker cleanly."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 
+import pytest
 from sqlalchemy import select
 
 from models.db import make_engine, make_sessionmaker
@@ -44,7 +45,8 @@ def poll(predicate, timeout: float, what: str, process: subprocess.Popen):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_serve_trains_a_job_over_http_and_stops_its_worker_on_ctrl_c(serve_deployment):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_serve_trains_a_job_over_http_and_stops_its_worker_on_ctrl_c_or_sigterm(serve_deployment, stop_signal):
     settings, env = serve_deployment
     base = f"http://127.0.0.1:{settings.port}/api/v1"
     process = subprocess.Popen([sys.executable, "-c", "from torchyard.serve import serve; serve()"], env=env,
@@ -58,7 +60,7 @@ def test_serve_trains_a_job_over_http_and_stops_its_worker_on_ctrl_c(serve_deplo
         assert finished["status"] == "succeeded", finished
         assert oct(token_file.stat().st_mode & 0o777) == "0o600"
 
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         output, _ = process.communicate(timeout=90)
     finally:
         if process.poll() is None:

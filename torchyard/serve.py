@@ -60,6 +60,10 @@ def stop_worker(worker: subprocess.Popen, timeout: float = WORKER_STOP_SECONDS) 
     return worker.returncode
 
 
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(host: str | None = None, port: int | None = None) -> None:
     """Migrate the database, print the URL and token, run one worker and the API until Ctrl-C."""
     from werkzeug.serving import run_simple
@@ -74,6 +78,8 @@ def serve(host: str | None = None, port: int | None = None) -> None:
     print(f"torchyard API: http://{host}:{port}/api/v1", flush=True)
     print(f"token:         {token}   (saved in {settings.home / 'token'})", flush=True)
     worker = start_worker(settings)
+    # SIGTERM (systemd, docker stop, kill) stops like Ctrl-C, so the worker is never left behind.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         run_simple(host, port, create_app(), threaded=True)  # returns on Ctrl-C
     finally:
