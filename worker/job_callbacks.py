@@ -111,7 +111,9 @@ class Fence:
                 delay = RETRY_DELAYS[min(tries, len(RETRY_DELAYS) - 1)]
                 if not database_down(exc):
                     raise
-                if time.monotonic() + delay > deadline:
+                # One retry on a fresh connection always: a process that was frozen (SIGSTOP) may wake
+                # past the deadline to a connection the server closed, and must still learn it lost the job.
+                if tries and time.monotonic() + delay > deadline:
                     raise DatabaseUnavailable(f"job {self.job_id}: database unavailable for "
                                               f"{self.ctx.settings.lease_seconds} s") from exc
                 log.warning("job %s: database unavailable (%s); trying again in %s s", self.job_id,
