@@ -628,15 +628,23 @@ def s3_url(moto_endpoint):
         yield url
 
 
-def s3_objects(url: str) -> dict[str, bytes]:
-    """Every object under an ``s3://bucket/prefix`` URL, read with boto3 (not through the store under test)."""
+def s3_keys(url: str) -> list[str]:
+    """The keys of every object under an ``s3://bucket/prefix`` URL, listed with boto3 (not the store under test)."""
     import boto3
 
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def s3_objects(url: str) -> dict[str, bytes]:
+    """Every object under an ``s3://bucket/prefix`` URL, read with boto3. Only for prefixes nothing writes to
+    any more: a key pruned between the listing and the read raises NoSuchKey."""
+    import boto3
+
+    bucket = url.removeprefix("s3://").partition("/")[0]
     client = boto3.client("s3")
-    keys = [item["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for item in page.get("Contents", [])]
-    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in s3_keys(url)}
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from conftest import s3_bucket, s3_objects, worker_settings
+from conftest import s3_bucket, s3_keys, s3_objects, worker_settings
 from sqlalchemy import select
 
 from models.storage import ArtifactStore
@@ -61,7 +61,7 @@ def test_deletes_remove_files_and_trees_and_a_second_delete_is_harmless(s3_url):
     store.delete_tree("jobs/job_1")  # already gone: nothing to do
 
     assert not store.exists("jobs/job_1/checkpoints/epoch-0001.pt")
-    assert list(s3_objects(s3_url)) == [other.removeprefix(f"{s3_url}/")]
+    assert s3_keys(s3_url) == [other.removeprefix(f"{s3_url}/")]
     with store.open(other) as f:
         assert f.read() == b"keep me"
 
