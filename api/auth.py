@@ -10,7 +10,7 @@ from typing import TypeVar
 from flask import g
 from flask import request as flask_request
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from api.db import get_session
 from api.errors import ApiError, not_found
@@ -59,7 +59,9 @@ def require_user() -> None:
         raise _unauthorized("send an API key as 'Authorization: Bearer ty_…'")
     session = get_session()
     key = session.scalar(
-        select(ApiKey).where(ApiKey.key_hash == hash_token(token.strip()), ApiKey.revoked_at.is_(None))
+        select(ApiKey)
+        .where(ApiKey.key_hash == hash_token(token.strip()), ApiKey.revoked_at.is_(None))
+        .options(joinedload(ApiKey.user))  # one query for the key and its user: every request pays it
     )
     if key is None:
         raise _unauthorized("the API key is not valid")
