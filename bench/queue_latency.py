@@ -19,11 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-# This file is named like the standard library's ``queue``, which Celery and kombu import: keep its own
-# folder off the import path (``python bench/queue_latency.py`` puts it first) before anything imports ``queue``.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-ROOT = os.path.dirname(_HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import argparse  # noqa: E402
@@ -36,18 +32,11 @@ import time  # noqa: E402
 import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from specs import blobs_spec  # noqa: E402
+
 BARE_QUEUE = "bench-bare"
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-SPEC = {
-    "name": "bench-small",
-    "seed": 0,
-    "task": "multiclass",
-    "data": {"source": "sklearn", "name": "make_blobs",
-             "params": {"n_samples": 200, "centers": 3, "n_features": 4, "random_state": 0}},
-    "model": {"layers": [{"type": "Linear", "out_features": 16}, {"type": "ReLU"},
-                         {"type": "Linear", "out_features": 3}]},
-    "training": {"epochs": 2, "batch_size": 50},
-}
+SPEC = blobs_spec("bench-small", epochs=2, n_samples=200)
 
 
 def bare_app(broker_url: str):

@@ -25,10 +25,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import psycopg  # noqa: E402
 import redis  # noqa: E402
+from specs import blobs_spec  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
@@ -36,15 +37,7 @@ from models.settings import Settings  # noqa: E402
 
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/11"
-SMALL_JOB = {
-    "name": "small",
-    "task": "multiclass",
-    "data": {"source": "sklearn", "name": "make_blobs",
-             "params": {"n_samples": 200, "centers": 3, "n_features": 4, "random_state": 0}},
-    "model": {"layers": [{"type": "Linear", "out_features": 16}, {"type": "ReLU"},
-                         {"type": "Linear", "out_features": 3}]},
-    "training": {"epochs": 3, "batch_size": 50},
-}
+SMALL_JOB = blobs_spec("small", epochs=3, n_samples=200)
 
 
 class Deployment:

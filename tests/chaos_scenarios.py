@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conftest import POSTGRES_ADMIN_URL, WorkerProcess, _admin_connection, flushed_redis, wait_for, worker_settings
+from specs import long_spec
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
@@ -36,18 +37,7 @@ from models.storage import job_prefix, sha256_file
 from models.tables import Artifact, EpochMetrics, Job, Worker, utcnow
 
 EPOCHS = 10
-SPEC = {
-    "name": "chaos",
-    "seed": 7,
-    "task": "binary",
-    "data": {"source": "sklearn", "name": "make_moons",
-             "params": {"n_samples": 600, "noise": 0.2, "random_state": 0}},
-    "model": {"layers": [{"type": "Linear", "out_features": 32}, {"type": "Tanh"},
-                         {"type": "Linear", "out_features": 1}]},
-    "optimizer": {"type": "Adam", "lr": 0.01},
-    "training": {"epochs": EPOCHS, "batch_size": 4},
-    "checkpoint": {"every_n_epochs": 1, "keep_last": 2},
-}
+SPEC = long_spec(EPOCHS, n_samples=600, batch_size=4, seed=7, name="chaos")
 FINAL = ("succeeded", "failed", "cancelled")
 JOB_TIMEOUT = 180  # seconds a job may take to end; generous: other suites may share the 2 cores
 # How Celery logs the end of an attempt that found its job taken over (a fenced write refused, or a file op

@@ -15,6 +15,7 @@ import types
 
 import psycopg
 import pytest
+from specs import circles_spec
 from sqlalchemy.engine import make_url
 
 # ==================================================================================================
@@ -24,17 +25,7 @@ from sqlalchemy.engine import make_url
 # The PostgreSQL server these tests need; they fail (never skip) when it is not there.
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
-CIRCLES_SPEC = {
-    "name": "circles-mlp",
-    "seed": 0,
-    "task": "binary",
-    "data": {"source": "sklearn", "name": "make_circles",
-             "params": {"n_samples": 300, "factor": 0.5, "noise": 0.1, "random_state": 2020}},
-    "model": {"layers": [{"type": "Linear", "out_features": 16}, {"type": "ReLU"},
-                         {"type": "Linear", "out_features": 1}]},
-    "optimizer": {"type": "Adam", "lr": 0.1},
-    "training": {"epochs": 5, "batch_size": 50},
-}
+CIRCLES_SPEC = circles_spec("circles-mlp", epochs=5, lr=0.1)
 
 
 @pytest.fixture

@@ -13,40 +13,12 @@ import threading
 import time
 
 import pytest
+from specs import blobs_spec, long_spec
 from sqlalchemy import func, select
 
 from models.tables import EpochMetrics, Job
 
 QUEUED_JOBS = 4
-
-
-def small_spec(name: str, epochs: int, n_samples: int = 200) -> dict:
-    return {
-        "name": name,
-        "seed": 0,
-        "task": "multiclass",
-        "data": {"source": "sklearn", "name": "make_blobs",
-                 "params": {"n_samples": n_samples, "centers": 3, "n_features": 4, "random_state": 0}},
-        "model": {"layers": [{"type": "Linear", "out_features": 16}, {"type": "ReLU"},
-                             {"type": "Linear", "out_features": 3}]},
-        "training": {"epochs": epochs, "batch_size": 50},
-    }
-
-
-def long_spec(epochs: int) -> dict:
-    """A job that runs for a while (a few seconds on a busy 2-core machine) with a checkpoint per epoch."""
-    return {
-        "name": "long",
-        "seed": 1,
-        "task": "binary",
-        "data": {"source": "sklearn", "name": "make_moons",
-                 "params": {"n_samples": 600, "noise": 0.2, "random_state": 0}},
-        "model": {"layers": [{"type": "Linear", "out_features": 32}, {"type": "Tanh"},
-                             {"type": "Linear", "out_features": 1}]},
-        "optimizer": {"type": "Adam", "lr": 0.01},
-        "training": {"epochs": epochs, "batch_size": 10},
-        "checkpoint": {"every_n_epochs": 1, "keep_last": 2},
-    }
 
 
 def epoch_of(service, job_id: str) -> int:
@@ -78,9 +50,9 @@ def assert_each_trained_once(service, jobs: dict[str, dict]) -> None:
 
 def queue_with_a_running_job(service, redis_server) -> tuple[str, list[str]]:
     """One long job running on the only worker and QUEUED_JOBS small ones waiting in Redis behind it."""
-    running = service.submit(long_spec(epochs=30))
+    running = service.submit(long_spec(30, n_samples=600, batch_size=10))
     service.wait_for(lambda: epoch_of(service, running) >= 2, 120, "the long job's epoch 2")
-    queued = [service.submit(small_spec(f"queued-{i}", epochs=3)) for i in range(QUEUED_JOBS)]
+    queued = [service.submit(blobs_spec(f"queued-{i}", epochs=3, n_samples=200)) for i in range(QUEUED_JOBS)]
     for job_id in queued:
         assert service.job(job_id)["status"] == "queued"
     # Their messages wait in the broker (the busy worker prefetches none with late acks and prefetch 1).
@@ -116,7 +88,8 @@ def test_flushall_loses_the_messages_and_every_job_still_trains_once(on_private_
     private_redis.flushall()
     assert private_redis.client().llen("cpu") == 0
 
-    after = service.submit(small_spec("after-flush", epochs=2))  # the API publishes into the emptied broker
+    # The API publishes into the emptied broker.
+    after = service.submit(blobs_spec("after-flush", epochs=2, n_samples=200))
     assert_recovered(service, running, queued, (after,))
 
 
@@ -126,10 +99,10 @@ def test_a_restarted_redis_loses_everything_and_workers_reconnect(on_private_red
 
     private_redis.restart()  # no persistence: it comes back empty, and every client connection broke
 
-    after = service.submit(small_spec("after-restart", epochs=2))
+    after = service.submit(blobs_spec("after-restart", epochs=2, n_samples=200))
     assert_recovered(service, running, queued, (after,))
     # The worker is consuming again: a job submitted after all of that is taken from the broker.
-    last = service.submit(small_spec("last", epochs=1))
+    last = service.submit(blobs_spec("last", epochs=1, n_samples=200))
     assert_each_trained_once(service, {last: service.wait_status(last, timeout=120)})
 
 
@@ -138,7 +111,7 @@ def test_a_job_running_through_a_postgresql_restart_succeeds(http_deployment, pr
     service = http_deployment(private_postgres.create_database("torchyard"), private_redis.url(),
                               lease_seconds=30)
     epochs = 20
-    job_id = service.submit(long_spec(epochs))
+    job_id = service.submit(long_spec(epochs, n_samples=600, batch_size=10))
     service.wait_for(lambda: epoch_of(service, job_id) >= 2, 120, "epoch 2")
 
     private_postgres.stop("fast")  # drops every connection, mid-statement for the ones in use
@@ -178,7 +151,7 @@ def test_300_jobs_from_20_concurrent_clients_each_train_exactly_once(http_deploy
         for number in range(index, LOAD_JOBS, LOAD_CLIENTS):
             epochs = 1 + number % 2
             try:
-                job = http.submit(small_spec(f"load-{number}", epochs, n_samples=100))
+                job = http.submit(blobs_spec(f"load-{number}", epochs, n_samples=100))
             except Exception as exc:  # noqa: BLE001 - counted and reported below
                 with lock:
                     failures.append(f"{number}: {type(exc).__name__}: {exc}")

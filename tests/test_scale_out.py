@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 from conftest import Service, WorkerProcess, production_settings, s3_bucket, s3_keys, s3_objects
+from specs import long_spec
 from sqlalchemy import select
 
 from models.spec import parse_spec
@@ -15,18 +16,7 @@ from models.tables import Artifact, EpochMetrics, Job
 from worker.engine import train
 
 EPOCHS = 40
-LONG = {
-    "name": "long",
-    "seed": 1,
-    "task": "binary",
-    "data": {"source": "sklearn", "name": "make_moons",
-             "params": {"n_samples": 300, "noise": 0.2, "random_state": 0}},
-    "model": {"layers": [{"type": "Linear", "out_features": 32}, {"type": "Tanh"},
-                         {"type": "Linear", "out_features": 1}]},
-    "optimizer": {"type": "Adam", "lr": 0.01},
-    "training": {"epochs": EPOCHS, "batch_size": 30},
-    "checkpoint": {"every_n_epochs": 1, "keep_last": 2},
-}
+LONG = long_spec(EPOCHS, n_samples=300, batch_size=30)
 
 
 @pytest.fixture

@@ -7,22 +7,14 @@ import hashlib
 
 import pytest
 from conftest import s3_bucket, s3_keys, s3_objects, worker_settings
+from specs import blobs_spec
 from sqlalchemy import select
 
 from models.storage import ArtifactStore
 from models.tables import Artifact
 
-SPEC = {
-    "name": "s3-blobs",
-    "seed": 0,
-    "task": "multiclass",
-    "data": {"source": "sklearn", "name": "make_blobs",
-             "params": {"n_samples": 300, "centers": 3, "n_features": 4, "random_state": 0}},
-    "model": {"layers": [{"type": "Linear", "out_features": 16}, {"type": "ReLU"},
-                         {"type": "Linear", "out_features": 3}]},
-    "training": {"epochs": 3, "batch_size": 50},
-    "checkpoint": {"every_n_epochs": 1, "keep_last": 2},
-}
+SPEC = blobs_spec("s3-blobs", checkpoints=True)
+
 
 
 def test_files_go_into_the_bucket_under_the_prefix_and_come_back(s3_url, tmp_path):

@@ -10,23 +10,14 @@ import io
 import json
 
 import numpy as np
+from specs import circles_spec
 from sqlalchemy import select
 
 from models.tables import Artifact, EpochMetrics, Job
 from worker.doorbell import ring
 
-CIRCLES = {
-    "name": "circles",
-    "seed": 0,
-    "task": "binary",
-    "data": {"source": "sklearn", "name": "make_circles",
-             "params": {"n_samples": 300, "factor": 0.5, "noise": 0.1, "random_state": 2020}},
-    "model": {"layers": [{"type": "Linear", "out_features": 16}, {"type": "ReLU"},
-                         {"type": "Linear", "out_features": 1}]},
-    "optimizer": {"type": "Adam", "lr": 0.05},
-    "training": {"epochs": 4, "batch_size": 50},
-    "checkpoint": {"every_n_epochs": 1, "keep_last": 2},
-}
+CIRCLES = circles_spec("circles", epochs=4, lr=0.05, checkpoints=True)
+
 
 
 def spec(**changes) -> dict:

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
+from specs import blobs_spec
 from sqlalchemy import select
 
 from models.tables import Artifact, EpochMetrics, Worker
 from worker.doorbell import ring
 
-SPEC = {
-    "name": "blobs",
-    "seed": 0,
-    "task": "multiclass",
-    "data": {"source": "sklearn", "name": "make_blobs",
-             "params": {"n_samples": 300, "centers": 3, "n_features": 4, "random_state": 0}},
-    "model": {"layers": [{"type": "Linear", "out_features": 16}, {"type": "ReLU"},
-                         {"type": "Linear", "out_features": 3}]},
-    "training": {"epochs": 3, "batch_size": 50},
-}
+SPEC = blobs_spec("blobs")
+
 
 
 def test_a_job_trains_over_postgresql_and_redis_with_its_metrics_and_files(production_service):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from specs import long_spec
 from sqlalchemy import select
 
 from models.spec import parse_spec
@@ -13,19 +14,8 @@ from models.tables import Artifact, EpochMetrics, Job, Worker
 from worker.engine import train
 
 EPOCHS = 40
-LONG = {
-    "name": "long",
-    "seed": 1,
-    "task": "binary",
-    "data": {"source": "sklearn", "name": "make_moons",
-             # Enough rows that the 40 epochs last several seconds: a stop must land mid-run.
-             "params": {"n_samples": 4000, "noise": 0.2, "random_state": 0}},
-    "model": {"layers": [{"type": "Linear", "out_features": 32}, {"type": "Tanh"},
-                         {"type": "Linear", "out_features": 1}]},
-    "optimizer": {"type": "Adam", "lr": 0.01},
-    "training": {"epochs": EPOCHS, "batch_size": 30},
-    "checkpoint": {"every_n_epochs": 1, "keep_last": 2},
-}
+# Enough rows that the 40 epochs last several seconds: a stop must land mid-run.
+LONG = long_spec(EPOCHS, n_samples=4000, batch_size=30)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +27,15 @@ def uninterrupted_weights_sha256(tmp_path_factory) -> str:
 def epoch_of(service, job_id: str) -> int:
     with service.sessions() as session:
         return session.get(Job, job_id).epoch
+
+
+def long_job_at_epoch_5(service):
+    """Submit LONG and wait until its worker is at epoch 5, well before the end; return (job id, worker)."""
+    job_id = service.submit(LONG)
+    service.wait_status(job_id, ("running",))
+    service.wait_for(lambda: epoch_of(service, job_id) >= 5, 60, "epoch 5")
+    assert epoch_of(service, job_id) < EPOCHS // 2, "too quick to interrupt; make the job longer"
+    return job_id, service.workers[0]
 
 
 def assert_finished_like_an_uninterrupted_run(service, job_id: str, sha256: str) -> None:
@@ -61,11 +60,7 @@ def assert_finished_like_an_uninterrupted_run(service, job_id: str, sha256: str)
 def test_a_vanished_worker_s_job_is_reaped_and_resumed_from_its_checkpoint(own_embedded_service,
                                                                            uninterrupted_weights_sha256):
     service = own_embedded_service
-    job_id = service.submit(LONG)
-    first = service.workers[0]
-    service.wait_status(job_id, ("running",))
-    service.wait_for(lambda: epoch_of(service, job_id) >= 5, 60, "epoch 5")
-    assert epoch_of(service, job_id) < EPOCHS // 2, "too quick to interrupt; make the job longer"
+    job_id, first = long_job_at_epoch_5(service)
 
     first.kill()
     service.start_worker(name="second")
@@ -76,11 +71,7 @@ def test_a_vanished_worker_s_job_is_reaped_and_resumed_from_its_checkpoint(own_e
 def test_a_stopping_worker_hands_its_job_back_and_another_finishes_it(own_embedded_service,
                                                                       uninterrupted_weights_sha256):
     service = own_embedded_service
-    job_id = service.submit(LONG)
-    first = service.workers[0]
-    service.wait_status(job_id, ("running",))
-    service.wait_for(lambda: epoch_of(service, job_id) >= 5, 60, "epoch 5")
-    assert epoch_of(service, job_id) < EPOCHS // 2, "too quick to interrupt; make the job longer"
+    job_id, first = long_job_at_epoch_5(service)
 
     assert first.stop(timeout=30) == 0, first.log()
     job = service.job(job_id)
