@@ -14,6 +14,7 @@ import torch
 
 from models.spec import parse_spec
 from worker.engine import Callback, StopTraining, train
+from worker.engine.checkpoints import to_remove
 
 TIMING = {"epoch_seconds", "samples_per_second"}
 
@@ -150,3 +151,10 @@ def test_sigkill_mid_run_then_resume_gives_byte_identical_weights(tmp_path):
         (tmp_path / "whole/weights.safetensors").read_bytes()
     assert metrics_without_timing(tmp_path / "killed/metrics.jsonl") == \
         metrics_without_timing(tmp_path / "whole/metrics.jsonl")
+
+
+def test_pruning_keeps_the_last_k_and_the_best_and_drops_superseded_mid_epoch_checkpoints():
+    positions = [(1, 0), (2, 0), (2, 40), (3, 0), (4, 0), (4, 17), (5, 0)]
+    assert to_remove(positions, keep_last=2, best_epoch=2) == [(1, 0), (2, 40), (3, 0), (4, 17)]
+    assert to_remove(positions, keep_last=2, best_epoch=5) == [(1, 0), (2, 0), (2, 40), (3, 0), (4, 17)]
+    assert to_remove([(3, 0), (3, 12)], keep_last=1, best_epoch=None) == [(3, 12)]

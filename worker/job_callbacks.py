@@ -27,7 +27,7 @@ from models.storage import job_prefix
 from models.tables import Artifact, EpochMetrics, Job, utcnow
 from worker.context import Context
 from worker.engine import Callback, RunState, StopTraining, TrainingFailed
-from worker.engine.checkpoints import position, to_prune
+from worker.engine.checkpoints import position, to_remove
 from worker.engine.early_stopping import EarlyStopping
 from worker.engine.trainer import best_tracker
 
@@ -252,14 +252,12 @@ class ArtifactUploader(Callback):
         """Delete the rows of stored checkpoints the engine's rule would not keep; return their names.
 
         The engine prunes only the files in its folder; after a resume that folder holds just the
-        checkpoint it resumed from, so the ones an earlier attempt stored are pruned here by the same
-        rule (Trainer.prune_checkpoints): mid-epoch ones are superseded, whole epochs go by to_prune.
+        checkpoint it resumed from, so the ones an earlier attempt stored are pruned here by the same rule.
         """
         rows = session.scalars(select(Artifact).where(Artifact.job_id == self.fence.job_id,
                                                       Artifact.kind == "checkpoint")).all()
-        whole = {row.epoch: row for row in rows if position(Path(row.name).name)[1] == 0}
-        doomed = set(to_prune(list(whole), self.keep_last, best_epoch))
-        stale = [row for row in rows if row.epoch in doomed or row not in whole.values()]
+        by_position = {position(Path(row.name).name): row for row in rows}
+        stale = [by_position[pos] for pos in to_remove(list(by_position), self.keep_last, best_epoch)]
         for row in stale:
             session.delete(row)
         return [row.name for row in stale]

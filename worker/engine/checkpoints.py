@@ -65,9 +65,11 @@ def load_newest(directory: Path, device: torch.device) -> dict[str, Any] | None:
     return None
 
 
-def to_prune(epochs: list[int], keep_last: int, best_epoch: int | None) -> list[int]:
-    """Which checkpoint epochs to delete: all but the newest ``keep_last`` and the best one."""
-    keep = set(sorted(epochs)[-keep_last:])
+def to_remove(positions: list[tuple[int, int]], keep_last: int, best_epoch: int | None) -> list[tuple[int, int]]:
+    """Which checkpoints, by (epoch, batch), a run no longer needs: every mid-epoch one (the end of an epoch
+    supersedes it) and every end-of-epoch one but the newest ``keep_last`` and the best epoch's."""
+    whole = sorted(epoch for epoch, batch in positions if not batch)
+    keep = set(whole[-keep_last:])
     if best_epoch is not None:
         keep.add(best_epoch)
-    return [epoch for epoch in epochs if epoch not in keep]
+    return [(epoch, batch) for epoch, batch in positions if batch or epoch not in keep]

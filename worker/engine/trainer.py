@@ -258,13 +258,10 @@ class Trainer:
 
     def prune_checkpoints(self) -> None:
         """Keep the last k end-of-epoch checkpoints and the best; mid-epoch ones are superseded."""
-        every = checkpoints.list_all(self.checkpoint_dir)
-        stale = [(epoch, path) for (epoch, batch), path in every if batch]
-        whole = dict((epoch, path) for (epoch, batch), path in every if not batch)
+        every = dict(checkpoints.list_all(self.checkpoint_dir))
         best_epoch = self.best.best_epoch + 1 if self.state.history else None
-        stale += [(epoch, whole[epoch])
-                  for epoch in checkpoints.to_prune(list(whole), self.spec.checkpoint.keep_last, best_epoch)]
-        for epoch, path in stale:
+        for epoch, batch in checkpoints.to_remove(list(every), self.spec.checkpoint.keep_last, best_epoch):
+            path = every[epoch, batch]
             path.unlink(missing_ok=True)
             for callback in self.callbacks:
                 callback.on_checkpoint_removed(self.state, path, epoch)
