@@ -101,6 +101,14 @@ class ArtifactStore:
         self.fs.rm_file(path)
         return True
 
+    def list_uris(self, key: str) -> list[str]:
+        """The URIs of every file under a folder key, read fresh from the store (none if there's no folder)."""
+        path = self.path(key)
+        self.fs.invalidate_cache(path)  # an object store's cached listing may predate the latest writes
+        if not self.fs.exists(path):
+            return []
+        return sorted(self.fs.unstrip_protocol(found) for found in self.fs.find(path))
+
     def delete_tree(self, key: str) -> None:
         """Remove a folder and everything under it, if it exists."""
         path = self.path(key)

@@ -259,18 +259,17 @@ class Deployment:
         with self.sessions() as session:
             rows = session.execute(select(EpochMetrics.epoch, EpochMetrics.attempt, EpochMetrics.created_at)
                                    .where(EpochMetrics.job_id == job_id)).all()
-            checkpoints = session.execute(select(Artifact.name, Artifact.epoch, Artifact.sha256)
+            checkpoints = session.execute(select(Artifact.name, Artifact.epoch, Artifact.sha256, Artifact.uri)
                                           .where(Artifact.job_id == job_id, Artifact.kind == "checkpoint")).all()
         return {"rows": {epoch: (attempt, created) for epoch, attempt, created in rows},
-                "checkpoints": {name: (epoch, sha) for name, epoch, sha in checkpoints},
+                "checkpoints": {name: (epoch, sha) for name, epoch, sha, _uri in checkpoints},
+                "checkpoint_paths": {uri.removeprefix("file://"): sha for _name, _epoch, sha, uri in checkpoints},
                 "files": self.stored_checkpoint_files(job_id)}
 
     def stored_checkpoint_files(self, job_id: str) -> dict[str, str]:
-        """name -> SHA-256 of every checkpoint file in the (local) artifact store."""
-        folder = Path(self.settings.artifacts_url) / job_prefix(job_id) / "checkpoints"
-        if not folder.is_dir():
-            return {}
-        return {f"checkpoints/{p.name}": sha256_file(str(p))[1] for p in sorted(folder.iterdir()) if p.is_file()}
+        """path -> SHA-256 of every checkpoint file in the (local) artifact store, of every attempt."""
+        folder = Path(self.settings.artifacts_url) / job_prefix(job_id)
+        return {str(p): sha256_file(str(p))[1] for p in sorted(folder.rglob("*.pt")) if p.parent.name == "checkpoints"}
 
     def outcome(self, job_id: str, expected_status: str, expected_attempts: int) -> JobOutcome:
         job = self.job(job_id)

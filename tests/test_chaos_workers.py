@@ -105,7 +105,7 @@ def test_a_worker_stopped_past_its_lease_writes_nothing_when_it_wakes(deploy, re
     assert {epoch for epoch, attempts in job.seen.items() if 1 in attempts} <= set(facts["at_stop"]["rows"])
     # No checkpoint of attempt 1 after the takeover: each stored file is the one its row names, no file without a row.
     final = facts["final"]
-    assert final["files"] == {name: sha for name, (_epoch, sha) in final["checkpoints"].items()}
+    assert final["files"] == final["checkpoint_paths"]
     assert final["files"]
     assert [row["epoch"] for row in job.metrics] == list(range(1, chaos.EPOCHS + 1))
     assert len(job.retrained) <= 1

@@ -54,7 +54,7 @@ def stored_checkpoint_epochs(service: Service, job_id: str, bucket: str) -> list
         rows = session.scalars(select(Artifact).where(Artifact.job_id == job_id,
                                                       Artifact.kind == "checkpoint")).all()
     # Keys only: the running job prunes old checkpoints, so one listed may be gone before it could be read.
-    keys = set(s3_keys(f"{bucket}/artifacts/jobs/{job_id}/checkpoints/"))
+    keys = set(s3_keys(f"{bucket}/artifacts/jobs/{job_id}/"))
     return sorted(row.epoch for row in rows if row.uri.removeprefix(f"{bucket}/") in keys)
 
 
@@ -104,6 +104,8 @@ def test_a_job_killed_on_one_machine_resumes_on_the_other_from_its_checkpoint_in
     for artifact in stored:  # every file the job lists is the object in S3, byte for byte
         data = objects[artifact.uri.removeprefix(f"{bucket}/")]
         assert hashlib.sha256(data).hexdigest() == artifact.sha256
+    # and every object is one the job lists: what the killed attempt uploaded without a row went at the end
+    assert sorted(objects) == sorted(artifact.uri.removeprefix(f"{bucket}/") for artifact in stored)
     weights = service.client.get(f"/api/v1/jobs/{job_id}/weights", headers=service.headers)
     assert weights.status_code == 200
     assert hashlib.sha256(weights.data).hexdigest() == expected_sha256

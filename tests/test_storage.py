@@ -31,6 +31,9 @@ def test_put_bytes_and_delete_a_tree(tmp_path):
     store = ArtifactStore(f"file://{tmp_path}/store")
     uri, size, _ = store.put_bytes(b"abc", "jobs/j2/checkpoints/epoch-0001.pt")
     assert size == 3 and store.exists(uri)
+    other, _, _ = store.put_bytes(b"de", "jobs/j2/attempt-2/weights.safetensors")
+    assert store.list_uris("jobs/j2") == sorted([uri, other])
+    assert store.list_uris("jobs/none") == []
     store.delete_tree("jobs/j2")
     assert not store.exists("jobs/j2")
     store.delete_tree("jobs/j2")  # already gone is fine

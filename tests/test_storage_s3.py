@@ -88,19 +88,21 @@ def test_a_job_s_checkpoints_and_weights_live_in_s3_and_the_api_serves_them_from
         stored = {a.name: a for a in session.scalars(select(Artifact).where(Artifact.job_id == job_id))}
     assert {"weights.safetensors", "model.json", "metrics.jsonl", "checkpoints/epoch-0003.pt"} <= set(stored)
     objects = s3_objects(f"{url}/artifacts/jobs/{job_id}/")
+    attempt = f"artifacts/jobs/{job_id}/attempt-1"  # each attempt uploads under its own folder
     for artifact in stored.values():
-        assert artifact.uri == f"{url}/artifacts/jobs/{job_id}/{artifact.name}"
+        assert artifact.uri == f"{url}/{attempt}/{artifact.name}"
         data = objects[artifact.uri.removeprefix(f"{url}/")]
         assert (len(data), hashlib.sha256(data).hexdigest()) == (artifact.size, artifact.sha256)
-    # keep_last 2: the worker deleted epoch 1's checkpoint from the bucket as well as its row
+    # keep_last 2: the worker deleted epoch 1's checkpoint from the bucket as well as its row; no file lacks a row
+    assert sorted(objects) == sorted(artifact.uri.removeprefix(f"{url}/") for artifact in stored.values())
     assert sorted(k.rsplit("/", 1)[1] for k in objects if "/checkpoints/" in k) == ["epoch-0002.pt",
                                                                                     "epoch-0003.pt"]
     weights = service.client.get(f"/api/v1/jobs/{job_id}/weights", headers=service.headers)
     assert weights.status_code == 200
-    assert weights.data == objects[f"artifacts/jobs/{job_id}/weights.safetensors"]
+    assert weights.data == objects[f"{attempt}/weights.safetensors"]
     checkpoint = service.client.get(f"/api/v1/jobs/{job_id}/checkpoints/3", headers=service.headers)
     assert checkpoint.status_code == 200, checkpoint.get_json()
-    assert checkpoint.data == objects[f"artifacts/jobs/{job_id}/checkpoints/epoch-0003.pt"]
+    assert checkpoint.data == objects[f"{attempt}/checkpoints/epoch-0003.pt"]
 
     assert service.client.delete(f"/api/v1/jobs/{job_id}", headers=service.headers).status_code == 204
     assert s3_objects(f"{url}/artifacts/jobs/{job_id}/") == {}

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from models.tables import Artifact, Job, User
 from worker import runner
+from worker.job_callbacks import Fence
 
 MOONS = {"task": "binary",
          "data": {"source": "sklearn", "name": "make_moons", "params": {"n_samples": 200, "random_state": 0}},
@@ -96,3 +97,32 @@ def test_a_job_of_a_stopping_worker_goes_back_to_the_queue_and_is_rung_for(ctx, 
     assert (row.status, row.worker_id, row.attempts, row.max_attempts) == ("queued", None, 1, 4)
     assert row.pending_reason == "requeued: its worker shut down"
     assert len(list((ctx.settings.home / "broker" / "queue").glob("*.cpu.msg"))) == 1
+
+
+def test_an_attempt_that_loses_its_job_mid_upload_overwrites_nothing_and_leaves_no_file(ctx, monkeypatch):
+    job_id = add_job(ctx, {**MOONS, "checkpoint": {"every_n_epochs": 1, "keep_last": 5}})
+    put_file = ctx.store.put_file
+    winner = {}
+
+    def taken_over_during_the_second_upload(local_path, key):
+        if key.endswith("epoch-0002.pt") and not winner:
+            # Past this attempt's lease check, another worker takes the job and stores its own epoch 2...
+            with ctx.sessions() as session:
+                session.execute(update(Job).where(Job.id == job_id).values(attempts=2, worker_id="other"))
+                its_key = Fence(ctx, job_id, 2).key("checkpoints/epoch-0002.pt")
+                winner["uri"] = ctx.store.put_bytes(b"the winner's", its_key)[0]
+                session.add(Artifact(job_id=job_id, kind="checkpoint", name="checkpoints/epoch-0002.pt",
+                                     uri=winner["uri"], size=12, sha256="-", epoch=2))
+                session.commit()
+        return put_file(local_path, key)  # ...and this one uploads all the same
+
+    monkeypatch.setattr(ctx.store, "put_file", taken_over_during_the_second_upload)
+
+    assert runner.run_job(job_id) == "lease lost"
+    with ctx.sessions() as session:
+        rows = {a.name: a.uri for a in session.scalars(select(Artifact).where(Artifact.job_id == job_id))}
+    assert rows == {"checkpoints/epoch-0001.pt": ctx.store.uri(f"jobs/{job_id}/attempt-1/checkpoints/epoch-0001.pt"),
+                    "checkpoints/epoch-0002.pt": winner["uri"]}
+    with ctx.store.open(winner["uri"]) as stored:
+        assert stored.read() == b"the winner's"
+    assert ctx.store.list_uris(f"jobs/{job_id}") == sorted(rows.values())  # the lost attempt's upload is gone

@@ -151,8 +151,14 @@ class Fence:
             done.set()
             thread.join()
 
+    @property
+    def prefix(self) -> str:
+        """Where this attempt's uploads go: under its own folder, so an attempt that lost the job and uploads
+        on waking can't overwrite a file the job's rows point at (their SHA-256 would no longer match)."""
+        return f"{job_prefix(self.job_id)}/attempt-{self.attempt}"
+
     def key(self, name: str) -> str:
-        return f"{job_prefix(self.job_id)}/{name}"
+        return f"{self.prefix}/{name}"
 
 
 def checkpoint_name(path: Path) -> str:
@@ -169,6 +175,24 @@ def record_artifact(session: Session, job_id: str, kind: str, name: str, stored:
         row = Artifact(job_id=job_id, name=name)
         session.add(row)
     row.kind, row.uri, row.size, row.sha256, row.epoch = kind, uri, size, sha256, epoch
+
+
+def remove_unreferenced(fence: Fence, key: str) -> list[str]:
+    """Delete the files under ``key`` that no artifact row of the job points at; return their URIs.
+
+    They were uploaded by an attempt that lost the job (or died) before recording them. Best effort: a
+    failure is logged, since a leftover file costs space, never correctness (deleting the job removes it).
+    """
+    try:
+        with fence.ctx.sessions() as session:
+            referenced = set(session.scalars(select(Artifact.uri).where(Artifact.job_id == fence.job_id)))
+        orphans = [uri for uri in fence.ctx.store.list_uris(key) if uri not in referenced]
+        for uri in orphans:
+            fence.ctx.store.delete(uri)
+        return orphans
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.warning("job %s: could not remove unreferenced files under %s", fence.job_id, key, exc_info=True)
+        return []
 
 
 def make_best_tracker(spec: JobSpec) -> EarlyStopping:
@@ -240,16 +264,16 @@ class ArtifactUploader(Callback):
         self.delete_files(self.fence.transaction(write))
 
     def on_checkpoint_removed(self, state: RunState, path: Path, epoch: int) -> None:
-        def write(session: Session) -> None:
+        def write(session: Session) -> list[str]:
             self.fence.update(session)
-            session.execute(delete(Artifact).where(Artifact.job_id == self.fence.job_id,
-                                                   Artifact.name == checkpoint_name(path)))
+            return list(session.scalars(
+                delete(Artifact).where(Artifact.job_id == self.fence.job_id, Artifact.name == checkpoint_name(path))
+                .returning(Artifact.uri).execution_options(synchronize_session=False)))
 
-        self.fence.transaction(write)
-        self.delete_files([checkpoint_name(path)])
+        self.delete_files(self.fence.transaction(write))
 
     def prune(self, session: Session, best_epoch: int | None) -> list[str]:
-        """Delete the rows of stored checkpoints the engine's rule would not keep; return their names.
+        """Delete the rows of stored checkpoints the engine's rule would not keep; return their URIs.
 
         The engine prunes only the files in its folder; after a resume that folder holds just the
         checkpoint it resumed from, so the ones an earlier attempt stored are pruned here by the same rule.
@@ -260,12 +284,12 @@ class ArtifactUploader(Callback):
         stale = [by_position[pos] for pos in to_remove(list(by_position), self.keep_last, best_epoch)]
         for row in stale:
             session.delete(row)
-        return [row.name for row in stale]
+        return [row.uri for row in stale]
 
-    def delete_files(self, names: list[str]) -> None:
+    def delete_files(self, uris: list[str]) -> None:
         # Rows first, files second: the API never lists a checkpoint whose file is gone.
-        for name in names:
-            self.fence.ctx.store.delete(self.fence.key(name))
+        for uri in uris:
+            self.fence.ctx.store.delete(uri)
 
 
 class LeaseKeeper(Callback):

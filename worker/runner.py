@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from models.spec import JobSpec, Problem, SpecError, parse_spec
+from models.storage import job_prefix
 from models.tables import Artifact, Dataset, Job, Worker, utcnow
 from worker import gpus
 from worker.context import Context, context, draining, worker_id
@@ -33,6 +34,7 @@ from worker.job_callbacks import (
     finite,
     finite_values,
     record_artifact,
+    remove_unreferenced,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ def run_job(job_id: str) -> str:
         return execute(ctx, fence, job, spec, device, scratch)
     except LeaseLost as lost:
         log.warning("%s; stopping without writing", lost)
+        remove_unreferenced(fence, fence.prefix)
         return "lease lost"
     except SpecError as exc:  # the user's to fix: the reason is the whole story, no traceback needed
         log.info("job %s can't run: %s", job_id, error_line(exc))
@@ -208,6 +211,7 @@ def record_result(fence: Fence, result: TrainResult) -> str:
 
     fence.transaction(write)
     log.info("job %s %s (%s)", fence.job_id, status, result.stop_reason or result.error)
+    remove_unreferenced(fence, job_prefix(fence.job_id))  # what attempts that died before their rows uploaded
     return status
 
 
@@ -241,7 +245,9 @@ def record_failure(fence: Fence, error: str) -> str:
         fence.transaction(lambda session: fence.update(session, status="failed", error=error,
                                                        finished_at=utcnow(), lease_expires_at=None))
     except LeaseLost:
+        remove_unreferenced(fence, fence.prefix)
         return "lease lost"
+    remove_unreferenced(fence, job_prefix(fence.job_id))
     return "failed"
 
 
