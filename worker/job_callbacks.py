@@ -215,6 +215,8 @@ class DatabaseMetrics(Callback):
         # later epochs that a lost attempt wrote (this attempt writes them again).
         for row in state.history:
             self.best.decide(row["epoch"] - 1, row[self.best.monitor])
+        if self.fence.attempt == 1:
+            return  # the job's first attempt: no earlier one left rows to drop (its fenced writes renew the lease)
         progress = self.progress(state.history)
 
         def write(session: Session) -> None:

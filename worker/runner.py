@@ -150,7 +150,8 @@ def execute(ctx: Context, fence: Fence, job: Job, spec: JobSpec, device: str, sc
     # training loop starts renewing it at batch ends.
     with fence.keep_alive() as setup_done:
         data_path = fetch_dataset(ctx, job, spec, scratch) if spec.data.source == "dataset" else None
-        resume = fetch_checkpoint(ctx, job.id, out_dir / "checkpoints")
+        # Attempts only grow, so the first one has no checkpoint to look for.
+        resume = fence.attempt > 1 and fetch_checkpoint(ctx, job.id, out_dir / "checkpoints")
         callbacks = [DatabaseMetrics(fence, spec), ArtifactUploader(fence, spec.checkpoint.keep_last),
                      LeaseKeeper(fence, limit, draining, setup_done)]
         result = train(spec, out_dir, resume=resume, callbacks=callbacks, data_path=data_path, device=device,
