@@ -84,17 +84,17 @@ def dataset_out(dataset: Dataset) -> DatasetOut:
     )
 
 
-def worker_out(worker: Worker, own_job_ids: set[str]) -> WorkerOut:
-    """A live worker; the job it runs is named only to that job's owner."""
-    current = worker.current_job_id if worker.current_job_id in own_job_ids else None
+def worker_out(worker: Worker, running: list[str], own_job_ids: set[str]) -> WorkerOut:
+    """A live worker and the jobs ``running`` on it; a job is named only to its owner."""
     return WorkerOut(
         id=worker.id,
         hostname=worker.hostname,
         queues=[q for q in worker.queues.split(",") if q],
         devices=worker.devices,
         slots=worker.slots,
-        busy=worker.current_job_id is not None,
-        current_job_id=current,
+        running=len(running),
+        free_slots=max(worker.slots - len(running), 0),
+        job_ids=[job_id for job_id in running if job_id in own_job_ids],
         started_at=as_utc(worker.started_at),
         last_heartbeat_at=as_utc(worker.last_heartbeat_at),
     )

@@ -137,8 +137,9 @@ class WorkerOut(Out):
     queues: list[str]
     devices: dict[str, Any] | None
     slots: int
-    busy: bool
-    current_job_id: str | None = Field(description="shown only when the job is the caller's own")
+    running: int = Field(description="how many jobs run on it now")
+    free_slots: int
+    job_ids: list[str] = Field(description="the caller's own jobs among those running; others are only counted")
     started_at: dt.datetime
     last_heartbeat_at: dt.datetime
 

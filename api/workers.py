@@ -19,12 +19,21 @@ bp.before_request(require_user)
 
 @bp.get("")
 def list_workers():
-    """Workers that heartbeat within ``lease_seconds``: host, queues, devices, whether busy."""
+    """Workers that heartbeat within ``lease_seconds``: host, queues, devices, the jobs they run."""
     session = get_session()
     fresh = utcnow() - dt.timedelta(seconds=services().settings.lease_seconds)
     workers = session.scalars(
         select(Worker).where(Worker.last_heartbeat_at > fresh).order_by(Worker.id)
     ).all()
-    running = {w.current_job_id for w in workers if w.current_job_id}
-    own = set(session.scalars(select(Job.id).where(Job.id.in_(running), Job.user_id == current_user().id)))
-    return json_response(WorkerList(workers=[worker_out(w, own) for w in workers]))
+    running: dict[str, list[str]] = {w.id: [] for w in workers}
+    own = set()
+    jobs = session.execute(
+        select(Job.worker_id, Job.id, Job.user_id)
+        .where(Job.status == "running", Job.worker_id.in_(running))
+        .order_by(Job.started_at)
+    )
+    for worker_id, job_id, user_id in jobs:
+        running[worker_id].append(job_id)
+        if user_id == current_user().id:
+            own.add(job_id)
+    return json_response(WorkerList(workers=[worker_out(w, running[w.id], own) for w in workers]))

@@ -180,6 +180,5 @@ class Worker(Base):
     queues: Mapped[str] = mapped_column(String(200))
     devices: Mapped[Optional[dict[str, Any]]]
     slots: Mapped[int] = mapped_column(Integer, default=1)
-    current_job_id: Mapped[Optional[str]] = mapped_column(String(40))
     started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_heartbeat_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

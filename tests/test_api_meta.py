@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from models.tables import Worker, utcnow
+from models.tables import Job, Worker, utcnow
 
 API = "/api/v1"
 
@@ -68,21 +68,25 @@ def test_the_openapi_document_describes_the_api(client):
         assert ref.rsplit("/", 1)[1] in schemas, ref
 
 
-def test_workers_lists_live_ones_and_hides_other_users_jobs(client, alice, bob, spec, sessions):
-    job_id = client.post(f"{API}/jobs", json=spec, headers=alice).json["id"]
+def test_workers_lists_live_ones_with_their_jobs_naming_only_the_caller_s(client, alice, bob, spec, sessions):
+    alices = client.post(f"{API}/jobs", json=spec, headers=alice).json["id"]
+    bobs = client.post(f"{API}/jobs", json=spec, headers=bob).json["id"]
     now = utcnow()
     with sessions() as session:
         session.add_all([
-            Worker(id="w-live", hostname="gpu-1", queues="gpu,cpu", devices={"cuda": 1},
-                   current_job_id=job_id, last_heartbeat_at=now),
+            Worker(id="w-live", hostname="gpu-1", queues="gpu,cpu", devices={"cuda": 4}, slots=4,
+                   last_heartbeat_at=now),
             Worker(id="w-dead", hostname="gpu-2", queues="gpu",
                    last_heartbeat_at=now - dt.timedelta(hours=1)),
         ])
+        for job_id in (alices, bobs):  # a worker with several slots runs several jobs at once
+            session.get(Job, job_id).status, session.get(Job, job_id).worker_id = "running", "w-live"
         session.commit()
+
     workers = client.get(f"{API}/workers", headers=alice).json["workers"]
-    assert [(w["id"], w["queues"], w["busy"], w["current_job_id"]) for w in workers] == [
-        ("w-live", ["gpu", "cpu"], True, job_id)]
-    assert client.get(f"{API}/workers", headers=bob).json["workers"][0]["current_job_id"] is None
+    assert [(w["id"], w["queues"], w["slots"], w["running"], w["free_slots"], w["job_ids"]) for w in workers] == [
+        ("w-live", ["gpu", "cpu"], 4, 2, 2, [alices])]
+    assert client.get(f"{API}/workers", headers=bob).json["workers"][0]["job_ids"] == [bobs]
     assert client.get(f"{API}/workers").status_code == 401
 
 

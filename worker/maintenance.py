@@ -40,7 +40,7 @@ def register_worker(ctx: Context, worker_id: str, queues: list[str], slots: int,
     now = utcnow()
     with ctx.sessions() as session:
         session.merge(Worker(id=worker_id, hostname=socket.gethostname(), queues=",".join(queues),
-                             devices=devices, slots=slots, current_job_id=None, started_at=now,
+                             devices=devices, slots=slots, started_at=now,
                              last_heartbeat_at=now))
         session.commit()
 

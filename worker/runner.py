@@ -12,12 +12,11 @@ import shutil
 from pathlib import Path
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from models.spec import JobSpec, Problem, SpecError, parse_spec
 from models.storage import job_prefix
-from models.tables import Artifact, Dataset, Job, Worker, utcnow
+from models.tables import Artifact, Dataset, Job, utcnow
 from worker import gpus
 from worker.context import Context, context, draining, worker_id
 from worker.doorbell import ring
@@ -74,7 +73,6 @@ def run_job(job_id: str) -> str:
         return record_failure(fence, error_line(exc))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        release_worker(ctx, job_id)
 
 
 def prepare_spec(ctx: Context, job: Job) -> tuple[JobSpec | None, SpecError | None, str | None]:
@@ -116,8 +114,6 @@ def claim(ctx: Context, job_id: str, device: str | None) -> int | None:
     )
     with ctx.sessions() as session:
         attempt = session.scalar(statement)
-        if attempt is not None:
-            session.execute(update(Worker).where(Worker.id == worker_id()).values(current_job_id=job_id))
         session.commit()
     return attempt
 
@@ -259,15 +255,3 @@ def error_line(exc: BaseException) -> str:
     message = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
-
-def release_worker(ctx: Context, job_id: str) -> None:
-    """Clear the worker registry's current job if it is still this one."""
-    try:
-        with ctx.sessions() as session:
-            session.execute(update(Worker).where(Worker.id == worker_id(), Worker.current_job_id == job_id)
-                            .values(current_job_id=None))
-            session.commit()
-    except DBAPIError as exc:
-        if not database_down(exc):
-            raise
-        log.warning("could not clear job %s from the worker registry: database unavailable", job_id)
