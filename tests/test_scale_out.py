@@ -100,12 +100,14 @@ def test_a_job_killed_on_one_machine_resumes_on_the_other_from_its_checkpoint_in
     assert [row.epoch for row in rows] == list(range(1, EPOCHS + 1))  # each epoch once
     assert {row.attempt for row in rows if row.epoch <= resumed_epoch} == {1}
     assert {row.attempt for row in rows if row.epoch > resumed_epoch} == {2}
+    # Every object is one the job lists: what the killed attempt uploaded without a row goes once the job
+    # has ended (the attempt that ended it removes it just after its final write).
+    listed = sorted(artifact.uri.removeprefix(f"{bucket}/") for artifact in stored)
+    service.wait_for(lambda: s3_keys(f"{bucket}/artifacts/jobs/{job_id}/") == listed, 30, "only listed objects")
     objects = s3_objects(f"{bucket}/artifacts/jobs/{job_id}/")
     for artifact in stored:  # every file the job lists is the object in S3, byte for byte
         data = objects[artifact.uri.removeprefix(f"{bucket}/")]
         assert hashlib.sha256(data).hexdigest() == artifact.sha256
-    # and every object is one the job lists: what the killed attempt uploaded without a row went at the end
-    assert sorted(objects) == sorted(artifact.uri.removeprefix(f"{bucket}/") for artifact in stored)
     weights = service.client.get(f"/api/v1/jobs/{job_id}/weights", headers=service.headers)
     assert weights.status_code == 200
     assert hashlib.sha256(weights.data).hexdigest() == expected_sha256

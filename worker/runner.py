@@ -208,7 +208,7 @@ def record_result(fence: Fence, result: TrainResult) -> str:
 
     fence.transaction(write)
     log.info("job %s %s (%s)", fence.job_id, status, result.stop_reason or result.error)
-    remove_unreferenced(fence, job_prefix(fence.job_id))  # what attempts that died before their rows uploaded
+    remove_unreferenced(fence, job_prefix(fence.job_id))  # files of attempts that died between upload and row
     return status
 
 
@@ -254,4 +254,3 @@ def error_line(exc: BaseException) -> str:
         return "; ".join(str(problem) for problem in exc.problems)
     message = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
