@@ -25,15 +25,13 @@ def list_workers():
     workers = session.scalars(
         select(Worker).where(Worker.last_heartbeat_at > fresh).order_by(Worker.id)
     ).all()
-    running: dict[str, list[str]] = {w.id: [] for w in workers}
-    own = set()
     jobs = session.execute(
         select(Job.worker_id, Job.id, Job.user_id)
-        .where(Job.status == "running", Job.worker_id.in_(running))
+        .where(Job.status == "running", Job.worker_id.in_([w.id for w in workers]))
         .order_by(Job.started_at)
-    )
-    for worker_id, job_id, user_id in jobs:
+    ).all()
+    running: dict[str, list[str]] = {w.id: [] for w in workers}
+    for worker_id, job_id, _user_id in jobs:
         running[worker_id].append(job_id)
-        if user_id == current_user().id:
-            own.add(job_id)
+    own = {job_id for _worker_id, job_id, user_id in jobs if user_id == current_user().id}
     return json_response(WorkerList(workers=[worker_out(w, running[w.id], own) for w in workers]))

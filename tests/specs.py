@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+CHECKPOINT_EVERY_EPOCH = {"every_n_epochs": 1, "keep_last": 2}
+
 
 def blobs_spec(name: str = "blobs", epochs: int = 3, n_samples: int = 300, checkpoints: bool = False) -> dict:
     """A 3-class MLP on make_blobs: the quickest job that trains for real."""
@@ -15,9 +17,7 @@ def blobs_spec(name: str = "blobs", epochs: int = 3, n_samples: int = 300, check
                              {"type": "Linear", "out_features": 3}]},
         "training": {"epochs": epochs, "batch_size": 50},
     }
-    if checkpoints:
-        spec["checkpoint"] = {"every_n_epochs": 1, "keep_last": 2}
-    return spec
+    return {**spec, "checkpoint": dict(CHECKPOINT_EVERY_EPOCH)} if checkpoints else spec
 
 
 def circles_spec(name: str = "circles", epochs: int = 5, lr: float = 0.1, checkpoints: bool = False) -> dict:
@@ -33,9 +33,7 @@ def circles_spec(name: str = "circles", epochs: int = 5, lr: float = 0.1, checkp
         "optimizer": {"type": "Adam", "lr": lr},
         "training": {"epochs": epochs, "batch_size": 50},
     }
-    if checkpoints:
-        spec["checkpoint"] = {"every_n_epochs": 1, "keep_last": 2}
-    return spec
+    return {**spec, "checkpoint": dict(CHECKPOINT_EVERY_EPOCH)} if checkpoints else spec
 
 
 def long_spec(epochs: int, n_samples: int, batch_size: int, seed: int = 1, name: str = "long") -> dict:
@@ -53,5 +51,5 @@ def long_spec(epochs: int, n_samples: int, batch_size: int, seed: int = 1, name:
                              {"type": "Linear", "out_features": 1}]},
         "optimizer": {"type": "Adam", "lr": 0.01},
         "training": {"epochs": epochs, "batch_size": batch_size},
-        "checkpoint": {"every_n_epochs": 1, "keep_last": 2},
+        "checkpoint": dict(CHECKPOINT_EVERY_EPOCH),
     }

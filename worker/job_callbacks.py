@@ -152,6 +152,12 @@ class Fence:
             thread.join()
 
     @property
+    def first(self) -> bool:
+        """Whether this is the job's first attempt. Attempts only grow, so the first finds nothing of an
+        earlier one: no checkpoint to resume, no rows or files to clean up."""
+        return self.attempt == 1
+
+    @property
     def prefix(self) -> str:
         """Where this attempt's uploads go: under its own folder, so an attempt that lost the job and uploads
         on waking can't overwrite a file the job's rows point at (their SHA-256 would no longer match)."""
@@ -215,8 +221,8 @@ class DatabaseMetrics(Callback):
         # later epochs that a lost attempt wrote (this attempt writes them again).
         for row in state.history:
             self.best.decide(row["epoch"] - 1, row[self.best.monitor])
-        if self.fence.attempt == 1:
-            return  # the job's first attempt: no earlier one left rows to drop (its fenced writes renew the lease)
+        if self.fence.first:
+            return  # no earlier attempt left rows to drop (the fenced epoch writes renew the lease)
         progress = self.progress(state.history)
 
         def write(session: Session) -> None:

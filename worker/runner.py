@@ -146,8 +146,7 @@ def execute(ctx: Context, fence: Fence, job: Job, spec: JobSpec, device: str, sc
     # training loop starts renewing it at batch ends.
     with fence.keep_alive() as setup_done:
         data_path = fetch_dataset(ctx, job, spec, scratch) if spec.data.source == "dataset" else None
-        # Attempts only grow, so the first one has no checkpoint to look for.
-        resume = fence.attempt > 1 and fetch_checkpoint(ctx, job.id, out_dir / "checkpoints")
+        resume = not fence.first and fetch_checkpoint(ctx, job.id, out_dir / "checkpoints")
         callbacks = [DatabaseMetrics(fence, spec), ArtifactUploader(fence, spec.checkpoint.keep_last),
                      LeaseKeeper(fence, limit, draining, setup_done)]
         result = train(spec, out_dir, resume=resume, callbacks=callbacks, data_path=data_path, device=device,
@@ -208,7 +207,8 @@ def record_result(fence: Fence, result: TrainResult) -> str:
 
     fence.transaction(write)
     log.info("job %s %s (%s)", fence.job_id, status, result.stop_reason or result.error)
-    remove_unreferenced(fence, job_prefix(fence.job_id))  # files of attempts that died between upload and row
+    if not fence.first:  # an earlier attempt may have died between an upload and its row
+        remove_unreferenced(fence, job_prefix(fence.job_id))
     return status
 
 
