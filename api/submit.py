@@ -50,9 +50,6 @@ def submit_job(
         raise validation_error([Problem("Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters")])
     spec = validate_spec(session, user, body, settings.limits)
     normalized = spec.model_dump(mode="json")
-    existing = _same_key_job(session, user, idempotency_key, normalized)
-    if existing is not None:
-        return existing, False
     job = Job(
         user_id=user.id,
         name=spec.name,
@@ -66,7 +63,8 @@ def submit_job(
     try:
         session.commit()
     except IntegrityError:
-        # A concurrent request with the same key won the insert; answer with its job.
+        # The key was used before (a retry, or a concurrent request that won the insert): answer with
+        # that job. Inserting first and looking up only on a conflict keeps a fresh submit's round trips down.
         session.rollback()
         existing = _same_key_job(session, user, idempotency_key, normalized)
         if existing is None:

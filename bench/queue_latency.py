@@ -1,17 +1,20 @@
 """Queueing overhead: how long a job waits before it trains, against a bare Celery task on the same broker.
 
-    python bench/queue_latency.py [--jobs 10] [--bare 50] [--burst 10]
+    python bench/queue_latency.py [--rounds 20] [--burst 10]
 
 On a private Redis (a free port) and a fresh database on the shared PostgreSQL (127.0.0.1:5432), with the
 API under gunicorn and one warm worker (one slot), it measures
-  start latency   POST /jobs -> the job's first epoch starting (its first metrics row's created_at minus
-                  that epoch's epoch_seconds), one job at a time on an idle worker; also POST -> claimed
-                  (job.started_at) and the POST itself
+  start latency   POST /jobs -> the job's first epoch starting (its first metrics row's created_at, the
+                  epoch's end, minus that epoch's epoch_seconds); also POST -> claimed (job.started_at)
+                  and the POST itself
   bare round trip a no-op task of a second, bare Celery app (same broker, same worker options: prefork, one
                   process, late acks, prefetch 1) from ``delay()`` to ``get()``
-and prints medians and the ratio start latency / bare round trip (goal <= 5). Then ``--burst`` small jobs
-submitted at once to the one worker: the gaps between a job's finished_at and the next one's started_at
-(goal: no multi-second stalls), max and median.
+in rounds of one of each, so both meet the same machine, each after the same idle PAUSE (a back-to-back
+loop keeps the CPUs warm and is faster than a first request after a pause: compare them as they start
+alike). It prints medians and the ratio start latency / bare round trip (goal <= 5), and for comparison
+the bare round trip timed back to back. Then ``--burst``
+small jobs submitted at once to the one worker: the gaps between a job's finished_at and the next one's
+started_at (goal: no multi-second stalls), max and median.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from specs import blobs_spec  # noqa: E402
 BARE_QUEUE = "bench-bare"
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 SPEC = blobs_spec("bench-small", epochs=2, n_samples=200)
+PAUSE = 0.1  # seconds of idle before each measured start: the previous job or task has wholly finished
 
 
 def bare_app(broker_url: str):
@@ -76,8 +80,7 @@ def ms(seconds: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--jobs", type=int, default=10, help="jobs timed one at a time")
-    parser.add_argument("--bare", type=int, default=50, help="bare Celery round trips timed")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of one timed job and one bare task")
     parser.add_argument("--burst", type=int, default=10, help="jobs submitted at once for the gaps")
     args = parser.parse_args()
 
@@ -128,14 +131,26 @@ def main() -> None:
                     job = session.get(Job, job_id)
                     if job.status in ("succeeded", "failed", "cancelled"):
                         return job
-                time.sleep(0.01)
+                time.sleep(0.05)  # the times come from the rows: polling faster would only load the 2 CPUs
             raise TimeoutError(f"job {job_id} not done after {timeout} s\n{worker.log()}")
 
         for _ in range(2):  # warm: the pool process imports and runs once; the API's processes answer
             assert wait_done(client.submit(SPEC)["id"]).status == "succeeded"
 
-        post, claimed, first_epoch = [], [], []
-        for _ in range(args.jobs):
+        bare = bare_app(redis.url())
+        noop = bare.tasks["bench.noop"]
+        for _ in range(3):
+            noop.delay().get(timeout=60)  # warm (waits for the bare worker to be up)
+
+        post, claimed, first_epoch, trips, bare_starts = [], [], [], [], []
+        for _ in range(args.rounds):
+            time.sleep(PAUSE)
+            started = time.time()
+            ran_at = noop.delay().get(timeout=60)
+            trips.append(time.time() - started)
+            bare_starts.append(ran_at - started)
+
+            time.sleep(PAUSE)
             started = time.time()
             job_id = client.submit(SPEC)["id"]
             post.append(time.time() - started)
@@ -146,17 +161,11 @@ def main() -> None:
                                                                 EpochMetrics.epoch == 1))
             claimed.append(timestamp(job.started_at) - started)
             first_epoch.append(timestamp(row.created_at) - row.values["epoch_seconds"] - started)
-
-        bare = bare_app(redis.url())
-        noop = bare.tasks["bench.noop"]
-        for _ in range(3):
-            noop.delay().get(timeout=60)  # warm (waits for the bare worker to be up)
-        trips, bare_starts = [], []
-        for _ in range(args.bare):
+        hot_trips = []  # for comparison: back to back, as a tight loop measures it
+        for _ in range(args.rounds):
             started = time.time()
-            ran_at = noop.delay().get(timeout=60)
-            trips.append(time.time() - started)
-            bare_starts.append(ran_at - started)
+            noop.delay().get(timeout=60)
+            hot_trips.append(time.time() - started)
         stop_worker(bare_worker, 30)
 
         ids = [client.submit({**SPEC, "name": f"burst-{i}"})["id"] for i in range(args.burst)]
@@ -166,13 +175,15 @@ def main() -> None:
 
         latency, trip = statistics.median(first_epoch), statistics.median(trips)
         print(f"redis {redis.url()}, PostgreSQL database {database}, 1 worker (1 slot), API under gunicorn; "
-              f"medians of {args.jobs} jobs and {args.bare} bare tasks")
+              f"medians of {args.rounds} rounds of a job and a bare task, each after {PAUSE} s idle")
         print(f"  POST /jobs (HTTP request)            {ms(statistics.median(post))}")
         print(f"  POST -> claimed (job.started_at)     {ms(statistics.median(claimed))}")
         print(f"  POST -> first epoch starts           {ms(latency)}   (max {ms(max(first_epoch))})")
         print(f"  bare Celery round trip delay->get    {ms(trip)}   (delay -> task body runs: "
               f"{ms(statistics.median(bare_starts))})")
         print(f"  ratio first-epoch latency / bare round trip: {latency / trip:.1f}  (goal <= 5)")
+        hot = statistics.median(hot_trips)
+        print(f"  (bare round trips back to back, no pause: {ms(hot)}; the ratio against those: {latency / hot:.1f})")
         print(f"  gaps between {args.burst} consecutive jobs on one worker (finished_at -> next started_at): "
               f"median {ms(statistics.median(gaps))}, max {ms(max(gaps))}")
     finally:

@@ -127,7 +127,7 @@ class EpochMetrics(Base):
     epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
     attempt: Mapped[int] = mapped_column(Integer)
     values: Mapped[dict[str, Any]]
-    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)  # the workers set it: when the epoch ended
 
 
 class Artifact(Base):

@@ -6,9 +6,12 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import threading
 
 import pytest
+from sqlalchemy import update
 
+from api.schemas import as_utc
 from models.spec import parse_spec
 from models.tables import EpochMetrics, Job, User, Worker, utcnow
 from worker import maintenance, runner
@@ -32,6 +35,12 @@ def add_job(ctx, **columns) -> str:
         session.add(job)
         session.commit()
         return job.id
+
+
+def claim(ctx, job_id: str) -> int | None:
+    """The attempt number a claim of ``job_id`` took, None if it took none."""
+    claimed = runner.claim(ctx, job_id)
+    return None if claimed is None else claimed[0].attempts
 
 
 def job(ctx, job_id: str) -> Job:
@@ -152,8 +161,8 @@ def test_a_job_waiting_behind_busy_workers_is_not_rung_again(worker_context):
 def test_a_job_is_claimed_by_one_message_only(worker_context):
     job_id = add_job(worker_context)
 
-    assert runner.claim(worker_context, job_id, "cpu") == 1
-    assert runner.claim(worker_context, job_id, "cpu") is None
+    assert claim(worker_context, job_id) == 1
+    assert claim(worker_context, job_id) is None
     row = job(worker_context, job_id)
     assert (row.status, row.attempts, row.device) == ("running", 1, "cpu")
     assert row.lease_expires_at is not None
@@ -163,8 +172,8 @@ def test_a_cancelled_or_exhausted_queued_job_is_not_claimed(worker_context):
     cancelled = add_job(worker_context, cancel_requested=True)
     exhausted = add_job(worker_context, attempts=3, max_attempts=3)
 
-    assert runner.claim(worker_context, cancelled, "cpu") is None
-    assert runner.claim(worker_context, exhausted, "cpu") is None
+    assert claim(worker_context, cancelled) is None
+    assert claim(worker_context, exhausted) is None
     assert runner.give_up_if_exhausted(worker_context, exhausted) == "gave up"
     assert job(worker_context, exhausted).error == "gave up after 3 attempts (max_attempts 3)"
     assert job(worker_context, cancelled).status == "queued"
@@ -172,12 +181,12 @@ def test_a_cancelled_or_exhausted_queued_job_is_not_claimed(worker_context):
 
 def test_an_attempt_that_lost_its_job_writes_nothing(worker_context):
     job_id = add_job(worker_context)
-    first = runner.claim(worker_context, job_id, "cpu")
+    first = claim(worker_context, job_id)
     with worker_context.sessions() as session:  # the lease runs out and the job goes to another worker
         session.get(Job, job_id).lease_expires_at = utcnow() - LONG_AGO
         session.commit()
     maintenance.reap(worker_context)
-    second = runner.claim(worker_context, job_id, "cpu")
+    second = claim(worker_context, job_id)
     assert (first, second) == (1, 2)
 
     stale = DatabaseMetrics(Fence(worker_context, job_id, first), parse_spec(SPEC))
@@ -188,3 +197,31 @@ def test_an_attempt_that_lost_its_job_writes_nothing(worker_context):
     with worker_context.sessions() as session:
         assert session.query(EpochMetrics).count() == 0
         assert session.get(Job, job_id).epoch == 0
+
+
+def test_an_epoch_row_is_stamped_when_the_epoch_ended_not_when_its_write_got_through(worker_context):
+    job_id = add_job(worker_context)
+    fence = Fence(worker_context, job_id, claim(worker_context, job_id))
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_row() -> None:  # another writer holds the job row, so the epoch's write waits
+        with worker_context.engine.connect() as connection:
+            connection.execute(update(Job).where(Job.id == job_id).values(name="held"))
+            locked.set()
+            release.wait(10)
+            connection.rollback()
+
+    holder = threading.Thread(target=hold_the_row)
+    holder.start()
+    assert locked.wait(10)
+    threading.Timer(0.5, release.set).start()
+    metrics = {"epoch": 1, "loss": 1.0, "val_loss": 1.0}
+    ended = utcnow()
+    DatabaseMetrics(fence, parse_spec(SPEC)).on_epoch_end(RunState(epochs=2, epoch=1, history=[metrics]), metrics)
+    written = utcnow()
+    holder.join()
+
+    with worker_context.sessions() as session:
+        created = as_utc(session.get(EpochMetrics, (job_id, 1)).created_at)
+    assert written - ended >= dt.timedelta(seconds=0.4)  # the write did wait
+    assert ended <= created < ended + dt.timedelta(seconds=0.2)

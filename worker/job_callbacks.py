@@ -233,6 +233,7 @@ class DatabaseMetrics(Callback):
         self.fence.transaction(write)
 
     def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
+        ended_at = utcnow()  # the row's time is the epoch's end, not when the database write got through
         self.best.decide(metrics["epoch"] - 1, metrics[self.best.monitor])
         progress = self.progress(state.history)
 
@@ -240,7 +241,8 @@ class DatabaseMetrics(Callback):
             self.fence.update(session, epoch=metrics["epoch"], **progress)
             # merge() upserts by (job_id, epoch): a resumed attempt replaces a row rather than adding one.
             session.merge(EpochMetrics(job_id=self.fence.job_id, epoch=metrics["epoch"],
-                                       attempt=self.fence.attempt, values=finite_values(metrics)))
+                                       attempt=self.fence.attempt, values=finite_values(metrics),
+                                       created_at=ended_at))
 
         self.fence.transaction(write)
 

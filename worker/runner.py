@@ -42,14 +42,11 @@ log = logging.getLogger(__name__)
 def run_job(job_id: str) -> str:
     """Claim and run ``job_id``; return what happened (for the log). Never raises for a job's fault."""
     ctx = context()
-    with ctx.sessions() as session:
-        job = session.get(Job, job_id)
-    if job is None or job.status != "queued":
-        return "skipped"  # a stale or duplicate message; the claim below is the real gate
-    spec, problem, device = prepare_spec(ctx, job)
-    attempt = claim(ctx, job_id, gpus.device_label(device))
-    if attempt is None:
+    claimed = claim(ctx, job_id)
+    if claimed is None:
         return give_up_if_exhausted(ctx, job_id)
+    job, spec, problem, device = claimed
+    attempt = job.attempts
     fence = Fence(ctx, job_id, attempt)
     # A folder per attempt: a lost attempt that wakes up (SIGSTOP, a long GC pause) and cleans up after
     # itself must not delete the folder of the attempt that took its job over on the same machine.
@@ -96,26 +93,31 @@ def check_slot_holds(spec: JobSpec) -> None:
                                                    f"{len(pinned)} ({gpus.VISIBLE}={','.join(pinned)})")])
 
 
-def claim(ctx: Context, job_id: str, device: str | None) -> int | None:
-    """Take the job with one conditional UPDATE; return the attempt number, None if it isn't ours.
+def claim(ctx: Context, job_id: str) -> tuple[Job, JobSpec | None, SpecError | None, str | None] | None:
+    """Take the job with one conditional UPDATE; return it with ``prepare_spec``'s result, None if it isn't
+    ours (a duplicate or stale message, a cancelled job, or one out of attempts).
 
-    ``device`` is what the row records: the torch device, and the GPUs of a GPU worker's slot.
+    The device it will run on (the torch device, and the GPUs of a GPU worker's slot) is recorded in the
+    same transaction: the claim returns the spec that decides it, so no read comes before the claim.
     """
     now = utcnow()
     statement = (
         update(Job)
         .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False),
                Job.attempts < Job.max_attempts)
-        .values(status="running", attempts=Job.attempts + 1, worker_id=worker_id(), device=device,
-                started_at=now, pending_reason=None,
-                lease_expires_at=now + dt.timedelta(seconds=ctx.settings.lease_seconds))
-        .returning(Job.attempts)
+        .values(status="running", attempts=Job.attempts + 1, worker_id=worker_id(), started_at=now,
+                pending_reason=None, lease_expires_at=now + dt.timedelta(seconds=ctx.settings.lease_seconds))
+        .returning(Job)
         .execution_options(synchronize_session=False)
     )
     with ctx.sessions() as session:
-        attempt = session.scalar(statement)
+        job = session.scalar(statement)
+        if job is None:
+            return None
+        spec, problem, device = prepare_spec(ctx, job)
+        job.device = gpus.device_label(device)
         session.commit()
-    return attempt
+    return job, spec, problem, device
 
 
 def give_up_if_exhausted(ctx: Context, job_id: str) -> str:

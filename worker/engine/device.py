@@ -22,3 +22,16 @@ def pick_device(requested: str = "auto", rank: int = 0) -> torch.device:
     if not available[requested]:
         raise SpecError([Problem("resources.device", f"{requested!r} was asked for but this machine has none")])
     return torch.device("cuda", rank) if requested == "cuda" and rank else torch.device(requested)
+
+
+def seed(value: int, device: torch.device) -> None:
+    """Seed the CPU's generator (networks are built on the CPU) and, for a job on an accelerator, its own.
+
+    Not ``torch.manual_seed``: that also queues a seed for each backend not yet initialised and formats the
+    caller's stack for each one, about 1 ms deep inside a Celery worker, before every job.
+    """
+    torch.random.default_generator.manual_seed(value)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(value)
+    elif device.type == "mps":
+        torch.mps.manual_seed(value)

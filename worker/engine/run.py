@@ -8,13 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from models.spec import JobSpec, Limits, Problem, SpecError
 from worker.engine import checkpoints, outputs
 from worker.engine.callbacks import Callback, RunState, StopTraining, TrainingFailed
 from worker.engine.data import load_arrays, prepare
-from worker.engine.device import pick_device
+from worker.engine.device import pick_device, seed
 from worker.engine.distributed import Single
 from worker.engine.network import build_network, plan_network
 from worker.engine.trainer import Trainer
@@ -88,10 +86,10 @@ def prepare_run(spec: JobSpec, out_dir: Path, *, resume: bool = False, callbacks
                                          "(max_samples)")])
     data = prepare(spec, arrays, torch_device)
     plan = plan_network(spec, data.report.input_shape, data.report.n_outputs, limits)
-    torch.manual_seed(spec.seed)  # fixed initial weights for a fixed seed
+    seed(spec.seed, torch_device)  # fixed initial weights for a fixed seed
     model = build_network(spec, plan, data.mean, data.std)
     if group.rank:
-        torch.manual_seed(spec.seed + group.rank)  # each rank its own dropout masks
+        seed(spec.seed + group.rank, torch_device)  # each rank its own dropout masks
     checkpoint_dir = out_dir / outputs.CHECKPOINTS
     state = checkpoints.load_newest(checkpoint_dir, torch_device) if resume else None
     if not resume and group.is_main:  # a fresh run must not pick up a previous run's files
