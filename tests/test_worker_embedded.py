@@ -19,7 +19,6 @@ from worker.doorbell import ring
 CIRCLES = circles_spec("circles", epochs=4, lr=0.05, checkpoints=True)
 
 
-
 def spec(**changes) -> dict:
     value = copy.deepcopy(CIRCLES)
     value.update(changes)

@@ -11,7 +11,6 @@ from worker.doorbell import ring
 SPEC = blobs_spec("blobs")
 
 
-
 def test_a_job_trains_over_postgresql_and_redis_with_its_metrics_and_files(production_service):
     service = production_service
     job_id = service.submit(SPEC)
