@@ -7,12 +7,14 @@ from typing import Any
 
 from flask import Flask
 
+from models.broker import Publisher
 from models.settings import Settings, get_settings
 
 
-def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+def create_app(test_config: Mapping[str, Any] | None = None, publisher: Publisher | None = None) -> Flask:
     """Build the app from the settings; ``test_config`` keys that name a setting (``database_url``,
-    ``artifacts_url``, …) override it, and the other (upper-case) keys go to Flask's config.
+    ``broker_url``, …) override it, and the other (upper-case) keys go to Flask's config. Jobs are
+    published through ``publisher``, by default one for the broker the settings name.
     """
     from api import artifacts, datasets, health, jobs, workers  # blueprints import the app's helpers
     from api.db import init_services
@@ -27,7 +29,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         JSON_SORT_KEYS=False,
     )
     app.config.update({k: v for k, v in (test_config or {}).items() if k not in Settings.model_fields})
-    init_services(app, settings)
+    init_services(app, settings, publisher)
     register_error_handlers(app)
     for module in (jobs, artifacts, datasets, workers, health):
         app.register_blueprint(module.bp)

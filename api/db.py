@@ -1,34 +1,20 @@
-"""The app's services (settings, database sessions, artifact store) and one session per request."""
+"""The app's services (settings, database sessions, artifact store, publisher) and one session per request."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from flask import Flask, current_app, g
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from models.db import make_engine, make_sessionmaker
+from models.broker import Publisher
+from models.services import Services, make_services
 from models.settings import Settings
-from models.storage import ArtifactStore
 
 EXTENSION = "torchyard"
 
 
-@dataclass
-class Services:
-    """What a request needs beyond Flask, built once per app from its settings."""
-
-    settings: Settings
-    engine: Engine
-    sessions: sessionmaker[Session]
-    store: ArtifactStore
-
-
-def init_services(app: Flask, settings: Settings) -> Services:
-    """Build the app's engine, session factory and artifact store; close the request session after each."""
-    engine = make_engine(settings.database_url)
-    services = Services(settings, engine, make_sessionmaker(engine), ArtifactStore(settings.artifacts_url))
+def init_services(app: Flask, settings: Settings, publisher: Publisher | None = None) -> Services:
+    """Build the app's services (a publisher handed in replaces the broker's); close each request's session."""
+    services = make_services(settings, publisher)
     app.extensions[EXTENSION] = services
     app.teardown_appcontext(close_session)
     return services

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, current_app, jsonify
 from sqlalchemy import text
 
 from api.db import get_session, services
@@ -20,7 +20,9 @@ BROKER_TIMEOUT_SECONDS = 2.0
 
 @bp.get("/health")
 def health():
-    """200 when every dependency answers, else 503; each check says ``ok``, ``skipped …`` or ``error: …``."""
+    """Liveness with dependency checks.
+
+    200 when every dependency answers, else 503; each check says ``ok``, ``skipped …`` or ``error: …``."""
     checks = {"database": _check(_ping_database), "broker": _check(_ping_broker)}
     ok = all(not value.startswith("error") for value in checks.values())
     return json_response(HealthOut(status="ok" if ok else "error", checks=checks), status=200 if ok else 503)
@@ -29,7 +31,7 @@ def health():
 @bp.get("/openapi.json")
 def openapi():
     """The OpenAPI 3.1 document of this API."""
-    return jsonify(openapi_document())
+    return jsonify(openapi_document(current_app))
 
 
 def _check(ping) -> str:

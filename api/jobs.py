@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, Response, request
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, or_, select
 
 from api.auth import current_user, owned, require_user
 from api.db import get_session, services
@@ -15,9 +15,10 @@ from api.presenters import job_out, job_summary
 from api.schemas import API_PREFIX, JobList, MetricsOut, json_response
 from api.streams import metrics_stream, resume_epoch, wants_stream
 from api.submit import json_body, submit_job
+from models import lifecycle
 from models.spec import Problem, unknown_name_message
 from models.storage import job_prefix
-from models.tables import FINISHED_STATUSES, JOB_STATUSES, Artifact, EpochMetrics, Job, utcnow
+from models.tables import JOB_STATUSES, Artifact, EpochMetrics, Job
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def submit():
         current_user(),
         json_body(request),
         request.headers.get("Idempotency-Key"),
-        services().settings,
+        services(),
     )
     headers = {"Location": f"{API_PREFIX}/jobs/{job.id}"}
     return json_response(job_out(job), status=201 if created else 200, headers=headers)
@@ -95,31 +96,13 @@ def metrics(job_id: str):
 def cancel(job_id: str):
     """A queued job is cancelled at once (200); a running one is asked to stop at its next batch (202)."""
     session = get_session()
-    user_id = current_user().id
-    now = utcnow()
-    # Conditional UPDATEs: a worker claiming the job at this instant can't be overwritten.
-    cancelled = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.user_id == user_id, Job.status == "queued")
-        .values(
-            status="cancelled", stop_reason="cancelled", pending_reason=None, finished_at=now, updated_at=now
-        )
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    requested = 0
-    if not cancelled:
-        requested = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.user_id == user_id, Job.status == "running")
-            .values(cancel_requested=True, updated_at=now)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+    outcome = lifecycle.cancel(session, job_id, current_user().id)
     session.commit()
     job = owned(session, Job, job_id, "job")
     session.refresh(job)
-    if not cancelled and not requested:
+    if outcome is None:
         raise conflict(f"job {job.id} is {job.status} already; only queued or running jobs can be cancelled")
-    return json_response(job_out(job), status=200 if cancelled else 202)
+    return json_response(job_out(job), status=200 if outcome == "cancelled" else 202)
 
 
 @bp.delete("/<job_id>")
@@ -127,7 +110,7 @@ def delete_job(job_id: str):
     """Delete a finished job: its artifact files first (so a failure can be retried), then its rows."""
     session = get_session()
     job = owned(session, Job, job_id, "job")
-    if job.status not in FINISHED_STATUSES:
+    if not lifecycle.is_finished(job.status):
         raise conflict(f"job {job.id} is {job.status}; cancel it and delete it once it has stopped")
     store = services().store
     for artifact in session.scalars(select(Artifact).where(Artifact.job_id == job.id)):

@@ -1,12 +1,21 @@
-"""The OpenAPI 3.1 document, built from the same pydantic models that validate specs and shape responses."""
+"""The OpenAPI 3.1 document. Paths, methods, path parameters, tags, summaries and security come from the
+app's routes and views; schemas from the pydantic models that validate specs and shape responses; what
+neither can say (answers, query and header parameters, bodies) from a table keyed by endpoint."""
 
 from __future__ import annotations
 
 import functools
+import inspect
+import re
+from dataclasses import dataclass
 
+from flask import Flask
 from pydantic.json_schema import models_json_schema
+from werkzeug.routing import Rule
 
-from api.pagination import MAX_INT
+from api.artifacts import WEIGHT_FORMATS
+from api.auth import require_user
+from api.pagination import MAX_INT, MAX_LIMIT
 from api.schemas import (
     API_PREFIX,
     CheckpointList,
@@ -34,6 +43,12 @@ RESPONSE_MODELS = (
     ProblemOut,
 )
 REF = "#/components/schemas/{model}"
+# A rule's variable part: <name>, or <converter:name> with the converter's arguments if any.
+VARIABLE = re.compile(r"<(?:(?P<converter>[^>:(]+)(?:\([^>]*\))?:)?(?P<name>\w+)>")
+# A path parameter's schema by its converter, any other matching a string; an int past an INTEGER column's
+# range names no row (the views answer 404).
+CONVERTER_SCHEMAS = {"int": {"type": "integer", "minimum": 0, "maximum": MAX_INT}}
+IGNORED_METHODS = {"HEAD", "OPTIONS"}  # Flask answers these for every rule by itself
 
 
 def _ref(name: str) -> dict:
@@ -44,23 +59,13 @@ def _json(name: str, description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
 
 
-def _binary(description: str, mimetype: str = "application/octet-stream") -> dict:
-    return {
-        "description": description,
-        "content": {mimetype: {"schema": {"type": "string", "contentMediaType": mimetype}}},
-    }
+def _binary(description: str, *mimetypes: str) -> dict:
+    content = {mimetype: {"schema": {"type": "string", "contentMediaType": mimetype}} for mimetype in mimetypes}
+    return {"description": description, "content": content}
 
 
-def _weights_content() -> dict:
-    binary = {"type": "string", "contentMediaType": "application/octet-stream"}
-    return {
-        "description": "safetensors (application/octet-stream), or with format=bundle a .tar.gz "
-        "(application/gzip) of the weights, model card and metrics",
-        "content": {
-            "application/octet-stream": {"schema": binary},
-            "application/gzip": {"schema": {"type": "string", "contentMediaType": "application/gzip"}},
-        },
-    }
+def _param(name: str, where: str, schema: dict, description: str = "") -> dict:
+    return {"name": name, "in": where, "required": where == "path", "schema": schema, "description": description}
 
 
 # One event of the metrics stream, as OpenAPI 3.1 describes a text/event-stream item (3.2's itemSchema).
@@ -79,24 +84,45 @@ SSE_EVENT = {
         "retry": {"type": "integer"},
     },
 }
-METRICS_STREAM_DESCRIPTION = (
-    "metrics in epoch order (application/json); or, when asked for with Accept: text/event-stream or "
-    "stream=true, a Server-Sent Events stream: one `metrics` event per new epoch (`id` is its epoch), a "
-    "`status` event with the job once it has finished, then the end of the stream; a comment keeps the "
-    "connection alive every 15 s, and a stream ends after an hour: reconnect with Last-Event-ID."
+METRICS = {
+    "description": "metrics in epoch order (application/json); or, when asked for with Accept: "
+    "text/event-stream or stream=true, a Server-Sent Events stream: one `metrics` event per new epoch (`id` "
+    "is its epoch), a `status` event with the job once it has finished, then the end of the stream; a "
+    "comment keeps the connection alive every 15 s, and a stream ends after an hour: reconnect with "
+    "Last-Event-ID.",
+    "content": {
+        "application/json": {"schema": _ref("MetricsOut")},
+        "text/event-stream": {"schema": SSE_EVENT},
+    },
+}
+WEIGHTS = _binary(
+    "safetensors (application/octet-stream), or with format=bundle a .tar.gz (application/gzip) of the "
+    "weights, model card and metrics",
+    "application/octet-stream",
+    "application/gzip",
 )
-
-
-def _metrics_content() -> dict:
-    return {
-        "description": METRICS_STREAM_DESCRIPTION,
-        "content": {
-            "application/json": {"schema": _ref("MetricsOut")},
-            "text/event-stream": {"schema": SSE_EVENT},
-        },
-    }
-
-
+SPEC_BODY = {"required": True, "content": {"application/json": {"schema": _ref("JobSpec")}}}
+UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {
+                        "type": "string",
+                        "contentMediaType": "application/octet-stream",
+                        "description": "a .csv (header, numeric columns) or .npz (arrays X and y) file",
+                    },
+                    "name": {"type": "string"},
+                    "target": {"type": "string", "description": "CSV target column"},
+                },
+            }
+        }
+    },
+}
+DELETED = {204: {"description": "deleted"}}
 PROBLEM_STATUSES = {
     400: "malformed request",
     401: "missing or invalid API key",
@@ -105,214 +131,149 @@ PROBLEM_STATUSES = {
     413: "upload too large",
     415: "not JSON",
     422: "validation failed; `errors` names each field",
-    500: "unexpected error",
 }
 
 
-def _op(
-    summary: str,
-    responses: dict,
-    *,
-    errors=(401, 404),
-    params=(),
-    body: dict | None = None,
-    public: bool = False,
-) -> dict:
-    operation = {"summary": summary, "responses": {str(code): value for code, value in responses.items()}}
-    for code in errors:
-        operation["responses"][str(code)] = {
-            "description": PROBLEM_STATUSES[code],
-            "content": {"application/problem+json": {"schema": _ref("ProblemOut")}},
-        }
-    if params:
-        operation["parameters"] = list(params)
-    if body:
-        operation["requestBody"] = body
-    if public:
-        operation["security"] = []
-    return operation
+@dataclass(frozen=True)
+class Details:
+    """What an operation's rule and view can't say: its answers, its problems besides the 401 of an API
+    key and the 404 of a path naming no row, its query and header parameters, its request body."""
+
+    responses: dict
+    errors: tuple[int, ...] = ()
+    params: tuple[dict, ...] = ()
+    body: dict | None = None
 
 
-def _param(name: str, where: str, schema: dict, description: str = "") -> dict:
-    return {
-        "name": name,
-        "in": where,
-        "required": where == "path",
-        "schema": schema,
-        "description": description,
+DETAILS = {
+    "jobs.submit": Details(
+        {201: _json("JobOut", "the new job"), 200: _json("JobOut", "the job an earlier request with this key made")},
+        errors=(400, 415, 422),
+        params=(
+            _param(
+                "Idempotency-Key",
+                "header",
+                {"type": "string", "maxLength": 200},
+                "a retried request with the same key returns the first job",
+            ),
+        ),
+        body=SPEC_BODY,
+    ),
+    "jobs.list_jobs": Details(
+        {200: _json("JobList", "a page of jobs")},
+        errors=(422,),
+        params=(
+            _param("status", "query", {"enum": list(JOB_STATUSES)}),
+            _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+            _param("cursor", "query", {"type": "string"}, "next_cursor of the previous page"),
+        ),
+    ),
+    "jobs.get_job": Details({200: _json("JobOut", "the job")}),
+    "jobs.delete_job": Details(DELETED, errors=(409,)),
+    "jobs.metrics": Details(
+        {200: METRICS},
+        errors=(422,),
+        params=(
+            _param(
+                "since_epoch",
+                "query",
+                {"type": "integer", "minimum": 0, "maximum": MAX_INT},
+                "only the epochs after this one",
+            ),
+            _param(
+                "stream",
+                "query",
+                {"type": "boolean"},
+                "true: answer with text/event-stream (as does Accept: text/event-stream)",
+            ),
+            _param(
+                "Last-Event-ID",
+                "header",
+                {"type": "integer", "minimum": 0, "maximum": MAX_INT},
+                "a reconnecting stream's last epoch; it takes the place of since_epoch",
+            ),
+        ),
+    ),
+    "jobs.cancel": Details(
+        {
+            200: _json("JobOut", "a queued job, now cancelled"),
+            202: _json("JobOut", "a running job, asked to stop at its next batch"),
+        },
+        errors=(409,),
+    ),
+    "artifacts.weights": Details(
+        {200: WEIGHTS}, errors=(409, 422), params=(_param("format", "query", {"enum": list(WEIGHT_FORMATS)}),)
+    ),
+    "artifacts.checkpoints": Details({200: _json("CheckpointList", "checkpoints")}),
+    "artifacts.checkpoint": Details({200: _binary("the checkpoint file", "application/octet-stream")}),
+    "datasets.upload": Details({201: _json("DatasetOut", "the stored dataset")}, errors=(413, 422), body=UPLOAD_BODY),
+    "datasets.list_datasets": Details({200: _json("DatasetList", "datasets")}),
+    "datasets.get_dataset": Details({200: _json("DatasetOut", "the dataset")}),
+    "datasets.delete_dataset": Details(DELETED, errors=(409,)),
+    "workers.list_workers": Details({200: _json("WorkerList", "workers")}),
+    "health.health": Details({200: _json("HealthOut", "healthy"), 503: _json("HealthOut", "a dependency is down")}),
+    "health.openapi": Details({200: {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}),
+}
+
+
+def _secured(app: Flask, blueprint: str) -> bool:
+    """Whether the blueprint (or the whole app) asks for an API key before each request."""
+    return any(require_user in app.before_request_funcs.get(scope, ()) for scope in (None, blueprint))
+
+
+def _problems(*codes: int) -> dict:
+    content = {"application/problem+json": {"schema": _ref("ProblemOut")}}
+    return {code: {"description": PROBLEM_STATUSES[code], "content": content} for code in codes}
+
+
+def _operation(app: Flask, rule: Rule) -> dict:
+    """The operation of one rule: derived from the rule and its view, completed by the endpoint's details."""
+    summary, _, description = (inspect.getdoc(app.view_functions[rule.endpoint]) or "").partition("\n")
+    details = DETAILS.get(rule.endpoint, Details({}))
+    blueprint = rule.endpoint.rpartition(".")[0]
+    path_params = [
+        _param(match["name"], "path", CONVERTER_SCHEMAS.get(match["converter"], {"type": "string"}))
+        for match in VARIABLE.finditer(rule.rule)
+    ]
+    secured = _secured(app, blueprint)
+    errors = [401] if secured else []
+    if path_params:
+        errors.append(404)  # an id in the path may name no row, or someone else's
+    responses = {**details.responses, **_problems(*errors, *details.errors)}
+    operation = {
+        "operationId": rule.endpoint,
+        "tags": [blueprint] if blueprint else [],
+        "summary": summary,
+        "description": description.strip(),
+        "parameters": path_params + list(details.params),
+        "requestBody": details.body,
+        "responses": {str(code): value for code, value in responses.items()},
     }
+    operation = {key: value for key, value in operation.items() if value}
+    return operation if secured else {**operation, "security": []}
 
 
-JOB_ID = _param("job_id", "path", {"type": "string"})
-DATASET_ID = _param("dataset_id", "path", {"type": "string"})
-
-
-def _paths() -> dict:
-    jobs, datasets = f"{API_PREFIX}/jobs", f"{API_PREFIX}/datasets"
-    spec_body = {"required": True, "content": {"application/json": {"schema": _ref("JobSpec")}}}
-    upload_body = {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "contentMediaType": "application/octet-stream",
-                            "description": "a .csv (header, numeric columns) or .npz (arrays X and y) file",
-                        },
-                        "name": {"type": "string"},
-                        "target": {"type": "string", "description": "CSV target column"},
-                    },
-                }
-            }
-        },
-    }
-    return {
-        jobs: {
-            "post": _op(
-                "Submit a job",
-                {
-                    201: _json("JobOut", "the new job"),
-                    200: _json("JobOut", "the job an earlier request with this key made"),
-                },
-                errors=(400, 401, 415, 422),
-                body=spec_body,
-                params=[
-                    _param(
-                        "Idempotency-Key",
-                        "header",
-                        {"type": "string", "maxLength": 200},
-                        "a retried request with the same key returns the first job",
-                    )
-                ],
-            ),
-            "get": _op(
-                "List the caller's jobs, newest first",
-                {200: _json("JobList", "a page of jobs")},
-                errors=(401, 422),
-                params=[
-                    _param("status", "query", {"enum": list(JOB_STATUSES)}),
-                    _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 100}),
-                    _param("cursor", "query", {"type": "string"}, "next_cursor of the previous page"),
-                ],
-            ),
-        },
-        f"{jobs}/{{job_id}}": {
-            "get": _op("Read a job", {200: _json("JobOut", "the job")}, params=[JOB_ID]),
-            "delete": _op(
-                "Delete a finished job and its files",
-                {204: {"description": "deleted"}},
-                errors=(401, 404, 409),
-                params=[JOB_ID],
-            ),
-        },
-        f"{jobs}/{{job_id}}/metrics": {
-            "get": _op(
-                "Per-epoch metrics, or a live stream of them",
-                {200: _metrics_content()},
-                errors=(401, 404, 422),
-                params=[
-                    JOB_ID,
-                    _param(
-                        "since_epoch",
-                        "query",
-                        {"type": "integer", "minimum": 0, "maximum": MAX_INT},
-                        "only the epochs after this one",
-                    ),
-                    _param(
-                        "stream",
-                        "query",
-                        {"type": "boolean"},
-                        "true: answer with text/event-stream (as does Accept: text/event-stream)",
-                    ),
-                    _param(
-                        "Last-Event-ID",
-                        "header",
-                        {"type": "integer", "minimum": 0, "maximum": MAX_INT},
-                        "a reconnecting stream's last epoch; it takes the place of since_epoch",
-                    ),
-                ],
-            )
-        },
-        f"{jobs}/{{job_id}}/weights": {
-            "get": _op(
-                "Download the final weights",
-                {200: _weights_content()},
-                errors=(401, 404, 409, 422),
-                params=[JOB_ID, _param("format", "query", {"enum": ["safetensors", "bundle"]})],
-            )
-        },
-        f"{jobs}/{{job_id}}/checkpoints": {
-            "get": _op(
-                "List the kept checkpoints", {200: _json("CheckpointList", "checkpoints")}, params=[JOB_ID]
-            )
-        },
-        f"{jobs}/{{job_id}}/checkpoints/{{epoch}}": {
-            "get": _op(
-                "Download a checkpoint",
-                {200: _binary("the checkpoint file")},
-                params=[JOB_ID, _param("epoch", "path", {"type": "integer", "minimum": 0, "maximum": MAX_INT})],
-            )
-        },
-        f"{jobs}/{{job_id}}/cancel": {
-            "post": _op(
-                "Cancel a job",
-                {
-                    200: _json("JobOut", "a queued job, now cancelled"),
-                    202: _json("JobOut", "a running job, asked to stop at its next batch"),
-                },
-                errors=(401, 404, 409),
-                params=[JOB_ID],
-            )
-        },
-        datasets: {
-            "post": _op(
-                "Upload a dataset",
-                {201: _json("DatasetOut", "the stored dataset")},
-                errors=(401, 413, 422),
-                body=upload_body,
-            ),
-            "get": _op("List the caller's datasets", {200: _json("DatasetList", "datasets")}, errors=(401,)),
-        },
-        f"{datasets}/{{dataset_id}}": {
-            "get": _op("Read a dataset", {200: _json("DatasetOut", "the dataset")}, params=[DATASET_ID]),
-            "delete": _op(
-                "Delete a dataset",
-                {204: {"description": "deleted"}},
-                errors=(401, 404, 409),
-                params=[DATASET_ID],
-            ),
-        },
-        f"{API_PREFIX}/workers": {
-            "get": _op("Live workers", {200: _json("WorkerList", "workers")}, errors=(401,))
-        },
-        f"{API_PREFIX}/health": {
-            "get": _op(
-                "Liveness with dependency checks",
-                {200: _json("HealthOut", "healthy"), 503: _json("HealthOut", "a dependency is down")},
-                errors=(),
-                public=True,
-            )
-        },
-        f"{API_PREFIX}/openapi.json": {
-            "get": _op(
-                "This document",
-                {200: {"description": "OpenAPI 3.1", "content": {"application/json": {}}}},
-                errors=(),
-                public=True,
-            )
-        },
-    }
+def _paths(app: Flask) -> dict:
+    """One operation per method of each rule under the API prefix; ``<int:epoch>`` becomes ``{epoch}``."""
+    paths: dict[str, dict] = {}
+    for rule in app.url_map.iter_rules():
+        if rule.rule.startswith(f"{API_PREFIX}/"):
+            path = VARIABLE.sub(r"{\g<name>}", rule.rule)
+            for method in sorted(rule.methods - IGNORED_METHODS):
+                paths.setdefault(path, {})[method.lower()] = _operation(app, rule)
+    return paths
 
 
 @functools.cache
-def openapi_document() -> dict:
-    """The whole OpenAPI 3.1 document (built once; it depends only on code)."""
+def _schemas() -> dict:
+    """The components' schemas (built once; they depend only on code)."""
     pairs = [(JobSpec, "validation")] + [(model, "serialization") for model in RESPONSE_MODELS]
     _, schemas = models_json_schema(pairs, ref_template=REF)
+    return schemas["$defs"]
+
+
+def openapi_document(app: Flask) -> dict:
+    """The OpenAPI 3.1 document of ``app``'s API routes."""
     return {
         "openapi": "3.1.0",
         "info": {
@@ -323,9 +284,9 @@ def openapi_document() -> dict:
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "paths": _paths(),
+        "paths": _paths(app),
         "components": {
-            "schemas": schemas["$defs"],
+            "schemas": _schemas(),
             "securitySchemes": {
                 "bearer": {
                     "type": "http",

@@ -1,4 +1,4 @@
-"""Submitting a job: validate spec and dataset, honour Idempotency-Key, commit, then ring the doorbell."""
+"""Submitting a job: validate spec and dataset, honour Idempotency-Key, commit, then publish its id."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError, validation_error
-from models import queues
+from models import lifecycle, queues
 from models.catalog import DataShape
-from models.settings import Settings
+from models.services import Services
 from models.shapes import describe_data, infer_shapes
-from models.spec import JobSpec, Limits, Problem, SpecError, parse_spec, unknown_name_message
+from models.spec import JobSpec, Limits, Problem, SpecError, unknown_name_message
 from models.tables import Dataset, Job, User
-from worker import doorbell  # with the app, not on the first submit: importing Celery takes ~0.15 s
+from models.validation import parse_service_spec
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,16 @@ def queue_for(spec: JobSpec) -> str:
 
 
 def submit_job(
-    session: Session, user: User, body: Any, idempotency_key: str | None, settings: Settings
+    session: Session, user: User, body: Any, idempotency_key: str | None, services: Services
 ) -> tuple[Job, bool]:
     """Validate and store a job, then publish it; return (job, created). A retried key gets the first job."""
+    settings = services.settings
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
         raise validation_error([Problem("Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters")])
     spec = validate_spec(session, user, body, settings.limits)
     normalized = spec.model_dump(mode="json")
-    job = Job(
+    job = lifecycle.submit(
+        session,
         user_id=user.id,
         name=spec.name,
         spec=normalized,
@@ -59,7 +61,6 @@ def submit_job(
         max_attempts=settings.max_attempts,
         idempotency_key=idempotency_key,
     )
-    session.add(job)
     try:
         session.commit()
     except IntegrityError:
@@ -70,7 +71,8 @@ def submit_job(
         if existing is None:
             raise
         return existing, False
-    ring_doorbell(job)
+    # After the commit: a lost publish only delays the job (the reconciler publishes queued rows again).
+    services.publisher.publish(job.id, job.queue)
     return job, True
 
 
@@ -89,36 +91,12 @@ def _same_key_job(session: Session, user: User, key: str | None, normalized: dic
     return job
 
 
-def ring_doorbell(job: Job) -> None:
-    """Publish the job id to its queue. The row is committed already: a lost publish only delays the job,
-    because the reconciler re-publishes queued rows that no worker took, so a failure is logged, not raised.
-    """
-    try:
-        doorbell.ring(job.id, job.queue)
-    except Exception:  # a 500 after the commit would make the client submit the job again
-        log.warning(
-            "could not publish job %s to queue %r; the reconciler will", job.id, job.queue, exc_info=True
-        )
-
-
 def validate_spec(session: Session, user: User, body: Any, limits: Limits) -> JobSpec:
     """A runnable spec for this service, or 422 listing every problem by field path."""
-    refused = []
-    if isinstance(body, dict) and isinstance(body.get("data"), dict) and body["data"].get("source") == "file":
-        refused.append(
-            Problem(
-                "data.source",
-                "'file' reads a path on the machine that trains; the service "
-                "refuses it: upload the file (POST /api/v1/datasets) and use "
-                "source 'dataset'",
-            )
-        )
     try:
-        spec = parse_spec(body, limits)
+        spec = parse_service_spec(body, limits)
     except SpecError as exc:
-        raise validation_error(refused + exc.problems, "Invalid job spec") from None
-    if refused:
-        raise validation_error(refused, "Invalid job spec")
+        raise validation_error(exc.problems, "Invalid job spec") from None
     if spec.data.source == "dataset":
         spec = check_dataset(session, user, spec, limits)
     return spec

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.spec import parse_spec  # noqa: E402
+from models.validation import parse_spec  # noqa: E402
 from worker.engine import prepare_run  # noqa: E402
 
 WORKLOADS = {

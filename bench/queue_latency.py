@@ -90,8 +90,8 @@ def main() -> None:
     from sqlalchemy import select
 
     from api.auth import create_api_key
+    from migrations.apply import upgrade
     from models.db import make_engine, make_sessionmaker
-    from models.migrate import upgrade
     from models.settings import Settings
     from models.tables import EpochMetrics, Job
     from torchyard.client import Client

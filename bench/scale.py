@@ -56,14 +56,11 @@ class Deployment:
         self.app = None
 
     def start(self) -> None:
-        import worker.doorbell
         from api import create_app
         from api.auth import create_api_key
-        from models.migrate import upgrade
-        from worker.celery_app import make_celery
+        from migrations.apply import upgrade
 
         upgrade(self.settings.database_url)
-        worker.doorbell.app = make_celery(self.settings)  # the API's doorbell rings this deployment's Redis
         self.app = create_app({"TESTING": False, **self.settings.model_dump()})
         self.sessions = self.app.extensions["torchyard"].sessions
         self.client = self.app.test_client()

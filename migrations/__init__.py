@@ -1,1 +1,1 @@
-"""Alembic migrations of torchyard's database (plain Alembic; run through ``models.migrate.upgrade``)."""
+"""Alembic migrations of torchyard's database (plain Alembic; run through ``migrations.apply.upgrade``)."""

@@ -1,6 +1,6 @@
 """Alembic's entry point: which database, which models, and how to compare them.
 
-The URL comes, in order, from ``config.attributes["database_url"]`` (models.migrate.upgrade),
+The URL comes, in order, from ``config.attributes["database_url"]`` (migrations.apply.upgrade),
 ``-x url=...`` on the command line, ``sqlalchemy.url`` in the ini file, then the TORCHYARD_* settings.
 """
 

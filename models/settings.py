@@ -91,6 +91,7 @@ class Settings(BaseModel):
             max_layers=self.max_layers,
             max_epochs=self.max_epochs,
             max_samples=self.max_samples,
+            max_runtime_seconds=self.max_runtime_seconds,
         )
 
     @classmethod

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.catalog import SKLEARN_DATASETS
 
@@ -43,7 +43,20 @@ class Linear(Strict):
     bias: bool = True
 
 
-class _Conv(Strict):
+class _Window(Strict):
+    """A layer that slides a window over 1 or 2 dimensions: each size is one number or one per dimension."""
+
+    @field_validator("kernel_size", "stride", "padding", "dilation", check_fields=False)
+    @classmethod
+    def _one_size_per_dimension(cls, value):
+        dimensions = 1 if cls.__name__.endswith("1d") else 2
+        if isinstance(value, list) and len(value) != dimensions:
+            raise ValueError(f"{cls.__name__} takes one number or a list of {dimensions} (one per dimension), "
+                             f"not a list of {len(value)}")
+        return value
+
+
+class _Conv(_Window):
     out_channels: PositiveInt
     kernel_size: Size
     stride: Size = 1
@@ -62,7 +75,7 @@ class Conv2d(_Conv):
     type: Literal["Conv2d"]
 
 
-class _MaxPool(Strict):
+class _MaxPool(_Window):
     kernel_size: Size
     stride: Size | None = None
     padding: PadSize = 0
@@ -78,7 +91,7 @@ class MaxPool2d(_MaxPool):
     type: Literal["MaxPool2d"]
 
 
-class _AvgPool(Strict):
+class _AvgPool(_Window):
     kernel_size: Size
     stride: Size | None = None
     padding: PadSize = 0
@@ -497,7 +510,7 @@ class JobSpec(Strict):
         return names + ["lr", "epoch_seconds", "samples_per_second"]
 
 
-# --- validation entry point ---------------------------------------------------------------------
+# --- problems, limits, and pydantic's errors as problems ----------------------------------------
 
 
 @dataclass(frozen=True)
@@ -508,6 +521,7 @@ class Limits:
     max_layers: int = 100
     max_epochs: int = 10_000
     max_samples: int = 1_000_000
+    max_runtime_seconds: int = 24 * 3600  # of training, across attempts (the trainer enforces it)
 
 
 @dataclass(frozen=True)
@@ -590,7 +604,8 @@ def _what_for(path: str) -> tuple[str, dict] | None:
     return None
 
 
-def _problem_from_error(error: dict) -> Problem:
+def problem_from_error(error: dict) -> Problem:
+    """One of pydantic's validation errors as a Problem at the field path the user wrote."""
     path = format_path(error["loc"])
     kind = error["type"]
     if kind in ("union_tag_invalid", "union_tag_not_found"):
@@ -609,52 +624,3 @@ def _problem_from_error(error: dict) -> Problem:
         return Problem(f"{path}.{problem.subpath}" if path else problem.subpath, str(problem))
     message = error["msg"].removeprefix("Value error, ")
     return Problem(path, message)
-
-
-def parse_spec(data: Any, limits: Limits | None = None) -> JobSpec:
-    """Validate a spec (a parsed JSON value); raise SpecError listing every problem by field path."""
-    if not isinstance(data, dict):
-        raise SpecError([Problem("", "a spec is a JSON object")])
-    try:
-        spec = JobSpec.model_validate(data)
-    except ValidationError as exc:
-        raise SpecError([_problem_from_error(e) for e in exc.errors()]) from None
-    problems = check_semantics(spec, limits or Limits())
-    if problems:
-        raise SpecError(problems)
-    return spec
-
-
-def check_semantics(spec: JobSpec, limits: Limits) -> list[Problem]:
-    """Rules across fields that the field types alone can't express, and the limits."""
-    from models.shapes import data_shape, infer_shapes  # shapes imports this module
-
-    problems = []
-    if len(spec.model.layers) > limits.max_layers:
-        problems.append(Problem("model.layers", f"{len(spec.model.layers)} layers exceed the limit of "
-                                                f"{limits.max_layers} (max_layers)"))
-    if spec.training.epochs > limits.max_epochs:
-        problems.append(Problem("training.epochs", f"{spec.training.epochs} exceeds the limit of "
-                                                   f"{limits.max_epochs} (max_epochs)"))
-    allowed_losses = {"regression": REGRESSION_LOSSES, "binary": BINARY_LOSSES,
-                      "multiclass": MULTICLASS_LOSSES}[spec.task]
-    if spec.loss is not None and spec.loss.type not in allowed_losses:
-        problems.append(Problem("loss.type", f"{spec.loss.type} does not fit task {spec.task!r}; use one of "
-                                             f"{', '.join(sorted(allowed_losses))}"))
-    metrics = spec.metric_names()
-    if spec.early_stopping is not None and spec.early_stopping.monitor not in metrics:
-        problems.append(Problem("early_stopping.monitor", unknown_name_message(
-            spec.early_stopping.monitor, "metric this job records", metrics)))
-    if spec.scheduler is not None and spec.scheduler.type == "ReduceLROnPlateau" \
-            and spec.scheduler.monitor not in metrics:
-        problems.append(Problem("scheduler.monitor", unknown_name_message(
-            spec.scheduler.monitor, "metric this job records", metrics)))
-    if spec.data.source == "sklearn":
-        shape = data_shape(spec.data, spec.task)
-        problems += shape.problems
-        if shape.n_samples is not None and shape.n_samples > limits.max_samples:
-            problems.append(Problem("data.params.n_samples", f"{shape.n_samples} samples exceed the limit of "
-                                                             f"{limits.max_samples} (max_samples)"))
-        if not shape.problems:
-            problems += infer_shapes(spec, shape.input_shape, shape.n_outputs, limits).problems
-    return problems

@@ -53,7 +53,7 @@ def spec(name: str = "chaos", epochs: int = EPOCHS) -> dict:
 
 def uninterrupted_sha256(directory: Path) -> str:
     """SHA-256 of the weights of SPEC trained here, in one go (the reference for every resumed run)."""
-    from models.spec import parse_spec
+    from models.validation import parse_spec
     from worker.engine import train
 
     result = train(parse_spec(SPEC), directory)
@@ -138,8 +138,9 @@ class MetricsWatch:
 class Deployment:
     """PostgreSQL + Redis + the API over HTTP + worker processes (see ``deployment``)."""
 
-    def __init__(self, settings, base_url: str, token: str, sessions):
+    def __init__(self, settings, base_url: str, token: str, sessions, publisher):
         self.settings = settings
+        self.publisher = publisher  # the API's, to publish a job again by hand
         self.api = f"{base_url}/api/v1"
         self.token = token
         self.sessions = sessions
@@ -282,14 +283,12 @@ class Deployment:
 @contextlib.contextmanager
 def deployment(home: Path, redis_db: int) -> Iterator[Deployment]:
     """A fresh PostgreSQL database and Redis db ``redis_db`` (flushed before and after), the API on a free
-    port, and this process's doorbell ringing that Redis; everything is removed on exit."""
+    port, publishing to that Redis; everything is removed on exit."""
     from werkzeug.serving import make_server
 
-    import worker.doorbell
     from api import create_app
     from api.auth import create_api_key
-    from models.migrate import upgrade
-    from worker.celery_app import make_celery
+    from migrations.apply import upgrade
 
     redis_url = f"redis://127.0.0.1:6379/{redis_db}"
     home.mkdir(parents=True, exist_ok=True)
@@ -312,16 +311,14 @@ def deployment(home: Path, redis_db: int) -> Iterator[Deployment]:
         app = create_app({"TESTING": True, **settings.model_dump()})
         services = app.extensions["torchyard"]
         stack.callback(services.engine.dispose)
-        previous = worker.doorbell.app
-        worker.doorbell.app = make_celery(settings)
-        stack.callback(setattr, worker.doorbell, "app", previous)
         server = make_server("127.0.0.1", 0, app, threaded=True)
         threading.Thread(target=server.serve_forever, name="chaos-api", daemon=True).start()
         stack.callback(server.shutdown)
         with services.sessions() as session:
             token = create_api_key(session, "chaos", "chaos")
 
-        deploy = Deployment(settings, f"http://127.0.0.1:{server.server_port}", token, services.sessions)
+        deploy = Deployment(settings, f"http://127.0.0.1:{server.server_port}", token, services.sessions,
+                            services.publisher)
         stack.callback(deploy.watch.close)
         stack.callback(deploy.retire_workers)
         yield deploy
@@ -419,12 +416,10 @@ def stopped_past_lease(deploy: Deployment) -> Outcome:
 
 def published_twice(deploy: Deployment) -> Outcome:
     """The same job id rung twice, with two idle workers: each worker gets one message."""
-    from worker.doorbell import ring
-
     try:
         workers = deploy.start_workers(2, "twice")
         job_id = deploy.submit(spec("twice"))  # rings once
-        ring(job_id, "cpu")  # and once more
+        deploy.publisher.publish(job_id, "cpu")  # and once more
         deploy.wait_final(job_id)
         # Both messages were consumed (the duplicate by the other worker, as a no-op) once the task is acked.
         wait_for(lambda: sum(w.log_path.read_text(errors="replace").count("succeeded in") for w in workers) >= 2,
@@ -438,8 +433,6 @@ def published_twice(deploy: Deployment) -> Outcome:
 def cancelled_then_restarted(deploy: Deployment, sig: signal.Signals = signal.SIGTERM) -> Outcome:
     """Cancel a running job, at once stop its worker with ``sig`` (SIGTERM: a warm shutdown; SIGKILL: the
     process group), start a new worker and let its reaper and reconciler run."""
-    from worker.doorbell import ring
-
     try:
         (first,) = deploy.start_workers(1, f"cancel-{sig.name}")
         job_id = deploy.submit(spec(f"cancel-{sig.name}", epochs=5 * EPOCHS))  # never near its end when cancelled
@@ -453,7 +446,7 @@ def cancelled_then_restarted(deploy: Deployment, sig: signal.Signals = signal.SI
         after_stop = deploy.job(job_id)
         second.wait_registered(deploy.sessions, timeout=120)
         deploy.wait_final(job_id)
-        ring(job_id, "cpu")  # a stale doorbell for the cancelled job, on top of the reconciler's rounds
+        deploy.publisher.publish(job_id, "cpu")  # a stale message for the cancelled job, beside the reconciler's
         deploy.wait_maintenance_rounds(2)
         return Outcome(f"cancel, then {sig.name} worker", [deploy.outcome(job_id, "cancelled", 1)],
                        {"requested": requested, "after_stop": after_stop})

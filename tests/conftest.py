@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 
 import psycopg
 import pytest
@@ -19,7 +18,7 @@ from specs import circles_spec
 from sqlalchemy.engine import make_url
 
 # ==================================================================================================
-# API, database and migrations (api/, models/migrate.py, models/storage.py)
+# API, database and migrations (api/, migrations/apply.py, models/storage.py)
 # ==================================================================================================
 
 # The PostgreSQL server these tests need; they fail (never skip) when it is not there.
@@ -62,7 +61,7 @@ def empty_sqlite_url(tmp_path) -> str:
 @pytest.fixture
 def sqlite_url(empty_sqlite_url) -> str:
     """A SQLite database migrated to head."""
-    from models.migrate import upgrade
+    from migrations.apply import upgrade
 
     upgrade(empty_sqlite_url)
     return empty_sqlite_url
@@ -71,7 +70,7 @@ def sqlite_url(empty_sqlite_url) -> str:
 @pytest.fixture
 def postgres_url(empty_postgres_url) -> str:
     """A PostgreSQL database migrated to head."""
-    from models.migrate import upgrade
+    from migrations.apply import upgrade
 
     upgrade(empty_postgres_url)
     return empty_postgres_url
@@ -83,21 +82,26 @@ def database_url(sqlite_url) -> str:
     return sqlite_url
 
 
+class RecordingPublisher:
+    """Records what the API publishes instead of ringing a broker: the one true edge of the API tests."""
+
+    def __init__(self):
+        self.published: list[tuple[str, str]] = []
+
+    def publish(self, job_id: str, queue: str) -> None:
+        self.published.append((job_id, queue))
+
+
 @pytest.fixture
-def doorbell(monkeypatch) -> list[tuple[str, str]]:
-    """Record what the API publishes instead of ringing a broker: the one true edge of the API tests."""
-    rung: list[tuple[str, str]] = []
+def publisher() -> RecordingPublisher:
+    """The publisher that ``make_app``'s apps publish through."""
+    return RecordingPublisher()
 
-    def ring(job_id: str, queue: str) -> None:
-        rung.append((job_id, queue))
 
-    try:
-        import worker.doorbell as real
-    except ImportError:  # the worker side may not be there; the API imports it by name, through sys.modules
-        monkeypatch.setitem(sys.modules, "worker.doorbell", types.SimpleNamespace(ring=ring))
-    else:
-        monkeypatch.setattr(real, "ring", ring)
-    return rung
+@pytest.fixture
+def published(publisher) -> list[tuple[str, str]]:
+    """(job id, queue) of each job the API published, in order."""
+    return publisher.published
 
 
 @pytest.fixture
@@ -107,16 +111,17 @@ def artifacts_url(tmp_path) -> str:
 
 
 @pytest.fixture
-def make_app(database_url, artifacts_url, doorbell):
-    """Build apps over the test's database and artifact folder; keyword arguments override settings."""
+def make_app(database_url, artifacts_url, publisher):
+    """Build apps over the test's database and artifact folder, publishing through ``publisher``; keyword
+    arguments override settings (``publisher=None``: a real one for the broker the settings name)."""
     from api import create_app
 
     apps = []
 
-    def make_app(**overrides):
+    def make_app(publisher=publisher, **overrides):
         config = {"TESTING": True, "database_url": database_url, "artifacts_url": artifacts_url,
                   "broker_url": "filesystem://", **overrides}
-        apps.append(create_app(config))
+        apps.append(create_app(config, publisher))
         return apps[-1]
 
     yield make_app
@@ -297,7 +302,8 @@ class WorkerProcess:
 
 
 class Service:
-    """A test deployment: the API (Flask test client, real doorbell) over ``settings``, and its workers."""
+    """A test deployment: the API (Flask test client, publishing to the real broker) over ``settings``, and
+    its workers."""
 
     def __init__(self, settings):
         from api import create_app
@@ -306,7 +312,7 @@ class Service:
         self.settings = settings
         self.app = create_app({"TESTING": True, **settings.model_dump()})
         services = self.app.extensions["torchyard"]
-        self.sessions, self.store = services.sessions, services.store
+        self.sessions, self.store, self.publisher = services.sessions, services.store, services.publisher
         self.client = self.app.test_client()
         with self.sessions() as session:
             self.headers = {"Authorization": f"Bearer {create_api_key(session, 'alice', 'test')}"}
@@ -352,20 +358,16 @@ class Service:
 
 @contextlib.contextmanager
 def running_service(settings, queues=("cpu",)):
-    """Migrate, start one worker, point this process's doorbell at the deployment's broker; yield it."""
-    import worker.doorbell
-    from models.migrate import upgrade
-    from worker.celery_app import make_celery
+    """Migrate, start the API and one worker; yield the deployment."""
+    from migrations.apply import upgrade
 
     upgrade(settings.database_url)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(worker.doorbell, "app", make_celery(settings))
-        service = Service(settings)
-        try:
-            service.start_worker(queues)
-            yield service
-        finally:
-            service.close()
+    service = Service(settings)
+    try:
+        service.start_worker(queues)
+        yield service
+    finally:
+        service.close()
 
 
 def flushed_redis(url: str = REDIS_TEST_URL):
@@ -428,23 +430,17 @@ def production_service(tmp_path_factory):
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def worker_context(request, tmp_path):
-    """A worker's Context (settings, engine, sessions, store) over a migrated database of each kind,
-    with this process's doorbell ringing the deployment's filesystem broker under ``tmp_path``."""
-    import worker.doorbell
-    from models.db import make_engine, make_sessionmaker
-    from models.migrate import upgrade
-    from models.storage import ArtifactStore
-    from worker.celery_app import make_celery
-    from worker.context import Context
+    """A worker's Services over a migrated database of each kind, publishing to the deployment's
+    filesystem broker under ``tmp_path``."""
+    from migrations.apply import upgrade
+    from models.services import make_services
 
     url = request.getfixturevalue("postgres_url" if request.param == "postgresql" else "sqlite_url")
     settings = worker_settings(tmp_path / "home", database_url=url)
     upgrade(url)
-    engine = make_engine(url)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(worker.doorbell, "app", make_celery(settings))
-        yield Context(settings, engine, make_sessionmaker(engine), ArtifactStore(settings.artifacts_url))
-    engine.dispose()
+    services = make_services(settings)
+    yield services
+    services.engine.dispose()
 
 
 # ==================================================================================================
@@ -521,7 +517,7 @@ class HttpService(Service):
 def http_deployment(tmp_path):
     """Start deployments over given database and broker URLs: the API under gunicorn and ``workers``
     worker processes (FAST_RELIABILITY unless overridden); all stopped after the test."""
-    from models.migrate import upgrade
+    from migrations.apply import upgrade
 
     services: list[HttpService] = []
 
@@ -642,7 +638,7 @@ def s3_objects(url: str) -> dict[str, bytes]:
 def production_settings(home, redis_url: str = REDIS_SCALE_URL, **fields):
     """Settings over a fresh, migrated PostgreSQL database and a flushed Redis db (both cleaned up after);
     ``fields`` override the rest (artifacts_url, …)."""
-    from models.migrate import upgrade
+    from migrations.apply import upgrade
 
     redis_client = flushed_redis(redis_url)
     name = f"torchyard_test_{secrets.token_hex(6)}"

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+from flask import Blueprint
+from werkzeug.exceptions import HTTPException
+
+from api.auth import require_user
+from api.openapi import DETAILS, openapi_document
 from models.tables import Job, Worker, utcnow
 
 API = "/api/v1"
@@ -37,17 +44,22 @@ def test_health_checks_a_redis_broker(make_app):
     assert response.json["checks"]["broker"].startswith("error: ")
 
 
-def test_the_openapi_document_describes_the_api(client):
+def test_the_openapi_document_describes_the_api(app, client):
     document = client.get(f"{API}/openapi.json").json
+    # The served document is the app's; the fuzz test reads the same one without an app.
+    assert document == openapi_document(app)
     assert document["openapi"].startswith("3.1")
-    assert {f"{API}/jobs", f"{API}/jobs/{{job_id}}/weights", f"{API}/datasets", f"{API}/health"} <= set(
-        document["paths"])
     schemas = document["components"]["schemas"]
     assert {"JobSpec", "JobOut", "JobList", "ProblemOut", "DatasetOut"} <= set(schemas)
     assert "model" in schemas["JobSpec"]["properties"]
     submit = document["paths"][f"{API}/jobs"]["post"]
     assert submit["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/JobSpec"}
+    weights = document["paths"][f"{API}/jobs/{{job_id}}/weights"]["get"]
+    assert [(p["name"], p["in"]) for p in weights["parameters"]] == [("job_id", "path"), ("format", "query")]
+    assert set(weights["responses"]) == {"200", "401", "404", "409", "422"}
+    assert document["paths"][f"{API}/health"]["get"]["security"] == []
+    assert "security" not in submit  # the document's default: an API key
     # Every reference resolves inside the document.
     refs = []
 
@@ -66,6 +78,88 @@ def test_the_openapi_document_describes_the_api(client):
     for ref in refs:
         assert ref.startswith("#/components/schemas/")
         assert ref.rsplit("/", 1)[1] in schemas, ref
+
+
+def api_routes(app) -> set[tuple[str, str]]:
+    """(endpoint, method) of each rule in the url map under the API prefix, HEAD and OPTIONS aside."""
+    return {
+        (rule.endpoint, method)
+        for rule in app.url_map.iter_rules() if rule.rule.startswith(f"{API}/")
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+
+
+def routed(app, document) -> tuple[set[tuple[str, str]], set[str]]:
+    """(endpoint, method) that the url map routes each documented operation to, with a 1 in each {parameter};
+    and the operations it routes nowhere, or elsewhere than their operationId and path parameters say."""
+    urls = app.url_map.bind("localhost")
+    found, wrong = set(), set()
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            label = f"{method.upper()} {path}"
+            try:
+                endpoint, args = urls.match(re.sub(r"{\w+}", "1", path), method.upper())
+            except HTTPException:  # not found, method not allowed
+                wrong.add(f"{label}: not in the url map")
+                continue
+            params = {p["name"] for p in operation.get("parameters", ()) if p["in"] == "path"}
+            if (endpoint, set(args)) != (operation["operationId"], params):
+                wrong.add(f"{label}: documented as {operation['operationId']} {params}, routed to {endpoint} {args}")
+            found.add((endpoint, method.upper()))
+    return found, wrong
+
+
+def disagreements(app, document) -> set[str]:
+    """Where the document and the app's API routes differ, both ways, and where the details table does."""
+    routes = api_routes(app)
+    documented, wrong = routed(app, document)
+    endpoints = {endpoint for endpoint, _ in routes}
+    return (
+        wrong
+        | {f"{method} {endpoint}: not in the document" for endpoint, method in routes - documented}
+        | {f"{endpoint}: no details" for endpoint in endpoints - DETAILS.keys()}
+        | {f"{endpoint}: details of no endpoint" for endpoint in DETAILS.keys() - endpoints}
+    )
+
+
+def test_the_document_has_each_api_route_with_exactly_its_methods_and_nothing_else(app):
+    assert disagreements(app, openapi_document(app)) == set()
+
+
+def test_a_route_added_without_documentation_is_caught_and_its_operation_derived(make_app):
+    app = make_app()
+    before = openapi_document(app)
+    extra = Blueprint("extra", __name__, url_prefix=f"{API}/extra")
+    extra.before_request(require_user)
+
+    @extra.put("/things/<int:thing_id>")
+    def replace_thing(thing_id: int):
+        """Replace a thing.
+
+        The old one is gone."""
+
+    app.register_blueprint(extra)
+    assert disagreements(app, before) == {
+        "PUT extra.replace_thing: not in the document", "extra.replace_thing: no details"}
+    after = openapi_document(app)
+    assert disagreements(app, after) == {"extra.replace_thing: no details"}
+    operation = after["paths"][f"{API}/extra/things/{{thing_id}}"]["put"]
+    assert operation["operationId"] == "extra.replace_thing"
+    assert operation["tags"] == ["extra"]
+    assert (operation["summary"], operation["description"]) == ("Replace a thing.", "The old one is gone.")
+    assert [(p["name"], p["in"], p["schema"]["type"]) for p in operation["parameters"]] == [
+        ("thing_id", "path", "integer")]
+    assert set(operation["responses"]) == {"401", "404"}  # an API key asked for, a path naming a row
+    assert "security" not in operation
+
+
+def test_each_operation_s_summary_is_its_view_s_docstring_first_line(app):
+    operations = [op for item in openapi_document(app)["paths"].values() for op in item.values()]
+    assert operations
+    for operation in operations:
+        docstring = inspect.getdoc(app.view_functions[operation["operationId"]])
+        assert docstring, f"{operation['operationId']} has no docstring"
+        assert operation["summary"] == docstring.splitlines()[0]
 
 
 def test_workers_lists_live_ones_with_their_jobs_naming_only_the_caller_s(client, alice, bob, spec, sessions):

@@ -18,7 +18,7 @@ import torch
 from werkzeug.serving import make_server
 
 import torchyard
-from models.spec import parse_spec
+from models.validation import parse_spec
 from torchyard.client import ApiError, Client
 from worker.engine import train
 

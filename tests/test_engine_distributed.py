@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from models.spec import parse_spec
+from models.spec import Limits
+from models.validation import parse_spec
 from worker.engine import train
 
 # Per-epoch losses agree to float32 rounding: the two shards' mean gradients average to the global
@@ -51,6 +52,27 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path):
     assert torchyard.load_model(tmp_path / "ddp") is not None
 
 
+def test_every_rank_holds_the_job_to_the_limits_it_was_given(tmp_path):
+    # More samples than the default max_samples: a rank that fell back to the defaults would refuse it.
+    n_samples = Limits().max_samples + 2
+    raised = Limits(max_samples=n_samples)
+    spec = parse_spec({
+        "seed": 1,
+        "task": "binary",
+        "data": {"source": "sklearn", "name": "make_moons", "validation_split": 0,
+                 "params": {"n_samples": n_samples, "noise": 0.1, "random_state": 0}},
+        "model": {"layers": [{"type": "Linear", "out_features": 4}, {"type": "ReLU"},
+                             {"type": "Linear", "out_features": 1}]},
+        "training": {"epochs": 2, "batch_size": n_samples // 4},
+        "resources": {"device": "cpu", "processes": 2},
+    }, raised)
+
+    result = train(spec, tmp_path, limits=raised)
+
+    assert (result.status, result.epochs_completed) == ("succeeded", 2), result.error
+    assert [row["epoch"] for row in read_metrics(result.metrics_path)] == [1, 2]
+
+
 def test_a_killed_data_parallel_run_resumes_and_finishes(tmp_path):
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(ddp_spec(2, epochs=6, n_samples=20_000, batch_size=128)))
@@ -69,3 +91,43 @@ def test_a_killed_data_parallel_run_resumes_and_finishes(tmp_path):
     assert "resuming after epoch" in resumed.stdout
     assert [row["epoch"] for row in read_metrics(out / "metrics.jsonl")] == list(range(1, 7))
     assert (out / "weights.safetensors").exists()
+
+
+def test_a_data_parallel_model_predicts_like_its_weights_loaded_into_one_process(tmp_path):
+    import safetensors.torch
+    import torch
+    from torch import nn
+
+    import torchyard
+    from worker.engine import Callback
+
+    trained = {}
+
+    class KeepModel(Callback):
+        def on_train_end(self, state, result):
+            trained["model"] = state.model
+
+    spec = ddp_spec(2, epochs=3, n_samples=240)
+    spec["data"]["standardize"] = True  # the standardization buffers are saved and loaded with the weights
+    result = train(parse_spec(spec), tmp_path, callbacks=[KeepModel()])
+    assert result.status == "succeeded"
+
+    # Rank 0 saved the unwrapped module's state (no DistributedDataParallel "module." prefix), as trained.
+    weights = safetensors.torch.load_file(result.weights_path)
+    model = trained["model"].eval()
+    assert sorted(weights) == ["body.0.bias", "body.0.weight", "body.2.bias", "body.2.weight",
+                               "input_mean", "input_std"]
+    assert [name for name, tensor in model.state_dict().items() if not torch.equal(weights[name], tensor)] == []
+
+    # The same network written out by hand in this one process, with those weights loaded into it.
+    reference = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    reference.load_state_dict({name.removeprefix("body."): tensor for name, tensor in weights.items()
+                               if name.startswith("body.")})
+    loaded = torchyard.load_model(tmp_path)
+    assert repr(loaded.body) == repr(reference)  # the model card rebuilds the same architecture
+
+    x = torch.randn(64, 10, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        by_hand = reference((x - weights["input_mean"]) / weights["input_std"])
+        torch.testing.assert_close(loaded(x), by_hand, rtol=0, atol=1e-6)
+        assert torch.equal(loaded(x), model(x))

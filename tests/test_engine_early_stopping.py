@@ -8,7 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from models.spec import parse_spec
+from models.validation import parse_spec
 from worker.engine import train
 from worker.engine.early_stopping import EarlyStopping
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 import pytest
 import torch
 
-from models.spec import parse_spec
+from models.validation import parse_spec
 from worker.engine import Callback, StopTraining, train
 from worker.engine.checkpoints import to_remove
 
@@ -107,6 +108,26 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
     resumed = train(spec, tmp_path / "parts", resume=True)
     assert (tmp_path / "parts/weights.safetensors").read_bytes() == whole.weights_path.read_bytes()
     assert resumed.epochs_completed == 4
+
+
+def test_a_resume_that_holds_only_its_checkpoint_still_prunes_the_ones_before_it(tmp_path):
+    # A worker's resumed attempt downloads just the checkpoint it continues from; the earlier ones are stored
+    # elsewhere, and the callbacks hear of each the policy drops. Epoch 1 comes again: its removal may not
+    # have reached the callbacks before the first attempt ended, since epoch 3's checkpoint was saved first.
+    spec = parse_spec(resumable_spec())
+    train(spec, tmp_path / "first", callbacks=[_StopAtEpochStart(4)])
+    (tmp_path / "second/checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "first/checkpoints/epoch-0003.pt", tmp_path / "second/checkpoints")
+    removed = []
+
+    class Removals(Callback):
+        def on_checkpoint_removed(self, state, path, epoch):
+            removed.append(path.name)
+
+    resumed = train(spec, tmp_path / "second", resume=True, callbacks=[Removals()])
+    assert (resumed.status, resumed.best_epoch) == ("succeeded", 6)
+    assert removed == ["epoch-0001.pt", "epoch-0002.pt", "epoch-0003.pt", "epoch-0004.pt"]
+    assert sorted(p.name for p in (tmp_path / "second/checkpoints").iterdir()) == ["epoch-0005.pt", "epoch-0006.pt"]
 
 
 class _StopAtEpochStart(Callback):

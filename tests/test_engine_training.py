@@ -13,7 +13,8 @@ from sklearn.linear_model import LinearRegression
 from torch import nn
 
 import torchyard
-from models.spec import SpecError, parse_spec
+from models.spec import Limits, SpecError
+from models.validation import parse_spec
 from worker.engine import Callback, StopTraining, train
 
 
@@ -133,6 +134,34 @@ def test_a_diverging_loss_fails_the_run_with_the_reason(tmp_path):
     assert result.status == "failed"
     assert "loss became" in result.error and ("nan" in result.error or "inf" in result.error)
     assert not (tmp_path / "weights.safetensors").exists()
+
+
+RUN_TIME_LIMIT = ("timed out after 1 s of training (limit: training.max_runtime_seconds, at most the deployment's "
+                  "max_runtime_seconds)")
+
+
+@pytest.mark.parametrize("spec_seconds, deployment_seconds", [(1, 3600), (3600, 1)])
+def test_the_smaller_of_the_spec_s_and_the_deployment_s_run_time_limit_fails_the_run(tmp_path, spec_seconds,
+                                                                                     deployment_seconds):
+    spec = parse_spec(spec_of(training={"epochs": 10_000, "batch_size": 10, "max_runtime_seconds": spec_seconds}))
+    result = train(spec, tmp_path, limits=Limits(max_runtime_seconds=deployment_seconds))
+    assert (result.status, result.error) == ("failed", RUN_TIME_LIMIT)
+    assert 0 < result.epochs_completed < 10_000
+    assert not (tmp_path / "weights.safetensors").exists()
+
+
+def test_the_run_time_limit_counts_the_training_time_of_earlier_attempts(tmp_path):
+    class PreemptAfterTwoSeconds(Callback):
+        def on_batch_end(self, state):
+            if state.elapsed_seconds > 2:
+                raise StopTraining("preempted", checkpoint=True)
+
+    spec = parse_spec(spec_of(training={"epochs": 10_000, "batch_size": 10}))
+    first = train(spec, tmp_path, callbacks=[PreemptAfterTwoSeconds()])
+    assert first.status == "stopped"
+    resumed = train(spec, tmp_path, resume=True, limits=Limits(max_runtime_seconds=1))
+    assert (resumed.status, resumed.error) == ("failed", RUN_TIME_LIMIT)
+    assert resumed.epochs_completed == first.epochs_completed  # it failed at its first batch
 
 
 def test_a_callback_can_stop_training_at_a_batch_boundary(tmp_path):
@@ -296,8 +325,6 @@ def test_device_auto_picks_what_this_machine_has_and_a_missing_one_is_a_clear_er
 
 
 def test_max_samples_is_enforced_on_file_data(tmp_path):
-    from models.spec import Limits
-
     path = tmp_path / "data.npz"
     np.savez(path, X=np.zeros((50, 2)), y=np.zeros(50))
     spec = parse_spec({"task": "regression", "data": {"source": "file", "path": str(path)},

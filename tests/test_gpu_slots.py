@@ -41,12 +41,12 @@ def with_resources(**resources) -> dict:
     ({}, "cpu"), ({"device": "cpu", "processes": 2}, "cpu"), ({"device": "cuda"}, "gpu"),
     ({"device": "cuda", "gpus": 1}, "gpu"), ({"gpus": 2}, "gpu.2"), ({"device": "cuda", "gpus": 4}, "gpu.4"),
 ])
-def test_a_job_goes_to_the_queue_of_the_gpus_it_needs(client, alice, spec, doorbell, resources, queue):
+def test_a_job_goes_to_the_queue_of_the_gpus_it_needs(client, alice, spec, published, resources, queue):
     response = client.post("/api/v1/jobs", json={**spec, "resources": resources}, headers=alice)
 
     assert response.status_code == 201, response.get_json()
     job = response.get_json()
-    assert job["queue"] == queue and doorbell == [(job["id"], queue)]
+    assert job["queue"] == queue and published == [(job["id"], queue)]
 
 
 def test_every_queue_a_spec_can_name_is_a_queue_workers_can_serve():
@@ -129,13 +129,8 @@ def test_a_pinned_slot_sets_cuda_visible_devices_and_labels_the_device(monkeypat
 @pytest.fixture(scope="module")
 def gpu_deployment(tmp_path_factory):
     """PostgreSQL and Redis (db 10), the API, and a worker on a simulated 2-GPU machine serving ``gpu``."""
-    import worker.doorbell
-    from worker.celery_app import make_celery
-
     home = tmp_path_factory.mktemp("home")
-    with production_settings(home, REDIS_SCALE_URL.rsplit("/", 1)[0] + "/10") as settings, \
-            pytest.MonkeyPatch.context() as patch:
-        patch.setattr(worker.doorbell, "app", make_celery(settings))
+    with production_settings(home, REDIS_SCALE_URL.rsplit("/", 1)[0] + "/10") as settings:
         service = Service(settings)
         try:
             start(service, settings.model_copy(update={"worker_gpus": 2}), ("gpu",), "two-gpus")

@@ -7,8 +7,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
+from migrations.apply import downgrade, upgrade
 from models.db import make_engine
-from models.migrate import downgrade, upgrade
 from models.tables import Base
 
 

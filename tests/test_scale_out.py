@@ -11,8 +11,8 @@ from conftest import Service, WorkerProcess, production_settings, s3_bucket, s3_
 from specs import long_spec
 from sqlalchemy import select
 
-from models.spec import parse_spec
 from models.tables import Artifact, EpochMetrics, Job
+from models.validation import parse_spec
 from worker.engine import train
 
 EPOCHS = 40
@@ -22,16 +22,11 @@ LONG = long_spec(EPOCHS, n_samples=300, batch_size=30)
 @pytest.fixture
 def two_machines(tmp_path, moto_endpoint):
     """Settings of machines "a" and "b" (own home and scratch; the same database, broker and bucket), and
-    the API (over machine a's settings) with the test process's doorbell on the shared Redis."""
-    import worker.doorbell
-    from worker.celery_app import make_celery
-
+    the API (over machine a's settings, publishing to the shared Redis)."""
     with s3_bucket(moto_endpoint) as bucket, \
             production_settings(tmp_path / "a", artifacts_url=f"{bucket}/artifacts",
-                                scratch_dir=str(tmp_path / "a" / "scratch")) as a, \
-            pytest.MonkeyPatch.context() as patch:
+                                scratch_dir=str(tmp_path / "a" / "scratch")) as a:
         b = a.model_copy(update={"home": tmp_path / "b", "scratch_dir": str(tmp_path / "b" / "scratch")})
-        patch.setattr(worker.doorbell, "app", make_celery(a))
         service = Service(a)
         try:
             yield service, a, b, bucket

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from models.spec import JobSpec, Limits, SpecError, parse_spec
+from models.spec import JobSpec, Limits, SpecError
+from models.validation import parse_spec
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 

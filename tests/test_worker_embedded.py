@@ -1,6 +1,6 @@
 """A real worker over the embedded defaults (SQLite file, filesystem broker, local store) runs jobs.
 
-One worker serves the whole module; jobs come in through the API and its real doorbell.
+One worker serves the whole module; jobs come in through the API, which publishes them to the real broker.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from specs import circles_spec
 from sqlalchemy import select
 
 from models.tables import Artifact, EpochMetrics, Job
-from worker.doorbell import ring
 
 CIRCLES = circles_spec("circles", epochs=4, lr=0.05, checkpoints=True)
 
@@ -69,8 +68,8 @@ def test_a_submitted_job_trains_and_records_every_epoch_and_its_files(embedded_s
 def test_a_duplicate_message_trains_the_job_once(embedded_service):
     service = embedded_service
     job_id = service.submit(spec(name="twice"))
-    ring(job_id, "cpu")
-    ring(job_id, "cpu")
+    service.publisher.publish(job_id, "cpu")
+    service.publisher.publish(job_id, "cpu")
 
     service.wait_status(job_id)
     # the duplicates behind it are consumed as no-ops; give them time to be taken

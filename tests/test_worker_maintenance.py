@@ -12,7 +12,6 @@ import pytest
 from sqlalchemy import update
 
 from api.schemas import as_utc
-from models.spec import parse_spec
 from models.tables import EpochMetrics, Job, User, Worker, utcnow
 from worker import maintenance, runner
 from worker.engine import RunState
@@ -189,7 +188,7 @@ def test_an_attempt_that_lost_its_job_writes_nothing(worker_context):
     second = claim(worker_context, job_id)
     assert (first, second) == (1, 2)
 
-    stale = DatabaseMetrics(Fence(worker_context, job_id, first), parse_spec(SPEC))
+    stale = DatabaseMetrics(Fence(worker_context, job_id, first, "cpu"))
     metrics = {"epoch": 1, "loss": 1.0, "val_loss": 1.0}
     with pytest.raises(LeaseLost):
         stale.on_epoch_end(RunState(epochs=2, epoch=1, history=[metrics]), metrics)
@@ -201,7 +200,7 @@ def test_an_attempt_that_lost_its_job_writes_nothing(worker_context):
 
 def test_an_epoch_row_is_stamped_when_the_epoch_ended_not_when_its_write_got_through(worker_context):
     job_id = add_job(worker_context)
-    fence = Fence(worker_context, job_id, claim(worker_context, job_id))
+    fence = Fence(worker_context, job_id, claim(worker_context, job_id), "cpu")
     locked, release = threading.Event(), threading.Event()
 
     def hold_the_row() -> None:  # another writer holds the job row, so the epoch's write waits
@@ -217,7 +216,7 @@ def test_an_epoch_row_is_stamped_when_the_epoch_ended_not_when_its_write_got_thr
     threading.Timer(0.5, release.set).start()
     metrics = {"epoch": 1, "loss": 1.0, "val_loss": 1.0}
     ended = utcnow()
-    DatabaseMetrics(fence, parse_spec(SPEC)).on_epoch_end(RunState(epochs=2, epoch=1, history=[metrics]), metrics)
+    DatabaseMetrics(fence).on_epoch_end(RunState(epochs=2, epoch=1, history=[metrics]), metrics)
     written = utcnow()
     holder.join()
 

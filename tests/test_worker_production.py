@@ -6,7 +6,6 @@ from specs import blobs_spec
 from sqlalchemy import select
 
 from models.tables import Artifact, EpochMetrics, Worker
-from worker.doorbell import ring
 
 SPEC = blobs_spec("blobs")
 
@@ -35,7 +34,7 @@ def test_a_job_trains_over_postgresql_and_redis_with_its_metrics_and_files(produ
 def test_a_duplicate_message_over_redis_trains_the_job_once(production_service):
     service = production_service
     job_id = service.submit({**SPEC, "name": "dup"})
-    ring(job_id, "cpu")
+    service.publisher.publish(job_id, "cpu")
 
     service.wait_status(job_id)
     service.wait_status(service.submit({**SPEC, "name": "after"}))  # the duplicate was consumed before it

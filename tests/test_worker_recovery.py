@@ -9,8 +9,8 @@ import pytest
 from specs import long_spec
 from sqlalchemy import select
 
-from models.spec import parse_spec
 from models.tables import Artifact, EpochMetrics, Job, Worker
+from models.validation import parse_spec
 from worker.engine import train
 
 EPOCHS = 40

@@ -63,7 +63,7 @@ def test_a_local_file_source_is_refused_by_the_worker(ctx):
     job_id = add_job(ctx, {**MOONS, "data": {"source": "file", "path": "/etc/passwd", "target": "x"}})
 
     assert runner.run_job(job_id) == "failed"
-    assert job(ctx, job_id).error.startswith("data.source: 'file' is for local runs")
+    assert job(ctx, job_id).error.startswith("data.source: 'file' reads a path on the machine that trains")
 
 
 def test_an_unexpected_engine_error_fails_the_job_in_one_line_and_the_runner_goes_on(ctx, monkeypatch):
@@ -84,7 +84,8 @@ def test_the_deployment_run_time_limit_fails_a_long_job(ctx, monkeypatch):
 
     assert runner.run_job(job_id) == "failed"
     row = job(ctx, job_id)
-    assert row.error == "timed out after 1 s (max_runtime_seconds)"
+    assert row.error == ("timed out after 1 s of training (limit: training.max_runtime_seconds, at most the "
+                         "deployment's max_runtime_seconds)")
     assert 0 < row.epoch < 10000
 
 
@@ -109,7 +110,7 @@ def test_an_attempt_that_loses_its_job_mid_upload_overwrites_nothing_and_leaves_
             # Past this attempt's lease check, another worker takes the job and stores its own epoch 2...
             with ctx.sessions() as session:
                 session.execute(update(Job).where(Job.id == job_id).values(attempts=2, worker_id="other"))
-                its_key = Fence(ctx, job_id, 2).key("checkpoints/epoch-0002.pt")
+                its_key = Fence(ctx, job_id, 2, "cpu").key("checkpoints/epoch-0002.pt")
                 winner["uri"] = ctx.store.put_bytes(b"the winner's", its_key)[0]
                 session.add(Artifact(job_id=job_id, kind="checkpoint", name="checkpoints/epoch-0002.pt",
                                      uri=winner["uri"], size=12, sha256="-", epoch=2))

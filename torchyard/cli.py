@@ -52,10 +52,10 @@ def main() -> None:
 def train(spec_file: Path, out_dir: Path, resume: bool, device: str | None) -> None:
     """Train SPEC_FILE on this machine."""
     from models.settings import get_settings
-    from models.spec import SpecError, parse_spec
+    from models.spec import SpecError
+    from models.validation import parse_spec
     from torchyard.progress import ProgressPrinter, network_table, summary_line
-    from worker.engine import prepare_run
-    from worker.engine.run import finish
+    from worker.engine import finish, prepare_run
 
     limits = get_settings().limits
     try:
@@ -137,7 +137,7 @@ def db() -> None:
 @db.command("upgrade")
 def db_upgrade() -> None:
     """Migrate the database (TORCHYARD_DATABASE_URL) to the newest schema."""
-    from models.migrate import upgrade
+    from migrations.apply import upgrade
     from models.settings import get_settings
 
     upgrade(get_settings().database_url)

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from models.spec import JobSpec
-from worker.engine.network import build_network, plan_network
-from worker.engine.outputs import CARD, CARD_FORMAT, WEIGHTS
+from worker.engine import CARD, CARD_FORMAT, WEIGHTS, build_network, plan_network
 
 
 def load_model(directory: str | Path, device: str = "cpu") -> nn.Module:

@@ -6,7 +6,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from worker.engine.callbacks import Callback, RunState
+from worker.engine import Callback, RunState
 
 
 def format_duration(seconds: float) -> str:

@@ -69,7 +69,7 @@ def serve(host: str | None = None, port: int | None = None) -> None:
     from werkzeug.serving import run_simple
 
     from api import create_app
-    from models.migrate import upgrade
+    from migrations.apply import upgrade
 
     settings = get_settings()
     host, port = host or settings.host, port or settings.port

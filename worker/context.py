@@ -1,4 +1,4 @@
-"""What a worker process needs: settings, a database engine, sessions, the artifact store, its id.
+"""What a worker process needs: its Services (settings, database, artifact store, publisher) and its id.
 
 Made lazily once per process id, so a prefork child never uses a connection pool made before the fork
 (SQLAlchemy's rule: dispose an inherited engine without closing its connections, which the parent owns).
@@ -9,39 +9,25 @@ from __future__ import annotations
 import mmap
 import os
 import socket
-from dataclasses import dataclass
 
 from sqlalchemy import Engine, event
-from sqlalchemy.orm import Session, sessionmaker
 
-from models.db import make_engine, make_sessionmaker
-from models.settings import Settings, get_settings
-from models.storage import ArtifactStore
+from models.services import Services, make_services
+from models.settings import get_settings
 
-
-@dataclass
-class Context:
-    settings: Settings
-    engine: Engine
-    sessions: sessionmaker[Session]
-    store: ArtifactStore
-
-
-_contexts: dict[int, Context] = {}
+_contexts: dict[int, Services] = {}
 # The Celery main process's id, set before the pool forks; children inherit it, so the jobs a child runs
 # name the registered worker (hostname:pid of the main process).
 _worker_id: str | None = None
 
 
-def context() -> Context:
-    """This process's context, made on first use."""
+def context() -> Services:
+    """This process's services, made on first use."""
     pid = os.getpid()
     if pid not in _contexts:
-        settings = get_settings()
-        engine = make_engine(settings.database_url)
-        end_stalled_transactions(engine, settings.lease_seconds)
-        store = ArtifactStore(settings.artifacts_url)
-        _contexts[pid] = Context(settings, engine, make_sessionmaker(engine), store)
+        services = make_services(get_settings())
+        end_stalled_transactions(services.engine, services.settings.lease_seconds)
+        _contexts[pid] = services
     return _contexts[pid]
 
 

@@ -8,7 +8,6 @@ this one raises LeaseLost and writes nothing more.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import itertools
 import logging
 import math
@@ -18,18 +17,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Row, delete, select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from models.spec import JobSpec
+from models import lifecycle
+from models.services import Services
 from models.storage import job_prefix
 from models.tables import Artifact, EpochMetrics, Job, utcnow
-from worker.context import Context
-from worker.engine import Callback, RunState, StopTraining, TrainingFailed
-from worker.engine.checkpoints import position, to_remove
-from worker.engine.early_stopping import EarlyStopping
-from worker.engine.trainer import best_tracker
+from worker.engine import Callback, RunState, StopTraining
 
 CANCEL_CHECK_SECONDS = 1.0  # a cancel is seen within a second, without a query every batch
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds between tries of a write while the database is unreachable;
@@ -70,28 +66,28 @@ def finite_values(values: dict[str, Any]) -> dict[str, Any]:
 class Fence:
     """The one attempt of one job that may write its row."""
 
-    def __init__(self, ctx: Context, job_id: str, attempt: int):
+    def __init__(self, ctx: Services, job_id: str, attempt: int, queue: str):
         self.ctx = ctx
         self.job_id = job_id
         self.attempt = attempt
+        self.queue = queue  # where a hand-back publishes the job again
 
-    def lease_until(self) -> dt.datetime:
-        return utcnow() + dt.timedelta(seconds=self.ctx.settings.lease_seconds)
+    def update(self, session: Session, **progress: Any) -> Row:
+        """Renew the lease (recording ``progress``) if this attempt still owns the job; LeaseLost otherwise.
 
-    def update(self, session: Session, **values: Any) -> Job:
-        """Update the job row if this attempt still owns it (renewing the lease); LeaseLost otherwise."""
-        statement = (
-            update(Job)
-            .where(Job.id == self.job_id, Job.attempts == self.attempt, Job.status == "running")
-            .values(**{"lease_expires_at": self.lease_until(), **values})
-            .returning(Job.cancel_requested, Job.best_epoch)
-            .execution_options(synchronize_session=False)
-        )
-        row = session.execute(statement).first()
+        Returns the row's ``cancel_requested``. A lost lease rolls the transaction back: nothing of it lands.
+        """
+        row = lifecycle.renew(session, self.job_id, self.attempt, self.ctx.settings.lease_seconds, **progress)
         if row is None:
             session.rollback()
             raise LeaseLost(f"job {self.job_id}: attempt {self.attempt} lost its lease")
         return row
+
+    def require(self, session: Session, matched: bool) -> None:
+        """Raise LeaseLost (rolling back) unless a lifecycle write of this attempt matched its row."""
+        if not matched:
+            session.rollback()
+            raise LeaseLost(f"job {self.job_id}: attempt {self.attempt} lost its lease")
 
     def transaction(self, work: Callable[[Session], T]) -> T:
         """Run ``work(session)`` and commit; while the database is unreachable, again on a new connection.
@@ -201,29 +197,18 @@ def remove_unreferenced(fence: Fence, key: str) -> list[str]:
         return []
 
 
-def make_best_tracker(spec: JobSpec) -> EarlyStopping:
-    """The trainer's rule for the best epoch: early stopping's when the job has it, else best_tracker's."""
-    if spec.early_stopping is not None:
-        return EarlyStopping(**spec.early_stopping.model_dump(), stops_training=False)
-    return best_tracker(spec)
-
-
 class DatabaseMetrics(Callback):
     """Each epoch: its EpochMetrics row and the job's progress and best, in one fenced transaction."""
 
-    def __init__(self, fence: Fence, spec: JobSpec):
+    def __init__(self, fence: Fence):
         self.fence = fence
-        self.spec = spec
-        self.best = make_best_tracker(spec)
 
     def on_train_begin(self, state: RunState) -> None:
-        # A resumed run starts at its checkpoint: replay the history it restored, and drop rows of
-        # later epochs that a lost attempt wrote (this attempt writes them again).
-        for row in state.history:
-            self.best.decide(row["epoch"] - 1, row[self.best.monitor])
+        # A resumed run starts at its checkpoint: drop rows of later epochs that a lost attempt wrote
+        # (this attempt writes them again).
         if self.fence.first:
             return  # no earlier attempt left rows to drop (the fenced epoch writes renew the lease)
-        progress = self.progress(state.history)
+        progress = self.progress(state)
 
         def write(session: Session) -> None:
             self.fence.update(session, epoch=state.epoch, **progress)
@@ -234,8 +219,7 @@ class DatabaseMetrics(Callback):
 
     def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
         ended_at = utcnow()  # the row's time is the epoch's end, not when the database write got through
-        self.best.decide(metrics["epoch"] - 1, metrics[self.best.monitor])
-        progress = self.progress(state.history)
+        progress = self.progress(state)
 
         def write(session: Session) -> None:
             self.fence.update(session, epoch=metrics["epoch"], **progress)
@@ -246,32 +230,34 @@ class DatabaseMetrics(Callback):
 
         self.fence.transaction(write)
 
-    def progress(self, history: list[dict[str, Any]]) -> dict[str, Any]:
-        if not history:
+    def progress(self, state: RunState) -> dict[str, Any]:
+        """The job row's best_* columns: the trainer's best so far."""
+        if state.best is None:
             return {}
-        return {"best_metric": self.best.monitor, "best_value": finite(self.best.best),
-                "best_epoch": self.best.best_epoch + 1}
+        return {"best_metric": state.best.metric, "best_value": finite(state.best.value),
+                "best_epoch": state.best.epoch}
 
 
 class ArtifactUploader(Callback):
-    """Mirrors the run's checkpoints into the artifact store, each with an Artifact row."""
+    """Mirrors the run's checkpoints into the artifact store, each with an Artifact row.
 
-    def __init__(self, fence: Fence, keep_last: int):
+    Which ones go is the trainer's checkpoint policy: it names each one it drops, an earlier attempt's
+    too, in on_checkpoint_removed.
+    """
+
+    def __init__(self, fence: Fence):
         self.fence = fence
-        self.keep_last = keep_last
 
     def on_checkpoint(self, state: RunState, path: Path, epoch: int) -> None:
         self.fence.renew()  # don't overwrite a stored checkpoint on behalf of an attempt that lost the job
         name = checkpoint_name(path)
         stored = self.fence.ctx.store.put_file(str(path), self.fence.key(name))
 
-        def write(session: Session) -> list[str]:
-            job = self.fence.update(session)
+        def write(session: Session) -> None:
+            self.fence.update(session)
             record_artifact(session, self.fence.job_id, "checkpoint", name, stored, epoch)
-            mid_epoch = position(path.name)[1] > 0  # the engine prunes after whole epochs only
-            return [] if mid_epoch else self.prune(session, job.best_epoch)
 
-        self.delete_files(self.fence.transaction(write))
+        self.fence.transaction(write)
 
     def on_checkpoint_removed(self, state: RunState, path: Path, epoch: int) -> None:
         def write(session: Session) -> list[str]:
@@ -280,44 +266,25 @@ class ArtifactUploader(Callback):
                 delete(Artifact).where(Artifact.job_id == self.fence.job_id, Artifact.name == checkpoint_name(path))
                 .returning(Artifact.uri).execution_options(synchronize_session=False)))
 
-        self.delete_files(self.fence.transaction(write))
-
-    def prune(self, session: Session, best_epoch: int | None) -> list[str]:
-        """Delete the rows of stored checkpoints the engine's rule would not keep; return their URIs.
-
-        The engine prunes only the files in its folder; after a resume that folder holds just the
-        checkpoint it resumed from, so the ones an earlier attempt stored are pruned here by the same rule.
-        """
-        rows = session.scalars(select(Artifact).where(Artifact.job_id == self.fence.job_id,
-                                                      Artifact.kind == "checkpoint")).all()
-        by_position = {position(Path(row.name).name): row for row in rows}
-        stale = [by_position[pos] for pos in to_remove(list(by_position), self.keep_last, best_epoch)]
-        for row in stale:
-            session.delete(row)
-        return [row.uri for row in stale]
-
-    def delete_files(self, uris: list[str]) -> None:
         # Rows first, files second: the API never lists a checkpoint whose file is gone.
-        for uri in uris:
+        for uri in self.fence.transaction(write):
             self.fence.ctx.store.delete(uri)
 
 
 class LeaseKeeper(Callback):
-    """From batch ends: renews the lease, sees a cancel or a worker shutdown, enforces the run time."""
+    """From batch ends: renews the lease, sees a cancel or a worker shutdown (the trainer owns the run time)."""
 
-    def __init__(self, fence: Fence, runtime_limit: int, draining: Callable[[], bool],
-                 setup_done: threading.Event | None = None):
+    def __init__(self, fence: Fence, draining: Callable[[], bool], setup_done: threading.Event | None = None):
         self.fence = fence
         self.setup_done = setup_done  # ends Fence.keep_alive's renewals once the loop renews itself
-        self.runtime_limit = runtime_limit
         self.draining = draining
         self.heartbeat = fence.ctx.settings.heartbeat_seconds
-        self.started = self.last_check = self.last_renew = time.monotonic()
+        self.last_check = self.last_renew = time.monotonic()
 
     def on_train_begin(self, state: RunState) -> None:
         if self.setup_done is not None:
             self.setup_done.set()
-        self.started = self.last_check = time.monotonic()
+        self.last_check = time.monotonic()
         self.last_renew = 0.0  # renew at the first batch: loading data may have taken a while
 
     def on_batch_end(self, state: RunState) -> None:
@@ -325,8 +292,6 @@ class LeaseKeeper(Callback):
         if now - self.last_check < CANCEL_CHECK_SECONDS:
             return  # a clock read is all a batch pays
         self.last_check = now
-        if now - self.started > self.runtime_limit:
-            raise TrainingFailed(f"timed out after {self.runtime_limit} s (max_runtime_seconds)")
         if self.draining():
             # The worker is shutting down: checkpoint this batch and hand the job back.
             raise StopTraining("preempted", checkpoint=True)

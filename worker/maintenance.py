@@ -2,7 +2,7 @@
 
 Every worker runs these from one daemon thread in its main process (see ``start``). Each change is a
 conditional UPDATE, so any number of workers can run them at once: one wins, the others change nothing,
-and only the winner rings the doorbell.
+and only the winner publishes the job again. Every change of a job's status goes through ``models.lifecycle``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import time
 
 from sqlalchemy import delete, func, select, update
 
+from models import lifecycle
 from models.queues import queue_gpus, who_serves
+from models.services import Services
 from models.tables import Job, Worker, utcnow
-from worker.context import Context
-from worker.doorbell import ring
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,12 @@ PROCESSED_MESSAGE_MAX_AGE = 3600  # seconds a consumed message file of the files
 # --- registry -----------------------------------------------------------------------------------
 
 
-def live_after(ctx: Context) -> dt.datetime:
+def live_after(ctx: Services) -> dt.datetime:
     """Workers whose last heartbeat is older than this are gone (three missed heartbeats)."""
     return utcnow() - dt.timedelta(seconds=3 * ctx.settings.heartbeat_seconds)
 
 
-def register_worker(ctx: Context, worker_id: str, queues: list[str], slots: int, devices: dict) -> None:
+def register_worker(ctx: Services, worker_id: str, queues: list[str], slots: int, devices: dict) -> None:
     """Insert or refresh this worker's row."""
     now = utcnow()
     with ctx.sessions() as session:
@@ -45,7 +45,7 @@ def register_worker(ctx: Context, worker_id: str, queues: list[str], slots: int,
         session.commit()
 
 
-def heartbeat_worker(ctx: Context, worker_id: str) -> bool:
+def heartbeat_worker(ctx: Services, worker_id: str) -> bool:
     """Record that the worker is alive; False when its row is gone (pruned as dead) and must be re-made."""
     with ctx.sessions() as session:
         rows = session.execute(update(Worker).where(Worker.id == worker_id)
@@ -54,7 +54,7 @@ def heartbeat_worker(ctx: Context, worker_id: str) -> bool:
     return rows == 1
 
 
-def unregister_worker(ctx: Context, worker_id: str) -> None:
+def unregister_worker(ctx: Services, worker_id: str) -> None:
     """Delete this worker's row (on a clean shutdown)."""
     with ctx.sessions() as session:
         session.execute(delete(Worker).where(Worker.id == worker_id))
@@ -71,44 +71,30 @@ def local_devices() -> dict:
 # --- reaper -------------------------------------------------------------------------------------
 
 
-def reap(ctx: Context) -> list[str]:
-    """Requeue running jobs whose lease expired (or fail them when attempts ran out); return their ids."""
+def reap(ctx: Services) -> list[str]:
+    """Requeue running jobs whose lease expired (or end them: attempts used up, cancel asked); return their ids."""
     now = utcnow()
     with ctx.sessions() as session:
-        expired = session.execute(select(Job.id, Job.attempts, Job.max_attempts, Job.worker_id, Job.queue,
-                                         Job.cancel_requested)
-                                  .where(Job.status == "running", Job.lease_expires_at < now)).all()
+        expired = lifecycle.expired(session, now)
     reaped = []
     for job in expired:
-        if job.cancel_requested:
-            values = {"status": "cancelled", "stop_reason": "cancelled", "finished_at": now}
-        elif job.attempts >= job.max_attempts:
-            values = {"status": "failed", "error": f"worker lost {job.attempts} times", "finished_at": now}
-        else:
-            values = {"status": "queued", "worker_id": None, "device": None,
-                      "pending_reason": f"requeued: worker {job.worker_id} stopped renewing its lease "
-                                        f"(attempt {job.attempts} of {job.max_attempts})"}
         with ctx.sessions() as session:
-            rows = session.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.status == "running", Job.attempts == job.attempts,
-                       Job.lease_expires_at < now)
-                .values(lease_expires_at=None, **values)
-            ).rowcount
+            status = lifecycle.reap(session, job, now)
             session.commit()
-        if rows:
-            log.warning("reaper: job %s (attempt %s) lost its worker %s: %s", job.id, job.attempts,
-                        job.worker_id, values["status"])
-            reaped.append(job.id)
-            if values["status"] == "queued":
-                ring(job.id, job.queue)
+        if status is None:
+            continue
+        log.warning("reaper: job %s (attempt %s) lost its worker %s: %s", job.id, job.attempts, job.worker_id,
+                    status)
+        reaped.append(job.id)
+        if status == "queued":
+            ctx.publisher.publish(job.id, job.queue)
     return reaped
 
 
 # --- reconciler ---------------------------------------------------------------------------------
 
 
-def queue_capacity(ctx: Context) -> tuple[set[str], set[str]]:
+def queue_capacity(ctx: Services) -> tuple[set[str], set[str]]:
     """(queues some live worker serves, queues some live worker has a free slot for)."""
     with ctx.sessions() as session:
         workers = session.execute(select(Worker.id, Worker.queues, Worker.slots)
@@ -124,7 +110,7 @@ def queue_capacity(ctx: Context) -> tuple[set[str], set[str]]:
     return served, free
 
 
-def reconcile(ctx: Context) -> list[str]:
+def reconcile(ctx: Services) -> list[str]:
     """Explain queued jobs that no live worker serves, and re-ring the ones a free worker never took.
 
     A queued job older than ``reconcile_seconds`` while a worker of its queue sits idle lost its message
@@ -144,10 +130,10 @@ def reconcile(ctx: Context) -> list[str]:
             continue
         if reason and reason.startswith(NO_WORKER):
             set_pending_reason(ctx, job_id, reason, None)
-        if is_stale and queue in free and bump(ctx, job_id, stale):
-            log.warning("reconciler: job %s waited over %s s on queue %s with a worker free; ringing again",
+        if is_stale and queue in free and mark_rung(ctx, job_id, stale):
+            log.warning("reconciler: job %s waited over %s s on queue %s with a worker free; publishing again",
                         job_id, ctx.settings.reconcile_seconds, queue)
-            ring(job_id, queue)
+            ctx.publisher.publish(job_id, queue)
             rung.append(job_id)
     return rung
 
@@ -161,25 +147,23 @@ def no_worker_reason(queue: str) -> str:
     return f"{NO_WORKER} {queue!r}" + (f" ({who_serves(queue)})" if needs else "")
 
 
-def set_pending_reason(ctx: Context, job_id: str, old: str | None, new: str | None) -> None:
+def set_pending_reason(ctx: Services, job_id: str, old: str | None, new: str | None) -> None:
     if old == new:
         return
     with ctx.sessions() as session:
-        session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
-                        .values(pending_reason=new))
+        lifecycle.set_pending_reason(session, job_id, new)
         session.commit()
 
 
-def bump(ctx: Context, job_id: str, stale: dt.datetime) -> bool:
-    """Mark a stale queued job as just rung; False when another worker's reconciler got there first."""
+def mark_rung(ctx: Services, job_id: str, stale: dt.datetime) -> bool:
+    """Mark a stale queued job as published again; False when another worker's reconciler got there first."""
     with ctx.sessions() as session:
-        rows = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued",
-                                                 Job.updated_at < stale).values(updated_at=utcnow())).rowcount
+        won = lifecycle.mark_rung(session, job_id, stale)
         session.commit()
-    return rows == 1
+    return won
 
 
-def prune(ctx: Context) -> None:
+def prune(ctx: Services) -> None:
     """Delete the rows of dead workers, and old consumed message files of the filesystem broker."""
     with ctx.sessions() as session:
         session.execute(delete(Worker).where(Worker.last_heartbeat_at < live_after(ctx)))
@@ -195,7 +179,7 @@ def prune(ctx: Context) -> None:
 # --- the thread ---------------------------------------------------------------------------------
 
 
-def tick(ctx: Context, worker_id: str, register: dict) -> None:
+def tick(ctx: Services, worker_id: str, register: dict) -> None:
     """One round: heartbeat (re-registering if pruned), reap, reconcile, prune."""
     if not heartbeat_worker(ctx, worker_id):
         register_worker(ctx, worker_id, **register)
@@ -204,7 +188,7 @@ def tick(ctx: Context, worker_id: str, register: dict) -> None:
     prune(ctx)
 
 
-def start(ctx: Context, worker_id: str, queues: list[str], slots: int,
+def start(ctx: Services, worker_id: str, queues: list[str], slots: int,
           devices: dict | None = None) -> threading.Event:
     """Register the worker and run ``tick`` every heartbeat in a daemon thread; set the event to stop it.
 

@@ -6,23 +6,22 @@ row, the artifact store and ``worker.engine.train``.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import shutil
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models.spec import JobSpec, Problem, SpecError, parse_spec
+from models import lifecycle
+from models.services import Services
+from models.spec import JobSpec, Problem, SpecError
 from models.storage import job_prefix
-from models.tables import Artifact, Dataset, Job, utcnow
+from models.tables import Artifact, Dataset, Job
+from models.validation import parse_service_spec
 from worker import gpus
-from worker.context import Context, context, draining, worker_id
-from worker.doorbell import ring
-from worker.engine import TrainResult, train
-from worker.engine.checkpoints import position
-from worker.engine.device import pick_device
+from worker.context import context, draining, worker_id
+from worker.engine import TrainResult, pick_device, position, train
 from worker.job_callbacks import (
     ArtifactUploader,
     DatabaseMetrics,
@@ -47,7 +46,7 @@ def run_job(job_id: str) -> str:
         return give_up_if_exhausted(ctx, job_id)
     job, spec, problem, device = claimed
     attempt = job.attempts
-    fence = Fence(ctx, job_id, attempt)
+    fence = Fence(ctx, job_id, attempt, job.queue)
     # A folder per attempt: a lost attempt that wakes up (SIGSTOP, a long GC pause) and cleans up after
     # itself must not delete the folder of the attempt that took its job over on the same machine.
     scratch = Path(ctx.settings.scratch_dir) / f"{job_id}.{attempt}"
@@ -72,12 +71,10 @@ def run_job(job_id: str) -> str:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def prepare_spec(ctx: Context, job: Job) -> tuple[JobSpec | None, SpecError | None, str | None]:
+def prepare_spec(ctx: Services, job: Job) -> tuple[JobSpec | None, SpecError | None, str | None]:
     """The parsed spec and its device, or the SpecError that will fail the job once claimed."""
     try:
-        spec = parse_spec(job.spec, ctx.settings.limits)
-        if spec.data.source == "file":  # a path on the worker's disk is never the user's to read
-            raise SpecError([Problem("data.source", "'file' is for local runs; upload it as a dataset")])
+        spec = parse_service_spec(job.spec, ctx.settings.limits)
         check_slot_holds(spec)
         return spec, None, str(pick_device(spec.resources.device))
     except SpecError as exc:
@@ -93,25 +90,14 @@ def check_slot_holds(spec: JobSpec) -> None:
                                                    f"{len(pinned)} ({gpus.VISIBLE}={','.join(pinned)})")])
 
 
-def claim(ctx: Context, job_id: str) -> tuple[Job, JobSpec | None, SpecError | None, str | None] | None:
-    """Take the job with one conditional UPDATE; return it with ``prepare_spec``'s result, None if it isn't
-    ours (a duplicate or stale message, a cancelled job, or one out of attempts).
+def claim(ctx: Services, job_id: str) -> tuple[Job, JobSpec | None, SpecError | None, str | None] | None:
+    """Take the job (``lifecycle.claim``); return it with ``prepare_spec``'s result, None if it isn't ours.
 
     The device it will run on (the torch device, and the GPUs of a GPU worker's slot) is recorded in the
     same transaction: the claim returns the spec that decides it, so no read comes before the claim.
     """
-    now = utcnow()
-    statement = (
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False),
-               Job.attempts < Job.max_attempts)
-        .values(status="running", attempts=Job.attempts + 1, worker_id=worker_id(), started_at=now,
-                pending_reason=None, lease_expires_at=now + dt.timedelta(seconds=ctx.settings.lease_seconds))
-        .returning(Job)
-        .execution_options(synchronize_session=False)
-    )
     with ctx.sessions() as session:
-        job = session.scalar(statement)
+        job = lifecycle.claim(session, job_id, worker_id(), ctx.settings.lease_seconds)
         if job is None:
             return None
         spec, problem, device = prepare_spec(ctx, job)
@@ -120,44 +106,33 @@ def claim(ctx: Context, job_id: str) -> tuple[Job, JobSpec | None, SpecError | N
     return job, spec, problem, device
 
 
-def give_up_if_exhausted(ctx: Context, job_id: str) -> str:
+def give_up_if_exhausted(ctx: Services, job_id: str) -> str:
     """A queued job whose attempts are all used fails with that reason; anything else was a duplicate."""
     with ctx.sessions() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.status != "queued" or job.attempts < job.max_attempts:
-            return "skipped"
-        rows = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "queued", Job.attempts == job.attempts)
-            .values(status="failed", finished_at=utcnow(),
-                    error=f"gave up after {job.attempts} attempts (max_attempts {job.max_attempts})")
-            .execution_options(synchronize_session=False)
-        ).rowcount
+        gave_up = lifecycle.give_up(session, job_id)
         session.commit()
-    return "gave up" if rows else "skipped"
+    return "gave up" if gave_up else "skipped"
 
 
-def execute(ctx: Context, fence: Fence, job: Job, spec: JobSpec, device: str, scratch: Path) -> str:
+def execute(ctx: Services, fence: Fence, job: Job, spec: JobSpec, device: str, scratch: Path) -> str:
     """Fetch the files, train, upload the outputs and record the outcome."""
     for earlier in scratch.parent.glob(f"{job.id}.*"):  # left by attempts that lost the job (killed ones)
         shutil.rmtree(earlier, ignore_errors=True)
     out_dir = scratch / "out"
-    limit = min(spec.training.max_runtime_seconds or ctx.settings.max_runtime_seconds,
-                ctx.settings.max_runtime_seconds)
     # Downloads and loading the data may take longer than a lease: renew it from a thread until the
     # training loop starts renewing it at batch ends.
     with fence.keep_alive() as setup_done:
         data_path = fetch_dataset(ctx, job, spec, scratch) if spec.data.source == "dataset" else None
         resume = not fence.first and fetch_checkpoint(ctx, job.id, out_dir / "checkpoints")
-        callbacks = [DatabaseMetrics(fence, spec), ArtifactUploader(fence, spec.checkpoint.keep_last),
-                     LeaseKeeper(fence, limit, draining, setup_done)]
+        callbacks = [DatabaseMetrics(fence), ArtifactUploader(fence), LeaseKeeper(fence, draining, setup_done)]
+        # The limits hold the deployment's run time limit too: the trainer enforces it, across attempts.
         result = train(spec, out_dir, resume=resume, callbacks=callbacks, data_path=data_path, device=device,
                        limits=ctx.settings.limits)
     with fence.keep_alive():  # uploading the outputs
         return record_result(fence, result)
 
 
-def fetch_dataset(ctx: Context, job: Job, spec: JobSpec, scratch: Path) -> Path:
+def fetch_dataset(ctx: Services, job: Job, spec: JobSpec, scratch: Path) -> Path:
     """Download the job's uploaded dataset into its scratch folder."""
     with ctx.sessions() as session:
         dataset = session.scalar(select(Dataset).where(Dataset.id == spec.data.dataset_id,
@@ -170,7 +145,7 @@ def fetch_dataset(ctx: Context, job: Job, spec: JobSpec, scratch: Path) -> Path:
     return path
 
 
-def fetch_checkpoint(ctx: Context, job_id: str, directory: Path) -> bool:
+def fetch_checkpoint(ctx: Services, job_id: str, directory: Path) -> bool:
     """Download the job's newest stored checkpoint for a resume; return whether there was one."""
     with ctx.sessions() as session:
         stored = session.scalars(select(Artifact).where(Artifact.job_id == job_id,
@@ -187,11 +162,11 @@ def fetch_checkpoint(ctx: Context, job_id: str, directory: Path) -> bool:
 
 def record_result(fence: Fence, result: TrainResult) -> str:
     """Write how the run ended (and, for a success, its outputs) in one fenced transaction."""
+    if result.status == "stopped" and result.stop_reason == "preempted":
+        return hand_back(fence)
     outcome = {"epoch": result.epochs_completed, "final_metrics": finite_values(result.final_metrics) or None,
                "best_metric": result.best_metric, "best_value": finite(result.best_value),
                "best_epoch": result.best_epoch}
-    if result.status == "stopped" and result.stop_reason == "preempted":
-        return requeue(fence)
     stored = []
     if result.status == "succeeded":
         fence.renew()
@@ -202,8 +177,8 @@ def record_result(fence: Fence, result: TrainResult) -> str:
     status = {"succeeded": "succeeded", "failed": "failed"}.get(result.status, "cancelled")
 
     def write(session: Session) -> None:
-        fence.update(session, status=status, stop_reason=result.stop_reason, error=result.error,
-                     finished_at=utcnow(), lease_expires_at=None, **outcome)
+        fence.require(session, lifecycle.finish(session, fence.job_id, fence.attempt, status,
+                                                stop_reason=result.stop_reason, error=result.error, **outcome))
         for kind, name, info in stored:
             record_artifact(session, fence.job_id, kind, name, info)
 
@@ -214,35 +189,28 @@ def record_result(fence: Fence, result: TrainResult) -> str:
     return status
 
 
-def requeue(fence: Fence) -> str:
-    """Hand a preempted job back to the queue (it resumes from its checkpoint) and ring for it.
+def hand_back(fence: Fence) -> str:
+    """Give a preempted job back to the queue (it resumes from its checkpoint) and publish it again; a job
+    being cancelled ends cancelled instead (the drain may have stopped it before it saw the cancel)."""
+    def write(session: Session) -> str:
+        status = lifecycle.hand_back(session, fence.job_id, fence.attempt, "requeued: its worker shut down")
+        fence.require(session, status is not None)
+        return status
 
-    A clean hand-back doesn't use up one of the job's attempts: ``max_attempts`` grows with ``attempts``,
-    which only ever grows, because it is the fence. A job being cancelled ends cancelled instead: the drain
-    may have stopped it before it saw the cancel, and a queued job with a cancel request is never claimed.
-    """
-    def write(session: Session) -> str | None:
-        if fence.update(session).cancel_requested:  # the row is now locked: no cancel slips in after this
-            fence.update(session, status="cancelled", stop_reason="cancelled", finished_at=utcnow(),
-                         lease_expires_at=None)
-            return None
-        fence.update(session, status="queued", worker_id=None, device=None, lease_expires_at=None,
-                     max_attempts=Job.max_attempts + 1, pending_reason="requeued: its worker shut down")
-        return session.scalar(select(Job.queue).where(Job.id == fence.job_id))
-
-    queue = fence.transaction(write)
-    if queue is None:
+    if fence.transaction(write) == "cancelled":
         log.info("job %s cancelled (stopped by the worker's shutdown)", fence.job_id)
         return "cancelled"
-    ring(fence.job_id, queue)
+    fence.ctx.publisher.publish(fence.job_id, fence.queue)
     return "requeued"
 
 
 def record_failure(fence: Fence, error: str) -> str:
     """Fail the job with ``error`` unless another attempt owns it now."""
+    def write(session: Session) -> None:
+        fence.require(session, lifecycle.finish(session, fence.job_id, fence.attempt, "failed", error=error))
+
     try:
-        fence.transaction(lambda session: fence.update(session, status="failed", error=error,
-                                                       finished_at=utcnow(), lease_expires_at=None))
+        fence.transaction(write)
     except LeaseLost:
         remove_unreferenced(fence, fence.prefix)
         return "lease lost"

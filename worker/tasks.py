@@ -5,9 +5,9 @@ from __future__ import annotations
 from celery import shared_task
 from celery.exceptions import Reject
 
-import worker.lifecycle  # noqa: F401 - connects the worker's signal handlers
+import worker.signals  # noqa: F401 - connects the worker's signal handlers
+from models.broker import RUN_JOB
 from worker import runner
-from worker.celery_app import RUN_JOB
 from worker.context import draining
 
 

@@ -24,9 +24,18 @@ class TrainingFailed(Exception):
     """Training can't go on (a NaN loss, a run time limit); the message says why for the user."""
 
 
+@dataclass(frozen=True)
+class Best:
+    """The best epoch so far by the monitored metric (early stopping's, else val_loss or loss)."""
+
+    metric: str
+    value: float
+    epoch: int  # 1-based
+
+
 @dataclass
 class RunState:
-    """What callbacks may read about the run in progress."""
+    """What callbacks may read about the run in progress; the trainer keeps it current."""
 
     epochs: int
     epoch: int = 0  # the last completed epoch (1-based); 0 before the first
@@ -36,6 +45,10 @@ class RunState:
     device: str = "cpu"
     model: Any = None  # the nn.Module being trained
     stop_reason: str | None = None  # set by a callback at epoch end to stop after this epoch
+    best: Best | None = None  # None until an epoch has ended
+    elapsed_seconds: float = 0.0  # training time across all attempts of the run, as of the last batch or epoch end
+    # (epoch, batch) of every checkpoint the run keeps, in this folder or stored by an earlier attempt.
+    checkpoints: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Callback:
@@ -54,7 +67,11 @@ class Callback:
         """After a checkpoint file was written completely."""
 
     def on_checkpoint_removed(self, state: RunState, path: Path, epoch: int) -> None:
-        """After an old checkpoint was pruned (keep_last)."""
+        """After the checkpoint policy dropped a checkpoint (keep_last, or a superseded mid-epoch one).
+
+        ``path`` is where it was written; the file is gone from this folder, or was never in it (an
+        earlier attempt's checkpoint, stored elsewhere), so a callback removes its own copy by name.
+        """
 
     def on_train_end(self, state: RunState, result: Any) -> None:
         """After training ended and the outputs were written (result: TrainResult)."""

@@ -1,4 +1,4 @@
-"""What a finished run leaves in its output folder: weights, a model card and the metrics."""
+"""What a run leaves in its output folder: weights, a model card and the metrics."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from torch import nn
 
 from models.shapes import ShapeReport
 from models.spec import JobSpec
+from worker.engine.callbacks import Callback, RunState
 
 WEIGHTS = "weights.safetensors"
 CARD = "model.json"
@@ -37,9 +38,23 @@ def save_weights(model: nn.Module, path: Path) -> None:
     write_atomically(path, safetensors.torch.save(tensors))
 
 
-def write_metrics(history: list[dict[str, Any]], path: Path) -> None:
-    """metrics.jsonl: one JSON line an epoch."""
-    write_atomically(path, "".join(json.dumps(row) + "\n" for row in history).encode())
+class MetricsFile(Callback):
+    """The one writer of metrics.jsonl, one JSON line an epoch, a line as each epoch ends (so the file can
+    be followed during training).
+
+    Training begins by writing the history in full: empty for a fresh run, and for a resumed one the
+    epochs its checkpoint holds, replacing any line a killed attempt wrote after that checkpoint.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_begin(self, state: RunState) -> None:
+        write_atomically(self.path, "".join(json.dumps(row) + "\n" for row in state.history).encode())
+
+    def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
 
 
 def versions() -> dict[str, str]:

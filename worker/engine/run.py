@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as torch_dist
+
 from models.spec import JobSpec, Limits, Problem, SpecError
-from worker.engine import checkpoints, outputs
-from worker.engine.callbacks import Callback, RunState, StopTraining, TrainingFailed
+from worker.engine import checkpoints, distributed, outputs
+from worker.engine.callbacks import Callback, StopTraining, TrainingFailed
 from worker.engine.data import load_arrays, prepare
 from worker.engine.device import pick_device, seed
-from worker.engine.distributed import Single
+from worker.engine.group import Single, init_group
 from worker.engine.network import build_network, plan_network
 from worker.engine.trainer import Trainer
 
@@ -47,17 +48,6 @@ class TrainResult:
         return self.out_dir / outputs.METRICS
 
 
-class MetricsFile(Callback):
-    """Appends each epoch to metrics.jsonl as it ends, so the file can be followed during training."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
-
-
 @dataclass
 class Prepared:
     """A run set up and ready to fit: what the CLI shows before training starts."""
@@ -73,7 +63,7 @@ def prepare_run(spec: JobSpec, out_dir: Path, *, resume: bool = False, callbacks
                 limits: Limits | None = None, group=None) -> Prepared:
     """Load the data, check the network against it, build everything, and restore a checkpoint if resuming.
 
-    ``group`` is this process's place in a data-parallel run (worker.engine.distributed); rank 0 or a
+    ``group`` is this process's place in a data-parallel run (worker.engine.group); rank 0 or a
     single process owns the output folder and the callbacks.
     """
     limits = limits or Limits()
@@ -95,13 +85,10 @@ def prepare_run(spec: JobSpec, out_dir: Path, *, resume: bool = False, callbacks
     if not resume and group.is_main:  # a fresh run must not pick up a previous run's files
         for _position, path in checkpoints.list_all(checkpoint_dir):
             path.unlink()
-    metrics_file = out_dir / outputs.METRICS
-    callbacks = [MetricsFile(metrics_file), *callbacks] if group.is_main else []
-    trainer = Trainer(spec, model, data, torch_device, checkpoint_dir, callbacks, group)
+    callbacks = [outputs.MetricsFile(out_dir / outputs.METRICS), *callbacks] if group.is_main else []
+    trainer = Trainer(spec, model, data, torch_device, checkpoint_dir, callbacks, group, limits=limits)
     if state is not None:
         trainer.restore(state)
-    if group.is_main:
-        outputs.write_metrics(trainer.state.history, metrics_file)  # the history up to the resume point
     return Prepared(trainer, plan, data, state["epoch"] if state else None)
 
 
@@ -120,9 +107,9 @@ def finish(prepared: Prepared, spec: JobSpec, out_dir: Path) -> TrainResult:
     history = trainer.state.history
     result.epochs_completed = trainer.state.epoch
     result.final_metrics = history[-1] if history else {}
-    if history:
-        best = trainer.best
-        result.best_metric, result.best_value, result.best_epoch = best.monitor, best.best, best.best_epoch + 1
+    if trainer.state.best is not None:
+        best = trainer.state.best
+        result.best_metric, result.best_value, result.best_epoch = best.metric, best.value, best.epoch
     if result.status == "succeeded" and trainer.dist.is_main:
         write_outputs(trainer, prepared, spec, out_dir, result)
     for callback in trainer.callbacks:
@@ -131,9 +118,9 @@ def finish(prepared: Prepared, spec: JobSpec, out_dir: Path) -> TrainResult:
 
 
 def write_outputs(trainer: Trainer, prepared: Prepared, spec: JobSpec, out_dir: Path, result: TrainResult):
+    """The weights and the model card of a run that succeeded (metrics.jsonl is MetricsFile's alone)."""
     restored = trainer.early_stopping.restore(trainer.module) if trainer.early_stopping else False
     outputs.save_weights(trainer.module, out_dir / outputs.WEIGHTS)
-    outputs.write_metrics(trainer.state.history, out_dir / outputs.METRICS)
     summary = {
         "stop_reason": result.stop_reason,
         "epochs_completed": result.epochs_completed,
@@ -155,7 +142,7 @@ def train(spec: JobSpec, out_dir: Path, *, resume: bool = False, callbacks: Sequ
     Raises SpecError when the data or network don't fit; any exception a callback raises other than
     StopTraining passes through untouched.
     """
-    out_dir = Path(out_dir)
+    out_dir, limits = Path(out_dir), limits or Limits()
     if spec.resources.world_size > 1:
         return train_distributed(spec, out_dir, resume=resume, callbacks=callbacks, data_path=data_path,
                                  device=device, limits=limits)
@@ -165,16 +152,12 @@ def train(spec: JobSpec, out_dir: Path, *, resume: bool = False, callbacks: Sequ
 
 
 def train_distributed(spec: JobSpec, out_dir: Path, *, resume: bool, callbacks: Sequence[Callback],
-                      data_path: Path | None, device: str | None, limits: Limits | None) -> TrainResult:
+                      data_path: Path | None, device: str | None, limits: Limits) -> TrainResult:
     """Data-parallel training: this process is rank 0, the other ranks are subprocesses."""
-    import torch.distributed as torch_dist
-
-    from worker.engine.distributed import free_port, init_group, start_ranks, stop_ranks
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    world_size, port = spec.resources.world_size, free_port()
+    world_size, port = spec.resources.world_size, distributed.free_port()
     device_type = pick_device(device or spec.resources.device).type
-    ranks = start_ranks(spec.model_dump_json(), out_dir, world_size, port, resume, data_path, device_type)
+    ranks = distributed.start_ranks(spec, limits, out_dir, world_size, port, resume, data_path, device_type)
     try:
         group = init_group(0, world_size, port, device_type)
         try:
@@ -184,4 +167,4 @@ def train_distributed(spec: JobSpec, out_dir: Path, *, resume: bool, callbacks: 
         finally:
             torch_dist.destroy_process_group()
     finally:
-        stop_ranks(ranks)
+        distributed.stop_ranks(ranks)

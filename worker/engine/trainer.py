@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.spec import JobSpec
+from models.spec import JobSpec, Limits
 from worker.engine import checkpoints
-from worker.engine.callbacks import Callback, RunState, StopTraining, TrainingFailed
+from worker.engine.callbacks import Best, Callback, RunState, StopTraining, TrainingFailed
 from worker.engine.components import BATCH_SCHEDULERS, make_loss, make_optimizer, make_scheduler
 from worker.engine.data import TensorData
-from worker.engine.distributed import Single
 from worker.engine.early_stopping import EarlyStopping
+from worker.engine.group import Single
 
 CHECKPOINT_FORMAT = 1
 
@@ -31,11 +31,17 @@ def best_tracker(spec: JobSpec) -> EarlyStopping:
     return EarlyStopping(monitor=monitor, mode=mode, stops_training=False)
 
 
+def runtime_limit(spec: JobSpec, limits: Limits) -> int:
+    """Seconds of training a run may take: the spec's training.max_runtime_seconds, at most the deployment's."""
+    return min(spec.training.max_runtime_seconds or limits.max_runtime_seconds, limits.max_runtime_seconds)
+
+
 class Trainer:
     """Runs epochs over tensors already on the device; callbacks decide, the trainer acts."""
 
     def __init__(self, spec: JobSpec, model: nn.Module, data: TensorData, device: torch.device,
-                 checkpoint_dir: Path, callbacks: Sequence[Callback] = (), group=None):
+                 checkpoint_dir: Path, callbacks: Sequence[Callback] = (), group=None,
+                 limits: Limits | None = None):
         self.spec = spec
         self.dist = group or Single()
         self.module = model.to(device)  # what checkpoints and weights hold
@@ -54,15 +60,15 @@ class Trainer:
         self.shuffle_generator = torch.Generator().manual_seed(spec.seed)
         self.early_stopping = EarlyStopping(**spec.early_stopping.model_dump()) if spec.early_stopping else None
         # With early stopping, its best epoch is the best one (the weights it restores); one rule for both.
+        # The trainer runs it before the callbacks, which read its decisions in the state.
         self.best = self.early_stopping or best_tracker(spec)
-        # Our own callbacks run first, so user callbacks see their decisions.
-        self.internal = {"best": self.best}
-        self.callbacks = [*self.internal.values(), *callbacks]
+        self.internal = {"best": self.best}  # what checkpoints hold of the trainer's own callbacks
+        self.callbacks = list(callbacks)
         self.state = RunState(epochs=spec.training.epochs, batches_per_epoch=self.steps_per_epoch,
                               device=str(device), model=self.module)
         self.elapsed_before = 0.0
         self.started = time.monotonic()
-        self.runtime_limit = spec.training.max_runtime_seconds
+        self.runtime_limit = runtime_limit(spec, limits or Limits())
         # The epoch in progress, for a mid-epoch checkpoint: the shuffle state it started from and
         # the per-batch results so far.
         self.order_state = self.shuffle_generator.get_state()
@@ -136,6 +142,7 @@ class Trainer:
 
     def batch_end(self) -> None:
         """The batch boundary: the run-time limit, then the callbacks (rank 0's only, under DDP)."""
+        self.state.elapsed_seconds = self.elapsed()
         self.check_runtime()
         for callback in self.callbacks:
             callback.on_batch_end(self.state)
@@ -151,6 +158,9 @@ class Trainer:
         """Record the epoch, let callbacks decide, checkpoint, then act on a stop decision."""
         self.state.epoch = metrics["epoch"]
         self.state.history.append(metrics)
+        self.state.elapsed_seconds = self.elapsed()
+        self.best.on_epoch_end(self.state, metrics)
+        self.publish_best()
         for callback in self.callbacks:
             callback.on_epoch_end(self.state, metrics)
         last = self.state.epoch == self.spec.training.epochs or self.state.stop_reason is not None
@@ -166,9 +176,16 @@ class Trainer:
         elif kind not in BATCH_SCHEDULERS:
             self.scheduler.step()
 
+    def publish_best(self) -> None:
+        """Put the best epoch so far in the state, for the callbacks and the result."""
+        if self.state.history:
+            self.state.best = Best(self.best.monitor, self.best.best, self.best.best_epoch + 1)
+
     def check_runtime(self) -> None:
-        if self.runtime_limit and self.elapsed() > self.runtime_limit:
-            raise TrainingFailed(f"timed out after {self.runtime_limit} s (training.max_runtime_seconds)")
+        """Fail the run once its training, across attempts, took longer than its limit."""
+        if self.state.elapsed_seconds > self.runtime_limit:
+            raise TrainingFailed(f"timed out after {self.runtime_limit} s of training (limit: "
+                                 "training.max_runtime_seconds, at most the deployment's max_runtime_seconds)")
 
     def elapsed(self) -> float:
         """Seconds of training across all attempts of this run."""
@@ -237,6 +254,7 @@ class Trainer:
             },
             "history": self.state.history,
             "elapsed_seconds": self.elapsed(),
+            "checkpoints": list(self.state.checkpoints),
             "partial": None,
         }
 
@@ -244,12 +262,15 @@ class Trainer:
         """Save the state after this epoch (or, mid_epoch, after this batch); prune old checkpoints."""
         if not self.dist.is_main:
             return
+        position = (self.state.epoch, self.state.batch if mid_epoch else 0)
+        # Known before the save, and pruned after it: a kill in between leaves the ones still to prune in
+        # the list this checkpoint holds, and the resumed run's next save prunes them.
+        self.state.checkpoints = sorted({*self.state.checkpoints, position})
         state = self.checkpoint_state()
         if mid_epoch:
             state["partial"] = {"batch": self.state.batch, "order_state": self.order_state,
                                 "outputs": self.outputs, "losses": self.losses, "sizes": self.sizes}
-        path = checkpoints.checkpoint_path(self.checkpoint_dir, self.state.epoch,
-                                           self.state.batch if mid_epoch else 0)
+        path = checkpoints.checkpoint_path(self.checkpoint_dir, *position)
         checkpoints.save_atomically(state, path)
         for callback in self.callbacks:
             callback.on_checkpoint(self.state, path, self.state.epoch)
@@ -257,11 +278,15 @@ class Trainer:
             self.prune_checkpoints()
 
     def prune_checkpoints(self) -> None:
-        """Keep the last k end-of-epoch checkpoints and the best; mid-epoch ones are superseded."""
-        every = dict(checkpoints.list_all(self.checkpoint_dir))
-        best_epoch = self.best.best_epoch + 1 if self.state.history else None
-        for epoch, batch in checkpoints.to_remove(list(every), self.spec.checkpoint.keep_last, best_epoch):
-            path = every[epoch, batch]
+        """Keep the last k end-of-epoch checkpoints and the best; mid-epoch ones are superseded.
+
+        Every checkpoint the run knows of is pruned, an earlier attempt's too: its file is not in this
+        folder (a resume brings only the checkpoint it continues from), but the callbacks drop their copies.
+        """
+        best_epoch = self.state.best.epoch if self.state.best else None
+        for epoch, batch in checkpoints.to_remove(self.state.checkpoints, self.spec.checkpoint.keep_last, best_epoch):
+            self.state.checkpoints.remove((epoch, batch))
+            path = checkpoints.checkpoint_path(self.checkpoint_dir, epoch, batch)
             path.unlink(missing_ok=True)
             for callback in self.callbacks:
                 callback.on_checkpoint_removed(self.state, path, epoch)
@@ -281,8 +306,11 @@ class Trainer:
         self.state.epoch = state["epoch"]
         self.state.history = list(state["history"])
         self.state.stop_reason = state["stop_reason"]
-        self.elapsed_before = state["elapsed_seconds"]
+        self.publish_best()
+        self.elapsed_before = self.state.elapsed_seconds = state["elapsed_seconds"]
         self.started = time.monotonic()
+        # A checkpoint written before the list was kept knows of no other; those stay until the job is deleted.
+        self.state.checkpoints = [tuple(position) for position in state.get("checkpoints", [])]
         partial = state.get("partial")
         if partial:
             self.resume_batch = partial["batch"]

@@ -8,9 +8,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import make_url
 
-import migrations
-
-MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+MIGRATIONS_DIR = Path(__file__).resolve().parent  # env.py, alembic.ini and versions/ lie beside this module
 
 
 def alembic_config(database_url: str) -> Config:

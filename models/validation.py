@@ -1,0 +1,92 @@
+"""A spec's JSON to a JobSpec that can run, or a SpecError listing every problem by field path.
+
+Beyond the field types (models.spec): the rules across fields, the deployment's limits, and whether the
+network fits the data (models.shapes). No torch, no SQLAlchemy: the API validates specs without either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from models.shapes import data_shape, infer_shapes
+from models.spec import (
+    BINARY_LOSSES,
+    MULTICLASS_LOSSES,
+    REGRESSION_LOSSES,
+    JobSpec,
+    Limits,
+    Problem,
+    SpecError,
+    problem_from_error,
+    unknown_name_message,
+)
+
+
+def parse_spec(data: Any, limits: Limits | None = None) -> JobSpec:
+    """Validate a spec (a parsed JSON value); raise SpecError listing every problem by field path."""
+    if not isinstance(data, dict):
+        raise SpecError([Problem("", "a spec is a JSON object")])
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError([problem_from_error(e) for e in exc.errors()]) from None
+    problems = check_semantics(spec, limits or Limits())
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+LOCAL_FILE_REFUSED = Problem(
+    "data.source",
+    "'file' reads a path on the machine that trains; the service refuses it: upload the file "
+    "(POST /api/v1/datasets) and use source 'dataset'",
+)
+
+
+def parse_service_spec(data: Any, limits: Limits | None = None) -> JobSpec:
+    """``parse_spec`` for a job of the service (the API at submit, a worker at claim): a spec that reads a
+    local file is refused too, since a path on the worker's disk is never the user's to read."""
+    local = isinstance(data, dict) and isinstance(data.get("data"), dict) and data["data"].get("source") == "file"
+    refused = [LOCAL_FILE_REFUSED] if local else []
+    try:
+        spec = parse_spec(data, limits)
+    except SpecError as exc:
+        raise SpecError(refused + exc.problems) from None
+    if refused:
+        raise SpecError(refused)
+    return spec
+
+
+def check_semantics(spec: JobSpec, limits: Limits) -> list[Problem]:
+    """Rules across fields that the field types alone can't express, and the limits."""
+    problems = []
+    if len(spec.model.layers) > limits.max_layers:
+        problems.append(Problem("model.layers", f"{len(spec.model.layers)} layers exceed the limit of "
+                                                f"{limits.max_layers} (max_layers)"))
+    if spec.training.epochs > limits.max_epochs:
+        problems.append(Problem("training.epochs", f"{spec.training.epochs} exceeds the limit of "
+                                                   f"{limits.max_epochs} (max_epochs)"))
+    allowed_losses = {"regression": REGRESSION_LOSSES, "binary": BINARY_LOSSES,
+                      "multiclass": MULTICLASS_LOSSES}[spec.task]
+    if spec.loss is not None and spec.loss.type not in allowed_losses:
+        problems.append(Problem("loss.type", f"{spec.loss.type} does not fit task {spec.task!r}; use one of "
+                                             f"{', '.join(sorted(allowed_losses))}"))
+    metrics = spec.metric_names()
+    if spec.early_stopping is not None and spec.early_stopping.monitor not in metrics:
+        problems.append(Problem("early_stopping.monitor", unknown_name_message(
+            spec.early_stopping.monitor, "metric this job records", metrics)))
+    if spec.scheduler is not None and spec.scheduler.type == "ReduceLROnPlateau" \
+            and spec.scheduler.monitor not in metrics:
+        problems.append(Problem("scheduler.monitor", unknown_name_message(
+            spec.scheduler.monitor, "metric this job records", metrics)))
+    if spec.data.source == "sklearn":
+        shape = data_shape(spec.data, spec.task)
+        problems += shape.problems
+        if shape.n_samples is not None and shape.n_samples > limits.max_samples:
+            problems.append(Problem("data.params.n_samples", f"{shape.n_samples} samples exceed the limit of "
+                                                             f"{limits.max_samples} (max_samples)"))
+        if not shape.problems:
+            problems += infer_shapes(spec, shape.input_shape, shape.n_outputs, limits).problems
+    return problems

@@ -1,0 +1,95 @@
+"""This process's place in a run: one process alone, or one rank of a torch.distributed process group.
+
+Every rank sees the same shuffled order and trains on its slice of each global batch, so the global
+batch size is the spec's ``batch_size`` whatever the number of processes. NCCL on GPUs, gloo on the CPU.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+
+import torch
+import torch.distributed as torch_dist
+
+from worker.engine.callbacks import StopTraining, TrainingFailed
+
+COLLECTIVE_TIMEOUT = dt.timedelta(minutes=10)
+_SIGNAL_STOP, _SIGNAL_FAIL = 1, 2
+
+
+class Single:
+    """One process: every collective is the identity."""
+
+    rank = 0
+    world_size = 1
+    is_main = True
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        return model
+
+    def sync_buffers(self, model: torch.nn.Module) -> None:
+        pass
+
+    def agreed(self, step: Callable[[], None]) -> None:
+        step()
+
+
+class Group(Single):
+    """Rank ``rank`` of ``world_size`` processes in an initialized process group."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global batch."""
+        return torch.tensor_split(batch, self.world_size)[self.rank]
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.clone()
+        torch_dist.all_reduce(values)
+        return values
+
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def sync_buffers(self, model: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics) so all evaluate the same model."""
+        for buffer in model.buffers():
+            torch_dist.broadcast(buffer, src=0)
+
+    def agreed(self, step: Callable[[], None]) -> None:
+        """Run ``step`` (rank 0's callbacks); if it stops or fails, every rank stops at this same batch."""
+        pending, signal = None, 0
+        if self.is_main:
+            try:
+                step()
+            except StopTraining as stop:
+                pending, signal = stop, _SIGNAL_STOP
+            except TrainingFailed as failure:
+                pending, signal = failure, _SIGNAL_FAIL
+        flag = torch.tensor([signal], dtype=torch.int32)
+        torch_dist.broadcast(flag, src=0)
+        if flag.item() == _SIGNAL_STOP:
+            raise pending or StopTraining("stopped by rank 0")
+        if flag.item() == _SIGNAL_FAIL:
+            raise pending or TrainingFailed("failed on rank 0")
+
+
+def init_group(rank: int, world_size: int, port: int, device_type: str) -> Group:
+    """Join the process group of ``world_size`` processes that meet at 127.0.0.1:``port``."""
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                  world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    if device_type == "cpu":  # n processes share the cores instead of each taking all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    return Group(rank, world_size)
