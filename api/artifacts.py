@@ -11,9 +11,10 @@ from sqlalchemy import select
 
 from api.auth import owned, require_user
 from api.db import get_session, services
-from api.errors import conflict, not_found, validation_error
+from api.errors import ApiError, conflict, not_found, validation_error
 from api.pagination import MAX_INT
 from api.schemas import API_PREFIX, CheckpointList, CheckpointOut, as_utc, json_response
+from models import lifecycle
 from models.spec import Problem, unknown_name_message
 from models.tables import Artifact, Job
 
@@ -45,12 +46,26 @@ def weights(job_id: str):
         )
     }
     if "weights" not in artifacts:
-        raise conflict(f"job {job.id} has no weights yet (it is {job.status})")
+        raise no_weights(job)
     if fmt == "safetensors":
         return stream_artifact(artifacts["weights"], f"{job.id}.safetensors")
     if "model_card" not in artifacts:
         raise conflict(f"job {job.id} has weights but no model card yet, so no bundle")
     return bundle(job, [artifacts[kind] for kind in BUNDLE_KINDS if kind in artifacts])
+
+
+def no_weights(job: Job) -> ApiError:
+    """Why a job has no weights: 409 while it may still make them, 404 once it ended without them."""
+    if not lifecycle.is_finished(job.status):
+        return conflict(f"job {job.id} has no weights yet: it is {job.status}, and they are stored when it "
+                        "succeeds")
+    reason = job.error or job.stop_reason
+    return ApiError(
+        404,
+        "No weights",
+        f"job {job.id} {job.status} without weights" + (f": {reason}" if reason else ""),
+        kind="no-weights",
+    )
 
 
 @bp.get("/<job_id>/checkpoints")

@@ -16,6 +16,7 @@ from api.db import get_session
 from api.errors import ApiError, not_found
 from api.schemas import as_utc
 from models.tables import ApiKey, User, utcnow
+from models.text import text_problem
 
 TOKEN_PREFIX = "ty_"
 # Recording last use on every request would turn each read into a write; once a minute is enough.
@@ -78,7 +79,11 @@ def current_user() -> User:
 
 
 def owned(session: Session, model: type[T], ident: str, what: str) -> T:
-    """The caller's row of ``model`` with this id; another user's row is the same 404 as a missing one."""
+    """The caller's row of ``model`` with this id; another user's row is the same 404 as a missing one.
+    An id that isn't stored text (a NUL, 10 KB) names no row: 404 without asking the database, which
+    may refuse it (PostgreSQL and NUL) rather than find nothing."""
+    if text_problem(ident):
+        raise not_found(what, ident)
     row = session.scalar(select(model).where(model.id == ident, model.user_id == current_user().id))
     if row is None:
         raise not_found(what, ident)

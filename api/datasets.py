@@ -1,48 +1,65 @@
-"""The datasets resource: upload a CSV or NPZ file (multipart), list, delete."""
+"""The datasets resource: upload a CSV or NPZ file (multipart), list a page at a time, describe, delete."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 
-from flask import Blueprint, Response, request
-from sqlalchemy import select
+from flask import Blueprint, request
+from sqlalchemy import and_, or_, select
 
 from api.auth import current_user, owned, require_user
 from api.db import get_session, services
 from api.errors import conflict, validation_error
-from api.presenters import dataset_out
-from api.schemas import API_PREFIX, DatasetList, json_response
+from api.pagination import MAX_LIMIT, decode_cursor, encode_cursor, int_arg
+from api.presenters import dataset_out, dataset_summary
+from api.schemas import API_PREFIX, DatasetList, json_response, no_content
+from api.upload_slots import upload_slot
 from api.uploads import MAX_UNPACK_RATIO, DatasetInfo, UploadError, read_csv, read_npz
+from models.settings import Settings
 from models.spec import Problem
 from models.tables import Dataset, Job, new_id
+from models.text import quoted, text_problem
 
 bp = Blueprint("datasets", __name__, url_prefix=f"{API_PREFIX}/datasets")
 bp.before_request(require_user)
 
 FORMATS = {".csv": "csv", ".npz": "npz"}
+DEFAULT_LIMIT = 20
 
 
 @bp.post("")
 def upload():
-    """Store an upload under a server-made name once it reads as a dataset; a 422 leaves nothing behind."""
-    # Touching request.files reads the body; past MAX_CONTENT_LENGTH that is a 413.
+    """Store an upload under a server-made name once it reads as a dataset; a 422 leaves nothing behind.
+    A user has at most max_concurrent_uploads uploads in progress on an API host (429 past it)."""
+    settings = services().settings
+    # The slot is taken before the body is read: a refused upload costs this host nothing.
+    with upload_slot(settings, current_user().id):
+        return _store_upload(settings)
+
+
+def _store_upload(settings: Settings):
+    # Touching request.files reads the body (to a temporary file past 500 KB); past MAX_CONTENT_LENGTH, 413.
     upload = request.files.get("file")
     if upload is None or not upload.filename:
         raise _invalid("file", "send the dataset as the multipart form field 'file'")
+    _check_text("file", upload.filename, "the filename ")
     fmt = FORMATS.get(os.path.splitext(upload.filename)[1].lower())
     if fmt is None:
-        raise _invalid("file", f"{upload.filename!r} is neither a .csv nor a .npz file")
+        raise _invalid("file", f"{quoted(upload.filename)} is neither a .csv nor a .npz file")
     target = request.form.get("target") or None
+    if target is not None:
+        _check_text("target", target)
     if fmt == "npz" and target:
         raise _invalid("target", "an NPZ dataset holds arrays X and y; target is for CSV files")
-    name = (request.form.get("name") or upload.filename)[:200]
-    settings, store = services().settings, services().store
+    name = request.form.get("name") or upload.filename
+    _check_text("name", name)
+    store = services().store
     dataset_id = new_id("ds")
     with tempfile.TemporaryDirectory(prefix="torchyard-upload-") as folder:
         local = os.path.join(folder, "upload")
         upload.save(local)
-        info = _read(local, fmt, target, settings.max_samples, settings.max_upload_bytes * MAX_UNPACK_RATIO)
+        info = _read(local, fmt, target, settings)
         uri, size, sha256 = store.put_file(local, f"datasets/{dataset_id}.{fmt}")
     dataset = Dataset(
         id=dataset_id,
@@ -71,11 +88,20 @@ def upload():
     )
 
 
-def _read(path: str, fmt: str, target: str | None, max_rows: int, max_bytes: int) -> DatasetInfo:
+def _read(path: str, fmt: str, target: str | None, settings: Settings) -> DatasetInfo:
     try:
-        return read_csv(path, target, max_rows) if fmt == "csv" else read_npz(path, max_rows, max_bytes)
+        if fmt == "csv":
+            return read_csv(path, target, settings.max_samples, settings.max_columns)
+        return read_npz(path, settings.max_samples, settings.max_upload_bytes * MAX_UNPACK_RATIO)
     except UploadError as exc:
         raise _invalid(exc.path, str(exc)) from None
+
+
+def _check_text(path: str, value: str, what: str = "") -> None:
+    """Refuse a form field (or the filename) that isn't stored text: too long, a control character."""
+    problem = text_problem(value)
+    if problem:
+        raise _invalid(path, what + problem)
 
 
 def _invalid(path: str, message: str):
@@ -84,17 +110,21 @@ def _invalid(path: str, message: str):
 
 @bp.get("")
 def list_datasets():
-    """The caller's datasets, newest first."""
-    rows = (
-        get_session()
-        .scalars(
-            select(Dataset)
-            .where(Dataset.user_id == current_user().id)
-            .order_by(Dataset.created_at.desc(), Dataset.id.desc())
+    """The caller's datasets, newest first, a page at a time; column names only in a dataset's own page."""
+    limit = int_arg(request.args, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    query = select(Dataset).where(Dataset.user_id == current_user().id)
+    cursor = request.args.get("cursor")
+    if cursor:
+        created, ident = decode_cursor(cursor)
+        query = query.where(
+            or_(Dataset.created_at < created, and_(Dataset.created_at == created, Dataset.id < ident))
         )
-        .all()
-    )
-    return json_response(DatasetList(datasets=[dataset_out(d) for d in rows]))
+    # One row more than the page tells whether a next page exists.
+    order = (Dataset.created_at.desc(), Dataset.id.desc())
+    rows = get_session().scalars(query.order_by(*order).limit(limit + 1)).all()
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    return json_response(DatasetList(datasets=[dataset_summary(d) for d in page], next_cursor=next_cursor))
 
 
 @bp.get("/<dataset_id>")
@@ -117,4 +147,4 @@ def delete_dataset(dataset_id: str):
     services().store.delete(dataset.uri)
     session.delete(dataset)
     session.commit()
-    return Response(status=204)
+    return no_content()

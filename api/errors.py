@@ -10,12 +10,17 @@ from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
 from models.spec import Problem
+from models.text import quoted
 
 log = logging.getLogger(__name__)
 
 PROBLEM_MIMETYPE = "application/problem+json"
 # Problem types are relative URIs (RFC 9457 §3.1.1), resolved against the API's own address.
 TYPE_BASE = "/problems/"
+# A problem lists at most this many fields, each message cut to this length: the answer to a hostile body
+# stays small, whatever the body held (a megabyte of bad values, a 10 KB key).
+MAX_LISTED = 50
+MAX_TEXT = 500
 
 
 class ApiError(Exception):
@@ -42,7 +47,7 @@ class ApiError(Exception):
 
 def not_found(what: str, ident: str) -> ApiError:
     """The one 404 for a missing row and for another user's row alike (no existence leak)."""
-    return ApiError(404, "Not Found", f"no {what} {ident!r}", kind="not-found")
+    return ApiError(404, "Not Found", f"no {what} {quoted(ident)}", kind="not-found")
 
 
 def conflict(detail: str) -> ApiError:
@@ -68,12 +73,16 @@ def problem_response(
     """A problem+json response."""
     body: dict = {"type": TYPE_BASE + kind if kind else "about:blank", "title": title, "status": status}
     if detail:
-        body["detail"] = detail
+        body["detail"] = _cut(detail)
     if errors:
-        body["errors"] = [{"path": p.path, "message": p.message} for p in errors]
+        body["errors"] = [{"path": _cut(p.path), "message": _cut(p.message)} for p in errors[:MAX_LISTED]]
     response = Response(json.dumps(body), status=status, mimetype=PROBLEM_MIMETYPE)
     response.headers.update(headers or {})
     return response
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_TEXT else f"{text[:MAX_TEXT]}… ({len(text) - MAX_TEXT} more characters)"
 
 
 def _api_error(error: ApiError) -> Response:

@@ -10,6 +10,7 @@ from sqlalchemy import text
 from api.db import get_session, services
 from api.openapi import openapi_document
 from api.schemas import API_PREFIX, HealthOut, json_response
+from models.liveness import NO_WORKER, Stalls, stalls
 
 log = logging.getLogger(__name__)
 
@@ -20,18 +21,30 @@ BROKER_TIMEOUT_SECONDS = 2.0
 
 @bp.get("/health")
 def health():
-    """Liveness with dependency checks.
+    """Liveness with dependency checks, and whether the queued work can move.
 
-    200 when every dependency answers, else 503; each check says ``ok``, ``skipped …`` or ``error: …``."""
-    checks = {"database": _check(_ping_database), "broker": _check(_ping_broker)}
-    ok = all(not value.startswith("error") for value in checks.values())
-    return json_response(HealthOut(status="ok" if ok else "error", checks=checks), status=200 if ok else 503)
+    Each check says ``ok``, ``skipped …``, ``degraded: …`` or ``error: …``. ``error`` (503): the database or
+    the broker doesn't answer, so this API can't serve. ``degraded`` (200): it serves, but jobs stall (no
+    live worker for a queue with queued jobs, or expired leases that nobody reaps). 200 because what a
+    probe does on 503, taking the API out of rotation or restarting it, would cure neither; watch ``status``.
+    """
+    checks = {"database": _check(_ping_database), "broker": _check(_ping_broker), "workers": _check(_workers)}
+    status = _overall(checks.values())
+    return json_response(HealthOut(status=status, checks=checks), status=503 if status == "error" else 200)
 
 
 @bp.get("/openapi.json")
 def openapi():
     """The OpenAPI 3.1 document of this API."""
     return jsonify(openapi_document(current_app))
+
+
+def _overall(checks) -> str:
+    """The worst of the checks: ``error`` over ``degraded`` over ``ok``."""
+    for worst in ("error", "degraded"):
+        if any(check.startswith(worst) for check in checks):
+            return worst
+    return "ok"
 
 
 def _check(ping) -> str:
@@ -62,3 +75,22 @@ def _ping_broker() -> str:
     finally:
         client.close()
     return "ok"
+
+
+def _workers() -> str:
+    """``ok``, or ``degraded: …`` naming what stalls (see ``models.liveness.stalls``)."""
+    found = stalls(get_session(), services().settings)
+    return f"degraded: {describe_stalls(found)}" if found else "ok"
+
+
+def describe_stalls(found: Stalls) -> str:
+    """``no live worker serves queue 'cpu' (2 queued jobs); 1 running job with an expired lease that nobody …``"""
+    parts = [f"{NO_WORKER} {queue!r} ({_jobs(count, 'queued')})" for queue, count in found.unserved.items()]
+    if found.unreaped:
+        parts.append(f"{_jobs(found.unreaped, 'running')} with an expired lease that nobody reaps "
+                     "(no worker and no `torchyard maintenance` is running)")
+    return "; ".join(parts)
+
+
+def _jobs(count: int, status: str) -> str:
+    return f"{count} {status} job" + ("" if count == 1 else "s")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, request
 from sqlalchemy import and_, delete, or_, select
 
 from api.auth import current_user, owned, require_user
@@ -12,9 +12,9 @@ from api.db import get_session, services
 from api.errors import conflict, validation_error
 from api.pagination import MAX_INT, MAX_LIMIT, decode_cursor, encode_cursor, int_arg
 from api.presenters import job_out, job_summary
-from api.schemas import API_PREFIX, JobList, MetricsOut, json_response
+from api.schemas import API_PREFIX, JobList, MetricsOut, json_response, no_content
 from api.streams import metrics_stream, resume_epoch, wants_stream
-from api.submit import json_body, submit_job
+from api.submit import spec_body, submit_job
 from models import lifecycle
 from models.spec import Problem, unknown_name_message
 from models.storage import job_prefix
@@ -34,7 +34,7 @@ def submit():
     job, created = submit_job(
         get_session(),
         current_user(),
-        json_body(request),
+        spec_body(request, services().settings),
         request.headers.get("Idempotency-Key"),
         services(),
     )
@@ -81,7 +81,7 @@ def metrics(job_id: str):
     since = int_arg(request.args, "since_epoch", 0, 0, MAX_INT)
     if wants_stream(request):
         # The stream polls with sessions of its own; the request's session closes when this view returns.
-        return metrics_stream(services().sessions, job.id, resume_epoch(request, since))
+        return metrics_stream(services().sessions, job.user_id, job.id, resume_epoch(request, since))
     rows = session.scalars(
         select(EpochMetrics)
         .where(EpochMetrics.job_id == job.id, EpochMetrics.epoch > since)
@@ -96,9 +96,9 @@ def metrics(job_id: str):
 def cancel(job_id: str):
     """A queued job is cancelled at once (200); a running one is asked to stop at its next batch (202)."""
     session = get_session()
-    outcome = lifecycle.cancel(session, job_id, current_user().id)
-    session.commit()
     job = owned(session, Job, job_id, "job")
+    outcome = lifecycle.cancel(session, job.id, current_user().id)
+    session.commit()
     session.refresh(job)
     if outcome is None:
         raise conflict(f"job {job.id} is {job.status} already; only queued or running jobs can be cancelled")
@@ -120,4 +120,4 @@ def delete_job(job_id: str):
     session.execute(delete(Artifact).where(Artifact.job_id == job.id))
     session.execute(delete(Job).where(Job.id == job.id))
     session.commit()
-    return Response(status=204)
+    return no_content()

@@ -88,8 +88,8 @@ METRICS = {
     "description": "metrics in epoch order (application/json); or, when asked for with Accept: "
     "text/event-stream or stream=true, a Server-Sent Events stream: one `metrics` event per new epoch (`id` "
     "is its epoch), a `status` event with the job once it has finished, then the end of the stream; a "
-    "comment keeps the connection alive every 15 s, and a stream ends after an hour: reconnect with "
-    "Last-Event-ID.",
+    "comment keeps the connection alive every 2 s, and a stream ends after an hour: reconnect with "
+    "Last-Event-ID. Streams are limited per user and per API process: over a limit, 429 with Retry-After.",
     "content": {
         "application/json": {"schema": _ref("MetricsOut")},
         "text/event-stream": {"schema": SSE_EVENT},
@@ -113,10 +113,11 @@ UPLOAD_BODY = {
                     "file": {
                         "type": "string",
                         "contentMediaType": "application/octet-stream",
-                        "description": "a .csv (header, numeric columns) or .npz (arrays X and y) file",
+                        "description": "a .csv file (a header row naming the columns, spaces around "
+                        "names dropped; then finite numbers) or a .npz file (exactly the numeric arrays X and y)",
                     },
-                    "name": {"type": "string"},
-                    "target": {"type": "string", "description": "CSV target column"},
+                    "name": {"type": "string", "maxLength": 200, "description": "default: the filename"},
+                    "target": {"type": "string", "maxLength": 200, "description": "CSV target column"},
                 },
             }
         }
@@ -128,9 +129,10 @@ PROBLEM_STATUSES = {
     401: "missing or invalid API key",
     404: "not found (or not yours)",
     409: "not possible in the current state",
-    413: "upload too large",
+    413: "body too large (a spec past max_spec_bytes, an upload past max_upload_bytes)",
     415: "not JSON",
     422: "validation failed; `errors` names each field",
+    429: "too many at once; try again after Retry-After seconds",
 }
 
 
@@ -148,7 +150,7 @@ class Details:
 DETAILS = {
     "jobs.submit": Details(
         {201: _json("JobOut", "the new job"), 200: _json("JobOut", "the job an earlier request with this key made")},
-        errors=(400, 415, 422),
+        errors=(400, 413, 415, 422),
         params=(
             _param(
                 "Idempotency-Key",
@@ -172,7 +174,7 @@ DETAILS = {
     "jobs.delete_job": Details(DELETED, errors=(409,)),
     "jobs.metrics": Details(
         {200: METRICS},
-        errors=(422,),
+        errors=(422, 429),
         params=(
             _param(
                 "since_epoch",
@@ -206,12 +208,22 @@ DETAILS = {
     ),
     "artifacts.checkpoints": Details({200: _json("CheckpointList", "checkpoints")}),
     "artifacts.checkpoint": Details({200: _binary("the checkpoint file", "application/octet-stream")}),
-    "datasets.upload": Details({201: _json("DatasetOut", "the stored dataset")}, errors=(413, 422), body=UPLOAD_BODY),
-    "datasets.list_datasets": Details({200: _json("DatasetList", "datasets")}),
+    "datasets.upload": Details(
+        {201: _json("DatasetOut", "the stored dataset")}, errors=(413, 422, 429), body=UPLOAD_BODY
+    ),
+    "datasets.list_datasets": Details(
+        {200: _json("DatasetList", "a page of datasets")},
+        errors=(422,),
+        params=(
+            _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+            _param("cursor", "query", {"type": "string"}, "next_cursor of the previous page"),
+        ),
+    ),
     "datasets.get_dataset": Details({200: _json("DatasetOut", "the dataset")}),
     "datasets.delete_dataset": Details(DELETED, errors=(409,)),
     "workers.list_workers": Details({200: _json("WorkerList", "workers")}),
-    "health.health": Details({200: _json("HealthOut", "healthy"), 503: _json("HealthOut", "a dependency is down")}),
+    "health.health": Details({200: _json("HealthOut", "healthy, or degraded: jobs stall for want of a worker"),
+                              503: _json("HealthOut", "a dependency is down")}),
     "health.openapi": Details({200: {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}),
 }
 

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime as dt
 import json
+import re
 from collections.abc import Mapping
 
 from api.errors import validation_error
+from api.gate import JsonRefused, loads
 from models.spec import Problem
+from models.text import quoted, text_problem
 
 MAX_LIMIT = 100
 # The largest whole number a query argument may carry: an INTEGER column's range on every backend.
 MAX_INT = 2**31 - 1
+# ASCII digits only: int() would also take "1_000", " 7 " and other scripts' digits, and spend quadratic
+# time on thousands of them.
+WHOLE_NUMBER = re.compile(r"-?[0-9]{1,10}")
+# A cursor this API makes is under 100 characters; a longer one is refused before it is decoded.
+MAX_CURSOR_LENGTH = 200
 
 
 def encode_cursor(created_at: dt.datetime, ident: str) -> str:
@@ -24,28 +33,32 @@ def encode_cursor(created_at: dt.datetime, ident: str) -> str:
 def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
     """The (created_at, id) a cursor holds; 422 when it isn't one this API made."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, ident = json.loads(raw)
-        return dt.datetime.fromisoformat(created), str(ident)
-    except (ValueError, TypeError) as exc:
+        if text_problem(cursor, MAX_CURSOR_LENGTH):
+            raise ValueError(cursor)
+        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
+        value = loads(raw, max_depth=1)
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+            raise ValueError(value)
+        created, ident = value
+        if text_problem(ident):
+            raise ValueError(ident)
+        return dt.datetime.fromisoformat(created), ident
+    except (ValueError, TypeError, binascii.Error, JsonRefused) as exc:
         raise validation_error(
             [Problem("cursor", "not a cursor from this API; pass next_cursor from the previous page")],
             "Invalid query argument",
         ) from exc
 
 
-def int_arg(args: Mapping[str, str], name: str, default: int, low: int, high: int | None = None) -> int:
+def int_arg(args: Mapping[str, str], name: str, default: int, low: int, high: int = MAX_INT) -> int:
     """A whole-number query argument in [low, high] (``default`` when absent), or 422 naming it."""
     value = args.get(name)
     if value is None:
         return default
-    try:
-        number = int(value)
-    except ValueError:
-        number = None
-    if number is None or number < low or (high is not None and number > high):
-        bound = f"from {low} to {high}" if high is not None else f"of {low} or more"
+    number = int(value) if WHOLE_NUMBER.fullmatch(value) else None
+    if number is None or not low <= number <= high:
         raise validation_error(
-            [Problem(name, f"must be a whole number {bound}, not {value!r}")], "Invalid query argument"
+            [Problem(name, f"must be a whole number from {low} to {high}, not {quoted(value)}")],
+            "Invalid query argument",
         )
     return number

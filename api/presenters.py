@@ -6,6 +6,7 @@ from api.schemas import (
     API_PREFIX,
     Best,
     DatasetOut,
+    DatasetSummary,
     JobLinks,
     JobOut,
     JobSummary,
@@ -66,9 +67,11 @@ def job_out(job: Job) -> JobOut:
     return JobOut(**_job_fields(job), spec=job.spec)
 
 
-def dataset_out(dataset: Dataset) -> DatasetOut:
-    """An uploaded dataset's description (its storage URI stays private)."""
-    return DatasetOut(
+def dataset_summary(dataset: Dataset) -> DatasetSummary:
+    """An uploaded dataset as lists show it: counts, not its (maybe thousands of) column names. Its
+    storage URI stays private."""
+    names = (dataset.columns or {}).get("names")
+    return DatasetSummary(
         id=dataset.id,
         name=dataset.name,
         format=dataset.format,
@@ -79,9 +82,14 @@ def dataset_out(dataset: Dataset) -> DatasetOut:
         n_targets=dataset.n_targets,
         n_classes=dataset.n_classes,
         target=dataset.target,
-        columns=(dataset.columns or {}).get("names"),
+        n_columns=None if names is None else len(names),
         created_at=as_utc(dataset.created_at),
     )
+
+
+def dataset_out(dataset: Dataset) -> DatasetOut:
+    """An uploaded dataset's description with its column names."""
+    return DatasetOut(**dataset_summary(dataset).model_dump(), columns=(dataset.columns or {}).get("names"))
 
 
 def worker_out(worker: Worker, running: list[str], own_job_ids: set[str]) -> WorkerOut:

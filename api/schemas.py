@@ -26,6 +26,13 @@ def json_response(model: BaseModel, status: int = 200, headers: dict[str, str] |
     return Response(model.model_dump_json(), status=status, headers=headers, mimetype="application/json")
 
 
+def no_content() -> Response:
+    """204: no body, so no Content-Type either (Flask would label the nothing text/html)."""
+    response = Response(status=204)
+    del response.headers["Content-Type"]
+    return response
+
+
 class Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -109,7 +116,7 @@ class CheckpointList(Out):
 # --- datasets -----------------------------------------------------------------------------------
 
 
-class DatasetOut(Out):
+class DatasetSummary(Out):
     id: str
     name: str
     format: Literal["csv", "npz"]
@@ -120,12 +127,17 @@ class DatasetOut(Out):
     n_targets: int
     n_classes: int | None = Field(description="classes of the target (largest label + 1); null if continuous")
     target: str | None = Field(description="a CSV file's default target column; a job may name another")
-    columns: list[str] | None
+    n_columns: int | None = Field(description="a CSV file's columns; null for NPZ")
     created_at: dt.datetime
 
 
+class DatasetOut(DatasetSummary):
+    columns: list[str] | None = Field(description="a CSV file's column names (at most max_columns); null for NPZ")
+
+
 class DatasetList(Out):
-    datasets: list[DatasetOut]
+    datasets: list[DatasetSummary] = Field(description="without column names: GET /datasets/{id} lists them")
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
 
 
 # --- workers, health, problems ------------------------------------------------------------------
@@ -149,7 +161,7 @@ class WorkerList(Out):
 
 
 class HealthOut(Out):
-    status: Literal["ok", "error"]
+    status: Literal["ok", "degraded", "error"]
     checks: dict[str, str]
 
 

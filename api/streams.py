@@ -2,21 +2,26 @@
 
 The stream polls the database with a fresh short-lived session each time, so no connection or transaction
 stays open while it waits; the request's own session is closed when the view returns, before the stream.
+A stream holds a server thread while open, so it is admitted only within the limits of api/stream_slots.py
+and gives its slot back when the response closes: when it ends, or when a write to a client that hung up
+fails (keep-alives every few seconds make that write happen soon).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from flask import Request, Response, current_app
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.db import get_session, services
 from api.errors import validation_error
 from api.pagination import MAX_INT, int_arg
 from api.presenters import job_out
+from api.stream_slots import LEASE_SECONDS, stream_gate
 from models.spec import Problem
 from models.tables import FINISHED_STATUSES, EpochMetrics, Job
 
@@ -24,7 +29,9 @@ EVENT_STREAM = "text/event-stream"
 STREAM_FLAGS = {"1": True, "true": True, "0": False, "false": False, "": False}
 # Defaults of the tuning knobs; the app's config (METRICS_STREAM_*) may override them, e.g. in tests.
 POLL_SECONDS = 0.5
-KEEPALIVE_SECONDS = 15.0
+# A write to a client that hung up fails at the second write after it left: so a closed client's thread and
+# slot are freed within two keep-alives.
+KEEPALIVE_SECONDS = 2.0
 # A stream ends after this long (the client reconnects with Last-Event-ID), so no request lives forever.
 MAX_SECONDS = 3600.0
 # How long an EventSource waits before reconnecting after the stream ends.
@@ -51,20 +58,35 @@ def resume_epoch(request: Request, since_epoch: int) -> int:
     return int_arg({"Last-Event-ID": header.strip()}, "Last-Event-ID", since_epoch, 0, MAX_INT)
 
 
-def metrics_stream(sessions: sessionmaker[Session], job_id: str, since_epoch: int) -> Response:
-    """The SSE response that follows a job's metrics from after ``since_epoch`` until the job finishes."""
-    config = current_app.config
-    events = follow_metrics(
-        sessions,
-        job_id,
-        since_epoch,
-        poll=config.get("METRICS_STREAM_POLL_SECONDS", POLL_SECONDS),
-        keepalive=config.get("METRICS_STREAM_KEEPALIVE_SECONDS", KEEPALIVE_SECONDS),
-        max_seconds=config.get("METRICS_STREAM_MAX_SECONDS", MAX_SECONDS),
+def metrics_stream(sessions: sessionmaker[Session], user_id: str, job_id: str, since_epoch: int) -> Response:
+    """The SSE response that follows a job's metrics from after ``since_epoch`` until the job finishes, if
+    the stream limits admit another stream of ``user_id`` (else 429)."""
+    config, settings = current_app.config, services().settings
+    # Admitted over the request's own session: a thread waiting its turn holds a pooled connection already,
+    # and the one whose turn it is must not wait for another.
+    admitted = stream_gate(current_app).admit(
+        get_session(), sessions, user_id, settings.max_streams_per_user, settings.max_streams_per_process,
+        lease=config.get("METRICS_STREAM_SLOT_LEASE_SECONDS", LEASE_SECONDS),
     )
-    # No caching, and no buffering by a reverse proxy (nginx honours X-Accel-Buffering).
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return Response(events, mimetype=EVENT_STREAM, headers=headers)
+    try:
+        events = follow_metrics(
+            sessions,
+            job_id,
+            since_epoch,
+            poll=config.get("METRICS_STREAM_POLL_SECONDS", POLL_SECONDS),
+            keepalive=config.get("METRICS_STREAM_KEEPALIVE_SECONDS", KEEPALIVE_SECONDS),
+            max_seconds=config.get("METRICS_STREAM_MAX_SECONDS", MAX_SECONDS),
+            keep=admitted.keep,
+        )
+        # No caching, and no buffering by a reverse proxy (nginx honours X-Accel-Buffering).
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        response = Response(events, mimetype=EVENT_STREAM, headers=headers)
+    except BaseException:
+        admitted.release()
+        raise
+    # Every WSGI server closes the response once it is done with it, also after a failed write.
+    response.call_on_close(admitted.release)
+    return response
 
 
 def follow_metrics(
@@ -75,9 +97,11 @@ def follow_metrics(
     poll: float,
     keepalive: float,
     max_seconds: float,
+    keep: Callable[[], bool] = lambda: True,
 ) -> Iterator[str]:
     """SSE text: new epoch rows as they appear, a status event when the job has finished, keep-alives
-    between; it ends at the status event, when the job is gone, or after ``max_seconds``."""
+    between; it ends at the status event, when the job is gone, after ``max_seconds``, or when ``keep``
+    (called each poll: it renews the stream's slot) says the stream may no longer run."""
     started = last_sent = time.monotonic()
     last_epoch = since_epoch
     yield f"retry: {RETRY_MILLISECONDS}\n\n"
@@ -92,7 +116,7 @@ def follow_metrics(
             yield sse("status", json.loads(job_out(job).model_dump_json()))
             return
         now = time.monotonic()
-        if now - started >= max_seconds:
+        if now - started >= max_seconds or not keep():
             return
         if now - last_sent >= keepalive:
             yield ": keep-alive\n\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -12,12 +11,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError, validation_error
+from api.gate import read_json
 from models import lifecycle, queues
 from models.catalog import DataShape
+from models.memory import memory_problems
 from models.services import Services
-from models.shapes import describe_data, infer_shapes
+from models.settings import Settings
+from models.shapes import fit_problems
 from models.spec import JobSpec, Limits, Problem, SpecError, unknown_name_message
 from models.tables import Dataset, Job, User
+from models.text import quoted, text_problem
 from models.validation import parse_service_spec
 
 log = logging.getLogger(__name__)
@@ -25,16 +28,9 @@ log = logging.getLogger(__name__)
 MAX_IDEMPOTENCY_KEY = 200
 
 
-def json_body(request: Request) -> Any:
-    """The request's JSON value; 415 when it isn't JSON, 400 naming where malformed JSON breaks."""
-    if not request.is_json:
-        raise ApiError(
-            415, "Unsupported Media Type", "send the spec as JSON (Content-Type: application/json)"
-        )
-    try:
-        return json.loads(request.get_data(cache=False))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "Bad Request", f"malformed JSON: {exc}", kind="malformed-json") from None
+def spec_body(request: Request, settings: Settings) -> Any:
+    """The request's JSON spec, through the gate for JSON bodies (size, nesting, I-JSON's rules)."""
+    return read_json(request, settings.max_spec_bytes, settings.max_json_depth)
 
 
 def queue_for(spec: JobSpec) -> str:
@@ -47,8 +43,11 @@ def submit_job(
 ) -> tuple[Job, bool]:
     """Validate and store a job, then publish it; return (job, created). A retried key gets the first job."""
     settings = services.settings
-    if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
-        raise validation_error([Problem("Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters")])
+    if idempotency_key is not None:
+        # Stored with the job and looked up by: stored text's rule, and not empty.
+        problem = text_problem(idempotency_key, MAX_IDEMPOTENCY_KEY) if idempotency_key else "empty"
+        if problem:
+            raise validation_error([Problem("Idempotency-Key", problem)])
     spec = validate_spec(session, user, body, settings.limits)
     normalized = spec.model_dump(mode="json")
     job = lifecycle.submit(
@@ -85,7 +84,7 @@ def _same_key_job(session: Session, user: User, key: str | None, normalized: dic
         raise ApiError(
             422,
             "Idempotency-Key reused",
-            f"key {key!r} was used for job {job.id} with a different spec; use a new key for a new job",
+            f"key {quoted(key)} was used for job {job.id} with a different spec; use a new key for a new job",
             kind="idempotency-key-reused",
         )
     return job
@@ -125,10 +124,7 @@ def check_dataset(session: Session, user: User, spec: JobSpec, limits: Limits) -
             )
         )
     if not problems:
-        report = describe_data(shape, spec.task, data.image_shape)
-        problems = (
-            report.problems or infer_shapes(spec, report.input_shape, report.n_outputs, limits).problems
-        )
+        problems = fit_problems(spec, shape, limits) or memory_problems(spec, shape, limits, dataset.format)
     if problems:
         raise validation_error(problems, "Invalid job spec")
     # The stored spec names its target, so the worker needn't know the upload's default.

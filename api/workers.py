@@ -1,8 +1,6 @@
-"""The workers resource: the live worker processes (a heartbeat within the lease)."""
+"""The workers resource: the live worker processes (``models.liveness``: a heartbeat within the last three)."""
 
 from __future__ import annotations
-
-import datetime as dt
 
 from flask import Blueprint
 from sqlalchemy import select
@@ -11,7 +9,8 @@ from api.auth import current_user, require_user
 from api.db import get_session, services
 from api.presenters import worker_out
 from api.schemas import API_PREFIX, WorkerList, json_response
-from models.tables import Job, Worker, utcnow
+from models.liveness import live_after
+from models.tables import Job, Worker
 
 bp = Blueprint("workers", __name__, url_prefix=f"{API_PREFIX}/workers")
 bp.before_request(require_user)
@@ -19,11 +18,10 @@ bp.before_request(require_user)
 
 @bp.get("")
 def list_workers():
-    """Workers that heartbeat within ``lease_seconds``: host, queues, devices, the jobs they run."""
+    """The live workers: host, queues, devices, the jobs they run."""
     session = get_session()
-    fresh = utcnow() - dt.timedelta(seconds=services().settings.lease_seconds)
     workers = session.scalars(
-        select(Worker).where(Worker.last_heartbeat_at > fresh).order_by(Worker.id)
+        select(Worker).where(Worker.last_heartbeat_at >= live_after(services().settings)).order_by(Worker.id)
     ).all()
     jobs = session.execute(
         select(Job.worker_id, Job.id, Job.user_id)

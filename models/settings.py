@@ -32,7 +32,21 @@ class Settings(BaseModel):
     max_epochs: int = 10_000
     max_samples: int = 1_000_000
     max_upload_bytes: int = 100 * 1024 * 1024
+    # Columns of an uploaded CSV file: a dataset row records each name, and its description lists them.
+    max_columns: Annotated[int, Field(ge=2)] = 10_000
+    # Uploads one user may have in progress at once on one API host (all its gunicorn processes); 429 past it.
+    max_concurrent_uploads: Annotated[int, Field(ge=1)] = 2
+    # A job spec is a few KB; its JSON body is refused past this before it is read (413).
+    max_spec_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+    # Arrays and objects nested deeper than this are refused before parsing (a spec nests about 5 deep).
+    max_json_depth: Annotated[int, Field(ge=8, le=512)] = 32
     max_runtime_seconds: int = 24 * 3600
+    # Values a scikit-learn generator may draw before its first sample (centres, covariances, coefficients):
+    # the API calls it on two samples to check its arguments by scikit-learn's own rules.
+    max_generator_setup: Annotated[int, Field(ge=1)] = 2_000_000
+    # Bytes a job's estimated peak memory may reach (models.memory): data, activations, weights, optimizer
+    # state and the process itself. The default suits a worker with 4 GiB to spare.
+    max_job_memory: Annotated[int, Field(ge=1)] = 4 << 30
 
     # Reliability.
     max_attempts: int = 3
@@ -44,6 +58,11 @@ class Settings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     api_workers: int = 2  # gunicorn processes of ``torchyard api``
+    api_threads: Annotated[int, Field(ge=2)] = 16  # threads of each ``torchyard api`` process
+    # Live metrics streams (SSE) each hold a thread while open: a user may hold this many across every
+    # API process, and one API process serves at most this many, so the rest of its threads stay free.
+    max_streams_per_user: Annotated[int, Field(ge=1)] = 4
+    max_streams_per_process: Annotated[int, Field(ge=1)] = 8
     worker_queues: str = "cpu"
     worker_concurrency: int = 1  # jobs a CPU worker runs at once; a GPU worker runs one a GPU slot
     # GPUs a GPU worker uses: "auto" counts this machine's CUDA devices at worker start; a number picks
@@ -51,6 +70,12 @@ class Settings(BaseModel):
     worker_gpus: int | Literal["auto"] = "auto"
     # GPUs of one job slot: slots = worker_gpus // worker_gpus_per_slot; such a worker serves gpu.<k>.
     worker_gpus_per_slot: Annotated[int, Field(ge=1)] = 1
+    # Bytes of memory a worker's training device offers one job; 0 measures it (a GPU's total memory, else
+    # the host's RAM or its container's limit). A job whose estimate is over it fails with that reason.
+    worker_memory: Annotated[int, Field(ge=0)] = 0
+    # ``torchyard serve`` restarts a worker that dies; after this many deaths in a row, each within a
+    # minute of its start, it gives up and exits (a worker that can't start must not spin).
+    serve_worker_restarts: Annotated[int, Field(ge=0)] = 5
 
     # The CLI as a client: which server, which key (default: the one ``torchyard serve`` saved).
     url: str = ""
@@ -92,6 +117,8 @@ class Settings(BaseModel):
             max_epochs=self.max_epochs,
             max_samples=self.max_samples,
             max_runtime_seconds=self.max_runtime_seconds,
+            max_generator_setup=self.max_generator_setup,
+            max_job_memory=self.max_job_memory,
         )
 
     @classmethod

@@ -9,16 +9,22 @@ This module imports neither torch nor SQLAlchemy: the API validates specs withou
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, field_validator, model_validator
 
 from models.catalog import SKLEARN_DATASETS
+from models.text import MAX_NAME_LENGTH, quoted, text_problem
 
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegInt = Annotated[int, Field(ge=0)]
+# Every whole number of a spec fits an INTEGER column: no size or count comes near it, and the arithmetic
+# on them (parameter counts, shapes) stays small enough to print.
+MAX_WHOLE = 2**31 - 1
+PositiveInt = Annotated[int, Field(ge=1, le=MAX_WHOLE)]
+NonNegInt = Annotated[int, Field(ge=0, le=MAX_WHOLE)]
+Dim = Annotated[int, Field(ge=-MAX_WHOLE, le=MAX_WHOLE)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
@@ -27,11 +33,24 @@ Size = Union[PositiveInt, IntPair]
 PadSize = Union[NonNegInt, Annotated[list[NonNegInt], Field(min_length=1, max_length=2)]]
 
 
+def Text(max_length: int = MAX_NAME_LENGTH, min_length: int = 0):  # noqa: N802 a type, named as one
+    """A string of the spec (all of it is stored): models.text's one rule, bounded, no control characters."""
+
+    def stored_text(value: str) -> str:
+        problem = text_problem(value, max_length)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    return Annotated[str, Field(min_length=min_length or None, json_schema_extra={"maxLength": max_length}),
+                     AfterValidator(stored_text)]
+
+
 class Strict(BaseModel):
     """Base for every spec part: unknown keys are errors, never silently ignored."""
 
-    # strict: "16" is not 16; a spec says what it means.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # strict: "16" is not 16; a spec says what it means. Numbers are finite: NaN trains nothing.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 # --- layers -------------------------------------------------------------------------------------
@@ -109,8 +128,8 @@ class AvgPool2d(_AvgPool):
 
 class Flatten(Strict):
     type: Literal["Flatten"]
-    start_dim: int = 1
-    end_dim: int = -1
+    start_dim: Dim = 1
+    end_dim: Dim = -1
 
 
 class Dropout(Strict):
@@ -161,12 +180,12 @@ class Tanh(Strict):
 
 class Softmax(Strict):
     type: Literal["Softmax"]
-    dim: int = -1
+    dim: Dim = -1
 
 
 class LogSoftmax(Strict):
     type: Literal["LogSoftmax"]
-    dim: int = -1
+    dim: Dim = -1
 
 
 class SELU(Strict):
@@ -348,7 +367,7 @@ class CosineAnnealingLR(Strict):
 
 class ReduceLROnPlateau(Strict):
     type: Literal["ReduceLROnPlateau"]
-    monitor: str = "val_loss"
+    monitor: Text() = "val_loss"
     mode: Literal["min", "max"] = "min"
     factor: Annotated[float, Field(gt=0, lt=1)] = 0.1
     patience: NonNegInt = 10
@@ -378,7 +397,42 @@ Scheduler = Annotated[
 
 # --- data ---------------------------------------------------------------------------------------
 
-ParamValue = Union[bool, int, float, str, list[Union[int, float]], None]
+# The most numbers an argument's list may hold (per-feature shift and scale, per-center sample counts).
+MAX_PARAM_ITEMS = 10_000
+_PARAM_SCHEMA = Union[bool, Annotated[int, Field(ge=-(2**63), le=2**63 - 1)], float, Annotated[str, Field(
+    max_length=MAX_NAME_LENGTH)], Annotated[list[Union[int, float]], Field(max_length=MAX_PARAM_ITEMS)], None]
+
+
+def _param_value(value: Any) -> Any:
+    """A scikit-learn argument as JSON holds it: null, a boolean, a finite number, a short string, or a list
+    of at most MAX_PARAM_ITEMS numbers. One message for any other value (not one per type it isn't)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return _param_number(value)
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+    if isinstance(value, list):
+        if len(value) > MAX_PARAM_ITEMS:
+            raise ValueError(f"a list of at most {MAX_PARAM_ITEMS} numbers, not {len(value)}")
+        if any(isinstance(item, bool) or not isinstance(item, (int, float)) for item in value):
+            raise ValueError("a list may hold only numbers")
+        return [_param_number(item) for item in value]
+    raise ValueError("must be null, a boolean, a number, a string or a list of numbers")
+
+
+def _param_number(value: int | float) -> int | float:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be a finite number, not {value}")
+    if isinstance(value, int) and not -(2**63) <= value <= 2**63 - 1:
+        raise ValueError("must be a whole number from -2^63 to 2^63 - 1")
+    return value
+
+
+ParamValue = Annotated[Any, PlainValidator(_param_value, json_schema_input_type=_PARAM_SCHEMA)]
 
 
 class _DataCommon(Strict):
@@ -389,7 +443,7 @@ class _DataCommon(Strict):
 
 class SklearnData(_DataCommon):
     source: Literal["sklearn"]
-    name: str
+    name: Text()
     params: dict[str, ParamValue] = {}
 
     @model_validator(mode="after")
@@ -408,16 +462,16 @@ class DatasetData(_DataCommon):
     """A CSV or NPZ file uploaded to the service (POST /datasets)."""
 
     source: Literal["dataset"]
-    dataset_id: Annotated[str, Field(min_length=1, max_length=64)]
-    target: str | None = None
+    dataset_id: Text(64, min_length=1)
+    target: Text() | None = None
 
 
 class FileData(_DataCommon):
     """A local CSV or NPZ file, for ``torchyard train`` on one's own machine; the API refuses it."""
 
     source: Literal["file"]
-    path: Annotated[str, Field(min_length=1, max_length=4096)]
-    target: str | None = None
+    path: Text(4096, min_length=1)
+    target: Text() | None = None
 
 
 Data = Annotated[Union[SklearnData, DatasetData, FileData], Field(discriminator="source")]
@@ -439,7 +493,7 @@ class Training(Strict):
 class EarlyStopping(Strict):
     """Keras' EarlyStopping: the same arguments and the same rules."""
 
-    monitor: str = "val_loss"
+    monitor: Text() = "val_loss"
     mode: Literal["min", "max", "auto"] = "auto"
     min_delta: NonNegFloat = 0.0
     patience: NonNegInt = 0
@@ -477,7 +531,7 @@ class Resources(Strict):
 class JobSpec(Strict):
     """A whole training run."""
 
-    name: Annotated[str, Field(min_length=1, max_length=200)] = "job"
+    name: Text(min_length=1) = "job"
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     task: Literal["regression", "binary", "multiclass"]
     data: Data
@@ -522,6 +576,8 @@ class Limits:
     max_epochs: int = 10_000
     max_samples: int = 1_000_000
     max_runtime_seconds: int = 24 * 3600  # of training, across attempts (the trainer enforces it)
+    max_generator_setup: int = 2_000_000  # values a scikit-learn generator draws before its first sample
+    max_job_memory: int = 4 << 30  # bytes a job's estimated peak may reach (models.memory)
 
 
 @dataclass(frozen=True)
@@ -560,7 +616,7 @@ def unknown_name_message(name: Any, what: str, allowed) -> str:
     else:
         suggestion = "allowed: " + ", ".join(allowed)
     article = "an" if what[0] in "aeiou" else "a"
-    return f"{name!r} is not {article} {what}; {suggestion}"
+    return f"{quoted(name)} is not {article} {what}; {suggestion}"
 
 
 def _type_names(annotated) -> dict[str, type[Strict]]:

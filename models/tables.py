@@ -182,3 +182,18 @@ class Worker(Base):
     slots: Mapped[int] = mapped_column(Integer, default=1)
     started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_heartbeat_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class StreamSlot(Base):
+    """An open live-metrics stream (SSE), so a user's streams are counted across every API process. Its
+    process renews ``expires_at`` while it serves the stream; a slot past it (its process died) no longer
+    counts."""
+
+    __tablename__ = "stream_slots"
+    __table_args__ = (Index("ix_stream_slots_user_id_expires_at", "user_id", "expires_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("str"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    process: Mapped[str] = mapped_column(String(200))  # host:pid of the API process serving it
+    expires_at: Mapped[dt.datetime]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -10,7 +10,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from models.shapes import data_shape, infer_shapes
+from models.catalog import SKLEARN_DATASETS
+from models.memory import memory_problems
+from models.shapes import fit_problems, sklearn_problems
 from models.spec import (
     BINARY_LOSSES,
     MULTICLASS_LOSSES,
@@ -81,12 +83,41 @@ def check_semantics(spec: JobSpec, limits: Limits) -> list[Problem]:
             and spec.scheduler.monitor not in metrics:
         problems.append(Problem("scheduler.monitor", unknown_name_message(
             spec.scheduler.monitor, "metric this job records", metrics)))
+    problems += component_problems(spec)
     if spec.data.source == "sklearn":
-        shape = data_shape(spec.data, spec.task)
-        problems += shape.problems
-        if shape.n_samples is not None and shape.n_samples > limits.max_samples:
-            problems.append(Problem("data.params.n_samples", f"{shape.n_samples} samples exceed the limit of "
-                                                             f"{limits.max_samples} (max_samples)"))
-        if not shape.problems:
-            problems += infer_shapes(spec, shape.input_shape, shape.n_outputs, limits).problems
+        problems += sklearn_data_problems(spec, limits)
+    return problems
+
+
+def sklearn_data_problems(spec: JobSpec, limits: Limits) -> list[Problem]:
+    """A scikit-learn dataset's arguments by scikit-learn's rules, its size, then the network and the rows
+    against the data it gives."""
+    problems = sklearn_problems(spec.data, limits)
+    if problems:
+        return problems
+    shape = SKLEARN_DATASETS[spec.data.name].shape(spec.data.params)
+    if shape.n_samples > limits.max_samples:
+        problems.append(Problem("data.params.n_samples", f"{shape.n_samples} samples exceed the limit of "
+                                                         f"{limits.max_samples} (max_samples)"))
+    problems += fit_problems(spec, shape, limits)
+    return problems or memory_problems(spec, shape, limits)  # the memory of a job that can run
+
+
+# Layers after which a model's outputs are still probabilities, as BCELoss needs them.
+_PROBABILITIES = {"Sigmoid", "Softmax"}
+_KEEP_VALUES = {"Identity", "Flatten"}
+# Optimizers without a momentum or beta1 for OneCycleLR to cycle.
+_NO_MOMENTUM = {"Adagrad", "Adadelta"}
+
+
+def component_problems(spec: JobSpec) -> list[Problem]:
+    """The loss against the model's last layer, the scheduler against the optimizer (PyTorch's refusals)."""
+    problems = []
+    last = next((layer.type for layer in reversed(spec.model.layers) if layer.type not in _KEEP_VALUES), None)
+    if spec.loss_type == "BCELoss" and last not in _PROBABILITIES:
+        problems.append(Problem("loss.type", "BCELoss takes probabilities: end the model with a Sigmoid, or use "
+                                             "BCEWithLogitsLoss on its logits"))
+    if spec.scheduler is not None and spec.scheduler.type == "OneCycleLR" and spec.optimizer.type in _NO_MOMENTUM:
+        problems.append(Problem("scheduler.type", f"OneCycleLR cycles the optimizer's momentum, which "
+                                                  f"{spec.optimizer.type} has not; use SGD, Adam, AdamW or RMSprop"))
     return problems

@@ -39,7 +39,11 @@ def test_a_csv_upload_is_stored_under_a_server_made_name(client, alice, store, a
     assert dataset["name"] == "../../etc/my data.csv"  # a label only; the file's key is the server's
     assert stored_files(artifacts_url) == [os.path.join(artifacts_url, "datasets", f"{dataset['id']}.csv")]
     assert store.open(f"datasets/{dataset['id']}.csv").read() == CSV.encode()
-    assert client.get(DATASETS, headers=alice).json["datasets"] == [dataset]
+    assert client.get(f"{DATASETS}/{dataset['id']}", headers=alice).json == dataset
+    # A list shows how many columns, not their names: a header may be thousands wide.
+    summary = {key: value for key, value in dataset.items() if key != "columns"}
+    assert client.get(DATASETS, headers=alice).json == {"datasets": [{**summary, "n_columns": 3}],
+                                                        "next_cursor": None}
 
 
 def test_an_npz_upload_records_its_shapes(client, alice):
@@ -120,6 +124,25 @@ def test_an_oversize_upload_is_a_413_problem(make_app, artifacts_url, tokens):
     assert response.json["title"] == "Request Entity Too Large"
     assert stored_files(artifacts_url) == []
     assert upload(client, headers, b"x1,y\n1,0\n", "small.csv").status_code == 201
+
+
+def test_datasets_are_listed_newest_first_a_page_at_a_time(client, alice, bob):
+    ids = [upload(client, alice, CSV.encode(), f"d{i}.csv").json["id"] for i in range(5)]
+    pages, cursor = [], None
+    while True:
+        query = {"limit": 2} if cursor is None else {"limit": 2, "cursor": cursor}
+        page = client.get(DATASETS, headers=alice, query_string=query).json
+        pages.append([dataset["id"] for dataset in page["datasets"]])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == [ids[4:2:-1], ids[2:0:-1], ids[:1]]
+    assert [d["n_columns"] for d in client.get(DATASETS, headers=alice).json["datasets"]] == [3] * 5
+    assert client.get(DATASETS, headers=bob).json == {"datasets": [], "next_cursor": None}
+    for query, path in (({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"cursor": "x"}, "cursor")):
+        response = client.get(DATASETS, headers=alice, query_string=query)
+        assert response.status_code == 422
+        assert response.json["errors"][0]["path"] == path
 
 
 def test_deleting_a_dataset_removes_its_file(client, alice, bob, artifacts_url):

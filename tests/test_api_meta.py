@@ -28,7 +28,7 @@ def test_the_api_package_never_imports_torch():
 def test_health_checks_the_database(client):
     response = client.get(f"{API}/health")
     assert response.status_code == 200
-    checks = {"database": "ok", "broker": "skipped (filesystem transport)"}
+    checks = {"database": "ok", "broker": "skipped (filesystem transport)", "workers": "ok"}
     assert response.json == {"status": "ok", "checks": checks}
 
 

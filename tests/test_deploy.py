@@ -9,6 +9,8 @@ import configparser
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,13 +181,14 @@ def test_the_deploy_files_exist():
     names = {path.relative_to(DEPLOY).as_posix() for path in DEPLOY.rglob("*") if path.is_file()}
     expected = {"Dockerfile.api", "Dockerfile.worker-cpu", "Dockerfile.worker-cuda", "compose.yaml",
                 "README.md", "k8s/kustomization.yaml", "systemd/torchyard-api.service",
-                "systemd/torchyard-worker@.service", "systemd/env.example"}
+                "systemd/torchyard-worker@.service", "systemd/env.example", "k8s/maintenance.yaml",
+                "systemd/torchyard-maintenance.service"}
     assert expected <= names
 
 
 def test_compose_and_every_k8s_manifest_parse():
     assert set(_compose()["services"]) >= {"postgres", "redis", "minio", "bucket", "migrate", "api",
-                                           "worker-cpu", "worker-gpu"}
+                                           "maintenance", "worker-cpu", "worker-gpu"}
     kinds = {obj["kind"] for _, obj in _k8s_objects()}
     assert kinds == {"ConfigMap", "Secret", "Job", "Deployment", "Service"}
     for filename, obj in _k8s_objects():
@@ -291,7 +294,7 @@ def _commands() -> list[tuple[str, list[str]]]:
 def test_every_command_the_manifests_run_is_a_real_cli_command():
     commands = _commands()
     run = {" ".join(argv[1:]) for _, argv in commands}
-    assert {"api", "worker --queues cpu", "worker --queues gpu", "db upgrade"} <= run
+    assert {"api", "maintenance", "worker --queues cpu", "worker --queues gpu", "db upgrade"} <= run
     runner = CliRunner()
     for where, argv in commands:
         # --help after the real arguments: click rejects an unknown command or option before printing help.
@@ -355,10 +358,42 @@ def test_compose_starts_the_api_after_the_migration_and_checks_its_health():
     assert "/api/v1/health" in " ".join(services["api"]["healthcheck"]["test"])
 
 
+# --- maintenance -------------------------------------------------------------------------------------
+
+
+def test_every_deployment_runs_torchyard_maintenance_on_the_torch_free_image():
+    """Jobs of dead workers are reaped even when no worker is alive: one maintenance process runs beside
+    the API wherever the API runs, on the API image (it needs no torch)."""
+    compose = _compose()["services"]["maintenance"]
+    assert compose["command"] == ["torchyard", "maintenance"]
+    assert compose["image"] == _compose()["services"]["api"]["image"]
+    assert compose["build"]["dockerfile"] == "deploy/Dockerfile.api"
+    assert compose["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert compose["restart"] == "unless-stopped"
+    assert _compose_env(compose) == _compose_env(_compose()["services"]["migrate"])  # the shared settings
+
+    (deployment,) = _k8s("Deployment", "torchyard-maintenance")
+    assert deployment["spec"]["replicas"] >= 1
+    (container,) = _pod_spec(deployment)["containers"]
+    assert (container["image"], container["command"]) == ("torchyard-api", ["torchyard", "maintenance"])
+    assert {ref.get("configMapRef", ref.get("secretRef"))["name"] for ref in container["envFrom"]} == {
+        "torchyard-config", "torchyard-secrets"}
+
+    unit = _systemd_unit(SYSTEMD / "torchyard-maintenance.service")["Service"]
+    assert unit["ExecStart"] == "/opt/torchyard/venv/bin/torchyard maintenance"
+
+
+def test_torchyard_maintenance_imports_no_torch():
+    code = ("import sys; from torchyard.cli import maintenance; import worker.context, worker.maintenance; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
 # --- systemd -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("unit_name", ["torchyard-api.service", "torchyard-worker@.service"])
+@pytest.mark.parametrize("unit_name", ["torchyard-api.service", "torchyard-maintenance.service",
+                                       "torchyard-worker@.service"])
 def test_systemd_units_have_what_they_need(unit_name):
     unit = _systemd_unit(SYSTEMD / unit_name)
     service = unit["Service"]

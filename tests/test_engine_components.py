@@ -212,7 +212,10 @@ def test_the_loss_cases_cover_every_loss_and_field_the_spec_allows():
 
 @pytest.mark.parametrize("task, loss, shows", LOSS_CASES, ids=[case[1]["type"] for case in LOSS_CASES])
 def test_each_loss_is_the_torch_class_of_that_name_with_the_spec_arguments(tmp_path, task, loss, shows):
-    loss_fn = prepared_run(tmp_path, task=task, loss=loss).trainer.loss_fn
+    # BCELoss takes probabilities: the model must end with a Sigmoid (or the spec is refused).
+    probabilities = [{"type": "Flatten"}, {"type": "Linear", "out_features": 1}, {"type": "Sigmoid"}]
+    layers = probabilities if loss["type"] == "BCELoss" else None
+    loss_fn = prepared_run(tmp_path, task=task, loss=loss, layers=layers).trainer.loss_fn
     assert type(loss_fn) is getattr(nn, loss["type"])
     assert {name: shown(loss_fn, name) for name in shows} == shows
     assert loss_fn.reduction == "mean"  # the trainer weights batch means by batch size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from models.catalog import DataShape
+from models.shapes import describe_data, fit_problems
 from models.spec import JobSpec, Limits, SpecError
 from models.validation import parse_spec
 
@@ -137,3 +140,184 @@ def test_the_cli_refuses_a_bad_spec_with_the_field_path_and_exit_code_2(tmp_path
     assert run.returncode == 2
     assert "model.layers[0].type: 'Linaer' is not a layer; did you mean 'Linear'?" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --- accepted means runnable: what used to pass here and fail at the worker ------------------------
+
+def blobs(**params) -> dict:
+    """GOOD on make_blobs (3 classes of 2 features unless ``params`` say otherwise), multiclass."""
+    spec = mutate("data", {"source": "sklearn", "name": "make_blobs",
+                           "params": {"n_samples": 60, "random_state": 0, **params}})
+    spec["task"] = "multiclass"
+    centers = params.get("centers", 3)
+    spec["model"]["layers"][-1]["out_features"] = centers if isinstance(centers, int) else 3
+    return spec
+
+
+def on_image(shape: list[int], *layers: dict, **data) -> dict:
+    """A multiclass spec whose load_digits samples are read as ``shape`` and pass through ``layers``."""
+    return {"task": "multiclass", "data": {"source": "sklearn", "name": "load_digits", "image_shape": shape, **data},
+            "model": {"layers": [*layers, {"type": "Flatten"}, {"type": "Linear", "out_features": 10}]}}
+
+
+def with_early_stopping_off(spec: dict) -> dict:
+    return {key: value for key, value in spec.items() if key != "early_stopping"}
+
+
+def without_validation(spec: dict) -> dict:
+    return with_early_stopping_off({**spec, "data": {**spec["data"], "validation_split": 0}})
+
+
+def refused(spec: dict, limits: Limits | None = None) -> dict[str, str]:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(spec, limits)
+    return {problem.path: problem.message for problem in caught.value.problems}
+
+
+UNRUNNABLE = [
+    # Flatten's dims count the batch: an input of 64 features has dims -2..1.
+    (mutate("model.layers.0", {"type": "Flatten", "start_dim": 5}), "model.layers[0].start_dim",
+     "5 is out of range for an input of 2 dimensions with the batch (shape [batch, 2]): use -2 to 1"),
+    (mutate("model.layers.0", {"type": "Flatten", "end_dim": -3}), "model.layers[0].end_dim", "out of range"),
+    (on_image([4, 4, 4], {"type": "Flatten", "start_dim": 3, "end_dim": 2}), "model.layers[0].end_dim",
+     "comes before start_dim (dimension 2 before 3)"),
+    # Reflect padding must be shorter than the input; circular padding at most as long.
+    (on_image([4, 16], {"type": "Conv1d", "out_channels": 2, "kernel_size": 3, "padding": 16,
+                        "padding_mode": "reflect"}), "model.layers[0].padding",
+     "'reflect' padding must be less than the length it pads: 16 on an input of [16]"),
+    (on_image([1, 8, 8], {"type": "Conv2d", "out_channels": 2, "kernel_size": 3, "padding": [1, 9],
+                          "padding_mode": "circular"}), "model.layers[0].padding",
+     "'circular' padding must be at most the length it pads: 9 on an input of [8, 8]"),
+    (on_image([4, 16], {"type": "Conv1d", "out_channels": 2, "kernel_size": 34, "padding": "same",
+                        "padding_mode": "circular"}), "model.layers[0].padding",
+     "'circular' padding must be at most the length it pads: 17 on an input of [16]"),
+    # scikit-learn's own rules: its declared constraints, then its function on two samples.
+    (blobs(random_state=2**32), "data.params.random_state", "must be an int in the range [0, 4294967295]"),
+    (blobs(centers=[0.0, 5.0, 10.0]), "data.params.centers", "make_blobs refuses these arguments: Expected 2D array"),
+    (blobs(cluster_std=-1.0), "data.params.cluster_std", "must be a float in the range [0.0, inf)"),
+    (blobs(cluster_std=[1.0, 2.0]), "data.params.cluster_std",
+     "make_blobs refuses these arguments: Length of `clusters_std` not consistent with number of centers"),
+    (mutate("data.params.noise", -0.1), "data.params.noise", "must be a float in the range [0.0, inf) or None"),
+    (mutate("data.params.factor", 1.0), "data.params.factor", "must be a float in the range [0.0, 1.0)"),
+    (mutate("data", {"source": "sklearn", "name": "make_classification",
+                     "params": {"n_features": 4, "n_informative": 6}}), "data.params",
+     "make_classification refuses these arguments: Number of informative, redundant and repeated features must sum "
+     "to less than the number of total features"),
+    (mutate("data", {"source": "sklearn", "name": "make_classification",
+                     "params": {"n_features": 4, "n_informative": 2, "n_redundant": 2, "n_repeated": 1}}),
+     "data.params", "must sum to less than the number of total features"),
+    (mutate("data", {"source": "sklearn", "name": "make_classification",
+                     "params": {"n_informative": 2, "n_classes": 2, "n_clusters_per_class": 3}}),
+     "data.params.n_classes", "n_classes(2) * n_clusters_per_class(3) must be smaller or equal 2**n_informative(2)=4"),
+    (mutate("data", {"source": "sklearn", "name": "make_classification", "params": {"shift": [1.0, 2.0]}}),
+     "data.params.shift", "operands could not be broadcast together"),
+    (mutate("data", {"source": "sklearn", "name": "load_digits", "params": {"n_class": 11}}), "data.params.n_class",
+     "must be an int in the range [1, 10]"),
+    # Data too small for the job.
+    (mutate("data.params.n_samples", 2), "data.validation_split",
+     "0.2 of 2 rows rounds to no validation rows; raise it, use more rows, or set 0 for no validation"),
+    (mutate("data.validation_split", 0.9) | {"data": {**GOOD["data"], "params": {"n_samples": 1},
+                                                       "validation_split": 0.9}},
+     "data.validation_split", "0.9 of 1 rows leaves no training rows"),
+    (without_validation(blobs(n_samples=2)), "data.params.n_samples",
+     "2 rows can't hold all 3 classes; each class needs a row"),
+    (blobs(centers=1), "task", "'multiclass' needs at least 2 classes, the data has 1"),
+    ({**GOOD, "resources": {"device": "cpu", "processes": 4}, "data": {**GOOD["data"], "params": {"n_samples": 4}}},
+     "resources.processes", "4 processes need a training row each; the data has 3"),
+    # A batch of one sample where BatchNorm normalizes one value per channel.
+    (mutate("model.layers.2", {"type": "BatchNorm1d"}) | {"training": {"batch_size": 239}}, "training.batch_size",
+     "with 240 training rows and batch_size 239 a batch holds 1 sample"),
+    (mutate("model.layers.2", {"type": "BatchNorm1d"}) | {"training": {"batch_size": 1}}, "training.batch_size",
+     "BatchNorm1d (model.layers[2]) needs more than one value per channel; pick another batch_size"),
+    (with_early_stopping_off(mutate("model.layers.2", {"type": "BatchNorm1d", "track_running_stats": False})
+                             | {"data": {**GOOD["data"], "params": {"n_samples": 10}, "validation_split": 0.1}}),
+     "data.validation_split", "the validation part has an evaluation chunk of 1 sample (1 rows)"),
+    ({**GOOD, "resources": {"device": "cpu", "processes": 2}, "training": {"batch_size": 1}}, "training.batch_size",
+     "1 is less than the 2 processes that share each batch; each needs a sample"),
+    ({**mutate("model.layers.2", {"type": "BatchNorm1d"}), "resources": {"device": "cpu", "processes": 2},
+      "training": {"batch_size": 3}}, "training.batch_size",
+     "with 240 training rows and batch_size 3 a process's share of a batch holds 1 sample"),
+    # The loss and scheduler against the rest.
+    (mutate("loss", {"type": "BCELoss"}), "loss.type", "BCELoss takes probabilities: end the model with a Sigmoid"),
+    (mutate("optimizer", {"type": "Adagrad"}) | {"scheduler": {"type": "OneCycleLR", "max_lr": 0.1}},
+     "scheduler.type", "OneCycleLR cycles the optimizer's momentum, which Adagrad has not"),
+    # 10 epochs of 5 batches (240 training rows, batch_size 50): 50 steps.
+    (GOOD | {"scheduler": {"type": "OneCycleLR", "max_lr": 0.1, "pct_start": 0.02}}, "scheduler.pct_start",
+     "0.02 of 50 steps (10 epochs of 5 batches) puts a phase of OneCycleLR on a single step"),
+    (GOOD | {"scheduler": {"type": "OneCycleLR", "max_lr": 0.1, "pct_start": 0.51, "three_phase": True}},
+     "scheduler.pct_start", "0.51 of 50 steps (10 epochs of 5 batches) puts a phase of OneCycleLR on a single step"),
+]
+
+
+@pytest.mark.parametrize("spec, path, message", UNRUNNABLE, ids=[case[1] + ":" + case[2][:40] for case in UNRUNNABLE])
+def test_a_spec_that_could_not_run_is_refused_naming_the_field(spec, path, message):
+    problems = refused(spec)
+    assert path in problems, problems
+    assert message in problems[path]
+
+
+@pytest.mark.parametrize("spec", [
+    on_image([4, 16], {"type": "Conv1d", "out_channels": 2, "kernel_size": 3, "padding": 15,
+                       "padding_mode": "reflect"}),
+    on_image([4, 16], {"type": "Conv1d", "out_channels": 2, "kernel_size": 3, "padding": 16,
+                       "padding_mode": "circular"}),
+    on_image([4, 16], {"type": "Conv1d", "out_channels": 2, "kernel_size": 33, "padding": "same",
+                       "padding_mode": "circular"}),
+    on_image([4, 4, 4], {"type": "Flatten", "start_dim": -3, "end_dim": 3}),
+    mutate("model.layers.2", {"type": "BatchNorm1d"}) | {"training": {"batch_size": 40}},
+    mutate("loss", {"type": "BCELoss"}) | {"model": {"layers": [*GOOD["model"]["layers"], {"type": "Sigmoid"}]}},
+    blobs(n_samples=5, centers=5) | {"data": {"source": "sklearn", "name": "make_blobs", "validation_split": 0.2,
+                                              "params": {"n_samples": 5, "centers": 5, "random_state": 0}}},
+], ids=["reflect-below-length", "circular-at-length", "same-circular", "flatten-all", "batchnorm-even",
+        "bce-after-sigmoid", "a-row-a-class"])
+def test_the_edges_that_run_are_accepted(spec):
+    assert isinstance(parse_spec(with_early_stopping_off(spec)), JobSpec)
+
+
+def test_a_generator_that_would_draw_too_much_before_its_first_sample_is_refused_with_the_limit():
+    spec = mutate("data", {"source": "sklearn", "name": "make_blobs", "params": {"centers": 600, "n_features": 2}})
+    problems = refused(spec, Limits(max_generator_setup=500_000))
+    assert problems["data.params"] == ("make_blobs with these arguments draws about 601,204 values before its "
+                                       "first sample, over the limit of 500,000 (max_generator_setup)")
+
+
+def test_load_digits_gives_exactly_its_images_of_the_classes_asked_for():
+    spec = mutate("data", {"source": "sklearn", "name": "load_digits", "params": {"n_class": 2}})
+    assert refused(spec, Limits(max_samples=359))["data.params.n_samples"] == \
+        "360 samples exceed the limit of 359 (max_samples)"
+
+
+@pytest.mark.parametrize("shape, message", [
+    (DataShape(0, 3, n_classes=2), "the data has 0 rows of 3 features; training needs at least one of each"),
+    (DataShape(10, 0, n_classes=2), "the data has 10 rows of 0 features; training needs at least one of each"),
+])
+def test_data_without_rows_or_features_is_refused(shape, message):
+    spec = JobSpec.model_validate({**GOOD, "data": {"source": "dataset", "dataset_id": "d"}})
+    assert [(p.path, p.message) for p in fit_problems(spec, shape)] == [("data", message)]
+    assert [(p.path, p.message) for p in describe_data(shape, "binary", None).problems] == [("data", message)]
+
+
+def test_an_uploaded_dataset_too_small_for_the_split_is_refused_like_a_generated_one():
+    spec = JobSpec.model_validate({**GOOD, "data": {"source": "dataset", "dataset_id": "d", "validation_split": 0.2}})
+    assert [(p.path, p.message) for p in fit_problems(spec, DataShape(2, 2, n_classes=2))] == [
+        ("data.validation_split", "0.2 of 2 rows rounds to no validation rows; raise it, use more rows, or set 0 "
+                                  "for no validation")]
+
+
+def test_the_api_refuses_a_job_on_an_upload_too_small_for_its_split_and_stores_nothing(client, alice, spec):
+    upload = {"file": (io.BytesIO(b"x1,x2,label\n0.5,1.5,0\n1.0,-2.0,1\n"), "two.csv"), "target": "label"}
+    dataset = client.post("/api/v1/datasets", data=upload, headers=alice, content_type="multipart/form-data").json
+    spec["data"] = {"source": "dataset", "dataset_id": dataset["id"], "validation_split": 0.2}
+    response = client.post("/api/v1/jobs", json=spec, headers=alice)
+    assert response.status_code == 422
+    assert [(error["path"], error["message"]) for error in response.json["errors"]] == [
+        ("data.validation_split", "0.2 of 2 rows rounds to no validation rows; raise it, use more rows, or set 0 for "
+                                  "no validation")]
+    assert client.get("/api/v1/jobs", headers=alice).json["jobs"] == []
+
+
+def test_an_uploaded_dataset_may_skip_class_labels_since_its_classes_are_counted_from_them():
+    spec = JobSpec.model_validate({**with_early_stopping_off(GOOD), "task": "multiclass",
+                                   "data": {"source": "dataset", "dataset_id": "d", "validation_split": 0},
+                                   "model": {"layers": [{"type": "Linear", "out_features": 6}]}})
+    assert fit_problems(spec, DataShape(2, 2, n_classes=6)) == []  # labels 0 and 5: six classes, two rows

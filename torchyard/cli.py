@@ -103,9 +103,14 @@ def api(bind: str | None, workers: int | None) -> None:
 
     settings = get_settings()
     bind = bind or f"{settings.host}:{settings.port}"
-    # Threads, so a client following a job's metrics stream (SSE) doesn't hold a whole process.
+    # Each open metrics stream (SSE) holds a thread; the stream limit keeps some for every other request.
+    if settings.max_streams_per_process >= settings.api_threads:
+        raise click.UsageError(
+            f"TORCHYARD_MAX_STREAMS_PER_PROCESS ({settings.max_streams_per_process}) must be below "
+            f"TORCHYARD_API_THREADS ({settings.api_threads}), so that streams leave threads for other requests")
     argv = ["gunicorn", "--bind", bind, "--workers", str(workers or settings.api_workers),
-            "--worker-class", "gthread", "--threads", "16", "--access-logfile", "-", "api:create_app()"]
+            "--worker-class", "gthread", "--threads", str(settings.api_threads), "--access-logfile", "-",
+            "api:create_app()"]
     os.execvp(sys.executable, [sys.executable, "-m", *argv])
 
 
@@ -127,6 +132,22 @@ def worker(queues: str | None, concurrency: int | None, loglevel: str) -> None:
         run_worker(names, concurrency or settings.worker_concurrency, loglevel)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
+
+
+@main.command()
+@click.option("--loglevel", default="INFO")
+def maintenance(loglevel: str) -> None:
+    """Requeue the jobs of dead workers and say why queued jobs wait, even when no worker is alive.
+
+    Runs until SIGTERM or Ctrl-C; needs no torch; any number may run (`serve` runs its own).
+    """
+    import logging
+
+    from worker.context import context
+    from worker.maintenance import run
+
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(context())
 
 
 @main.group()

@@ -1,8 +1,10 @@
 """Keeping the queue honest: the worker registry, the reaper and the reconciler.
 
-Every worker runs these from one daemon thread in its main process (see ``start``). Each change is a
-conditional UPDATE, so any number of workers can run them at once: one wins, the others change nothing,
-and only the winner publishes the job again. Every change of a job's status goes through ``models.lifecycle``.
+Every worker runs these from one daemon thread in its main process (see ``start``), and so does a
+process with no worker at all (``run``: ``torchyard maintenance``, and a thread of ``torchyard serve``),
+so that jobs of dead workers are reaped and waiting jobs say why even when no worker is alive. Each change
+is a conditional UPDATE, so any number of them can run at once: one wins, the others change nothing, and
+only the winner publishes the job again. Every change of a job's status goes through ``models.lifecycle``.
 """
 
 from __future__ import annotations
@@ -10,29 +12,25 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 
 from models import lifecycle
-from models.queues import queue_gpus, who_serves
+from models.liveness import NO_WORKER, live_after, no_worker_reason, queue_capacity
 from models.services import Services
 from models.tables import Job, Worker, utcnow
 
 log = logging.getLogger(__name__)
 
-NO_WORKER = "no live worker serves queue"
 PROCESSED_MESSAGE_MAX_AGE = 3600  # seconds a consumed message file of the filesystem broker is kept
 
 
 # --- registry -----------------------------------------------------------------------------------
-
-
-def live_after(ctx: Services) -> dt.datetime:
-    """Workers whose last heartbeat is older than this are gone (three missed heartbeats)."""
-    return utcnow() - dt.timedelta(seconds=3 * ctx.settings.heartbeat_seconds)
 
 
 def register_worker(ctx: Services, worker_id: str, queues: list[str], slots: int, devices: dict) -> None:
@@ -94,22 +92,6 @@ def reap(ctx: Services) -> list[str]:
 # --- reconciler ---------------------------------------------------------------------------------
 
 
-def queue_capacity(ctx: Services) -> tuple[set[str], set[str]]:
-    """(queues some live worker serves, queues some live worker has a free slot for)."""
-    with ctx.sessions() as session:
-        workers = session.execute(select(Worker.id, Worker.queues, Worker.slots)
-                                  .where(Worker.last_heartbeat_at >= live_after(ctx))).all()
-        busy = dict(session.execute(select(Job.worker_id, func.count()).where(Job.status == "running")
-                                    .group_by(Job.worker_id)).all())
-    served, free = set(), set()
-    for worker in workers:
-        queues = set(worker.queues.split(","))
-        served |= queues
-        if busy.get(worker.id, 0) < worker.slots:
-            free |= queues
-    return served, free
-
-
 def reconcile(ctx: Services) -> list[str]:
     """Explain queued jobs that no live worker serves, and re-ring the ones a free worker never took.
 
@@ -119,8 +101,8 @@ def reconcile(ctx: Services) -> list[str]:
     """
     now = utcnow()
     stale = now - dt.timedelta(seconds=ctx.settings.reconcile_seconds)
-    served, free = queue_capacity(ctx)
     with ctx.sessions() as session:
+        served, free = queue_capacity(session, ctx.settings)
         queued = session.execute(select(Job.id, Job.queue, Job.pending_reason, Job.updated_at < stale)
                                  .where(Job.status == "queued")).all()
     rung = []
@@ -136,15 +118,6 @@ def reconcile(ctx: Services) -> list[str]:
             ctx.publisher.publish(job_id, queue)
             rung.append(job_id)
     return rung
-
-
-def no_worker_reason(queue: str) -> str:
-    """Why a job waits when no live worker serves its queue: ``… queue 'gpu.4' (jobs needing 4 GPUs)``."""
-    try:
-        needs = queue_gpus(queue)
-    except ValueError:  # a queue this version doesn't know (a newer API): no more to say
-        needs = 0
-    return f"{NO_WORKER} {queue!r}" + (f" ({who_serves(queue)})" if needs else "")
 
 
 def set_pending_reason(ctx: Services, job_id: str, old: str | None, new: str | None) -> None:
@@ -166,7 +139,7 @@ def mark_rung(ctx: Services, job_id: str, stale: dt.datetime) -> bool:
 def prune(ctx: Services) -> None:
     """Delete the rows of dead workers, and old consumed message files of the filesystem broker."""
     with ctx.sessions() as session:
-        session.execute(delete(Worker).where(Worker.last_heartbeat_at < live_after(ctx)))
+        session.execute(delete(Worker).where(Worker.last_heartbeat_at < live_after(ctx.settings)))
         session.commit()
     processed = ctx.settings.home / "broker" / "processed"
     if ctx.settings.broker_url.startswith("filesystem://") and processed.is_dir():
@@ -176,16 +149,32 @@ def prune(ctx: Services) -> None:
                 path.unlink(missing_ok=True)
 
 
-# --- the thread ---------------------------------------------------------------------------------
+# --- the loops ---------------------------------------------------------------------------------
 
 
-def tick(ctx: Services, worker_id: str, register: dict) -> None:
-    """One round: heartbeat (re-registering if pruned), reap, reconcile, prune."""
-    if not heartbeat_worker(ctx, worker_id):
-        register_worker(ctx, worker_id, **register)
+def sweep(ctx: Services) -> None:
+    """One round of keeping the queue honest, worker or not: reap, reconcile, prune."""
     reap(ctx)
     reconcile(ctx)
     prune(ctx)
+
+
+def tick(ctx: Services, worker_id: str, register: dict) -> None:
+    """A worker's round: heartbeat (re-registering if pruned), then ``sweep``."""
+    if not heartbeat_worker(ctx, worker_id):
+        register_worker(ctx, worker_id, **register)
+    sweep(ctx)
+
+
+def every_heartbeat(ctx: Services, step: Callable[[], None], stop: threading.Event) -> None:
+    """Run ``step`` now and then every heartbeat until ``stop`` is set."""
+    while True:
+        try:
+            step()
+        except Exception:  # noqa: BLE001 - a database blip must not end maintenance; next round retries
+            log.exception("maintenance round failed; retrying in %s s", ctx.settings.heartbeat_seconds)
+        if stop.wait(ctx.settings.heartbeat_seconds):
+            return
 
 
 def start(ctx: Services, worker_id: str, queues: list[str], slots: int,
@@ -197,15 +186,30 @@ def start(ctx: Services, worker_id: str, queues: list[str], slots: int,
     register = {"queues": queues, "slots": slots, "devices": devices or local_devices()}
     register_worker(ctx, worker_id, **register)
     stop = threading.Event()
-
-    def loop() -> None:
-        while True:
-            try:
-                tick(ctx, worker_id, register)
-            except Exception:  # noqa: BLE001 - a database blip must not end maintenance; next tick retries
-                log.exception("maintenance tick failed; retrying in %s s", ctx.settings.heartbeat_seconds)
-            if stop.wait(ctx.settings.heartbeat_seconds):
-                return
-
-    threading.Thread(target=loop, name="torchyard-maintenance", daemon=True).start()
+    threading.Thread(target=every_heartbeat, args=(ctx, lambda: tick(ctx, worker_id, register), stop),
+                     name="torchyard-maintenance", daemon=True).start()
     return stop
+
+
+def start_sweeping(ctx: Services) -> threading.Event:
+    """``sweep`` every heartbeat in a daemon thread, without a worker (``torchyard serve``); set the event
+    to stop it."""
+    stop = threading.Event()
+    threading.Thread(target=every_heartbeat, args=(ctx, lambda: sweep(ctx), stop),
+                     name="torchyard-sweeper", daemon=True).start()
+    return stop
+
+
+def run(ctx: Services) -> None:
+    """``torchyard maintenance``: ``sweep`` every heartbeat in this process until SIGTERM or Ctrl-C.
+
+    Registers no worker (it trains nothing), needs no torch (it runs on the API image), and any number
+    may run beside the workers' own loops.
+    """
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    log.info("maintenance every %s s: reaping leases expired on %s, explaining and re-publishing queued jobs",
+             ctx.settings.heartbeat_seconds, ctx.engine.url.render_as_string(hide_password=True))
+    every_heartbeat(ctx, lambda: sweep(ctx), stop)
+    log.info("maintenance stopped")

@@ -21,7 +21,7 @@ from models.tables import Artifact, Dataset, Job
 from models.validation import parse_service_spec
 from worker import gpus
 from worker.context import context, draining, worker_id
-from worker.engine import TrainResult, pick_device, position, train
+from worker.engine import TrainResult, check_memory, pick_device, position, train
 from worker.job_callbacks import (
     ArtifactUploader,
     DatabaseMetrics,
@@ -123,6 +123,7 @@ def execute(ctx: Services, fence: Fence, job: Job, spec: JobSpec, device: str, s
     # training loop starts renewing it at batch ends.
     with fence.keep_alive() as setup_done:
         data_path = fetch_dataset(ctx, job, spec, scratch) if spec.data.source == "dataset" else None
+        check_memory(spec, device, data_path, ctx.settings.worker_memory)  # fail now, not killed for memory
         resume = not fence.first and fetch_checkpoint(ctx, job.id, out_dir / "checkpoints")
         callbacks = [DatabaseMetrics(fence), ArtifactUploader(fence), LeaseKeeper(fence, draining, setup_done)]
         # The limits hold the deployment's run time limit too: the trainer enforces it, across attempts.

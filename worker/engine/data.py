@@ -1,12 +1,12 @@
 """Datasets: from scikit-learn or a CSV/NPZ file to train/validation tensors on the device.
 
-Files are parsed without pickle (NPZ with allow_pickle=False, CSV as numbers only), so an uploaded
-file can never run code.
+Files are read by models.tabular, the reader the API checks uploads with, so a file it accepted trains
+here with the same columns; nothing is unpickled (NPZ members are read as numeric .npy data, CSV as numbers
+only), so an uploaded file can never run code.
 """
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,8 @@ import torch
 from models.catalog import DataShape
 from models.shapes import DataReport, describe_data
 from models.spec import JobSpec, Problem, SpecError
+from models.tabular import TableError, class_count, read_csv_table, read_npz_arrays, some_names
+from models.text import quoted
 
 
 @dataclass
@@ -60,56 +62,29 @@ def load_sklearn(name: str, params: dict) -> Arrays:
 
 
 def read_csv(path: Path, target: str | None) -> Arrays:
-    """A numeric CSV with a header row; ``target`` names the label column (default: the last one)."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if not header:
-            raise SpecError([Problem("data", f"{path.name} is empty")])
-        target = target or header[-1]
-        if target not in header:
-            raise SpecError([Problem("data.target", f"{target!r} is not a column of {path.name}; "
-                                                    f"columns: {', '.join(header)}")])
-        rows = []
-        for line_number, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise SpecError([Problem("data", f"{path.name} line {line_number} has {len(row)} values, "
-                                                 f"the header has {len(header)}")])
-            try:
-                rows.append([float(value) for value in row])
-            except ValueError:
-                bad = next(i for i, value in enumerate(row) if not _is_number(value))
-                raise SpecError([Problem("data", f"{path.name} line {line_number}, column {header[bad]!r}: "
-                                                 f"{row[bad]!r} is not a number")]) from None
-    if not rows:
-        raise SpecError([Problem("data", f"{path.name} has a header but no rows")])
-    table = np.asarray(rows, dtype=np.float64)
+    """A numeric CSV with a header row, read as the API checked it (models.tabular); ``target`` names the
+    label column (default: the last one)."""
+    try:
+        header, table = read_csv_table(path)
+    except TableError as exc:
+        raise SpecError([Problem("data", f"{path.name}: {exc}")]) from None
+    target = target or header[-1]
+    if target not in header:
+        raise SpecError([Problem("data.target", f"{quoted(target)} is not a column of {path.name}; "
+                                                f"columns: {some_names(header)}")])
     column = header.index(target)
     features = [name for i, name in enumerate(header) if i != column]
     return Arrays(np.delete(table, column, axis=1), table[:, column], features)
 
 
-def _is_number(value: str) -> bool:
-    try:
-        float(value)
-    except ValueError:
-        return False
-    return True
-
-
 def read_npz(path: Path) -> Arrays:
-    """An NPZ file with arrays ``X`` and ``y``; object arrays are refused (they would need pickle)."""
+    """An NPZ file with exactly the arrays ``X`` and ``y``, read from the members checked (models.tabular);
+    object arrays are refused (they would need pickle)."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = {"X", "y"} - set(archive.files)
-            if missing:
-                raise SpecError([Problem("data", f"{path.name} lacks array(s) {', '.join(sorted(missing))}; "
-                                                 f"it has {', '.join(archive.files) or 'none'}")])
-            return Arrays(archive["X"], archive["y"])
-    except ValueError as exc:  # numpy's refusal of object arrays
+        X, y = read_npz_arrays(path)
+    except TableError as exc:
         raise SpecError([Problem("data", f"{path.name}: {exc}")]) from None
+    return Arrays(X, y)
 
 
 def load_arrays(spec: JobSpec, data_path: Path | None = None) -> Arrays:
@@ -134,10 +109,10 @@ def shape_of(arrays: Arrays, task: str) -> DataShape:
     n_classes = None
     if task != "regression":
         labels = np.unique(arrays.y)
-        if not np.all(labels == np.round(labels)) or labels.min() < 0:
+        n_classes = class_count(labels.min(), labels.max(), bool(np.all(labels == np.round(labels))))
+        if n_classes is None:
             raise SpecError([Problem("task", f"{task!r} needs integer class labels 0..k-1 in the target, "
                                              f"found values such as {labels[:5].tolist()}")])
-        n_classes = max(int(labels.max()) + 1, 2)
     return DataShape(len(arrays.X), n_features, n_targets, n_classes)
 
 

@@ -1,0 +1,77 @@
+"""Which workers are alive, which queues they serve, and what waits or stalls for want of one.
+
+The one rule of worker liveness (a heartbeat within the last three), shared by the maintenance loop (worker
+package) and ``/health`` (API), which may not import each other. Reads only; nothing here writes a row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from models.queues import queue_gpus, who_serves
+from models.settings import Settings
+from models.tables import Job, Worker, utcnow
+
+NO_WORKER = "no live worker serves queue"
+MISSED_HEARTBEATS = 3  # a worker that misses this many heartbeats in a row is gone
+
+
+def live_after(settings: Settings) -> dt.datetime:
+    """Workers whose last heartbeat is older than this are gone (three missed heartbeats).
+
+    A maintenance loop runs every heartbeat too, so a lease that expired before this has outlived any
+    live reaper's next round: nobody is reaping.
+    """
+    return utcnow() - dt.timedelta(seconds=MISSED_HEARTBEATS * settings.heartbeat_seconds)
+
+
+def queue_capacity(session: Session, settings: Settings) -> tuple[set[str], set[str]]:
+    """(queues some live worker serves, queues some live worker has a free slot for)."""
+    workers = session.execute(select(Worker.id, Worker.queues, Worker.slots)
+                              .where(Worker.last_heartbeat_at >= live_after(settings))).all()
+    busy = dict(session.execute(select(Job.worker_id, func.count()).where(Job.status == "running")
+                                .group_by(Job.worker_id)).all())
+    served: set[str] = set()
+    free: set[str] = set()
+    for worker in workers:
+        queues = set(worker.queues.split(","))
+        served |= queues
+        if busy.get(worker.id, 0) < worker.slots:
+            free |= queues
+    return served, free
+
+
+def no_worker_reason(queue: str) -> str:
+    """Why a job waits when no live worker serves its queue: ``… queue 'gpu.4' (jobs needing 4 GPUs)``."""
+    try:
+        needs = queue_gpus(queue)
+    except ValueError:  # a queue this version doesn't know (a newer API): no more to say
+        needs = 0
+    return f"{NO_WORKER} {queue!r}" + (f" ({who_serves(queue)})" if needs else "")
+
+
+@dataclass(frozen=True)
+class Stalls:
+    """Work that can't move: queued jobs by queue that no live worker serves, and running jobs whose lease
+    expired so long ago that no maintenance loop can be running (nobody reaps them)."""
+
+    unserved: dict[str, int]
+    unreaped: int
+
+    def __bool__(self) -> bool:
+        return bool(self.unserved or self.unreaped)
+
+
+def stalls(session: Session, settings: Settings) -> Stalls:
+    """What stalls right now (see ``Stalls``); two small indexed queries and the workers table."""
+    served, _free = queue_capacity(session, settings)
+    queued = session.execute(select(Job.queue, func.count()).where(Job.status == "queued")
+                             .group_by(Job.queue)).all()
+    unreaped = session.scalar(select(func.count()).select_from(Job).where(
+        Job.status == "running", Job.lease_expires_at < live_after(settings)))
+    return Stalls(unserved={queue: count for queue, count in sorted(queued) if queue not in served},
+                  unreaped=unreaped or 0)
