@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -333,8 +332,6 @@ def test_every_spec_the_validator_accepts_trains_an_epoch_and_every_refusal_name
     assert result.epochs_completed == 1 or result.status == "failed"
 
 
-@pytest.mark.xfail(strict=True, reason="the engine counts a generator's classes from the labels it drew "
-                                       "(worker/engine/data.py, shape_of), not from the generator's n_classes")
 def test_a_generated_sample_that_happens_to_lack_its_last_class_still_trains(tmp_path):
     # flip_y relabels half of the 8 samples at random; with this seed none keeps class 3 (each class had 2).
     spec = parse_spec({
@@ -348,8 +345,6 @@ def test_a_generated_sample_that_happens_to_lack_its_last_class_still_trains(tmp
     assert train(spec, tmp_path, device="cpu").status == "succeeded"
 
 
-@pytest.mark.xfail(strict=True, reason="make_regression squeezes its targets (one sample gives a scalar) and the "
-                                       "engine reads them as they come (worker/engine/data.py, load_sklearn)")
 def test_a_single_generated_sample_trains(tmp_path):
     spec = parse_spec({
         "task": "regression",

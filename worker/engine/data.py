@@ -7,6 +7,7 @@ only), so an uploaded file can never run code.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import sklearn.datasets  # imported up front: a worker loads it once, before its pool forks
 import torch
 
-from models.catalog import DataShape
+from models.catalog import SKLEARN_DATASETS, DataShape
 from models.shapes import DataReport, describe_data
 from models.spec import JobSpec, Problem, SpecError
 from models.tabular import TableError, class_count, read_csv_table, read_npz_arrays, some_names
@@ -57,8 +58,9 @@ def load_sklearn(name: str, params: dict) -> Arrays:
     if name.startswith("load_"):
         bunch = function(**params)
         return Arrays(np.asarray(bunch.data), np.asarray(bunch.target), list(getattr(bunch, "feature_names", [])))
-    X, y = function(**params)[:2]
-    return Arrays(np.asarray(X), np.asarray(y))
+    X, y = (np.asarray(array) for array in function(**params)[:2])
+    # A generator squeezes its targets: one sample of make_regression gives a scalar. One row a sample.
+    return Arrays(X, y.reshape(len(X)) if y.size == len(X) else y.reshape(len(X), -1))
 
 
 def read_csv(path: Path, target: str | None) -> Arrays:
@@ -129,6 +131,11 @@ def split_indices(n: int, validation_split: float, seed: int) -> tuple[np.ndarra
 def prepare(spec: JobSpec, arrays: Arrays, device: torch.device) -> TensorData:
     """Split, shape and (optionally) standardize the data, then move it to the device once."""
     shape = shape_of(arrays, spec.task)
+    if spec.data.source == "sklearn" and shape.n_classes is not None:
+        # A small sample may lack a generator's last class (flip_y relabels at random); the network was
+        # checked against the classes the generator makes, so those are the classes.
+        made = SKLEARN_DATASETS[spec.data.name].shape(spec.data.params).n_classes or shape.n_classes
+        shape = dataclasses.replace(shape, n_classes=max(made, shape.n_classes))
     report = describe_data(shape, spec.task, spec.data.image_shape)
     if report.problems:
         raise SpecError(report.problems)
