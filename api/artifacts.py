@@ -114,7 +114,7 @@ def checkpoint(job_id: str, epoch: int):
 
 def stream_artifact(artifact: Artifact, download_name: str) -> Response:
     """Stream a stored file as an attachment, chunk by chunk (weights can be large)."""
-    source = services().store.open(artifact.uri)
+    source = open_stored(artifact)
     response = Response(
         _chunks(source),
         mimetype="application/octet-stream",
@@ -128,18 +128,29 @@ def stream_artifact(artifact: Artifact, download_name: str) -> Response:
     return response
 
 
+def open_stored(artifact: Artifact) -> IO[bytes]:
+    """The artifact's stored file; 404 when it is gone (its job is being deleted: files go before rows)."""
+    try:
+        return services().store.open(artifact.uri)
+    except FileNotFoundError:
+        raise not_found("file", artifact.name) from None
+
+
 def bundle(job: Job, members: list[Artifact]) -> Response:
     """A .tar.gz with ``<job id>/weights.safetensors``, ``model.json`` and ``metrics.jsonl``."""
-    store = services().store
     # Small bundles stay in memory; large ones spill to a temporary file, never the whole weights in RAM.
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 closed by the response
-    with tarfile.open(fileobj=spool, mode="w:gz") as tar:
-        for artifact in members:
-            info = tarfile.TarInfo(f"{job.id}/{artifact.name}")
-            info.size, info.mode = artifact.size, 0o644
-            info.mtime = int(as_utc(artifact.created_at).timestamp())
-            with store.open(artifact.uri) as source:
-                tar.addfile(info, source)
+    try:
+        with tarfile.open(fileobj=spool, mode="w:gz") as tar:
+            for artifact in members:
+                info = tarfile.TarInfo(f"{job.id}/{artifact.name}")
+                info.size, info.mode = artifact.size, 0o644
+                info.mtime = int(as_utc(artifact.created_at).timestamp())
+                with open_stored(artifact) as source:
+                    tar.addfile(info, source)
+    except BaseException:
+        spool.close()
+        raise
     size = spool.tell()
     spool.seek(0)
     response = Response(

@@ -9,7 +9,7 @@ from sqlalchemy import and_, delete, or_, select
 
 from api.auth import current_user, owned, require_user
 from api.db import get_session, services
-from api.errors import conflict, validation_error
+from api.errors import conflict, not_found, validation_error
 from api.pagination import MAX_INT, MAX_LIMIT, decode_cursor, encode_cursor, int_arg
 from api.presenters import job_out, job_summary
 from api.schemas import API_PREFIX, JobList, MetricsOut, json_response, no_content
@@ -99,7 +99,9 @@ def cancel(job_id: str):
     job = owned(session, Job, job_id, "job")
     outcome = lifecycle.cancel(session, job.id, current_user().id)
     session.commit()
-    session.refresh(job)
+    job = session.get(Job, job.id, populate_existing=True)
+    if job is None:  # deleted meanwhile (a cancel racing a delete of the cancelled job)
+        raise not_found("job", job_id)
     if outcome is None:
         raise conflict(f"job {job.id} is {job.status} already; only queued or running jobs can be cancelled")
     return json_response(job_out(job), status=200 if outcome == "cancelled" else 202)

@@ -70,3 +70,18 @@ def test_checkpoints_are_listed_and_downloadable(client, alice, job_id, add_arti
     assert download.data == b"three"
     assert download.headers["Content-Disposition"] == f'attachment; filename="{job_id}-epoch-0003.pt"'
     assert client.get(f"{JOBS}/{job_id}/checkpoints/7", headers=alice).status_code == 404
+
+
+@pytest.mark.parametrize("query", ["", "?format=bundle"])
+def test_a_download_whose_file_is_already_gone_is_a_404_not_a_500(client, alice, job_id, add_artifact, set_job,
+                                                                   store, query):
+    # A delete removes a job's files before its rows: a download in between finds the row but no file.
+    weights = add_artifact(job_id, "weights", "weights.safetensors", WEIGHTS)
+    add_artifact(job_id, "model_card", "model.json", CARD)
+    add_artifact(job_id, "metrics", "metrics.jsonl", METRICS)
+    set_job(job_id, status="succeeded")
+    store.delete(weights.uri)
+    response = client.get(f"{JOBS}/{job_id}/weights{query}", headers=alice)
+    assert response.status_code == 404
+    assert response.mimetype == "application/problem+json"
+    assert "weights.safetensors" in response.json["detail"]

@@ -214,6 +214,23 @@ def test_the_engine_refuses_the_npz_the_api_refuses_and_reads_the_members_it_che
     assert (info.n_rows, info.n_features, info.n_targets, info.n_classes) == (4, 6, 1, 3)
 
 
+def test_a_big_endian_npz_the_api_accepts_trains_in_the_engine(tmp_path):
+    from models.validation import parse_spec
+    from worker.engine.run import train
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3)).astype(">f8")
+    path = tmp_path / "big.npz"
+    np.savez(path, X=x, y=(x[:, 0] > 0).astype(">i8"))
+    assert api_read_npz(str(path), max_rows=100, max_bytes=10**6).n_classes == 2
+    spec = parse_spec({"task": "binary", "data": {"source": "file", "path": str(path)},
+                       "model": {"layers": [{"type": "Linear", "out_features": 1}]}, "training": {"epochs": 1}})
+    assert train(spec, tmp_path / "run", device="cpu").status == "succeeded"
+    multiclass = spec.model_copy(update={"task": "multiclass"})
+    assert train(parse_spec({**multiclass.model_dump(mode="json"), "model": {"layers": [
+        {"type": "Linear", "out_features": 2}]}}), tmp_path / "run2", device="cpu").status == "succeeded"
+
+
 def test_a_csv_the_api_accepts_trains_in_the_engine_with_the_same_columns(client, alice, sessions, store, tmp_path):
     from models.validation import parse_spec
     from worker.engine.run import train

@@ -113,7 +113,7 @@ class WorkerSupervisor:
                 self.gave_up = True
                 self._on_give_up()
                 return
-            delay = min(2 ** max(quick_deaths - 1, 0), MAX_RESTART_DELAY)  # 1 s, 1 s, 2 s, 4 s…
+            delay = min(2 ** max(quick_deaths - 1, 0), MAX_RESTART_DELAY)  # 1 s; quick deaths: 1, 2, 4 s…
             say(f"the worker (pid {worker.pid}) died: {how_it_ended(returncode)}; restarting it in {delay} s")
             if self._stopping.wait(delay):
                 return

@@ -139,7 +139,8 @@ def prepare(spec: JobSpec, arrays: Arrays, device: torch.device) -> TensorData:
     report = describe_data(shape, spec.task, spec.data.image_shape)
     if report.problems:
         raise SpecError(report.problems)
-    X = torch.as_tensor(arrays.X, dtype=torch.float32).reshape(len(arrays.X), *report.input_shape)
+    # Cast by numpy first: it turns an uploaded big-endian array native, which torch refuses to take.
+    X = torch.as_tensor(np.asarray(arrays.X, dtype=np.float32)).reshape(len(arrays.X), *report.input_shape)
     y = _targets(arrays.y, spec)
     train_idx, val_idx = split_indices(len(X), spec.data.validation_split, spec.seed)
     x_train, y_train = X[train_idx], y[train_idx]
@@ -158,6 +159,6 @@ def prepare(spec: JobSpec, arrays: Arrays, device: torch.device) -> TensorData:
 def _targets(y: np.ndarray, spec: JobSpec) -> torch.Tensor:
     """Targets in the dtype and shape the task's loss expects."""
     if spec.loss_type in ("CrossEntropyLoss", "NLLLoss"):
-        return torch.as_tensor(y.reshape(-1), dtype=torch.long)
-    target = torch.as_tensor(y, dtype=torch.float32)
+        return torch.as_tensor(np.asarray(y.reshape(-1), dtype=np.int64))
+    target = torch.as_tensor(np.asarray(y, dtype=np.float32))
     return target.reshape(len(y), -1)
