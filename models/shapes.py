@@ -265,7 +265,7 @@ def infer_shapes(spec: JobSpec, input_shape: Shape, n_outputs: int, limits: Limi
 
 # --- rows: enough for the split, the processes, the classes and the batches ---------------------
 
-# The trainer evaluates in chunks of max(batch size, this) samples (Trainer.evaluate).
+# The trainer evaluates in chunks of max(batch size, this) samples (Trainer.evaluate takes it from here).
 EVAL_CHUNK = 4096
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.shapes import EVAL_CHUNK
 from models.spec import JobSpec, Limits
 from worker.engine import checkpoints
 from worker.engine.callbacks import Best, Callback, RunState, StopTraining, TrainingFailed
@@ -206,7 +207,7 @@ class Trainer:
         """Loss and task metrics of the model in eval mode over a whole split (each rank: all of it)."""
         self.dist.sync_buffers(self.module)
         self.module.eval()
-        chunk = max(self.batch_size, 4096)
+        chunk = max(self.batch_size, EVAL_CHUNK)
         outputs = torch.cat([self.module(x[i:i + chunk]) for i in range(0, len(x), chunk)])
         self.module.train()
         return self.summarize(outputs, y, self.loss_fn(outputs, y) * len(y), across_ranks=False)
