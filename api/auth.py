@@ -16,7 +16,7 @@ from api.db import get_session
 from api.errors import ApiError, not_found
 from api.schemas import as_utc
 from models.tables import ApiKey, User, utcnow
-from models.text import text_problem
+from models.text import quoted, text_problem
 
 TOKEN_PREFIX = "ty_"
 # Recording last use on every request would turn each read into a write; once a minute is enough.
@@ -30,7 +30,12 @@ def hash_token(token: str) -> str:
 
 
 def create_api_key(session: Session, user_name: str, key_name: str) -> str:
-    """Make an API key for ``user_name`` (creating the user if missing), commit, return the token once."""
+    """Make an API key for ``user_name`` (creating the user if missing), commit, return the token once;
+    ValueError when a name isn't stored text (models.text's rule)."""
+    for what, value in (("user name", user_name), ("key name", key_name)):
+        problem = text_problem(value) if value else "empty"
+        if problem:
+            raise ValueError(f"{what} {quoted(value)}: {problem}")
     user = session.scalar(select(User).where(User.name == user_name))
     if user is None:
         user = User(name=user_name)

@@ -9,7 +9,6 @@ This module imports neither torch nor SQLAlchemy: the API validates specs withou
 from __future__ import annotations
 
 import difflib
-import math
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
@@ -17,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, field_validator, model_validator
 
 from models.catalog import SKLEARN_DATASETS
+from models.numbers import FLOAT32_MAX, number_problem
 from models.text import MAX_NAME_LENGTH, quoted, text_problem
 
 # Every whole number of a spec fits an INTEGER column: no size or count comes near it, and the arithmetic
@@ -25,8 +25,22 @@ MAX_WHOLE = 2**31 - 1
 PositiveInt = Annotated[int, Field(ge=1, le=MAX_WHOLE)]
 NonNegInt = Annotated[int, Field(ge=0, le=MAX_WHOLE)]
 Dim = Annotated[int, Field(ge=-MAX_WHOLE, le=MAX_WHOLE)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
+
+
+def _trainable(value: float) -> float:
+    problem = number_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+# Every number of a spec ends up in a float32 tensor or kernel argument: models.numbers' one rule.
+Float = Annotated[float, AfterValidator(_trainable),
+                  Field(json_schema_extra={"minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX})]
+PositiveFloat = Annotated[float, Field(gt=0, json_schema_extra={"maximum": FLOAT32_MAX}),
+                          AfterValidator(_trainable)]
+NonNegFloat = Annotated[float, Field(ge=0, json_schema_extra={"maximum": FLOAT32_MAX}),
+                        AfterValidator(_trainable)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 IntPair = Annotated[list[PositiveInt], Field(min_length=1, max_length=2)]
 Size = Union[PositiveInt, IntPair]
@@ -425,8 +439,8 @@ def _param_value(value: Any) -> Any:
 
 
 def _param_number(value: int | float) -> int | float:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"must be a finite number, not {value}")
+    if isinstance(value, float) and number_problem(value):
+        raise ValueError(number_problem(value))
     if isinstance(value, int) and not -(2**63) <= value <= 2**63 - 1:
         raise ValueError("must be a whole number from -2^63 to 2^63 - 1")
     return value
@@ -497,7 +511,7 @@ class EarlyStopping(Strict):
     mode: Literal["min", "max", "auto"] = "auto"
     min_delta: NonNegFloat = 0.0
     patience: NonNegInt = 0
-    baseline: float | None = None
+    baseline: Float | None = None
     restore_best_weights: bool = False
     start_from_epoch: NonNegInt = 0
 
@@ -614,7 +628,7 @@ def unknown_name_message(name: Any, what: str, allowed) -> str:
     if close:
         suggestion = "did you mean " + " or ".join(repr(c) for c in close) + "?"
     else:
-        suggestion = "allowed: " + ", ".join(allowed)
+        suggestion = "allowed: " + ", ".join(allowed) if allowed else "there are none"
     article = "an" if what[0] in "aeiou" else "a"
     return f"{quoted(name)} is not {article} {what}; {suggestion}"
 
@@ -640,11 +654,47 @@ def format_path(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in _TAGS or part.startswith(("function-", "union[", "list[", "nullable[")):
+        elif part in _TAGS or _is_member_tag(part):
             continue  # pydantic's name for the union member, not a field the user wrote
         else:
             path += f".{part}" if path else str(part)
     return path
+
+
+# How pydantic names the members of a union such as ``int | list[int] | Literal["same"]`` in an error's loc.
+_MEMBER_TAG_PREFIXES = ("function-", "union[", "list[", "nullable[", "constrained-", "literal[")
+_MEMBER_TAG_NAMES = {"int", "float", "str", "bool", "none"}
+
+
+def _is_member_tag(part: str) -> bool:
+    return part in _MEMBER_TAG_NAMES or part.startswith(_MEMBER_TAG_PREFIXES)
+
+
+def problems_from_errors(errors: list[dict]) -> list[Problem]:
+    """pydantic's validation errors as Problems. A value that fits no member of a union gets one problem:
+    the deepest one when a member got further into it (``kernel_size[1]`` of ``[3, "a"]``), otherwise one
+    message listing what each member wanted (``a valid integer or a valid list or 'same' or 'valid'``)."""
+    found = [(problem_from_error(e), any(isinstance(p, str) and _is_member_tag(p) for p in e["loc"]))
+             for e in errors]
+    paths = [problem.path for problem, _ in found]
+    problems: list[Problem] = []
+    union_at: dict[str, int] = {}  # a value's path -> the index of its union's one problem
+    for problem, member in found:
+        if member and any(_inside(other, problem.path) for other in paths):
+            continue  # another member of the union says more about the same value
+        if member and problem.path in union_at:
+            earlier = problems[union_at[problem.path]]
+            wanted = problem.message.removeprefix("Input should be ")
+            problems[union_at[problem.path]] = Problem(problem.path, f"{earlier.message} or {wanted}")
+            continue
+        if member:
+            union_at[problem.path] = len(problems)
+        problems.append(problem)
+    return problems
+
+
+def _inside(path: str, parent: str) -> bool:
+    return len(path) > len(parent) and path.startswith(parent) and path[len(parent)] in ".["
 
 
 def _what_for(path: str) -> tuple[str, dict] | None:

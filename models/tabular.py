@@ -5,11 +5,13 @@ on, with the same columns:
 
 - CSV: the first line names the columns, each stripped of the spaces around it (``a, b, label`` names
   ``a``, ``b`` and ``label``); names are checked as client text (models.text). Every later line that is
-  not blank holds one finite number per column, as NumPy reads numbers. Lines are read with a length bound,
+  not blank holds one number per column, as NumPy reads numbers, finite and within float32's range
+  (models.numbers). Lines are read with a length bound,
   so a line of a million values can't become a million Python strings.
 - NPZ: exactly two members, ``X.npy`` and ``y.npy``, numeric (nothing is ever unpickled). Their headers are
   checked first (dtype, shape, unpacked size), then their data is read from those very zip entries, never
-  through ``np.load``'s name lookup, which prefers a member named plain ``X`` over the ``X.npy`` checked.
+  through ``np.load``'s name lookup, which prefers a member named plain ``X`` over the ``X.npy`` checked;
+  their values are held to the same rule as a CSV's.
 
 Imports NumPy but not torch: the API uses it too.
 """
@@ -29,6 +31,7 @@ from typing import IO
 
 import numpy as np
 
+from models.numbers import IN_RANGE, out_of_range, values_problem
 from models.text import MAX_NAME_LENGTH, quoted, text_problem
 
 # Characters of CSV text parsed at a time: a block's lines and floats stay a few MB whatever the file.
@@ -93,7 +96,8 @@ def csv_header(handle: IO[str], max_columns: int | None = None) -> list[str]:
 
 def csv_blocks(handle: IO[str], names: list[str], max_rows: int | None = None) -> Iterator[np.ndarray]:
     """The rows after the header as float64 blocks (rows × columns), parsed about a megabyte of text at a
-    time and each checked: one finite number per column. Blank lines are skipped; no rows is an error."""
+    time and each checked: one number per column, by models.numbers' rule. Blank lines are skipped; no rows
+    is an error."""
     rows = 0
     for numbers, lines in _line_batches(handle, len(names) * MAX_CHARACTERS_PER_VALUE):
         if not all(map(str.strip, lines)):
@@ -171,10 +175,11 @@ def _parse_block(lines: list[str], numbers: list[int], names: list[str]) -> np.n
         block = None
     if block is None or block.shape[1] != len(names):
         raise _explain(lines, numbers, names)
-    finite = np.isfinite(block)
-    if not finite.all():
-        row, column = np.argwhere(~finite)[0]
-        raise TableError("file", f"line {numbers[row]}, column {names[column]!r}: values must be finite numbers")
+    bad = out_of_range(block)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise TableError("file", f"line {numbers[row]}, column {names[column]!r}: {block[row, column]:.4g} is not "
+                                 f"a finite number {IN_RANGE}")
     return block
 
 
@@ -324,8 +329,9 @@ def npy_blocks(archive: zipfile.ZipFile, member: NpyMember) -> Iterator[np.ndarr
                 raise TableError(member.name, f"{member.name}.npy ends before its data does")
             left -= len(raw)
             block = np.frombuffer(raw, dtype=header.dtype)
-            if block.dtype.kind == "f" and not np.isfinite(block).all():
-                raise TableError(member.name, f"{member.name} holds NaN or infinite values")
+            problem = values_problem(block)
+            if problem:
+                raise TableError(member.name, f"{member.name} {problem}")
             yield block
 
 
@@ -392,6 +398,8 @@ def _npy_header(stream: IO[bytes], name: str) -> NpyHeader:
 
 def _check_member(name: str, info: zipfile.ZipInfo, header: NpyHeader, max_rows: int | None) -> None:
     dtype, shape = header.dtype, header.shape
+    if any(size < 0 for size in shape):
+        raise TableError(name, f"{name}.npy's header gives the shape {list(shape)}; sizes can't be negative")
     if dtype.hasobject or dtype.kind not in "biuf":
         raise TableError(
             name,

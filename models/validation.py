@@ -6,12 +6,14 @@ network fits the data (models.shapes). No torch, no SQLAlchemy: the API validate
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import ValidationError
 
 from models.catalog import SKLEARN_DATASETS
 from models.memory import memory_problems
+from models.numbers import FLOAT32_MAX
 from models.shapes import fit_problems, sklearn_problems
 from models.spec import (
     BINARY_LOSSES,
@@ -21,7 +23,7 @@ from models.spec import (
     Limits,
     Problem,
     SpecError,
-    problem_from_error,
+    problems_from_errors,
     unknown_name_message,
 )
 
@@ -33,7 +35,7 @@ def parse_spec(data: Any, limits: Limits | None = None) -> JobSpec:
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError([problem_from_error(e) for e in exc.errors()]) from None
+        raise SpecError(problems_from_errors(exc.errors())) from None
     problems = check_semantics(spec, limits or Limits())
     if problems:
         raise SpecError(problems)
@@ -120,4 +122,26 @@ def component_problems(spec: JobSpec) -> list[Problem]:
     if spec.scheduler is not None and spec.scheduler.type == "OneCycleLR" and spec.optimizer.type in _NO_MOMENTUM:
         problems.append(Problem("scheduler.type", f"OneCycleLR cycles the optimizer's momentum, which "
                                                   f"{spec.optimizer.type} has not; use SGD, Adam, AdamW or RMSprop"))
-    return problems
+    return problems + learning_rate_problems(spec)
+
+
+def learning_rate_problems(spec: JobSpec) -> list[Problem]:
+    """A scheduler whose gamma > 1 grows the learning rate past float32's range before the last epoch:
+    torch then refuses the optimizer step. Found with logarithms, so 1e300 ** 10,000 is never computed."""
+    scheduler, epochs = spec.scheduler, spec.training.epochs
+    if scheduler is None or scheduler.type not in ("StepLR", "MultiStepLR", "ExponentialLR"):
+        return []
+    if scheduler.gamma <= 1:
+        return []
+    if scheduler.type == "ExponentialLR":
+        steps = epochs - 1
+    elif scheduler.type == "StepLR":
+        steps = (epochs - 1) // scheduler.step_size
+    else:
+        steps = sum(milestone < epochs for milestone in scheduler.milestones)
+    log_peak = math.log10(spec.optimizer.lr) + steps * math.log10(scheduler.gamma)
+    if log_peak <= math.log10(FLOAT32_MAX):
+        return []
+    return [Problem("scheduler.gamma", f"with lr {spec.optimizer.lr:g} and gamma {scheduler.gamma:g} the learning "
+                                       f"rate would reach 1e{log_peak:.0f} within {epochs} epochs, beyond float32's "
+                                       f"range ({FLOAT32_MAX:.4g})")]

@@ -106,6 +106,13 @@ PROBES = [
     submit("Flatten.start_dim of 30 digits", 422, "model.layers[1].start_dim",
            spec_text(("model", "layers", 1), '{"type": "Flatten", "start_dim": 1' + "0" * 29 + "}")),
     submit("duplicate key", 422, "name", b'{"name": "a", "name": "b", "task": "binary"}'),
+    # --- POST /jobs: numbers JSON holds but float32 can't ---
+    submit("lr of 1e308", 422, "optimizer.lr", spec_text(("optimizer", "lr"), "1e308")),
+    submit("ELU alpha of 1e308", 422, "model.layers[1].alpha",
+           spec_text(("model", "layers", 1), '{"type": "ELU", "alpha": 1e308}')),
+    submit("generator noise of 1e300", 422, "data.params.noise", spec_text(("data", "params", "noise"), "1e300")),
+    submit("a gamma that grows lr past float32", 422, "scheduler.gamma",
+           spec_text(("scheduler",), '{"type": "ExponentialLR", "gamma": 1e30}')),
     # --- POST /jobs: strings that are stored ---
     submit("NUL in name", 422, "name", spec_text(("name",), '"job\\u0000"')),
     submit("escape character in name", 422, "name", spec_text(("name",), '"job\\u001b[31m"')),
@@ -190,6 +197,7 @@ PROBES = [
     upload("CSV column name of 300 characters", 422, "file", "data.csv", b"a" * 300 + b",label\n1,0\n"),
     upload("NUL in a CSV column name", 422, "file", "data.csv", b"x\0,label\n1,0\n"),
     upload("NUL in an upload's target", 422, "target", "data.csv", CSV, target="label\0"),
+    upload("CSV value beyond float32", 422, "file", "data.csv", b"x1,x2,label\n1e300,1,0\n1,2,1\n"),
     Probe("JSON instead of an upload", "POST", f"{API}/datasets", 422, "file", spec_text()),
     # --- workers and health ---
     get("workers: API key of 10000 characters", "/workers", 401, None, Authorization="Bearer " + "t" * 10_000),

@@ -112,6 +112,14 @@ HOSTILE = [
     ("not UTF-8", b"a,b\n\xff\xfe,1\n", "d.csv", {}, "file", "UTF-8"),
     ("a number with an underscore", b"a,b\n1_000,1\n", "d.csv", {}, "file", "'1_000' is not a number"),
     ("infinity", b"a,b\n1e400,1\n", "d.csv", {}, "file", "finite"),
+    ("a value beyond float32", b"a,b\n1,0\n-1e300,1\n", "d.csv", {}, "file",
+     "line 3, column 'a': -1e+300 is not a finite number within float32's range"),
+    ("npz: X beyond float32", npz(("X.npy", npy(np.array([[1.0, 4e38]] * 4))), VALID[1]), "d.npz", {}, "X",
+     "within float32's range"),
+    ("npz: y beyond float32", npz(VALID[0], ("y.npy", npy(np.array([0.0, 1.0, 1e39, 1.0])))), "d.npz", {}, "y",
+     "y holds 1e+39; values must be finite numbers within float32's range"),
+    ("npz: a negative size in a header", npz(("X.npy", lying_npy((-4, 2), b"")), VALID[1]), "d.npz", {}, "X",
+     "sizes can't be negative"),
 ]
 
 

@@ -331,3 +331,13 @@ def test_max_samples_is_enforced_on_file_data(tmp_path):
                        "model": {"layers": [{"type": "Linear", "out_features": 1}]}})
     with pytest.raises(SpecError, match="max_samples"):
         train(spec, tmp_path / "out", limits=Limits(max_samples=10))
+
+
+def test_generated_data_past_float32_is_refused_naming_the_data_instead_of_training_on_infinities(tmp_path):
+    # noise 3e38 is a float32 itself, but the points it scatters are not all within float32's range.
+    params = {"n_samples": 200, "n_features": 5, "noise": 3e38, "random_state": 0}
+    spec = parse_spec(spec_of(data={"source": "sklearn", "name": "make_regression", "params": params,
+                                    "validation_split": 0.0}))
+    with pytest.raises(SpecError, match=r"data: the data holds values beyond float32's range \(±3.403e\+38\)"):
+        train(spec, tmp_path / "out")
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -88,7 +88,61 @@ BAD_SPECS = [
     (mutate("training.batch_size", "big"), "training.batch_size", "valid integer"),
     ({**GOOD, "resources": {"device": "tpu"}}, "resources.device", "'auto', 'cpu', 'cuda' or 'mps'"),
     ({**GOOD, "python": "import os"}, "python", "unknown field"),
+    # A value that fits no member of a union: one problem, at the deepest path a member reached.
+    (mutate("model.layers.0", {**CONV, "kernel_size": [3, "a"]}), "model.layers[0].kernel_size[1]",
+     "valid integer"),
+    (mutate("model.layers.0", {**CONV, "padding": "wide"}), "model.layers[0].padding",
+     "Input should be a valid integer or a valid list or 'same' or 'valid'"),
+    (mutate("data", {"source": "sklearn", "name": "load_iris", "params": {"n": 1}}), "data.params.n",
+     "'n' is not a parameter of load_iris; there are none"),
 ]
+
+# Numbers past float32's range: JSON and float64 hold them, the engine's tensors and kernels can't.
+BEYOND_FLOAT32 = [
+    (mutate("optimizer.lr", 1e308), "optimizer.lr"),
+    (mutate("optimizer", {"type": "SGD", "momentum": 1e39}), "optimizer.momentum"),
+    (mutate("model.layers.1", {"type": "ELU", "alpha": 1e308}), "model.layers[1].alpha"),
+    (mutate("model.layers.1", {"type": "LeakyReLU", "negative_slope": 3.5e38}), "model.layers[1].negative_slope"),
+    (mutate("early_stopping.baseline", -1e39), "early_stopping.baseline"),
+    (mutate("early_stopping.min_delta", 1e300), "early_stopping.min_delta"),
+    (mutate("scheduler", {"type": "ExponentialLR", "gamma": 1e300}), "scheduler.gamma"),
+    (mutate("data.params.noise", 1e300), "data.params.noise"),
+    (mutate("data", {"source": "sklearn", "name": "make_regression", "params": {"bias": -1e300}}),
+     "data.params.bias"),
+    (mutate("data", {"source": "sklearn", "name": "make_classification", "params": {"scale": [1.0, 1e300]}}),
+     "data.params.scale"),
+]
+
+
+@pytest.mark.parametrize("spec, path", BEYOND_FLOAT32, ids=[case[1] for case in BEYOND_FLOAT32])
+def test_a_number_beyond_float32s_range_is_refused_naming_the_field(spec, path):
+    with pytest.raises(SpecError) as caught:
+        parse_spec(spec)
+    problems = {problem.path: problem.message for problem in caught.value.problems}
+    assert "within float32's range (±3.403e+38)" in problems[path], problems
+
+
+def test_the_largest_float32_is_still_a_number_a_spec_may_hold():
+    assert parse_spec(mutate("early_stopping.min_delta", 3.4028234663852886e38)).early_stopping.min_delta > 0
+
+
+@pytest.mark.parametrize("scheduler, epochs, reach", [
+    ({"type": "ExponentialLR", "gamma": 1e30}, 10, "1e269 within 10 epochs"),
+    ({"type": "StepLR", "step_size": 2, "gamma": 1e10}, 10, "1e39 within 10 epochs"),
+    ({"type": "MultiStepLR", "milestones": [1, 2, 3, 50], "gamma": 1e20}, 10, "1e59 within 10 epochs"),
+])
+def test_a_schedule_that_grows_the_learning_rate_past_float32_is_refused(scheduler, epochs, reach):
+    spec = GOOD | {"scheduler": scheduler, "training": {"epochs": epochs, "batch_size": 50},
+                   "optimizer": {"type": "Adam", "lr": 0.1}}
+    with pytest.raises(SpecError) as caught:
+        parse_spec(spec)
+    problems = {problem.path: problem.message for problem in caught.value.problems}
+    assert f"the learning rate would reach {reach}" in problems["scheduler.gamma"], problems
+
+
+def test_a_schedule_that_grows_the_learning_rate_within_float32_is_accepted():
+    spec = GOOD | {"scheduler": {"type": "StepLR", "step_size": 2, "gamma": 1e9}, "training": {"epochs": 10}}
+    assert parse_spec(spec).scheduler.gamma == 1e9  # 0.1 * 1e9 ** 4 = 1e35: large, but a float32 holds it
 
 
 @pytest.mark.parametrize("spec, path, message", BAD_SPECS, ids=[case[1] + ":" + case[2][:30] for case in BAD_SPECS])

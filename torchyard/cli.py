@@ -182,7 +182,10 @@ def token_create(name: str, user: str | None) -> None:
     engine = make_engine(get_settings().database_url)
     try:
         with make_sessionmaker(engine)() as session:
-            click.echo(create_api_key(session, user or name, name))
+            try:
+                click.echo(create_api_key(session, user or name, name))
+            except ValueError as error:
+                raise click.BadParameter(str(error)) from None
     finally:
         engine.dispose()
 

@@ -16,6 +16,7 @@ import sklearn.datasets  # imported up front: a worker loads it once, before its
 import torch
 
 from models.catalog import SKLEARN_DATASETS, DataShape
+from models.numbers import FLOAT32_MAX
 from models.shapes import DataReport, describe_data
 from models.spec import JobSpec, Problem, SpecError
 from models.tabular import TableError, class_count, read_csv_table, read_npz_arrays, some_names
@@ -140,8 +141,14 @@ def prepare(spec: JobSpec, arrays: Arrays, device: torch.device) -> TensorData:
     if report.problems:
         raise SpecError(report.problems)
     # Cast by numpy first: it turns an uploaded big-endian array native, which torch refuses to take.
-    X = torch.as_tensor(np.asarray(arrays.X, dtype=np.float32)).reshape(len(arrays.X), *report.input_shape)
-    y = _targets(arrays.y, spec)
+    with np.errstate(over="ignore"):  # an overflow is reported just below, as a problem of the spec
+        X = torch.as_tensor(np.asarray(arrays.X, dtype=np.float32)).reshape(len(arrays.X), *report.input_shape)
+        y = _targets(arrays.y, spec)
+    if not (torch.isfinite(X).all() and torch.isfinite(y).all()):
+        # Uploads were held to this at the API; a generator's arguments (noise 1e38) can still make values
+        # that overflow float32: say so, rather than train on infinities.
+        raise SpecError([Problem("data", "the data holds values beyond float32's range "
+                                         f"(±{FLOAT32_MAX:.4g}); the engine trains in float32")])
     train_idx, val_idx = split_indices(len(X), spec.data.validation_split, spec.seed)
     x_train, y_train = X[train_idx], y[train_idx]
     mean = std = None
