@@ -10,7 +10,10 @@ import sys
 import time
 import urllib.request
 
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, select
+
+from api.db import get_session
+from models.tables import User
 
 
 def cli_env(tmp_path, **extra) -> dict[str, str]:
@@ -42,6 +45,12 @@ def test_db_upgrade_creates_the_schema_and_token_create_prints_a_working_key(tmp
     client = app.test_client()
     assert client.get("/api/v1/jobs", headers={"Authorization": f"Bearer {token}"}).status_code == 200
     assert client.get("/api/v1/jobs", headers={"Authorization": f"Bearer {token}x"}).status_code == 401
+
+    refused = torchyard("token", "create", "laptop", "--user", "eve\x1b[2J", env=env)
+    assert refused.returncode == 2
+    assert "user name 'eve\\x1b[2J': '\\x1b' at position 3 is a control character" in refused.stderr
+    with app.app_context():
+        assert get_session().scalars(select(User.name)).all() == ["carol"]  # nothing stored for the refusal
 
 
 def test_torchyard_api_serves_under_gunicorn(tmp_path):
