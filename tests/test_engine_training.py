@@ -341,3 +341,15 @@ def test_generated_data_past_float32_is_refused_naming_the_data_instead_of_train
     with pytest.raises(SpecError, match=r"data: the data holds values beyond float32's range \(±3.403e\+38\)"):
         train(spec, tmp_path / "out")
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_a_generator_without_random_state_draws_the_same_data_every_attempt_from_the_jobs_seed():
+    from worker.engine.data import load_arrays
+
+    params = {"n_samples": 50, "n_features": 3, "noise": 1.0}
+    first, again = (load_arrays(parse_spec(spec_of(data={"source": "sklearn", "name": "make_regression",
+                                                         "params": params}))) for _ in range(2))
+    other_seed = load_arrays(parse_spec(spec_of(seed=4, data={"source": "sklearn", "name": "make_regression",
+                                                              "params": params})))
+    assert np.array_equal(first.X, again.X) and np.array_equal(first.y, again.y)
+    assert not np.array_equal(first.X, other_seed.X)

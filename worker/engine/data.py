@@ -64,6 +64,16 @@ def load_sklearn(name: str, params: dict) -> Arrays:
     return Arrays(X, y.reshape(len(X)) if y.size == len(X) else y.reshape(len(X), -1))
 
 
+def seeded_params(spec: JobSpec) -> dict:
+    """A generator's arguments with ``random_state`` taken from the job's seed when the spec leaves it out
+    (or null): scikit-learn would draw from NumPy's global state, and each attempt of a resumed job would
+    train on other data."""
+    data = spec.data
+    if "random_state" not in SKLEARN_DATASETS[data.name].params or data.params.get("random_state") is not None:
+        return data.params
+    return {**data.params, "random_state": spec.seed % 2**32}  # scikit-learn takes seeds below 2^32
+
+
 def read_csv(path: Path, target: str | None) -> Arrays:
     """A numeric CSV with a header row, read as the API checked it (models.tabular); ``target`` names the
     label column (default: the last one)."""
@@ -94,7 +104,7 @@ def load_arrays(spec: JobSpec, data_path: Path | None = None) -> Arrays:
     """The spec's data as NumPy arrays; ``data_path`` is where an uploaded or local file lies."""
     data = spec.data
     if data.source == "sklearn":
-        return load_sklearn(data.name, data.params)
+        return load_sklearn(data.name, seeded_params(spec))
     path = Path(data_path or data.path)
     if not path.is_file():
         raise SpecError([Problem("data.path", f"no such file: {path}")])
