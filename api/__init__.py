@@ -5,10 +5,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Response
 
+from api.schemas import no_content
 from models.broker import Publisher
 from models.settings import Settings, get_settings
+
+
+class Api(Flask):
+    """Flask, answering OPTIONS on a route as an API does: 204, the route's methods in Allow, no body."""
+
+    def make_default_options_response(self) -> Response:
+        """204 with Allow (Flask's own is a 200 labelled text/html)."""
+        response = no_content()
+        response.allow.update(super().make_default_options_response().allow)
+        return response
 
 
 def create_app(test_config: Mapping[str, Any] | None = None, publisher: Publisher | None = None) -> Flask:
@@ -16,12 +27,13 @@ def create_app(test_config: Mapping[str, Any] | None = None, publisher: Publishe
     ``broker_url``, …) override it, and the other (upper-case) keys go to Flask's config. Jobs are
     published through ``publisher``, by default one for the broker the settings name.
     """
-    from api import artifacts, datasets, health, jobs, workers  # blueprints import the app's helpers
+    from api import artifacts, audit, datasets, health, jobs, me, workers  # blueprints import the app's helpers
     from api.db import init_services
     from api.errors import register_error_handlers
+    from api.rate_limits import init_rate_limits
 
     settings = app_settings(test_config or {})
-    app = Flask(__name__, static_folder=None)  # an API: no static files
+    app = Api(__name__, static_folder=None)  # an API: no static files
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_upload_bytes,
         # Form fields beside an upload are small; the file part alone may use the whole limit.
@@ -31,7 +43,8 @@ def create_app(test_config: Mapping[str, Any] | None = None, publisher: Publishe
     app.config.update({k: v for k, v in (test_config or {}).items() if k not in Settings.model_fields})
     init_services(app, settings, publisher)
     register_error_handlers(app)
-    for module in (jobs, artifacts, datasets, workers, health):
+    init_rate_limits(app, settings)
+    for module in (jobs, artifacts, datasets, workers, me, audit, health):
         app.register_blueprint(module.bp)
     return app
 

@@ -8,13 +8,14 @@ from typing import IO
 
 from flask import Blueprint, Response, request
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from api.auth import owned, require_user
+from api.auth import current_user, owned, require_user
 from api.db import get_session, services
 from api.errors import ApiError, conflict, not_found, validation_error
 from api.pagination import MAX_INT
 from api.schemas import API_PREFIX, CheckpointList, CheckpointOut, as_utc, json_response
-from models import lifecycle
+from models import audit, lifecycle
 from models.spec import Problem, unknown_name_message
 from models.tables import Artifact, Job
 
@@ -48,10 +49,11 @@ def weights(job_id: str):
     if "weights" not in artifacts:
         raise no_weights(job)
     if fmt == "safetensors":
-        return stream_artifact(artifacts["weights"], f"{job.id}.safetensors")
+        return downloaded(session, job, stream_artifact(artifacts["weights"], f"{job.id}.safetensors"), "weights")
     if "model_card" not in artifacts:
         raise conflict(f"job {job.id} has weights but no model card yet, so no bundle")
-    return bundle(job, [artifacts[kind] for kind in BUNDLE_KINDS if kind in artifacts])
+    return downloaded(session, job, bundle(job, [artifacts[kind] for kind in BUNDLE_KINDS if kind in artifacts]),
+                      "bundle")
 
 
 def no_weights(job: Job) -> ApiError:
@@ -109,7 +111,20 @@ def checkpoint(job_id: str, epoch: int):
     )
     if artifact is None:
         raise not_found("checkpoint of epoch", str(epoch))
-    return stream_artifact(artifact, f"{job.id}-epoch-{epoch:04d}.pt")
+    return downloaded(session, job, stream_artifact(artifact, f"{job.id}-epoch-{epoch:04d}.pt"), "checkpoint",
+                      epoch=epoch)
+
+
+def downloaded(session: Session, job: Job, response: Response, what: str, **detail) -> Response:
+    """``response``, once its download is in the audit log: a GET commits nothing else, so the event gets
+    a small commit of its own, made only when the file could be opened."""
+    try:
+        audit.record(session, current_user(), "download", job.id, what=what, **detail)
+        session.commit()
+    except BaseException:
+        response.close()  # closes the opened file
+        raise
+    return response
 
 
 def stream_artifact(artifact: Artifact, download_name: str) -> Response:

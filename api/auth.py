@@ -3,48 +3,26 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import secrets
 from typing import TypeVar
 
 from flask import g
 from flask import request as flask_request
-from sqlalchemy import select
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy import ColumnElement, select, true
+from sqlalchemy.orm import Session
 
 from api.db import get_session
 from api.errors import ApiError, not_found
 from api.schemas import as_utc
+from models.accounts import create_api_key as create_api_key  # re-exported: tests and benches make keys here
+from models.accounts import hash_token as hash_token
+from models.accounts import key_for_token, refusal
+from models.roles import is_admin
 from models.tables import ApiKey, User, utcnow
-from models.text import quoted, text_problem
+from models.text import text_problem
 
-TOKEN_PREFIX = "ty_"
 # Recording last use on every request would turn each read into a write; once a minute is enough.
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
 T = TypeVar("T")
-
-
-def hash_token(token: str) -> str:
-    """The stored form of a token."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def create_api_key(session: Session, user_name: str, key_name: str) -> str:
-    """Make an API key for ``user_name`` (creating the user if missing), commit, return the token once;
-    ValueError when a name isn't stored text (models.text's rule)."""
-    for what, value in (("user name", user_name), ("key name", key_name)):
-        problem = text_problem(value) if value else "empty"
-        if problem:
-            raise ValueError(f"{what} {quoted(value)}: {problem}")
-    user = session.scalar(select(User).where(User.name == user_name))
-    if user is None:
-        user = User(name=user_name)
-        session.add(user)
-        session.flush()
-    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiKey(user_id=user.id, name=key_name, key_hash=hash_token(token)))
-    session.commit()
-    return token
 
 
 def _unauthorized(detail: str) -> ApiError:
@@ -64,18 +42,28 @@ def require_user() -> None:
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized("send an API key as 'Authorization: Bearer ty_…'")
     session = get_session()
-    key = session.scalar(
-        select(ApiKey)
-        .where(ApiKey.key_hash == hash_token(token.strip()), ApiKey.revoked_at.is_(None))
-        .options(joinedload(ApiKey.user))  # one query for the key and its user: every request pays it
-    )
+    key = bearer_key()
     if key is None:
         raise _unauthorized("the API key is not valid")
     now = utcnow()
+    refused = refusal(key, now)
+    if refused:
+        raise _unauthorized(refused)
+    # At most one write a minute per key: a request finding last_used_at younger than that only reads.
     if key.last_used_at is None or as_utc(key.last_used_at) < now - LAST_USED_RESOLUTION:
         key.last_used_at = now
         session.commit()
     g.user = key.user
+
+
+def bearer_key() -> ApiKey | None:
+    """The key this request's bearer token names (revoked and expired ones too: ``refusal`` says so), or None;
+    looked up once a request, though the rate limiter (api/rate_limits.py) asks before ``require_user`` does."""
+    if "bearer_key" not in g:
+        scheme, _, token = flask_request.headers.get("Authorization", "").partition(" ")
+        named = scheme.lower() == "bearer" and token.strip()
+        g.bearer_key = key_for_token(get_session(), token.strip()) if named else None
+    return g.bearer_key
 
 
 def current_user() -> User:
@@ -83,13 +71,26 @@ def current_user() -> User:
     return g.user
 
 
+def require_admin() -> None:
+    """``before_request`` hook after ``require_user``: 403 unless the caller is an admin."""
+    if not is_admin(current_user()):
+        raise ApiError(403, "Forbidden", "admins only", kind="forbidden")
+
+
+def visible(model: type) -> ColumnElement[bool]:
+    """The condition on ``model``'s rows that the caller may see: every row for an admin, their own for a
+    user (models.roles)."""
+    user = current_user()
+    return true() if is_admin(user) else model.user_id == user.id
+
+
 def owned(session: Session, model: type[T], ident: str, what: str) -> T:
-    """The caller's row of ``model`` with this id; another user's row is the same 404 as a missing one.
-    An id that isn't stored text (a NUL, 10 KB) names no row: 404 without asking the database, which
-    may refuse it (PostgreSQL and NUL) rather than find nothing."""
+    """The row of ``model`` with this id that the caller may see (``visible``); another user's row is the
+    same 404 as a missing one. An id that isn't stored text (a NUL, 10 KB) names no row: 404 without asking
+    the database, which may refuse it (PostgreSQL and NUL) rather than find nothing."""
     if text_problem(ident):
         raise not_found(what, ident)
-    row = session.scalar(select(model).where(model.id == ident, model.user_id == current_user().id))
+    row = session.scalar(select(model).where(model.id == ident, visible(model)))
     if row is None:
         raise not_found(what, ident)
     return row

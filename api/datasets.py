@@ -2,37 +2,51 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
 from flask import Blueprint, request
 from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
 
 from api.auth import current_user, owned, require_user
 from api.db import get_session, services
-from api.errors import conflict, validation_error
+from api.errors import conflict, not_found, validation_error
 from api.pagination import MAX_LIMIT, decode_cursor, encode_cursor, int_arg
 from api.presenters import dataset_out, dataset_summary
 from api.schemas import API_PREFIX, DatasetList, json_response, no_content
 from api.upload_slots import upload_slot
 from api.uploads import MAX_UNPACK_RATIO, DatasetInfo, UploadError, read_csv, read_npz
+from models import audit, quotas
+from models.db import locked_row
 from models.settings import Settings
 from models.spec import Problem
-from models.tables import Dataset, Job, new_id
+from models.tables import FINISHED_STATUSES, Dataset, Job, new_id
 from models.text import quoted, text_problem
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("datasets", __name__, url_prefix=f"{API_PREFIX}/datasets")
 bp.before_request(require_user)
 
 FORMATS = {".csv": "csv", ".npz": "npz"}
 DEFAULT_LIMIT = 20
+# A multipart body is its file and a few hundred bytes more (boundaries, part headers, the filename, name and
+# target, each at most 200 characters): a body longer than the room left by more than this can't hold a file
+# that fits, and one within it may.
+MULTIPART_FRAMING = 64 * 1024
 
 
 @bp.post("")
 def upload():
     """Store an upload under a server-made name once it reads as a dataset; a 422 leaves nothing behind.
-    A user has at most max_concurrent_uploads uploads in progress on an API host (429 past it)."""
+    A user has at most max_concurrent_uploads uploads in progress on an API host (429 past it), and stores at
+    most their storage_bytes quota (403 past it)."""
     settings = services().settings
+    if request.content_length is not None:  # a body announced too long for the room is refused unread
+        adding = max(request.content_length - MULTIPART_FRAMING, 0)
+        quotas.require(get_session(), settings, current_user(), "storage_bytes", adding)
     # The slot is taken before the body is read: a refused upload costs this host nothing.
     with upload_slot(settings, current_user().id):
         return _store_upload(settings)
@@ -77,8 +91,12 @@ def _store_upload(settings: Settings):
         columns=info.columns,
     )
     session = get_session()
-    session.add(dataset)
     try:
+        # The stored size, counted under a lock on the user's row held until the commit: concurrent uploads
+        # of one user take turns, so together they stay within the quota.
+        quotas.require_locked(session, settings, current_user().id, "storage_bytes", size)
+        session.add(dataset)
+        audit.record(session, current_user(), "upload", dataset.id, name=name, format=fmt, size=size)
         session.commit()
     except BaseException:
         store.delete(uri)  # no row, no file
@@ -135,16 +153,50 @@ def get_dataset(dataset_id: str):
 
 @bp.delete("/<dataset_id>")
 def delete_dataset(dataset_id: str):
-    """Delete a dataset and its file; 409 while a queued or running job still reads it."""
+    """Delete a dataset, then its file; 409 while a queued or running job names it."""
     session = get_session()
-    dataset = owned(session, Dataset, dataset_id, "dataset")
-    active = session.scalars(
-        select(Job).where(Job.user_id == dataset.user_id, Job.status.in_(("queued", "running")))
-    ).all()
-    users = [job.id for job in active if (job.spec.get("data") or {}).get("dataset_id") == dataset.id]
+    owner = owned(session, Dataset, dataset_id, "dataset").user_id  # the 404 of a missing or another's dataset
+    dataset = lock_dataset(session, owner, dataset_id)
+    if dataset is None:  # a concurrent delete of the same dataset won
+        raise not_found("dataset", dataset_id)
+    users = dataset_users(session, dataset)
     if users:
         raise conflict(f"dataset {dataset.id} is used by unfinished job(s) {', '.join(users)}")
-    services().store.delete(dataset.uri)
     session.delete(dataset)
+    audit.record(session, current_user(), "delete", dataset.id, name=dataset.name)
     session.commit()
+    # The file goes only after the row: a row whose file is gone would still pass a submit's check, and
+    # its job would fail at the worker. A file whose row is gone is unreachable (its name is random).
+    _remove_file(dataset.uri)
     return no_content()
+
+
+def lock_dataset(session: Session, user_id: str, dataset_id: str) -> Dataset | None:
+    """The user's dataset, read under a lock held until the transaction ends; None if there is none.
+
+    A submit on the dataset holds it from its check to the job's insert, a delete from its look for users
+    to the row's delete: so a job is stored only while its dataset stays, and a dataset is deleted only
+    while no unfinished job names it.
+    """
+    return locked_row(session, select(Dataset).where(Dataset.id == dataset_id, Dataset.user_id == user_id))
+
+
+def dataset_users(session: Session, dataset: Dataset) -> list[str]:
+    """The ids of the owner's unfinished jobs whose spec names the dataset, oldest first.
+
+    The database reads the spec's JSON (``json_extract`` on SQLite, ``#>>`` on PostgreSQL): no spec is loaded.
+    """
+    named = Job.spec[("data", "dataset_id")].as_string()
+    return list(session.scalars(
+        select(Job.id)
+        .where(Job.user_id == dataset.user_id, Job.status.not_in(FINISHED_STATUSES), named == dataset.id)
+        .order_by(Job.created_at, Job.id)
+    ))
+
+
+def _remove_file(uri: str) -> None:
+    try:
+        services().store.delete(uri)
+    except OSError:
+        # The delete the user asked for is done (no row names the file), so it isn't theirs to retry.
+        log.exception("the file %s of a deleted dataset could not be removed; it is left over", uri)

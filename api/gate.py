@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from flask import Request
 
-from api.errors import ApiError, validation_error
+from api.errors import ApiError, too_large, validation_error
 from models.spec import Problem
 
 MIN_INT, MAX_INT = -(2**63), 2**63 - 1
@@ -49,14 +49,12 @@ def read_json(request: Request, max_bytes: int, max_depth: int, what: str = "the
     (``max_spec_bytes``), 400 when malformed, 422 when too deep or against I-JSON's rules."""
     if not request.is_json:
         raise ApiError(415, "Unsupported Media Type", f"send {what} as JSON (Content-Type: application/json)")
-    too_large = ApiError(
-        413, "Content Too Large", f"{what} is larger than {max_bytes} bytes (max_spec_bytes)", kind="too-large"
-    )
+    over_limit = too_large(what, max_bytes, "max_spec_bytes")
     if request.content_length is not None and request.content_length > max_bytes:
-        raise too_large  # before a byte of it is read
+        raise over_limit  # before a byte of it is read
     raw = read_at_most(request.stream, max_bytes + 1)  # a chunked body says no length: one byte past tells
     if len(raw) > max_bytes:
-        raise too_large
+        raise over_limit
     try:
         return loads(raw, max_depth)
     except JsonRefused as exc:

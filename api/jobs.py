@@ -6,8 +6,9 @@ import logging
 
 from flask import Blueprint, request
 from sqlalchemy import and_, delete, or_, select
+from sqlalchemy.orm import Session
 
-from api.auth import current_user, owned, require_user
+from api.auth import current_user, owned, require_user, visible
 from api.db import get_session, services
 from api.errors import conflict, not_found, validation_error
 from api.pagination import MAX_INT, MAX_LIMIT, decode_cursor, encode_cursor, int_arg
@@ -15,10 +16,10 @@ from api.presenters import job_out, job_summary
 from api.schemas import API_PREFIX, JobList, MetricsOut, json_response, no_content
 from api.streams import metrics_stream, resume_epoch, wants_stream
 from api.submit import spec_body, submit_job
-from models import lifecycle
+from models import audit, lifecycle
 from models.spec import Problem, unknown_name_message
 from models.storage import job_prefix
-from models.tables import JOB_STATUSES, Artifact, EpochMetrics, Job
+from models.tables import JOB_STATUSES, Artifact, EpochMetrics, Job, User
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,14 @@ def submit():
         services(),
     )
     headers = {"Location": f"{API_PREFIX}/jobs/{job.id}"}
-    return json_response(job_out(job), status=201 if created else 200, headers=headers)
+    return json_response(job_out(job, current_user().name), status=201 if created else 200, headers=headers)
 
 
 @bp.get("")
 def list_jobs():
-    """The caller's jobs, newest first, a page at a time."""
+    """The caller's jobs (an admin's: every user's), newest first, a page at a time."""
     limit = int_arg(request.args, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    query = select(Job).where(Job.user_id == current_user().id)
+    query = select(Job, User.name).join(User, User.id == Job.user_id).where(visible(Job))
     status = request.args.get("status")
     if status is not None:
         if status not in JOB_STATUSES:
@@ -60,16 +61,18 @@ def list_jobs():
         created, ident = decode_cursor(cursor)
         query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < ident)))
     # One row more than the page tells whether a next page exists.
-    rows = get_session().scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
+    rows = get_session().execute(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
     page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
-    return json_response(JobList(jobs=[job_summary(job) for job in page], next_cursor=next_cursor))
+    next_cursor = encode_cursor(page[-1].Job.created_at, page[-1].Job.id) if len(rows) > limit else None
+    return json_response(JobList(jobs=[job_summary(job, owner) for job, owner in page], next_cursor=next_cursor))
 
 
 @bp.get("/<job_id>")
 def get_job(job_id: str):
     """One job: status, progress, attempts, best metric, reasons, timestamps, spec."""
-    return json_response(job_out(owned(get_session(), Job, job_id, "job")))
+    session = get_session()
+    job = owned(session, Job, job_id, "job")
+    return json_response(job_out(job, owner_name(session, job)))
 
 
 @bp.get("/<job_id>/metrics")
@@ -81,7 +84,9 @@ def metrics(job_id: str):
     since = int_arg(request.args, "since_epoch", 0, 0, MAX_INT)
     if wants_stream(request):
         # The stream polls with sessions of its own; the request's session closes when this view returns.
-        return metrics_stream(services().sessions, job.user_id, job.id, resume_epoch(request, since))
+        # The caller holds the stream (an admin following another's job uses the admin's stream slots).
+        return metrics_stream(services().sessions, current_user().id, job.id, resume_epoch(request, since),
+                              owner_name(session, job))
     rows = session.scalars(
         select(EpochMetrics)
         .where(EpochMetrics.job_id == job.id, EpochMetrics.epoch > since)
@@ -97,14 +102,16 @@ def cancel(job_id: str):
     """A queued job is cancelled at once (200); a running one is asked to stop at its next batch (202)."""
     session = get_session()
     job = owned(session, Job, job_id, "job")
-    outcome = lifecycle.cancel(session, job.id, current_user().id)
+    outcome = lifecycle.cancel(session, job.id, job.user_id)  # owned() said the caller may
+    if outcome is not None:
+        audit.record(session, current_user(), "cancel", job.id, name=job.name, outcome=outcome)
     session.commit()
     job = session.get(Job, job.id, populate_existing=True)
     if job is None:  # deleted meanwhile (a cancel racing a delete of the cancelled job)
         raise not_found("job", job_id)
     if outcome is None:
         raise conflict(f"job {job.id} is {job.status} already; only queued or running jobs can be cancelled")
-    return json_response(job_out(job), status=200 if outcome == "cancelled" else 202)
+    return json_response(job_out(job, owner_name(session, job)), status=200 if outcome == "cancelled" else 202)
 
 
 @bp.delete("/<job_id>")
@@ -121,5 +128,11 @@ def delete_job(job_id: str):
     session.execute(delete(EpochMetrics).where(EpochMetrics.job_id == job.id))
     session.execute(delete(Artifact).where(Artifact.job_id == job.id))
     session.execute(delete(Job).where(Job.id == job.id))
+    audit.record(session, current_user(), "delete", job.id, name=job.name)
     session.commit()
     return no_content()
+
+
+def owner_name(session: Session, job: Job) -> str:
+    """The name of the job's user (the caller's own row is in the session already: no query)."""
+    return session.get(User, job.user_id).name

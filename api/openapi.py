@@ -16,18 +16,22 @@ from werkzeug.routing import Rule
 from api.artifacts import WEIGHT_FORMATS
 from api.auth import require_user
 from api.pagination import MAX_INT, MAX_LIMIT
+from api.rate_limits import rate_limited
 from api.schemas import (
     API_PREFIX,
+    AuditList,
     CheckpointList,
     DatasetList,
     DatasetOut,
     HealthOut,
     JobList,
     JobOut,
+    MeOut,
     MetricsOut,
     ProblemOut,
     WorkerList,
 )
+from models.audit import ACTIONS
 from models.spec import JobSpec
 from models.tables import JOB_STATUSES
 
@@ -39,6 +43,8 @@ RESPONSE_MODELS = (
     DatasetOut,
     DatasetList,
     WorkerList,
+    MeOut,
+    AuditList,
     HealthOut,
     ProblemOut,
 )
@@ -126,13 +132,14 @@ UPLOAD_BODY = {
 DELETED = {204: {"description": "deleted"}}
 PROBLEM_STATUSES = {
     400: "malformed request",
-    401: "missing or invalid API key",
+    401: "missing, invalid, revoked or expired API key",
+    403: "not allowed: admins only, or over a quota that waiting won't free (storage_bytes)",
     404: "not found (or not yours)",
     409: "not possible in the current state",
     413: "body too large (a spec past max_spec_bytes, an upload past max_upload_bytes)",
     415: "not JSON",
     422: "validation failed; `errors` names each field",
-    429: "too many at once; try again after Retry-After seconds",
+    429: "too many: past a rate limit, or a quota or limit that waiting frees; try again after Retry-After seconds",
 }
 
 
@@ -209,7 +216,7 @@ DETAILS = {
     "artifacts.checkpoints": Details({200: _json("CheckpointList", "checkpoints")}),
     "artifacts.checkpoint": Details({200: _binary("the checkpoint file", "application/octet-stream")}),
     "datasets.upload": Details(
-        {201: _json("DatasetOut", "the stored dataset")}, errors=(413, 422, 429), body=UPLOAD_BODY
+        {201: _json("DatasetOut", "the stored dataset")}, errors=(403, 413, 422, 429), body=UPLOAD_BODY
     ),
     "datasets.list_datasets": Details(
         {200: _json("DatasetList", "a page of datasets")},
@@ -221,7 +228,20 @@ DETAILS = {
     ),
     "datasets.get_dataset": Details({200: _json("DatasetOut", "the dataset")}),
     "datasets.delete_dataset": Details(DELETED, errors=(409,)),
-    "workers.list_workers": Details({200: _json("WorkerList", "workers")}),
+    "workers.list_workers": Details({200: _json("WorkerList", "capacity per queue; for admins, each worker")}),
+    "me.me": Details({200: _json("MeOut", "the caller")}),
+    "audit.list_events": Details(
+        {200: _json("AuditList", "a page of events")},
+        errors=(403, 422),
+        params=(
+            _param("user", "query", {"type": "string", "maxLength": 200}, "only this user's events"),
+            _param("action", "query", {"enum": list(ACTIONS)}, "only this action's events"),
+            _param("since", "query", {"type": "string", "format": "date-time"},
+                   "only events at or after this time (ISO 8601; UTC unless it names an offset)"),
+            _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+            _param("cursor", "query", {"type": "string"}, "next_cursor of the previous page"),
+        ),
+    ),
     "health.health": Details({200: _json("HealthOut", "healthy, or degraded: jobs stall for want of a worker"),
                               503: _json("HealthOut", "a dependency is down")}),
     "health.openapi": Details({200: {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}),
@@ -251,6 +271,8 @@ def _operation(app: Flask, rule: Rule) -> dict:
     errors = [401] if secured else []
     if path_params:
         errors.append(404)  # an id in the path may name no row, or someone else's
+    if rate_limited(rule.endpoint):
+        errors.append(429)
     responses = {**details.responses, **_problems(*errors, *details.errors)}
     operation = {
         "operationId": rule.endpoint,

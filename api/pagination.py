@@ -22,6 +22,8 @@ MAX_INT = 2**31 - 1
 WHOLE_NUMBER = re.compile(r"-?[0-9]{1,10}")
 # A cursor this API makes is under 100 characters; a longer one is refused before it is decoded.
 MAX_CURSOR_LENGTH = 200
+# An ISO 8601 time with microseconds and an offset is 32 characters.
+MAX_TIME_LENGTH = 40
 
 
 def encode_cursor(created_at: dt.datetime, ident: str) -> str:
@@ -62,3 +64,24 @@ def int_arg(args: Mapping[str, str], name: str, default: int, low: int, high: in
             "Invalid query argument",
         )
     return number
+
+
+def time_arg(args: Mapping[str, str], name: str) -> dt.datetime | None:
+    """An ISO 8601 date or date and time query argument as an aware UTC datetime (UTC unless it names an
+    offset; None when absent), or 422 naming it."""
+    value = args.get(name)
+    if value is None:
+        return None
+    try:
+        if text_problem(value, MAX_TIME_LENGTH):
+            raise ValueError(value)
+        # Python 3.10's fromisoformat doesn't take the "Z" of UTC.
+        moment = dt.datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
+        moment = moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.timezone.utc)
+        # Stored times are UTC, and SQLite compares them as text: the argument must be UTC too.
+        return moment.astimezone(dt.timezone.utc)
+    except (ValueError, OverflowError) as exc:  # OverflowError: year 1 moved west of UTC, say
+        raise validation_error(
+            [Problem(name, f"must be an ISO 8601 date or date and time (2027-01-31T12:00:00Z), not {quoted(value)}")],
+            "Invalid query argument",
+        ) from exc

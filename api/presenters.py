@@ -11,10 +11,15 @@ from api.schemas import (
     JobOut,
     JobSummary,
     Progress,
+    QueueCapacity,
     WorkerOut,
     as_utc,
 )
 from models.tables import Dataset, Job, Worker
+
+# What a worker's devices record counts (worker.maintenance.local_devices, worker.gpus.registry_devices); its
+# other entries (gpus_per_slot, each GPU's name and memory) are detail for admins.
+DEVICE_KINDS = ("cpu", "cuda", "mps")
 
 
 def job_links(job_id: str) -> JobLinks:
@@ -29,13 +34,14 @@ def job_links(job_id: str) -> JobLinks:
     )
 
 
-def _job_fields(job: Job) -> dict:
+def _job_fields(job: Job, owner: str) -> dict:
     best = None
     if job.best_metric is not None and job.best_value is not None and job.best_epoch is not None:
         best = Best(metric=job.best_metric, value=job.best_value, epoch=job.best_epoch)
     return dict(
         id=job.id,
         name=job.name,
+        owner=owner,
         status=job.status,
         progress=Progress(epoch=job.epoch, epochs=job.epochs),
         attempts=job.attempts,
@@ -57,14 +63,14 @@ def _job_fields(job: Job) -> dict:
     )
 
 
-def job_summary(job: Job) -> JobSummary:
-    """A job as lists show it (no spec)."""
-    return JobSummary(**_job_fields(job))
+def job_summary(job: Job, owner: str) -> JobSummary:
+    """A job as lists show it (no spec); ``owner`` is its user's name."""
+    return JobSummary(**_job_fields(job, owner))
 
 
-def job_out(job: Job) -> JobOut:
-    """A job with its spec."""
-    return JobOut(**_job_fields(job), spec=job.spec)
+def job_out(job: Job, owner: str) -> JobOut:
+    """A job with its spec; ``owner`` is its user's name."""
+    return JobOut(**_job_fields(job, owner), spec=job.spec)
 
 
 def dataset_summary(dataset: Dataset) -> DatasetSummary:
@@ -92,17 +98,40 @@ def dataset_out(dataset: Dataset) -> DatasetOut:
     return DatasetOut(**dataset_summary(dataset).model_dump(), columns=(dataset.columns or {}).get("names"))
 
 
-def worker_out(worker: Worker, running: list[str], own_job_ids: set[str]) -> WorkerOut:
-    """A live worker and the jobs ``running`` on it; a job is named only to its owner."""
+def worker_out(worker: Worker, running: list[str]) -> WorkerOut:
+    """A live worker and the jobs ``running`` on it, in detail (for admins)."""
     return WorkerOut(
         id=worker.id,
         hostname=worker.hostname,
-        queues=[q for q in worker.queues.split(",") if q],
+        queues=worker_queues(worker),
         devices=worker.devices,
         slots=worker.slots,
         running=len(running),
-        free_slots=max(worker.slots - len(running), 0),
-        job_ids=[job_id for job_id in running if job_id in own_job_ids],
+        free_slots=_free_slots(worker, running),
+        job_ids=running,
         started_at=as_utc(worker.started_at),
         last_heartbeat_at=as_utc(worker.last_heartbeat_at),
     )
+
+
+def queue_capacities(workers: list[Worker], running: dict[str, list[str]]) -> list[QueueCapacity]:
+    """Per queue, what its live workers offer (``running``: the jobs on each worker, by worker id)."""
+    queues: dict[str, QueueCapacity] = {}
+    for worker in workers:
+        kinds = {kind for kind, count in (worker.devices or {}).items() if kind in DEVICE_KINDS and count}
+        for name in worker_queues(worker):
+            queue = queues.setdefault(name, QueueCapacity(queue=name, workers=0, slots=0, free_slots=0, devices=[]))
+            queue.workers += 1
+            queue.slots += worker.slots
+            queue.free_slots += _free_slots(worker, running[worker.id])
+            queue.devices = sorted(kinds | set(queue.devices))
+    return [queues[name] for name in sorted(queues)]
+
+
+def worker_queues(worker: Worker) -> list[str]:
+    """The queues a worker serves (stored comma-separated)."""
+    return [q for q in worker.queues.split(",") if q]
+
+
+def _free_slots(worker: Worker, running: list[str]) -> int:
+    return max(worker.slots - len(running), 0)

@@ -8,10 +8,12 @@ from typing import Any, Literal
 from flask import Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.roles import ROLES
 from models.tables import JOB_STATUSES
 
 API_PREFIX = "/api/v1"
 JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
+Role = Literal[ROLES]  # type: ignore[valid-type]
 
 
 def as_utc(value: dt.datetime | None) -> dt.datetime | None:
@@ -64,6 +66,7 @@ class JobSummary(Out):
 
     id: str
     name: str
+    owner: str = Field(description="the name of the user who submitted it (an admin sees every user's jobs)")
     status: JobStatus
     progress: Progress
     attempts: int
@@ -140,6 +143,49 @@ class DatasetList(Out):
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
 
 
+# --- the caller and the audit log ---------------------------------------------------------------
+
+
+class QuotaOut(Out):
+    name: str = Field(description="queued_jobs, running_jobs, gpus, storage_bytes or streams")
+    counts: str = Field(description="what it counts")
+    limit: int
+    use: int = Field(description="what the caller uses of it now")
+    overridden: bool = Field(description="true: the caller's own limit; false: the deployment's default")
+
+
+class FairShareOut(Out):
+    active_jobs: int = Field(description="jobs running or handed to the workers")
+    usage_seconds: float = Field(description="run time of recent jobs, halved every half_life_seconds")
+    half_life_seconds: float
+
+
+class MeOut(Out):
+    """The caller: who they are, their quotas, and their standing in fair-share dispatch (the user with the
+    fewest active jobs, then the least recent usage, each divided by their share, goes first)."""
+
+    name: str
+    role: Role
+    share: float
+    quotas: list[QuotaOut]
+    fair_share: FairShareOut
+
+
+class AuditEventOut(Out):
+    id: str
+    at: dt.datetime
+    user_id: str = Field(description="who did it: a user's id, or 'cli' for the command line")
+    user_name: str
+    action: str
+    target: str | None = Field(description="the id of the job, dataset, user or key acted on")
+    detail: dict[str, Any] | None
+
+
+class AuditList(Out):
+    events: list[AuditEventOut] = Field(description="newest first")
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
+
+
 # --- workers, health, problems ------------------------------------------------------------------
 
 
@@ -151,13 +197,26 @@ class WorkerOut(Out):
     slots: int
     running: int = Field(description="how many jobs run on it now")
     free_slots: int
-    job_ids: list[str] = Field(description="the caller's own jobs among those running; others are only counted")
+    job_ids: list[str] = Field(description="the jobs running on it")
     started_at: dt.datetime
     last_heartbeat_at: dt.datetime
 
 
+class QueueCapacity(Out):
+    """What the live workers serving one queue offer, in counts (no hosts, no ids)."""
+
+    queue: str
+    workers: int = Field(description="live workers serving it")
+    slots: int = Field(description="jobs they can run at once (a worker serving several queues counts in each)")
+    free_slots: int
+    devices: list[str] = Field(description="the kinds of device they have: cpu, cuda, mps")
+
+
 class WorkerList(Out):
-    workers: list[WorkerOut]
+    live_workers: int
+    queues: list[QueueCapacity] = Field(description="each queue a live worker serves")
+    workers: list[WorkerOut] | None = Field(
+        description="each live worker: host, devices, the jobs it runs; for admins, null for other users")
 
 
 class HealthOut(Out):
@@ -178,3 +237,10 @@ class ProblemOut(Out):
     status: int
     detail: str | None = None
     errors: list[FieldProblem] | None = None
+    # Extension members (RFC 9457 §3.2) of quota-exceeded (quota, limit, use) and rate-limited (budget,
+    # limit: requests a window, window: its seconds).
+    quota: str | None = None
+    budget: str | None = None
+    limit: int | None = None
+    use: int | None = None
+    window: int | None = None

@@ -1,7 +1,7 @@
 """Who may open a live metrics stream. An open stream holds a server thread, so streams are bounded: per
 API process (``max_streams_per_process``, below its thread count, so other requests always find a thread)
-and per user across every API process (``max_streams_per_user``, counted in the database, the one truth
-the processes share). Over either: 429 problem+json with Retry-After.
+and per user across every API process (the ``streams`` quota of models.quotas, counted in the database, the
+one truth the processes share). Over either: 429 problem+json with Retry-After.
 
 A user's slot is a ``stream_slots`` row that its process renews while it serves the stream and deletes when
 the stream closes (ended, or the client hung up); a slot not renewed for a lease (its process died) lapses.
@@ -17,20 +17,22 @@ import threading
 import time
 
 from flask import Flask
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.errors import ApiError
-from models.tables import StreamSlot, User, utcnow
+from api.errors import QUOTA_RETRY_AFTER, ApiError
+from models import quotas
+from models.settings import Settings
+from models.tables import StreamSlot, utcnow
 
 log = logging.getLogger(__name__)
 
 EXTENSION = "torchyard.streams"
 # How long a slot counts without being renewed; its stream renews it three times a lease.
 LEASE_SECONDS = 60.0
-# When to ask again after a 429: a stream of a few seconds' polling frees a slot sooner than most.
-RETRY_AFTER_SECONDS = 5
+# When to ask again after a 429: as after the user's own streams quota (a stream frees a slot soon).
+RETRY_AFTER_SECONDS = QUOTA_RETRY_AFTER["streams"]
 POLL_INSTEAD = "or poll GET /jobs/{id}/metrics?since_epoch=N"
 
 
@@ -49,21 +51,18 @@ class StreamGate:
         self._lock = threading.Lock()
         self.open = 0
 
-    def admit(self, session: Session, sessions: sessionmaker[Session], user_id: str, per_user: int,
-              per_process: int, lease: float) -> OpenStream:
+    def admit(self, session: Session, sessions: sessionmaker[Session], settings: Settings, user_id: str,
+              lease: float) -> OpenStream:
         """A slot for a new stream of ``user_id`` (claimed in ``session``, committed; the stream renews and
-        releases it with ``sessions``), or the 429 of the limit it would pass."""
+        releases it with ``sessions``), or the 429 of the limit it would pass (QuotaExceeded: the user's)."""
+        per_process = settings.max_streams_per_process
         with self._lock:
             if self.open >= per_process:
                 raise too_many_streams(
                     f"this API process serves {per_process} metrics streams, its most "
                     f"(TORCHYARD_MAX_STREAMS_PER_PROCESS), so that other requests find a thread; retry after "
                     f"{RETRY_AFTER_SECONDS} s, {POLL_INSTEAD}")
-            slot_id = claim_slot(session, user_id, per_user, lease)
-            if slot_id is None:
-                raise too_many_streams(
-                    f"you have {per_user} open metrics streams, the most one user may have "
-                    f"(TORCHYARD_MAX_STREAMS_PER_USER); close one, {POLL_INSTEAD}")
+            slot_id = claim_slot(session, settings, user_id, lease)
             self.open += 1
         return OpenStream(self, sessions, slot_id, lease)
 
@@ -78,17 +77,12 @@ def stream_gate(app: Flask) -> StreamGate:
     return app.extensions.setdefault(EXTENSION, StreamGate())
 
 
-def claim_slot(session: Session, user_id: str, limit: int, lease: float) -> str | None:
-    """Insert a slot for the user unless they hold ``limit`` live ones already; its id, or None."""
+def claim_slot(session: Session, settings: Settings, user_id: str, lease: float) -> str:
+    """Insert a slot for the user and return its id; QuotaExceeded when they hold their quota of live ones."""
+    # Counted under a lock on the user's row: this user's admissions in every process take turns.
+    quotas.require_locked(session, settings, user_id, "streams")
     now = utcnow()
-    # Take turns with this user's other admissions in every process: PostgreSQL locks the user's row (NO KEY
-    # UPDATE: inserts of the user's jobs may go on); SQLite serializes every write transaction anyway.
-    session.execute(select(User.id).where(User.id == user_id).with_for_update(key_share=True))
     session.execute(delete(StreamSlot).where(StreamSlot.user_id == user_id, StreamSlot.expires_at <= now))
-    held = session.scalar(select(func.count()).select_from(StreamSlot).where(StreamSlot.user_id == user_id))
-    if held >= limit:
-        session.commit()  # the lapsed slots stay deleted
-        return None
     slot = StreamSlot(user_id=user_id, process=f"{socket.gethostname()}:{os.getpid()}"[:200],
                       expires_at=now + dt.timedelta(seconds=lease))
     session.add(slot)

@@ -58,14 +58,15 @@ def resume_epoch(request: Request, since_epoch: int) -> int:
     return int_arg({"Last-Event-ID": header.strip()}, "Last-Event-ID", since_epoch, 0, MAX_INT)
 
 
-def metrics_stream(sessions: sessionmaker[Session], user_id: str, job_id: str, since_epoch: int) -> Response:
+def metrics_stream(sessions: sessionmaker[Session], user_id: str, job_id: str, since_epoch: int,
+                   owner: str) -> Response:
     """The SSE response that follows a job's metrics from after ``since_epoch`` until the job finishes, if
-    the stream limits admit another stream of ``user_id`` (else 429)."""
+    the stream limits admit another stream of ``user_id`` (else 429); ``owner`` names the job's user."""
     config, settings = current_app.config, services().settings
     # Admitted over the request's own session: a thread waiting its turn holds a pooled connection already,
     # and the one whose turn it is must not wait for another.
     admitted = stream_gate(current_app).admit(
-        get_session(), sessions, user_id, settings.max_streams_per_user, settings.max_streams_per_process,
+        get_session(), sessions, settings, user_id,
         lease=config.get("METRICS_STREAM_SLOT_LEASE_SECONDS", LEASE_SECONDS),
     )
     try:
@@ -73,6 +74,7 @@ def metrics_stream(sessions: sessionmaker[Session], user_id: str, job_id: str, s
             sessions,
             job_id,
             since_epoch,
+            owner=owner,
             poll=config.get("METRICS_STREAM_POLL_SECONDS", POLL_SECONDS),
             keepalive=config.get("METRICS_STREAM_KEEPALIVE_SECONDS", KEEPALIVE_SECONDS),
             max_seconds=config.get("METRICS_STREAM_MAX_SECONDS", MAX_SECONDS),
@@ -94,6 +96,7 @@ def follow_metrics(
     job_id: str,
     since_epoch: int,
     *,
+    owner: str,
     poll: float,
     keepalive: float,
     max_seconds: float,
@@ -113,7 +116,7 @@ def follow_metrics(
         if job is None:
             return  # deleted while followed
         if job.status in FINISHED_STATUSES:
-            yield sse("status", json.loads(job_out(job).model_dump_json()))
+            yield sse("status", json.loads(job_out(job, owner).model_dump_json()))
             return
         now = time.monotonic()
         if now - started >= max_seconds or not keep():

@@ -1,4 +1,4 @@
-"""Submitting a job: validate spec and dataset, honour Idempotency-Key, commit, then publish its id."""
+"""Submitting a job: validate spec and dataset, honour Idempotency-Key, commit, then dispatch its queue."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api.datasets import lock_dataset
 from api.errors import ApiError, validation_error
 from api.gate import read_json
-from models import lifecycle, queues
+from models import audit, lifecycle, queues, quotas
 from models.catalog import DataShape
+from models.dispatch import PRIORITIES, dispatch_soon
 from models.memory import memory_problems
+from models.quotas import QuotaExceeded
 from models.services import Services
 from models.settings import Settings
 from models.shapes import fit_problems
@@ -34,7 +37,7 @@ def spec_body(request: Request, settings: Settings) -> Any:
 
 
 def queue_for(spec: JobSpec) -> str:
-    """The broker queue that serves a spec: ``cpu``, or ``gpu`` / ``gpu.k`` by the GPUs one job needs."""
+    """The broker queue that serves a spec: ``cpu``, ``mps``, or ``gpu`` / ``gpu.k`` by the GPUs one job needs."""
     return queues.queue_for(spec.resources)
 
 
@@ -50,6 +53,15 @@ def submit_job(
             raise validation_error([Problem("Idempotency-Key", problem)])
     spec = validate_spec(session, user, body, settings.limits)
     normalized = spec.model_dump(mode="json")
+    try:
+        # Counted under a lock on the user's row, held until the insert commits: concurrent submits of one
+        # user take turns, so no more than the quota get in.
+        quotas.require_locked(session, settings, user.id, "queued_jobs")
+    except QuotaExceeded:
+        existing = _same_key_job(session, user, idempotency_key, normalized)
+        if existing is None:
+            raise
+        return existing, False  # a retry of a job this key made already: its answer, quota or not
     job = lifecycle.submit(
         session,
         user_id=user.id,
@@ -59,8 +71,11 @@ def submit_job(
         epochs=spec.training.epochs,
         max_attempts=settings.max_attempts,
         idempotency_key=idempotency_key,
+        priority=PRIORITIES[spec.priority],
     )
     try:
+        session.flush()  # the job's id for its audit event (a reused Idempotency-Key conflicts here already)
+        audit.record(session, user, "submit", job.id, name=job.name, queue=job.queue)
         session.commit()
     except IntegrityError:
         # The key was used before (a retry, or a concurrent request that won the insert): answer with
@@ -70,8 +85,9 @@ def submit_job(
         if existing is None:
             raise
         return existing, False
-    # After the commit: a lost publish only delays the job (the reconciler publishes queued rows again).
-    services.publisher.publish(job.id, job.queue)
+    # After the commit: the dispatcher releases the job to the broker at once if a slot is free (else when
+    # one frees up); a lost publish only delays it (the dispatcher rings released jobs again).
+    dispatch_soon(services, [job.queue])
     return job, True
 
 
@@ -102,9 +118,13 @@ def validate_spec(session: Session, user: User, body: Any, limits: Limits) -> Jo
 
 
 def check_dataset(session: Session, user: User, spec: JobSpec, limits: Limits) -> JobSpec:
-    """Check the network against the caller's uploaded dataset; fill in the CSV target column it will use."""
+    """Check the network against the caller's uploaded dataset; fill in the CSV target column it will use.
+
+    The dataset stays locked until the job's insert commits (or the request ends): a delete waits, then
+    finds the job and refuses; a delete that went first leaves no row to find here.
+    """
     data = spec.data
-    dataset = session.scalar(select(Dataset).where(Dataset.id == data.dataset_id, Dataset.user_id == user.id))
+    dataset = lock_dataset(session, user.id, data.dataset_id)
     if dataset is None:
         raise validation_error(
             [

@@ -62,7 +62,7 @@ BURST_THREADS = 8
 STREAMS = 30
 # A job that no worker takes here (no worker serves 4-GPU jobs): it stays queued, so its streams stay open.
 PARKED = {**circles_spec("abuse-parked"), "resources": {"device": "cuda", "gpus": 4}}
-LIMIT_NAME = re.compile(r"\((max_\w+|TORCHYARD_MAX_\w+)\)")  # a setting named in a problem's detail
+LIMIT_NAME = re.compile(r"\((max_\w+|quota_\w+|rate_limit_\w+|TORCHYARD_MAX_\w+)\)")  # a setting named in a detail
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -242,7 +242,10 @@ class OwnService:
         from torchyard.serve import local_token
 
         self.home = Path(tempfile.mkdtemp(prefix="torchyard-abuse-"))
-        self.settings = Settings(home=self.home).resolved()
+        # The table's probes send more reads and uploads within a minute than a key's budgets allow, and each
+        # probe must meet the limit it is about: those two budgets are raised here. Submissions keep theirs.
+        generous = {"rate_limit_read": "100000/minute", "rate_limit_upload": "100000/minute"}
+        self.settings = Settings(home=self.home, **generous).resolved()
         upgrade(self.settings.database_url)
         self.token = local_token(self.settings)
         self.app = create_app(self.settings.model_dump())
@@ -383,7 +386,7 @@ class Bench:
         while time.monotonic() - started < timeout:
             if self.http.json("GET", f"{API}/jobs/{job_id}")["status"] in FINISHED:
                 return
-            if time.monotonic() - started > 20 and not self.http.json("GET", f"{API}/workers")["workers"]:
+            if time.monotonic() - started > 20 and not self.http.json("GET", f"{API}/workers")["live_workers"]:
                 print(f"(no live worker: the job the probes aim at, {job_id}, stays queued)", file=sys.stderr)
                 return
             time.sleep(0.5)

@@ -22,7 +22,7 @@ RUN_JOB = "worker.tasks.run_job"
 # Jobs run for hours; a redelivery after this long is harmless (the claim refuses it) and the database
 # lease plus the reaper, not the broker, bring back the jobs of lost workers.
 VISIBILITY_TIMEOUT = 7 * 24 * 3600
-# A few quick tries, then give up: the job row is already committed and the reconciler re-publishes
+# A few quick tries, then give up: the job row is already committed and the dispatcher re-publishes
 # queued jobs that nobody took, so an API request must not hang on a broker that is down.
 RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
@@ -77,6 +77,6 @@ class BrokerPublisher:
             raise ValueError(f"unknown queue {queue!r}; queues: {describe_queues()}")
         try:
             self.app.send_task(RUN_JOB, args=[job_id], queue=queue, retry=True, retry_policy=RETRY_POLICY)
-        except Exception as exc:  # noqa: BLE001 - the reconciler re-publishes; say so rather than fail
-            log.warning("could not publish job %s to queue %s (%s: %s); the reconciler will re-publish it",
+        except Exception as exc:  # noqa: BLE001 - the dispatcher re-publishes; say so rather than fail
+            log.warning("could not publish job %s to queue %s (%s: %s); the dispatcher will publish it again",
                         job_id, queue, type(exc).__name__, exc)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine, event
+from typing import Any
+
+from sqlalchemy import Engine, Select, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -25,3 +27,24 @@ def make_engine(url: str) -> Engine:
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded values after commit, so rows can be returned from helpers."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def locked_row(session: Session, statement: Select) -> Any:
+    """The row ``statement`` selects (or None), locked until the session's transaction ends, so that two
+    transactions that each check it and then write can't interleave.
+
+    PostgreSQL takes a row lock (``SELECT … FOR UPDATE``); a waiter reads the row as the holder left it, or
+    not at all if the holder deleted it. SQLite ignores FOR UPDATE, and pysqlite begins a transaction only
+    at the first write, so a read that comes first is no part of it: here the transaction begins with
+    ``BEGIN IMMEDIATE``, which takes the database's write lock before the read.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        _begin_immediate(session)
+    return session.scalar(statement.with_for_update().execution_options(populate_existing=True))
+
+
+def _begin_immediate(session: Session) -> None:
+    connection = session.connection()
+    # pysqlite is in a transaction only once this one wrote something, so it holds the write lock already.
+    if not connection.connection.dbapi_connection.in_transaction:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

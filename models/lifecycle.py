@@ -9,7 +9,7 @@ that lost its job (the reaper requeued it, another worker claimed it) matches no
 transition              from         to                           who, and the condition
 ======================  ===========  ===========================  =====================================
 ``submit``              (new row)    queued                       API
-``claim``               queued       running                      worker; no cancel asked, attempts left
+``claim``               queued       running                      worker; released, no cancel, attempts left
 ``give_up``             queued       failed                       worker; attempts used up
 ``cancel``              queued       cancelled                    API, at once
 ``cancel``              running      running, cancel requested    API; the attempt stops at a batch end
@@ -17,8 +17,11 @@ transition              from         to                           who, and the c
 ``finish``              running      succeeded, failed, cancelled the attempt, when its run ended
 ``hand_back``           running      queued (cancelled if asked)  the attempt, on shutdown; no attempt used
 ``reap``                running      queued, failed or cancelled  maintenance, once the lease expired
-``mark_rung``           queued       queued                       maintenance (the reconciler re-rang it)
-``set_pending_reason``  queued       queued                       maintenance (why it waits)
+``lose``                running      queued, failed or cancelled  the worker, when the attempt's process died
+``release``             queued       queued, released             the dispatcher: handed to the broker
+``unrelease``           queued       queued, held                 the dispatcher: its message is stale now
+``request_preemption``  running      running, preemption asked    the dispatcher; the attempt hands back
+``set_pending_reason``  queued       queued                       dispatcher, maintenance (why it waits)
 ======================  ===========  ===========================  =====================================
 
 Everything else is forbidden: nothing leaves succeeded, failed or cancelled; a cancelled or exhausted
@@ -49,9 +52,10 @@ def _ended(status: str, now: dt.datetime) -> dict[str, Any]:
 
 
 def _back_in_queue(pending_reason: str) -> dict[str, Any]:
-    """The fields a job sets when it goes back to the queue: no worker, device or lease until claimed."""
+    """The fields a job sets when it goes back to the queue: no worker, device or lease until claimed, and
+    held in the database until the dispatcher releases it again."""
     return {"status": "queued", "worker_id": None, "device": None, "lease_expires_at": None,
-            "pending_reason": pending_reason}
+            "pending_reason": pending_reason, "released_at": None, "preempt_reason": None}
 
 
 def _queued(job_id: str):
@@ -60,6 +64,11 @@ def _queued(job_id: str):
 
 def _running(job_id: str, attempt: int):
     return update(Job).where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
+
+
+def _attempts():
+    """The columns that ``reap`` and ``lose`` decide by (the attempt is their fence)."""
+    return select(Job.id, Job.attempts, Job.max_attempts, Job.worker_id, Job.queue, Job.cancel_requested)
 
 
 def _rows(session: Session, statement) -> int:
@@ -80,11 +89,12 @@ def submit(session: Session, **fields: Any) -> Job:
 
 def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> Job | None:
     """queued -> running as the next attempt, with a lease; None if the job isn't this worker's to run
-    (a duplicate or stale message, a cancelled job, or one out of attempts)."""
+    (a duplicate or stale message, a job the dispatcher holds back, a cancelled job, or one out of
+    attempts)."""
     now = utcnow()
     statement = (
         _queued(job_id)
-        .where(Job.cancel_requested.is_(False), Job.attempts < Job.max_attempts)
+        .where(Job.released_at.is_not(None), Job.cancel_requested.is_(False), Job.attempts < Job.max_attempts)
         .values(status="running", attempts=Job.attempts + 1, worker_id=worker_id, started_at=now,
                 pending_reason=None, lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
         .returning(Job)
@@ -116,7 +126,8 @@ def cancel(session: Session, job_id: str, user_id: str) -> str | None:
 def renew(session: Session, job_id: str, attempt: int, lease_seconds: float, **progress: Any) -> Row | None:
     """Extend the attempt's lease and record its progress; None when the attempt no longer owns the job.
 
-    Returns the row's ``cancel_requested``, so each renewal also tells the attempt whether to stop.
+    Returns the row's ``cancel_requested`` and ``preempt_reason``, so each renewal also tells the attempt
+    whether to stop, or to hand its slot back.
     """
     unknown = progress.keys() - PROGRESS_FIELDS
     if unknown:
@@ -124,7 +135,7 @@ def renew(session: Session, job_id: str, attempt: int, lease_seconds: float, **p
     statement = (
         _running(job_id, attempt)
         .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds), **progress)
-        .returning(Job.cancel_requested)
+        .returning(Job.cancel_requested, Job.preempt_reason)
         .execution_options(synchronize_session=False)
     )
     return session.execute(statement).first()
@@ -161,32 +172,70 @@ def hand_back(session: Session, job_id: str, attempt: int, reason: str) -> str |
 
 def expired(session: Session, now: dt.datetime) -> list[Row]:
     """Running jobs whose lease ran out before ``now``: what ``reap`` takes."""
-    return list(session.execute(
-        select(Job.id, Job.attempts, Job.max_attempts, Job.worker_id, Job.queue, Job.cancel_requested)
-        .where(Job.status == "running", Job.lease_expires_at < now)
-    ))
+    return list(session.execute(_attempts().where(Job.status == "running", Job.lease_expires_at < now)))
+
+
+def held(session: Session, job_id: str, worker_id: str) -> Row | None:
+    """The running attempt of ``job_id`` if worker ``worker_id`` holds it: what ``lose`` takes."""
+    return session.execute(_attempts().where(Job.id == job_id, Job.status == "running",
+                                             Job.worker_id == worker_id)).first()
+
+
+def _after_loss(job: Row, now: dt.datetime, what: str) -> dict[str, Any]:
+    """What a lost attempt leaves: cancelled if asked, failed once attempts are used up, else queued again."""
+    if job.cancel_requested:
+        return _ended("cancelled", now)
+    if job.attempts >= job.max_attempts:
+        return {"error": f"worker lost {job.attempts} times", **_ended("failed", now)}
+    return _back_in_queue(f"requeued: {what} (attempt {job.attempts} of {job.max_attempts})")
 
 
 def reap(session: Session, job: Row, now: dt.datetime) -> str | None:
     """running -> queued (the next attempt resumes), failed (attempts used up) or cancelled (one was asked)
     for a job of ``expired``; the new status, or None when the attempt renewed or ended meanwhile."""
-    if job.cancel_requested:
-        values = _ended("cancelled", now)
-    elif job.attempts >= job.max_attempts:
-        values = {"error": f"worker lost {job.attempts} times", **_ended("failed", now)}
-    else:
-        values = _back_in_queue(f"requeued: worker {job.worker_id} stopped renewing its lease "
-                                f"(attempt {job.attempts} of {job.max_attempts})")
+    values = _after_loss(job, now, f"worker {job.worker_id} stopped renewing its lease")
     statement = _running(job.id, job.attempts).where(Job.lease_expires_at < now).values(**values)
     return values["status"] if _rows(session, statement) else None
 
 
-def mark_rung(session: Session, job_id: str, stale: dt.datetime) -> bool:
-    """Note that a queued job untouched since ``stale`` was published again; False when another worker's
-    reconciler did it first (only the winner publishes)."""
-    return bool(_rows(session, _queued(job_id).where(Job.updated_at < stale).values(updated_at=utcnow())))
+def lose(session: Session, job: Row, what: str) -> str | None:
+    """``reap`` without waiting for the lease, for a job of ``held``: its worker saw the process running the
+    attempt die (``what`` says how). The attempt counts as used, as a reaped one does, and the next resumes
+    from the last checkpoint. The new status, or None when that attempt ended or was reaped meanwhile."""
+    values = _after_loss(job, utcnow(), what)
+    return values["status"] if _rows(session, _running(job.id, job.attempts).values(**values)) else None
+
+
+def release(session: Session, job_id: str, again_before: dt.datetime | None = None,
+            clear_reason: bool = False) -> bool:
+    """Mark a held queued job as handed to the broker (the caller publishes it after the commit); with
+    ``again_before``, one released before then that no worker took (its message was lost); with
+    ``clear_reason``, its pending reason no longer holds. False when another dispatcher got there first, or
+    the job is no longer queued: only the winner publishes."""
+    held = Job.released_at.is_(None) if again_before is None else Job.released_at < again_before
+    # Dispatch is bookkeeping, not a change a client sees: updated_at stays.
+    values: dict[str, Any] = {"released_at": utcnow(), "updated_at": Job.updated_at}
+    if clear_reason:
+        values["pending_reason"] = None
+    return bool(_rows(session, _queued(job_id).where(held, Job.cancel_requested.is_(False)).values(**values)))
+
+
+def unrelease(session: Session, job_id: str) -> bool:
+    """Hold a released job back again (a higher-priority one must get the next free slot): a worker that
+    meets its message skips it, and the dispatcher releases it again later. False if it wasn't released."""
+    return bool(_rows(session, _queued(job_id).where(Job.released_at.is_not(None))
+                      .values(released_at=None, updated_at=Job.updated_at)))
+
+
+def request_preemption(session: Session, job_id: str, attempt: int, reason: str) -> bool:
+    """Ask a running attempt to checkpoint at its next batch and hand the job back (``hand_back``, no attempt
+    used), saying ``reason``; False when it ended, is being cancelled or was asked already."""
+    asked = _running(job_id, attempt).where(Job.cancel_requested.is_(False), Job.preempt_reason.is_(None))
+    return bool(_rows(session, asked.values(preempt_reason=reason)))
 
 
 def set_pending_reason(session: Session, job_id: str, reason: str | None) -> bool:
-    """Say why a queued job waits (None: it no longer does for that reason); False if it isn't queued."""
-    return bool(_rows(session, _queued(job_id).values(pending_reason=reason)))
+    """Say why a queued job waits (None: it no longer does for that reason); False if it isn't queued or
+    already says so (no write, so a reason said every round costs nothing)."""
+    return bool(_rows(session, _queued(job_id).where(Job.pending_reason.is_distinct_from(reason))
+                      .values(pending_reason=reason)))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from models.queues import queue_gpus, who_serves
+from models.queues import CPU, who_serves
 from models.settings import Settings
 from models.tables import Job, Worker, utcnow
 
@@ -48,10 +48,10 @@ def queue_capacity(session: Session, settings: Settings) -> tuple[set[str], set[
 def no_worker_reason(queue: str) -> str:
     """Why a job waits when no live worker serves its queue: ``… queue 'gpu.4' (jobs needing 4 GPUs)``."""
     try:
-        needs = queue_gpus(queue)
+        what = who_serves(queue)
     except ValueError:  # a queue this version doesn't know (a newer API): no more to say
-        needs = 0
-    return f"{NO_WORKER} {queue!r}" + (f" ({who_serves(queue)})" if needs else "")
+        return f"{NO_WORKER} {queue!r}"
+    return f"{NO_WORKER} {queue!r}" + (f" ({what})" if queue != CPU else "")
 
 
 @dataclass(frozen=True)

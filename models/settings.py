@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from models.spec import Limits
 
 PREFIX = "TORCHYARD_"
+# Where rate-limit counts may live: this process, or a Redis server.
+RATE_LIMIT_STORAGES = ("memory://", "redis://", "rediss://")
 
 
 class Settings(BaseModel):
@@ -48,6 +50,25 @@ class Settings(BaseModel):
     # state and the process itself. The default suits a worker with 4 GiB to spare.
     max_job_memory: Annotated[int, Field(ge=1)] = 4 << 30
 
+    # Sharing the service (models.quotas, models.dispatch). Quotas are per user; `torchyard user set-quota`
+    # overrides them for one user.
+    quota_queued_jobs: Annotated[int, Field(ge=0)] = 100
+    quota_running_jobs: Annotated[int, Field(ge=0)] = 8
+    quota_gpus: Annotated[int, Field(ge=0)] = 8
+    quota_storage_bytes: Annotated[int, Field(ge=0)] = 10 << 30
+    quota_streams: Annotated[int, Field(ge=0)] = 4
+    # Fair share: a user's usage is their running jobs, then their recent run time, halved every this many
+    # seconds (Slurm's decay half-life), each divided by the user's share.
+    fairshare_half_life_seconds: Annotated[float, Field(gt=0)] = 3600
+    # Jobs released to the broker beyond a queue's free slots, so a worker that finishes one finds the next
+    # at once; more only delays fairness.
+    dispatch_margin: Annotated[int, Field(ge=0)] = 1
+    # A high-priority job with no free slot may ask a lower-priority running job to hand its slot back.
+    preemption: bool = False
+
+    # The audit log (models.audit): who did what is kept this long, then the maintenance loop deletes it.
+    audit_retention_days: Annotated[int, Field(ge=1)] = 90
+
     # Reliability.
     max_attempts: int = 3
     lease_seconds: int = 60
@@ -59,10 +80,22 @@ class Settings(BaseModel):
     port: int = 8000
     api_workers: int = 2  # gunicorn processes of ``torchyard api``
     api_threads: Annotated[int, Field(ge=2)] = 16  # threads of each ``torchyard api`` process
-    # Live metrics streams (SSE) each hold a thread while open: a user may hold this many across every
-    # API process, and one API process serves at most this many, so the rest of its threads stay free.
-    max_streams_per_user: Annotated[int, Field(ge=1)] = 4
+    # Seconds a client may send nothing while its request (line, headers, body) is still due, under both
+    # servers: a stalled request must not hold a thread (or an upload slot) forever. Past it the server
+    # drops the connection, answering 408 when it was the body that stalled.
+    request_read_timeout_seconds: Annotated[float, Field(gt=0)] = 30
+    # Live metrics streams (SSE) each hold a thread while open: one API process serves at most this many, so
+    # the rest of its threads stay free (a user's own streams across every process: quota_streams).
     max_streams_per_process: Annotated[int, Field(ge=1)] = 8
+    # Rate limits per API key (api/rate_limits.py), in Flask-Limiter's notation ("120/minute", or several:
+    # "10/second;1000/hour"): submissions (POST /jobs), uploads (POST /datasets), and every other request
+    # (reads mostly); a request without a valid key counts against its IP address's read budget.
+    rate_limit_submit: str = "120/minute"
+    rate_limit_read: str = "1200/minute"
+    rate_limit_upload: str = "30/minute"
+    # Where the counts live: every API process must share them. Default: the broker when it is Redis, else
+    # this process's memory (one process under `serve`).
+    rate_limit_storage_url: str = ""
     worker_queues: str = "cpu"
     worker_concurrency: int = 1  # jobs a CPU worker runs at once; a GPU worker runs one a GPU slot
     # GPUs a GPU worker uses: "auto" counts this machine's CUDA devices at worker start; a number picks
@@ -80,6 +113,26 @@ class Settings(BaseModel):
     # The CLI as a client: which server, which key (default: the one ``torchyard serve`` saved).
     url: str = ""
     token: str = ""
+
+    @field_validator("rate_limit_submit", "rate_limit_read", "rate_limit_upload")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        from limits import parse_many  # only the API limits rates; the workers needn't import it
+
+        try:
+            items = parse_many(value)
+        except ValueError:
+            items = []
+        if not items or any(item.amount < 1 for item in items):
+            raise ValueError(f"a rate such as '120/minute' or '10/second;1000/hour', not {value!r}")
+        return value
+
+    @field_validator("rate_limit_storage_url")
+    @classmethod
+    def _rate_limit_storage(cls, value: str) -> str:
+        if value and not value.startswith(RATE_LIMIT_STORAGES):
+            raise ValueError(f"empty (the default), or a URL starting {', '.join(RATE_LIMIT_STORAGES)}; not {value!r}")
+        return value
 
     @field_validator("worker_gpus", mode="before")
     @classmethod

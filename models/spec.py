@@ -547,6 +547,9 @@ class JobSpec(Strict):
 
     name: Text(min_length=1) = "job"
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    # Order among the user's own queued jobs (fair share decides between users); with preemption on, a
+    # high job may take a running lower one's slot (models.dispatch).
+    priority: Literal["low", "normal", "high"] = "normal"
     task: Literal["regression", "binary", "multiclass"]
     data: Data
     model: ModelSpec

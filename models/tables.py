@@ -55,6 +55,12 @@ class User(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("usr"))
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # "user" sees its own jobs and counts of workers; "admin" sees everything (models.roles).
+    role: Mapped[str] = mapped_column(String(20), default="user", server_default="user")
+    # The user's weight in fair-share dispatch (models.dispatch); equal shares by default.
+    share: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
+    # Overrides of the deployment's quota defaults, by quota name (models.quotas): {"running_jobs": 4}.
+    quotas: Mapped[Optional[dict[str, Any]]]
 
 
 class ApiKey(Base):
@@ -66,8 +72,11 @@ class ApiKey(Base):
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # The token's first characters, so a listing can tell keys apart without showing one.
+    prefix: Mapped[Optional[str]] = mapped_column(String(16))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[Optional[dt.datetime]]
+    expires_at: Mapped[Optional[dt.datetime]]
     revoked_at: Mapped[Optional[dt.datetime]]
 
     user: Mapped[User] = relationship()
@@ -90,6 +99,11 @@ class Job(Base):
     spec: Mapped[dict[str, Any]]
     queue: Mapped[str] = mapped_column(String(50), default="cpu")
     idempotency_key: Mapped[Optional[str]] = mapped_column(String(200))
+    # Dispatch (models.dispatch): the spec's priority (0 low, 1 normal, 2 high), when the job was last
+    # handed to the broker (None: it waits in the database), and why a running one was asked to make room.
+    priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    released_at: Mapped[Optional[dt.datetime]]
+    preempt_reason: Mapped[Optional[str]] = mapped_column(Text)
 
     # Progress.
     epoch: Mapped[int] = mapped_column(Integer, default=0)
@@ -197,3 +211,19 @@ class StreamSlot(Base):
     process: Mapped[str] = mapped_column(String(200))  # host:pid of the API process serving it
     expires_at: Mapped[dt.datetime]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class AuditEvent(Base):
+    """Who did what, when: append-only (rows are only ever inserted, and deleted once past retention).
+    Names are copied, not referenced, so an event outlives the rows it speaks of."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_at", "at"), Index("ix_audit_events_user_id_at", "user_id", "at"))
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("aud"))
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    user_id: Mapped[str] = mapped_column(String(40))
+    user_name: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(40))  # submit, cancel, delete, download, upload, …
+    target: Mapped[Optional[str]] = mapped_column(String(200))  # the job's or dataset's id
+    detail: Mapped[Optional[dict[str, Any]]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime as dt
 import os
 import secrets
 import signal
@@ -25,6 +26,9 @@ from sqlalchemy.engine import make_url
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 CIRCLES_SPEC = circles_spec("circles-mlp", epochs=5, lr=0.1)
+# Rate-limit budgets that test deployments never reach unless a test sets its own (tests/test_rate_limits.py):
+# the fuzz and hostile tests send hundreds of requests with one key within a minute.
+GENEROUS_RATE_LIMITS = {f"rate_limit_{budget}": "100000/minute" for budget in ("submit", "read", "upload")}
 
 
 @pytest.fixture
@@ -105,6 +109,21 @@ def published(publisher) -> list[tuple[str, str]]:
 
 
 @pytest.fixture
+def live_worker(sessions) -> str:
+    """A worker row serving the queues of jobs of up to 8 GPUs with room to spare, so the API's dispatcher
+    releases each submitted job at once: the API tests' stand-in for a running worker (its heartbeat stays
+    fresh for a day)."""
+    from models.queues import QUEUES
+    from models.tables import Worker, utcnow
+
+    with sessions() as session:
+        session.add(Worker(id="test-worker:1", hostname="test", queues=",".join(QUEUES[:10]), slots=100_000,
+                           last_heartbeat_at=utcnow() + dt.timedelta(days=1)))
+        session.commit()
+    return "test-worker:1"
+
+
+@pytest.fixture
 def artifacts_url(tmp_path) -> str:
     """The artifact store's root folder."""
     return str(tmp_path / "artifacts")
@@ -119,8 +138,10 @@ def make_app(database_url, artifacts_url, publisher):
     apps = []
 
     def make_app(publisher=publisher, **overrides):
+        # Counted in the app's memory, even where a test names a Redis broker.
         config = {"TESTING": True, "database_url": database_url, "artifacts_url": artifacts_url,
-                  "broker_url": "filesystem://", **overrides}
+                  "broker_url": "filesystem://", **GENEROUS_RATE_LIMITS, "rate_limit_storage_url": "memory://",
+                  **overrides}
         apps.append(create_app(config, publisher))
         return apps[-1]
 
@@ -234,7 +255,7 @@ def worker_settings(home, **fields):
     """Settings of a test deployment under ``home`` (SQLite, filesystem broker and store by default)."""
     from models.settings import Settings
 
-    return Settings(home=home, **{**FAST_RELIABILITY, **fields}).resolved()
+    return Settings(home=home, **{**FAST_RELIABILITY, **GENEROUS_RATE_LIMITS, **fields}).resolved()
 
 
 def settings_env(settings) -> dict[str, str]:
@@ -654,3 +675,18 @@ def production_settings(home, redis_url: str = REDIS_SCALE_URL, **fields):
         redis_client.flushdb()
         with _admin_connection() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# ==================================================================================================
+# Users, keys, roles and the audit log (models/accounts.py, models/roles.py, models/audit.py)
+# ==================================================================================================
+
+
+@pytest.fixture
+def admin(sessions) -> dict[str, str]:
+    """Request headers authenticating as root, an admin."""
+    from models import accounts
+
+    with sessions() as session:
+        accounts.create_user(session, "root", role="admin")
+        return {"Authorization": f"Bearer {accounts.create_api_key(session, 'root', 'test')}"}

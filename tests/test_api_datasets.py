@@ -121,7 +121,8 @@ def test_an_oversize_upload_is_a_413_problem(make_app, artifacts_url, tokens):
     response = upload(client, headers, b"x1,y\n" + b"1,0\n" * 1000, "big.csv")
     assert response.status_code == 413
     assert response.mimetype == "application/problem+json"
-    assert response.json["title"] == "Request Entity Too Large"
+    assert response.json["title"] == "Content Too Large"
+    assert response.json["detail"] == "the request body is larger than 1000 bytes (max_upload_bytes)"
     assert stored_files(artifacts_url) == []
     assert upload(client, headers, b"x1,y\n1,0\n", "small.csv").status_code == 201
 

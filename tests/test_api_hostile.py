@@ -135,7 +135,8 @@ def test_a_hostile_request_is_a_short_4xx_problem_naming_the_field_and_writes_no
 # --- what only looks hostile is accepted -----------------------------------------------------------
 
 
-def test_brackets_inside_strings_a_bom_and_any_script_are_accepted(client, alice, spec, sessions, published):
+def test_brackets_inside_strings_a_bom_and_any_script_are_accepted(client, alice, spec, sessions, published,
+                                                                  live_worker):
     spec["name"] = "[" * 60 + "{ジョブ 🚀 \\\" ]" + "}" * 60  # brackets in a string don't nest anything
     body = b"\xef\xbb\xbf" + json.dumps(spec).encode()  # a UTF-8 byte order mark
     response = client.post(f"{API}/jobs", data=body, headers=alice, content_type="application/json; charset=utf-8")

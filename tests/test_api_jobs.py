@@ -39,7 +39,7 @@ def test_requests_without_a_valid_key_are_401_problems(client, tokens, spec):
     assert submit(client, {}, spec).status_code == 401
 
 
-def test_submit_stores_the_job_then_rings_its_queue(client, alice, spec, published):
+def test_submit_stores_the_job_then_rings_its_queue(client, alice, spec, published, live_worker):
     response = submit(client, alice, spec)
     assert response.status_code == 201
     job = response.json
@@ -55,23 +55,23 @@ def test_submit_stores_the_job_then_rings_its_queue(client, alice, spec, publish
     assert client.get(f"{JOBS}/{job['id']}", headers=alice).json == job
 
 
-def test_a_cuda_job_goes_to_the_gpu_queue(client, alice, spec, published):
+def test_a_cuda_job_goes_to_the_gpu_queue(client, alice, spec, published, live_worker):
     spec["resources"] = {"device": "cuda"}
     job = submit(client, alice, spec).json
     assert job["queue"] == "gpu"
     assert published == [(job["id"], "gpu")]
 
 
-def test_a_broker_that_is_down_still_gets_a_201_and_keeps_the_queued_job(make_app, alice, spec, caplog):
+def test_a_broker_that_is_down_still_gets_a_201_and_keeps_the_queued_job(make_app, alice, spec, caplog, live_worker):
     # The real publisher, aimed at a port where no Redis listens: it tries a few times, logs, and gives up,
-    # since the reconciler publishes queued jobs that no worker took.
+    # since the dispatcher publishes released jobs again that no worker took.
     client = make_app(publisher=None, broker_url=f"redis://127.0.0.1:{free_port()}/0").test_client()
     with caplog.at_level(logging.WARNING, logger="models.broker"):
         response = submit(client, alice, spec)
     assert response.status_code == 201
     assert client.get(f"{JOBS}/{response.json['id']}", headers=alice).json["status"] == "queued"
     assert f"could not publish job {response.json['id']} to queue cpu" in caplog.text
-    assert "the reconciler will re-publish it" in caplog.text
+    assert "the dispatcher will publish it again" in caplog.text
 
 
 def test_a_bad_spec_is_422_naming_the_field_and_writes_no_row(client, alice, spec, sessions, published):
@@ -113,7 +113,7 @@ def test_malformed_or_non_json_bodies_are_problems(client, alice):
     assert not_an_object.status_code == 422
 
 
-def test_an_idempotency_key_returns_the_first_job(client, alice, bob, spec, sessions, published):
+def test_an_idempotency_key_returns_the_first_job(client, alice, bob, spec, sessions, published, live_worker):
     first = submit(client, {**alice, "Idempotency-Key": "run-1"}, spec)
     again = submit(client, {**alice, "Idempotency-Key": "run-1"}, spec)
     assert (first.status_code, again.status_code) == (201, 200)

@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from api.auth import require_user
 from api.openapi import DETAILS, openapi_document
-from models.tables import Job, Worker, utcnow
+from models.tables import Job, User, Worker, utcnow
 
 API = "/api/v1"
 
@@ -57,8 +57,10 @@ def test_the_openapi_document_describes_the_api(app, client):
         "$ref": "#/components/schemas/JobSpec"}
     weights = document["paths"][f"{API}/jobs/{{job_id}}/weights"]["get"]
     assert [(p["name"], p["in"]) for p in weights["parameters"]] == [("job_id", "path"), ("format", "query")]
-    assert set(weights["responses"]) == {"200", "401", "404", "409", "422"}
-    assert document["paths"][f"{API}/health"]["get"]["security"] == []
+    assert set(weights["responses"]) == {"200", "401", "404", "409", "422", "429"}  # 429: past a rate limit
+    health = document["paths"][f"{API}/health"]["get"]
+    assert health["security"] == []
+    assert "429" not in health["responses"]  # a probe is never rate-limited
     assert "security" not in submit  # the document's default: an API key
     # Every reference resolves inside the document.
     refs = []
@@ -149,7 +151,8 @@ def test_a_route_added_without_documentation_is_caught_and_its_operation_derived
     assert (operation["summary"], operation["description"]) == ("Replace a thing.", "The old one is gone.")
     assert [(p["name"], p["in"], p["schema"]["type"]) for p in operation["parameters"]] == [
         ("thing_id", "path", "integer")]
-    assert set(operation["responses"]) == {"401", "404"}  # an API key asked for, a path naming a row
+    # An API key asked for, a path naming a row, a rate limit.
+    assert set(operation["responses"]) == {"401", "404", "429"}
     assert "security" not in operation
 
 
@@ -162,25 +165,34 @@ def test_each_operation_s_summary_is_its_view_s_docstring_first_line(app):
         assert operation["summary"] == docstring.splitlines()[0]
 
 
-def test_workers_lists_live_ones_with_their_jobs_naming_only_the_caller_s(client, alice, bob, spec, sessions):
+def test_workers_shows_a_user_counts_per_queue_and_an_admin_each_live_worker_with_its_jobs(
+        client, alice, bob, spec, sessions):
     alices = client.post(f"{API}/jobs", json=spec, headers=alice).json["id"]
     bobs = client.post(f"{API}/jobs", json=spec, headers=bob).json["id"]
     now = utcnow()
     with sessions() as session:
         session.add_all([
-            Worker(id="w-live", hostname="gpu-1", queues="gpu,cpu", devices={"cuda": 4}, slots=4,
+            Worker(id="gpu-1:41", hostname="gpu-1", queues="gpu,cpu", devices={"cpu": 32, "cuda": 4}, slots=4,
                    last_heartbeat_at=now),
-            Worker(id="w-dead", hostname="gpu-2", queues="gpu",
-                   last_heartbeat_at=now - dt.timedelta(hours=1)),
+            Worker(id="cpu-1:7", hostname="cpu-1", queues="cpu", devices={"cpu": 8, "cuda": 0}, slots=1,
+                   last_heartbeat_at=now),
+            Worker(id="gpu-2:9", hostname="gpu-2", queues="gpu", last_heartbeat_at=now - dt.timedelta(hours=1)),
         ])
         for job_id in (alices, bobs):  # a worker with several slots runs several jobs at once
-            session.get(Job, job_id).status, session.get(Job, job_id).worker_id = "running", "w-live"
+            session.get(Job, job_id).status, session.get(Job, job_id).worker_id = "running", "gpu-1:41"
+        session.get(User, session.get(Job, bobs).user_id).role = "admin"
         session.commit()
 
-    workers = client.get(f"{API}/workers", headers=alice).json["workers"]
-    assert [(w["id"], w["queues"], w["slots"], w["running"], w["free_slots"], w["job_ids"]) for w in workers] == [
-        ("w-live", ["gpu", "cpu"], 4, 2, 2, [alices])]
-    assert client.get(f"{API}/workers", headers=bob).json["workers"][0]["job_ids"] == [bobs]
+    counted = client.get(f"{API}/workers", headers=alice)
+    assert counted.json == {"live_workers": 2, "workers": None, "queues": [
+        {"queue": "cpu", "workers": 2, "slots": 5, "free_slots": 3, "devices": ["cpu", "cuda"]},
+        {"queue": "gpu", "workers": 1, "slots": 4, "free_slots": 2, "devices": ["cpu", "cuda"]}]}
+    assert not {"gpu-1", "cpu-1", "41", alices, bobs} & set(re.findall(r"[\w-]+", counted.get_data(as_text=True)))
+    detail = client.get(f"{API}/workers", headers=bob).json
+    assert detail["queues"] == counted.json["queues"]
+    assert [(w["id"], w["hostname"], w["queues"], w["slots"], w["running"], w["free_slots"], w["job_ids"])
+            for w in detail["workers"]] == [("cpu-1:7", "cpu-1", ["cpu"], 1, 0, 1, []),
+                                            ("gpu-1:41", "gpu-1", ["gpu", "cpu"], 4, 2, 2, [alices, bobs])]
     assert client.get(f"{API}/workers").status_code == 401
 
 

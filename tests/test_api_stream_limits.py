@@ -29,7 +29,8 @@ JOBS = "/api/v1/jobs"
 # Generous: only a server whose threads are all taken misses it.
 ANSWER_SECONDS = 10
 STREAMS = 100
-PER_USER = Settings.model_fields["max_streams_per_user"].default
+PER_USER = Settings.model_fields["quota_streams"].default
+USER_QUOTA = "quota_streams"  # the setting a per-user refusal names (models.quotas)
 PER_PROCESS = Settings.model_fields["max_streams_per_process"].default
 GUNICORN_PROCESSES = 2  # what ApiServer starts; each serves at most PER_PROCESS streams
 
@@ -103,13 +104,15 @@ def assert_answers(base_url: str, token: str, job_id: str) -> None:
 
 
 def assert_refused(stream: StreamRequest, setting: str) -> None:
-    """A 429 problem naming the limit's setting, with a Retry-After."""
+    """A 429 problem naming the limit's setting, with a Retry-After: the user's streams quota (the one answer
+    of every quota), or the process's limit."""
     response = stream.answer()
     assert response.status == 429
     assert int(response.headers["Retry-After"]) > 0
     problem = stream.problem()
     assert problem["status"] == 429
-    assert problem["type"] == "/problems/too-many-streams"
+    kind = "quota-exceeded" if setting == USER_QUOTA else "too-many-streams"
+    assert problem["type"] == f"/problems/{kind}"
     assert setting in problem["detail"]
 
 
@@ -141,7 +144,7 @@ def test_a_hundred_streams_from_two_users_leave_health_and_job_lists_answering(
         assert {user: len(held) for user, held in open_.items()} == {"alice": PER_USER, "bob": PER_USER}
         for _, stream in sent:
             if not stream.open:
-                assert_refused(stream, "TORCHYARD_MAX_STREAMS_PER_USER")
+                assert_refused(stream, USER_QUOTA)
         for base_url in servers:
             for user, token in tokens.items():
                 assert_answers(base_url, token, jobs[user])
@@ -158,13 +161,13 @@ def test_a_hundred_streams_from_two_users_leave_health_and_job_lists_answering(
             streams.append(stream)
             if stream.open:
                 return stream
-            assert_refused(stream, "TORCHYARD_MAX_STREAMS_PER_USER")
+            assert_refused(stream, USER_QUOTA)
             stream.close()
             return None
 
         for base_url in servers:
             wait_for(lambda url=base_url: reopened(url), 30, "a closed stream's slot to be freed", service.log)
-        assert_refused(StreamRequest(servers[1], tokens["alice"], jobs["alice"]), "TORCHYARD_MAX_STREAMS_PER_USER")
+        assert_refused(StreamRequest(servers[1], tokens["alice"], jobs["alice"]), USER_QUOTA)
     finally:
         for stream in streams:  # hung up first, so the server's graceful stop need not wait for them
             stream.close()
@@ -174,7 +177,7 @@ def test_a_hundred_streams_from_two_users_leave_health_and_job_lists_answering(
 def test_each_api_process_keeps_threads_free_however_many_streams_its_users_may_open(
     postgres_url, http_deployment, spec, streams
 ):
-    service = http_deployment(postgres_url, "filesystem://", workers=0, max_streams_per_user=STREAMS)
+    service = http_deployment(postgres_url, "filesystem://", workers=0, quota_streams=STREAMS)
     tokens = two_users(service)
     base_url = service.api.url
     jobs = {user: submit(base_url, token, spec) for user, token in tokens.items()}
@@ -198,7 +201,7 @@ def test_each_api_process_keeps_threads_free_however_many_streams_its_users_may_
 @pytest.fixture
 def app(make_app):
     """Small limits and a fast stream, so a closed client is noticed at once."""
-    return make_app(max_streams_per_user=2, max_streams_per_process=3, METRICS_STREAM_POLL_SECONDS=0.05,
+    return make_app(quota_streams=2, max_streams_per_process=3, METRICS_STREAM_POLL_SECONDS=0.05,
                     METRICS_STREAM_KEEPALIVE_SECONDS=0.1, METRICS_STREAM_SLOT_LEASE_SECONDS=0.6)
 
 
@@ -221,7 +224,7 @@ def test_serve_bounds_streams_per_user_and_per_process_and_frees_a_closed_client
 
     alice = [stream("alice"), stream("alice")]
     assert [s.answer().status for s in alice] == [200, 200]
-    assert_refused(stream("alice"), "TORCHYARD_MAX_STREAMS_PER_USER")
+    assert_refused(stream("alice"), USER_QUOTA)
     assert stream("bob").answer().status == 200
     assert_refused(stream("bob"), "TORCHYARD_MAX_STREAMS_PER_PROCESS")
     assert slots(sessions) == {"alice": 2, "bob": 1}

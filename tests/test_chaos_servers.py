@@ -55,10 +55,19 @@ def queue_with_a_running_job(service, redis_server) -> tuple[str, list[str]]:
     queued = [service.submit(blobs_spec(f"queued-{i}", epochs=3, n_samples=200)) for i in range(QUEUED_JOBS)]
     for job_id in queued:
         assert service.job(job_id)["status"] == "queued"
-    # Their messages wait in the broker (the busy worker prefetches none with late acks and prefetch 1).
-    assert redis_server.client().llen("cpu") == QUEUED_JOBS
+    # The dispatcher released only the first (no slot is free: dispatch_margin, 1); the rest wait in the
+    # database. Its message waits in the broker (the busy worker prefetches none: late acks, prefetch 1).
+    assert released(service) == queued[:1]
+    assert redis_server.client().llen("cpu") == 1
     assert epoch_of(service, running) < 30, "the long job ended before the chaos; make it longer"
     return running, queued
+
+
+def released(service) -> list[str]:
+    """The queued jobs that the dispatcher handed to the broker, oldest first."""
+    with service.sessions() as session:
+        return list(session.scalars(select(Job.id).where(Job.status == "queued", Job.released_at.is_not(None))
+                                    .order_by(Job.created_at)))
 
 
 def worker_logs(service) -> str:
@@ -69,10 +78,10 @@ def worker_logs(service) -> str:
 def assert_recovered(service, running: str, queued: list[str], extra: tuple[str, ...] = ()) -> None:
     jobs = {job_id: service.wait_status(job_id, timeout=180) for job_id in [running, *queued, *extra]}
     assert_each_trained_once(service, jobs)
-    # The queued jobs lost their messages with the broker's data; the reconciler rang for them again.
-    log = worker_logs(service)
-    for job_id in queued:
-        assert f"reconciler: job {job_id}" in log, f"{job_id} was not re-published by the reconciler"
+    # The released job lost its message with the broker's data; the dispatcher rang for it again (in the
+    # worker's rounds or the API's).
+    log = worker_logs(service) + service.api.log()
+    assert f"dispatch: job {queued[0]} was released" in log, f"{queued[0]} was not re-published by the dispatcher"
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ def with_resources(**resources) -> dict:
     ({}, "cpu"), ({"device": "cpu", "processes": 2}, "cpu"), ({"device": "cuda"}, "gpu"),
     ({"device": "cuda", "gpus": 1}, "gpu"), ({"gpus": 2}, "gpu.2"), ({"device": "cuda", "gpus": 4}, "gpu.4"),
 ])
-def test_a_job_goes_to_the_queue_of_the_gpus_it_needs(client, alice, spec, published, resources, queue):
+def test_a_job_goes_to_the_queue_of_the_gpus_it_needs(client, alice, spec, published, live_worker, resources, queue):
     response = client.post("/api/v1/jobs", json={**spec, "resources": resources}, headers=alice)
 
     assert response.status_code == 201, response.get_json()
@@ -147,7 +147,14 @@ def start(service: Service, settings, queues, name: str) -> WorkerProcess:
 
 
 def registry(service: Service) -> dict[str, dict]:
-    response = service.client.get("/api/v1/workers", headers=service.headers)
+    """The live workers in detail, as an admin sees them."""
+    from models import accounts
+
+    with service.sessions() as session:
+        if accounts.find_user(session, "operator") is None:
+            accounts.create_user(session, "operator", role="admin")
+        headers = {"Authorization": f"Bearer {accounts.create_api_key(session, 'operator', 'registry')}"}
+    response = service.client.get("/api/v1/workers", headers=headers)
     assert response.status_code == 200
     return {worker["id"]: worker for worker in response.get_json()["workers"]}
 

@@ -60,6 +60,12 @@ def claim(session, job_id, _user, _attempt):
     return lifecycle.claim(session, job_id, "host:1", LEASE)
 
 
+def release_and_claim(session, job_id, user, attempt):
+    """What a job's way to a worker is: the dispatcher releases it, then a worker claims it."""
+    lifecycle.release(session, job_id)
+    return claim(session, job_id, user, attempt)
+
+
 def finish(session, job_id, _user, attempt):
     return lifecycle.finish(session, job_id, attempt, "succeeded", stop_reason="completed", epoch=2)
 
@@ -75,7 +81,13 @@ TRANSITIONS = {
     "reap": lambda session, job_id, _user, _attempt: next(
         (lifecycle.reap(session, row, utcnow()) for row in lifecycle.expired(session, utcnow()) if row.id == job_id),
         None),
-    "mark_rung": lambda session, job_id, _user, _attempt: lifecycle.mark_rung(session, job_id, utcnow() + HOUR),
+    "lose": lambda session, job_id, _user, _attempt: next(
+        (lifecycle.lose(session, row, "its process died") for row in [lifecycle.held(session, job_id, "host:1")]
+         if row is not None), None),
+    "release": lambda session, job_id, _user, _attempt: lifecycle.release(session, job_id),
+    "unrelease": lambda session, job_id, _user, _attempt: lifecycle.unrelease(session, job_id),
+    "request_preemption": lambda session, job_id, _user, attempt: lifecycle.request_preemption(
+        session, job_id, attempt, "preempted by a high-priority job"),
     "set_pending_reason": lambda session, job_id, _user, _attempt: lifecycle.set_pending_reason(session, job_id,
                                                                                                  "waiting"),
 }
@@ -84,9 +96,12 @@ TRANSITIONS = {
 def make_state(sessions, state: str) -> tuple[str, str, int]:
     """A job in ``state``, reached through lifecycle calls; (job id, owner, current attempt)."""
     job_id, user = submit(sessions, max_attempts=0 if state == "queued, attempts used up" else 3)
-    if state in ("queued", "queued, attempts used up"):
+    if state == "queued, held":
         return job_id, user, 0
-    write(sessions, lambda s: claim(s, job_id, user, 0))
+    if state in ("queued", "queued, attempts used up"):
+        write(sessions, lambda s: lifecycle.release(s, job_id))
+        return job_id, user, 0
+    write(sessions, lambda s: release_and_claim(s, job_id, user, 0))
     if state == "running, cancel requested":
         write(sessions, lambda s: lifecycle.cancel(s, job_id, user))
     elif state == "running, lease expired":
@@ -105,11 +120,14 @@ def make_state(sessions, state: str) -> tuple[str, str, int]:
 ALLOWED = {
     ("queued", "claim"): "running",
     ("queued", "cancel"): "cancelled",
-    ("queued", "mark_rung"): "queued",
+    ("queued", "unrelease"): "queued",
     ("queued", "set_pending_reason"): "queued",
+    ("queued, held", "release"): "queued",
+    ("queued, held", "cancel"): "cancelled",
+    ("queued, held", "set_pending_reason"): "queued",
     ("queued, attempts used up", "give_up"): "failed",
     ("queued, attempts used up", "cancel"): "cancelled",
-    ("queued, attempts used up", "mark_rung"): "queued",
+    ("queued, attempts used up", "unrelease"): "queued",
     ("queued, attempts used up", "set_pending_reason"): "queued",
     **{(running, transition): status
        for running in ("running", "running, cancel requested", "running, lease expired")
@@ -118,9 +136,14 @@ ALLOWED = {
     ("running, lease expired", "hand_back"): "queued",
     ("running, cancel requested", "hand_back"): "cancelled",
     ("running, lease expired", "reap"): "queued",
+    ("running", "lose"): "queued",
+    ("running, lease expired", "lose"): "queued",
+    ("running, cancel requested", "lose"): "cancelled",
+    ("running", "request_preemption"): "running",
+    ("running, lease expired", "request_preemption"): "running",
 }
-STATES = ("queued", "queued, attempts used up", "running", "running, cancel requested", "running, lease expired",
-          "succeeded", "failed", "cancelled")
+STATES = ("queued, held", "queued", "queued, attempts used up", "running", "running, cancel requested",
+          "running, lease expired", "succeeded", "failed", "cancelled")
 
 
 def snapshot(sessions, job_id: str) -> dict:
@@ -203,7 +226,7 @@ def test_the_reaper_requeues_or_ends_a_job_whose_lease_ran_out(sessions, state, 
 
 def test_the_reaper_fails_a_job_whose_last_attempt_was_lost(sessions):
     job_id, user = submit(sessions, max_attempts=1)
-    write(sessions, lambda s: claim(s, job_id, user, 0))
+    write(sessions, lambda s: release_and_claim(s, job_id, user, 0))
     expire_lease(sessions, job_id)
     assert write(sessions, lambda s: TRANSITIONS["reap"](s, job_id, user, 1)) == "failed"
     assert snapshot(sessions, job_id)["error"] == "worker lost 1 times"
@@ -212,7 +235,7 @@ def test_the_reaper_fails_a_job_whose_last_attempt_was_lost(sessions):
 def test_an_attempt_that_lost_its_job_can_no_longer_write_it(sessions):
     job_id, user, first = make_state(sessions, "running, lease expired")
     write(sessions, lambda s: TRANSITIONS["reap"](s, job_id, user, first))
-    second = write(sessions, lambda s: claim(s, job_id, user, 0)).attempts
+    second = write(sessions, lambda s: release_and_claim(s, job_id, user, 0)).attempts
     before = snapshot(sessions, job_id)
     for name in ("renew", "finish", "hand_back"):
         assert not write(sessions, lambda s, name=name: TRANSITIONS[name](s, job_id, user, first)), name

@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from models.catalog import DataShape
 from models.memory import PROCESS_OVERHEAD, estimate_memory, format_bytes, sklearn_shape
 from models.spec import Limits, SpecError
-from models.tables import Job
+from models.tables import Job, utcnow
 from models.validation import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,7 +235,7 @@ def test_a_worker_with_less_memory_than_the_job_needs_fails_it_saying_so(worker_
         user = User(name="alice")
         session.add(user)
         session.flush()
-        job = Job(user_id=user.id, name="big", spec=BIG_DATA, epochs=1)
+        job = Job(user_id=user.id, name="big", spec=BIG_DATA, epochs=1, released_at=utcnow())
         session.add(job)
         session.commit()
         job_id = job.id

@@ -9,10 +9,11 @@ import json
 import threading
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from api.schemas import as_utc
-from models.tables import EpochMetrics, Job, User, Worker, utcnow
+from models import lifecycle
+from models.tables import AuditEvent, EpochMetrics, Job, User, Worker, utcnow
 from worker import maintenance, runner
 from worker.engine import RunState
 from worker.job_callbacks import DatabaseMetrics, Fence, LeaseLost
@@ -26,6 +27,8 @@ LONG_AGO = dt.timedelta(hours=1)
 
 
 def add_job(ctx, **columns) -> str:
+    """A job of alice's; a queued one is released to the broker (what a message of it finds)."""
+    columns.setdefault("released_at", utcnow() if columns.get("status", "queued") == "queued" else None)
     with ctx.sessions() as session:
         user = session.query(User).filter_by(name="alice").one_or_none() or User(name="alice")
         session.add(user)
@@ -71,16 +74,19 @@ def running(ctx, attempts=1, lease_age=LONG_AGO, worker_id="gone:1", **columns) 
 # --- reaper -------------------------------------------------------------------------------------
 
 
-def test_the_reaper_requeues_a_job_whose_lease_expired_and_rings_for_it(worker_context):
+def test_the_reaper_requeues_a_job_whose_lease_expired_and_the_round_rings_for_it(worker_context):
     job_id = running(worker_context)
+    add_worker(worker_context, "new-box:1", "cpu")
 
     assert maintenance.reap(worker_context) == [job_id]
 
     row = job(worker_context, job_id)
     assert (row.status, row.worker_id, row.lease_expires_at, row.attempts) == ("queued", None, None, 1)
     assert row.pending_reason == "requeued: worker gone:1 stopped renewing its lease (attempt 1 of 3)"
-    assert rung(worker_context) == [job_id]
+    assert row.released_at is None  # held until the dispatcher releases it again
     assert maintenance.reap(worker_context) == []  # done once, not again
+    maintenance.sweep(worker_context)
+    assert rung(worker_context) == [job_id]
 
 
 def test_the_reaper_leaves_a_live_lease_alone(worker_context):
@@ -135,23 +141,16 @@ def test_a_worker_that_stopped_heartbeating_serves_nothing_and_is_pruned(worker_
         assert session.query(Worker).count() == 0
 
 
-def test_a_job_nobody_took_while_a_worker_was_free_is_rung_again_once(worker_context):
-    add_worker(worker_context, "cpu-box:1", "cpu")
-    stale = add_job(worker_context, updated_at=utcnow() - LONG_AGO)
-    fresh = add_job(worker_context)
+def test_a_maintenance_round_deletes_audit_events_past_their_retention(worker_context):
+    with worker_context.sessions() as session:
+        for action, age in (("submit", dt.timedelta(days=91)), ("cancel", dt.timedelta(days=89))):
+            session.add(AuditEvent(user_id="usr_x", user_name="alice", action=action, at=utcnow() - age))
+        session.commit()
 
-    assert maintenance.reconcile(worker_context) == [stale]
-    assert maintenance.reconcile(worker_context) == []  # rung just now: wait reconcile_seconds again
-    assert rung(worker_context) == [stale]
-    assert job(worker_context, fresh).pending_reason is None
+    maintenance.prune(worker_context)  # audit_retention_days: 90
 
-
-def test_a_job_waiting_behind_busy_workers_is_not_rung_again(worker_context):
-    add_worker(worker_context, "cpu-box:1", "cpu")
-    running(worker_context, lease_age=-dt.timedelta(minutes=1), worker_id="cpu-box:1")
-    add_job(worker_context, updated_at=utcnow() - LONG_AGO)
-
-    assert maintenance.reconcile(worker_context) == []
+    with worker_context.sessions() as session:
+        assert session.scalars(select(AuditEvent.action)).all() == ["cancel"]
 
 
 # --- claim and fence ----------------------------------------------------------------------------
@@ -185,6 +184,9 @@ def test_an_attempt_that_lost_its_job_writes_nothing(worker_context):
         session.get(Job, job_id).lease_expires_at = utcnow() - LONG_AGO
         session.commit()
     maintenance.reap(worker_context)
+    with worker_context.sessions() as session:  # the dispatcher releases it again
+        assert lifecycle.release(session, job_id)
+        session.commit()
     second = claim(worker_context, job_id)
     assert (first, second) == (1, 2)
 

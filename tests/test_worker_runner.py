@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from sqlalchemy import select, update
 
-from models.tables import Artifact, Job, User
+from models.tables import Artifact, Job, User, Worker, utcnow
 from worker import runner
 from worker.job_callbacks import Fence
 
@@ -26,11 +26,12 @@ def ctx(worker_context, monkeypatch):
 
 
 def add_job(ctx, spec: dict) -> str:
+    """A job of alice's, released to the broker: what a run_job message is for."""
     with ctx.sessions() as session:
         user = User(name="alice")
         session.add(user)
         session.flush()
-        job = Job(user_id=user.id, name="j", spec=spec, epochs=spec["training"]["epochs"])
+        job = Job(user_id=user.id, name="j", spec=spec, epochs=spec["training"]["epochs"], released_at=utcnow())
         session.add(job)
         session.commit()
         return job.id
@@ -92,6 +93,9 @@ def test_the_deployment_run_time_limit_fails_a_long_job(ctx, monkeypatch):
 def test_a_job_of_a_stopping_worker_goes_back_to_the_queue_and_is_rung_for(ctx, monkeypatch):
     monkeypatch.setattr(runner, "draining", lambda: True)
     job_id = add_job(ctx, {**MOONS, "training": {"epochs": 10000, "batch_size": 10}})
+    with ctx.sessions() as session:  # another worker is live, with a free slot
+        session.add(Worker(id="other-box:1", hostname="other-box", queues="cpu", slots=1))
+        session.commit()
 
     assert runner.run_job(job_id) == "requeued"
     row = job(ctx, job_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -99,6 +100,7 @@ def api(bind: str | None, workers: int | None) -> None:
     """The API alone under gunicorn, for production (run `torchyard db upgrade` first)."""
     import os
 
+    from api.gunicorn_worker import gunicorn_argv
     from models.settings import get_settings
 
     settings = get_settings()
@@ -108,15 +110,14 @@ def api(bind: str | None, workers: int | None) -> None:
         raise click.UsageError(
             f"TORCHYARD_MAX_STREAMS_PER_PROCESS ({settings.max_streams_per_process}) must be below "
             f"TORCHYARD_API_THREADS ({settings.api_threads}), so that streams leave threads for other requests")
-    argv = ["gunicorn", "--bind", bind, "--workers", str(workers or settings.api_workers),
-            "--worker-class", "gthread", "--threads", str(settings.api_threads), "--access-logfile", "-",
-            "api:create_app()"]
+    argv = gunicorn_argv(settings, bind, workers or settings.api_workers)
     os.execvp(sys.executable, [sys.executable, "-m", *argv])
 
 
 @main.command()
 @click.option("--queues", default=None,
-              help="Comma-separated queues to serve: cpu, gpu, gpu.K for K-GPU jobs (TORCHYARD_WORKER_QUEUES).")
+              help="Comma-separated queues to serve: cpu, mps (on a Mac: jobs asking for Apple's MPS), gpu, "
+                   "gpu.K for K-GPU jobs (TORCHYARD_WORKER_QUEUES).")
 @click.option("--concurrency", type=int, default=None,
               help="Jobs a CPU worker runs at once (TORCHYARD_WORKER_CONCURRENCY); a GPU worker runs one a "
                    "slot of TORCHYARD_WORKER_GPUS_PER_SLOT GPUs.")
@@ -165,6 +166,42 @@ def db_upgrade() -> None:
     click.echo("database is at the newest revision")
 
 
+@contextlib.contextmanager
+def _accounts():
+    """A database session for the commands that manage users and keys (they need no running API); an
+    AccountError becomes a usage error (exit 2)."""
+    from models.accounts import AccountError
+    from models.db import make_engine, make_sessionmaker
+    from models.settings import get_settings
+
+    engine = make_engine(get_settings().database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            yield session
+    except AccountError as error:
+        raise click.UsageError(str(error)) from None
+    finally:
+        engine.dispose()
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    """Columns as wide as their widest cell, a header and a rule."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = [headers, ["-" * width for width in widths], *rows]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)
+
+
+def _when(moment) -> str:
+    """A stored time as the tables show it: UTC to the minute, '-' for none."""
+    import datetime as dt
+
+    if moment is None:
+        return "-"
+    moment = moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.timezone.utc)
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
 @main.group()
 def token() -> None:
     """API keys."""
@@ -172,22 +209,110 @@ def token() -> None:
 
 @token.command("create")
 @click.argument("name")
-@click.option("--user", default=None, help="The user the key belongs to (default: NAME).")
-def token_create(name: str, user: str | None) -> None:
+@click.option("--user", default=None, help="The user the key belongs to (default: NAME; made if missing).")
+@click.option("--expires", default=None, help="When the key stops working: 30d (days from now), 2027-01-31 "
+                                              "(that day's start, UTC) or an ISO 8601 time. Default: never.")
+def token_create(name: str, user: str | None, expires: str | None) -> None:
     """Create an API key and print it (only its hash is stored: keep it)."""
-    from api.auth import create_api_key
-    from models.db import make_engine, make_sessionmaker
-    from models.settings import get_settings
+    from models import accounts
+    from models.tables import utcnow
 
-    engine = make_engine(get_settings().database_url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            try:
-                click.echo(create_api_key(session, user or name, name))
-            except ValueError as error:
-                raise click.BadParameter(str(error)) from None
-    finally:
-        engine.dispose()
+    with _accounts() as session:
+        expires_at = accounts.expiry(expires, utcnow()) if expires is not None else None
+        click.echo(accounts.create_api_key(session, user or name, name, expires_at))
+
+
+@token.command("list")
+@click.option("--user", default=None, help="Only this user's keys.")
+def token_list(user: str | None) -> None:
+    """The API keys: name, user, prefix, when made, last used, expires, revoked (never a key itself)."""
+    from models import accounts
+
+    with _accounts() as session:
+        rows = [[row.key.name, row.user_name, row.key.prefix or "-", _when(row.key.created_at),
+                 _when(row.key.last_used_at), _when(row.key.expires_at), _when(row.key.revoked_at)]
+                for row in accounts.keys(session, user)]
+    click.echo(_table(["name", "user", "prefix", "created", "last used", "expires", "revoked"], rows))
+
+
+@token.command("revoke")
+@click.argument("name")
+@click.option("--user", default=None, help="Whose key (needed when several users have a key called NAME).")
+def token_revoke(name: str, user: str | None) -> None:
+    """Revoke API keys called NAME: the API refuses them from the next request on."""
+    from models import accounts
+
+    with _accounts() as session:
+        for row in accounts.revoke_key(session, name, user):
+            click.echo(f"revoked {row.key.name} ({row.key.prefix or 'no prefix'}…) of {row.user_name}")
+
+
+@main.group("user")
+def user_group() -> None:
+    """Users: roles, fair shares, quotas."""
+
+
+@user_group.command("create")
+@click.argument("name")
+@click.option("--admin", is_flag=True, help="An admin sees every user's jobs, the workers and the audit log.")
+@click.option("--share", type=float, default=1.0, show_default=True, help="Weight in fair-share dispatch.")
+def user_create(name: str, admin: bool, share: float) -> None:
+    """Create a user (then `torchyard token create KEY --user NAME` gives them a key)."""
+    from models import accounts
+
+    with _accounts() as session:
+        made = accounts.create_user(session, name, role="admin" if admin else "user", share=share)
+        click.echo(f"created {made.role} {made.name}")
+
+
+@user_group.command("list")
+def user_list() -> None:
+    """The users: name, role, share, quota overrides, working keys, when made."""
+    from models import accounts
+
+    with _accounts() as session:
+        rows = [[row.user.name, row.user.role, f"{row.user.share:g}", _overrides(row.user.quotas), str(row.keys),
+                 _when(row.user.created_at)] for row in accounts.users(session)]
+    click.echo(_table(["name", "role", "share", "quotas", "keys", "created"], rows))
+
+
+def _overrides(quotas: dict | None) -> str:
+    return ", ".join(f"{name}={value}" for name, value in sorted((quotas or {}).items())) or "-"
+
+
+@user_group.command("set-quota")
+@click.argument("name")
+@click.argument("quota")
+@click.argument("value")
+def user_set_quota(name: str, quota: str, value: str) -> None:
+    """Override one of the user's quotas (VALUE a whole number), or `default` to use the deployment's."""
+    from models import accounts
+
+    with _accounts() as session:
+        made = accounts.set_quota(session, name, quota, accounts.quota_value(value))
+        click.echo(f"{made.name}: {_overrides(made.quotas)}")
+
+
+@user_group.command("set-share")
+@click.argument("name")
+@click.argument("share", type=float)
+def user_set_share(name: str, share: float) -> None:
+    """Set the user's weight in fair-share dispatch (above 0; everyone starts at 1)."""
+    from models import accounts
+
+    with _accounts() as session:
+        click.echo(f"{name}: share {accounts.set_share(session, name, share).share:g}")
+
+
+@user_group.command("set-role")
+@click.argument("name")
+@click.argument("role")
+def user_set_role(name: str, role: str) -> None:
+    """Make the user a plain `user` or an `admin` (models.roles says what each sees)."""
+    from models import accounts
+
+    with _accounts() as session:
+        click.echo(f"{name}: role {accounts.set_role(session, name, role).role}")
 
 
 # --- talking to a service --------------------------------------------------------------------

@@ -17,26 +17,27 @@ from models.settings import Settings, get_settings
 WORKER_STOP_SECONDS = 60  # a warm shutdown checkpoints running jobs and requeues them; then we insist
 QUICK_DEATH_SECONDS = 60  # a worker that dies sooner than this after its start counts towards giving up
 MAX_RESTART_DELAY = 30  # seconds; the backoff doubles up to this
+LOCAL_USER = "local"  # the user of the key serve prints
 
 
 def local_token(settings: Settings) -> str:
-    """The API key of user 'local', kept in TORCHYARD_HOME/token; made when missing or no longer valid."""
-    from sqlalchemy import select
-
-    from api.auth import create_api_key, hash_token
+    """The API key of user 'local', kept in TORCHYARD_HOME/token; made when missing or no longer valid
+    (revoked, expired). 'local' is made an admin: on one machine, whoever runs serve runs the service."""
+    from models import accounts
     from models.db import make_engine, make_sessionmaker
-    from models.tables import ApiKey
+    from models.tables import utcnow
 
     path = settings.home / "token"
     engine = make_engine(settings.database_url)
     try:
         with make_sessionmaker(engine)() as session:
             saved = path.read_text().strip() if path.is_file() else ""
-            valid = saved and session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_token(saved),
-                                                                     ApiKey.revoked_at.is_(None)))
-            if valid:
+            key = accounts.key_for_token(session, saved) if saved else None
+            if key is not None and accounts.refusal(key, utcnow()) is None:
                 return saved
-            token = create_api_key(session, "local", "torchyard serve")
+            if accounts.find_user(session, LOCAL_USER) is None:
+                accounts.create_user(session, LOCAL_USER, role="admin")
+            token = accounts.create_api_key(session, LOCAL_USER, "torchyard serve")
     finally:
         engine.dispose()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +152,7 @@ def serve(host: str | None = None, port: int | None = None) -> None:
     from werkzeug.serving import run_simple
 
     from api import create_app
+    from api.http_server import request_handler
     from migrations.apply import upgrade
     from worker.context import context
     from worker.maintenance import start_sweeping
@@ -169,7 +171,8 @@ def serve(host: str | None = None, port: int | None = None) -> None:
     threading.Thread(target=supervisor.watch, name="torchyard-supervisor", daemon=True).start()
     stop_sweeping = start_sweeping(context())  # in this process: it outlives any worker
     try:
-        run_simple(host, port, create_app(), threaded=True)  # returns on Ctrl-C
+        # Returns on Ctrl-C. The handler: `torchyard api`'s limits and read timeout, its refusals problem+json.
+        run_simple(host, port, create_app(), threaded=True, request_handler=request_handler(settings))
     finally:
         stop_sweeping.set()
         if not supervisor.gave_up:

@@ -1,4 +1,5 @@
-"""GPU slots: how many jobs a GPU worker runs at once, and which GPUs each of its pool processes uses.
+"""GPU slots: how many jobs a GPU worker runs at once, and which GPUs each of its pool processes uses; and
+whether a worker serving the ``mps`` queue has Apple's MPS at all.
 
 A worker that serves a GPU queue on a machine with N GPUs (``worker_gpus``) and k GPUs a slot
 (``worker_gpus_per_slot``) runs N // k slots: its prefork pool gets that many processes, and pool process
@@ -9,7 +10,8 @@ inherit the variable) are then that slot's GPUs and no other job's. Billiard num
 its process is replaced.
 
 The main process only counts GPUs (``torch.cuda.device_count()`` asks NVML without initialising CUDA),
-so the pool can still fork; device names and memory come from a short-lived subprocess.
+so the pool can still fork; device names and memory, and whether MPS is there, come from short-lived
+subprocesses (asking for MPS starts Metal, and a process that has started it must not fork).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from models.queues import queue_gpus
+from models.queues import MPS, queue_gpus, who_serves
 from models.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ _PROPERTIES = (
     "props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]\n"
     "print(json.dumps([{'name': p.name, 'memory_bytes': p.total_memory} for p in props]))\n"
 )
+_MPS_AVAILABLE = "import torch; print(torch.backends.mps.is_available())"
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,25 @@ def gpu_slots(plan: GpuPlan, queues: list[str]) -> int | None:
                 f"queue {queue} is for jobs needing {gpus} GPUs, but a slot of this worker holds "
                 f"{plan.per_slot} (TORCHYARD_WORKER_GPUS_PER_SLOT={gpus} serves it)")
     return plan.slots
+
+
+def check_mps(queues: list[str]) -> None:
+    """ValueError when the worker serves ``mps`` on a machine where torch has no MPS: its jobs would fail
+    there, while unserved they wait (saying so) for a worker on a Mac."""
+    if MPS in queues and not mps_available():
+        raise ValueError(f"queue {MPS} is for {who_serves(MPS)}, but torch.backends.mps.is_available() is "
+                         f"false on this machine; serve it from a Mac with Apple silicon")
+
+
+def mps_available() -> bool:
+    """Whether torch can use Apple's MPS here, asked in a subprocess (Metal starts there only)."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _MPS_AVAILABLE], capture_output=True, text=True,
+                              timeout=120, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("could not ask torch whether MPS is available (%s); taking it as not", exc)
+        return False
+    return done.stdout.strip().endswith("True")
 
 
 def device_properties(plan: GpuPlan) -> list[dict]:

@@ -71,11 +71,14 @@ class Fence:
         self.job_id = job_id
         self.attempt = attempt
         self.queue = queue  # where a hand-back publishes the job again
+        # Why the attempt gives the job back, when it does: the worker shuts down, or the dispatcher asked.
+        self.hand_back_reason = "requeued: its worker shut down"
 
     def update(self, session: Session, **progress: Any) -> Row:
         """Renew the lease (recording ``progress``) if this attempt still owns the job; LeaseLost otherwise.
 
-        Returns the row's ``cancel_requested``. A lost lease rolls the transaction back: nothing of it lands.
+        Returns the row's ``cancel_requested`` and ``preempt_reason``. A lost lease rolls the transaction back:
+        nothing of it lands.
         """
         row = lifecycle.renew(session, self.job_id, self.attempt, self.ctx.settings.lease_seconds, **progress)
         if row is None:
@@ -272,7 +275,8 @@ class ArtifactUploader(Callback):
 
 
 class LeaseKeeper(Callback):
-    """From batch ends: renews the lease, sees a cancel or a worker shutdown (the trainer owns the run time)."""
+    """From batch ends: renews the lease, sees a cancel, a preemption or a worker shutdown (the trainer owns
+    the run time)."""
 
     def __init__(self, fence: Fence, draining: Callable[[], bool], setup_done: threading.Event | None = None):
         self.fence = fence
@@ -297,9 +301,13 @@ class LeaseKeeper(Callback):
             raise StopTraining("preempted", checkpoint=True)
         if now - self.last_renew >= self.heartbeat:
             self.last_renew = now
-            cancelled = self.fence.renew()
+            row = self.fence.transaction(self.fence.update)
         else:
-            cancelled = self.fence.transaction(
-                lambda session: session.scalar(select(Job.cancel_requested).where(Job.id == self.fence.job_id)))
-        if cancelled:
+            row = self.fence.transaction(lambda session: session.execute(
+                select(Job.cancel_requested, Job.preempt_reason).where(Job.id == self.fence.job_id)).first())
+        if row.cancel_requested:
             raise StopTraining("cancelled")
+        if row.preempt_reason:
+            # A higher-priority job needs the slot: checkpoint this batch and hand the job back, as on shutdown.
+            self.fence.hand_back_reason = f"requeued: {row.preempt_reason}"
+            raise StopTraining("preempted", checkpoint=True)

@@ -1,4 +1,4 @@
-"""Keeping the queue honest: the worker registry, the reaper and the reconciler.
+"""Keeping the queue honest: the worker registry, the reaper, the reconciler and the dispatcher's rounds.
 
 Every worker runs these from one daemon thread in its main process (see ``start``), and so does a
 process with no worker at all (``run``: ``torchyard maintenance``, and a thread of ``torchyard serve``),
@@ -9,7 +9,6 @@ only the winner publishes the job again. Every change of a job's status goes thr
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import signal
@@ -20,7 +19,8 @@ from collections.abc import Callable
 
 from sqlalchemy import delete, select, update
 
-from models import lifecycle
+from models import audit, lifecycle
+from models.dispatch import dispatch
 from models.liveness import NO_WORKER, live_after, no_worker_reason, queue_capacity
 from models.services import Services
 from models.tables import Job, Worker, utcnow
@@ -70,7 +70,8 @@ def local_devices() -> dict:
 
 
 def reap(ctx: Services) -> list[str]:
-    """Requeue running jobs whose lease expired (or end them: attempts used up, cancel asked); return their ids."""
+    """Requeue running jobs whose lease expired (or end them: attempts used up, cancel asked); return their
+    ids. The dispatcher releases them again (``sweep`` runs it next)."""
     now = utcnow()
     with ctx.sessions() as session:
         expired = lifecycle.expired(session, now)
@@ -84,62 +85,32 @@ def reap(ctx: Services) -> list[str]:
         log.warning("reaper: job %s (attempt %s) lost its worker %s: %s", job.id, job.attempts, job.worker_id,
                     status)
         reaped.append(job.id)
-        if status == "queued":
-            ctx.publisher.publish(job.id, job.queue)
     return reaped
 
 
 # --- reconciler ---------------------------------------------------------------------------------
 
 
-def reconcile(ctx: Services) -> list[str]:
-    """Explain queued jobs that no live worker serves, and re-ring the ones a free worker never took.
-
-    A queued job older than ``reconcile_seconds`` while a worker of its queue sits idle lost its message
-    (a broker restart, a failed publish): ring again. While every worker is busy the message is just
-    waiting its turn, so nothing is re-sent. Returns the ids rung again.
-    """
-    now = utcnow()
-    stale = now - dt.timedelta(seconds=ctx.settings.reconcile_seconds)
+def reconcile(ctx: Services) -> None:
+    """Say why queued jobs wait when no live worker serves their queue, and clear it once one does.
+    (Re-ringing jobs whose message was lost is the dispatcher's: ``models.dispatch``.)"""
     with ctx.sessions() as session:
-        served, free = queue_capacity(session, ctx.settings)
-        queued = session.execute(select(Job.id, Job.queue, Job.pending_reason, Job.updated_at < stale)
-                                 .where(Job.status == "queued")).all()
-    rung = []
-    for job_id, queue, reason, is_stale in queued:
-        if queue not in served:
-            set_pending_reason(ctx, job_id, reason, no_worker_reason(queue))
-            continue
-        if reason and reason.startswith(NO_WORKER):
-            set_pending_reason(ctx, job_id, reason, None)
-        if is_stale and queue in free and mark_rung(ctx, job_id, stale):
-            log.warning("reconciler: job %s waited over %s s on queue %s with a worker free; publishing again",
-                        job_id, ctx.settings.reconcile_seconds, queue)
-            ctx.publisher.publish(job_id, queue)
-            rung.append(job_id)
-    return rung
-
-
-def set_pending_reason(ctx: Services, job_id: str, old: str | None, new: str | None) -> None:
-    if old == new:
-        return
-    with ctx.sessions() as session:
-        lifecycle.set_pending_reason(session, job_id, new)
+        served, _free = queue_capacity(session, ctx.settings)
+        queued = session.execute(select(Job.id, Job.queue, Job.pending_reason).where(Job.status == "queued")).all()
+        for job_id, queue, reason in queued:
+            if queue not in served:
+                lifecycle.set_pending_reason(session, job_id, no_worker_reason(queue))
+            elif reason and reason.startswith(NO_WORKER):
+                lifecycle.set_pending_reason(session, job_id, None)
         session.commit()
-
-
-def mark_rung(ctx: Services, job_id: str, stale: dt.datetime) -> bool:
-    """Mark a stale queued job as published again; False when another worker's reconciler got there first."""
-    with ctx.sessions() as session:
-        won = lifecycle.mark_rung(session, job_id, stale)
-        session.commit()
-    return won
 
 
 def prune(ctx: Services) -> None:
-    """Delete the rows of dead workers, and old consumed message files of the filesystem broker."""
+    """Delete the rows of dead workers, audit events past their retention, and old consumed message files
+    of the filesystem broker."""
     with ctx.sessions() as session:
         session.execute(delete(Worker).where(Worker.last_heartbeat_at < live_after(ctx.settings)))
+        audit.prune(session, ctx.settings, utcnow())
         session.commit()
     processed = ctx.settings.home / "broker" / "processed"
     if ctx.settings.broker_url.startswith("filesystem://") and processed.is_dir():
@@ -153,9 +124,10 @@ def prune(ctx: Services) -> None:
 
 
 def sweep(ctx: Services) -> None:
-    """One round of keeping the queue honest, worker or not: reap, reconcile, prune."""
+    """One round of keeping the queue honest, worker or not: reap, explain, dispatch, prune."""
     reap(ctx)
     reconcile(ctx)
+    dispatch(ctx)
     prune(ctx)
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import lifecycle
+from models.dispatch import dispatch_soon
 from models.services import Services
 from models.spec import JobSpec, Problem, SpecError
 from models.storage import job_prefix
@@ -69,6 +70,7 @@ def run_job(job_id: str) -> str:
         return record_failure(fence, error_line(exc))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        dispatch_soon(ctx, [job.queue])  # its slot is free again, or the job went back
 
 
 def prepare_spec(ctx: Services, job: Job) -> tuple[JobSpec | None, SpecError | None, str | None]:
@@ -191,17 +193,18 @@ def record_result(fence: Fence, result: TrainResult) -> str:
 
 
 def hand_back(fence: Fence) -> str:
-    """Give a preempted job back to the queue (it resumes from its checkpoint) and publish it again; a job
-    being cancelled ends cancelled instead (the drain may have stopped it before it saw the cancel)."""
+    """Give a preempted job back to the queue (it resumes from its checkpoint; the dispatcher releases it
+    again); a job being cancelled ends cancelled instead (the drain may have stopped it before it saw the
+    cancel)."""
     def write(session: Session) -> str:
-        status = lifecycle.hand_back(session, fence.job_id, fence.attempt, "requeued: its worker shut down")
+        status = lifecycle.hand_back(session, fence.job_id, fence.attempt, fence.hand_back_reason)
         fence.require(session, status is not None)
         return status
 
     if fence.transaction(write) == "cancelled":
         log.info("job %s cancelled (stopped by the worker's shutdown)", fence.job_id)
         return "cancelled"
-    fence.ctx.publisher.publish(fence.job_id, fence.queue)
+    log.info("job %s handed back: %s", fence.job_id, fence.hand_back_reason)
     return "requeued"
 
 

@@ -11,7 +11,8 @@ from worker import runner
 from worker.context import draining
 
 
-@shared_task(name=RUN_JOB)
+# JobRequest (worker.signals) puts the job of a pool process that died back in the queue at once.
+@shared_task(name=RUN_JOB, Request="worker.signals:JobRequest")
 def run_job(job_id: str) -> str:
     """Claim and run one job; the database row, not this return value, records the outcome."""
     if draining():

@@ -1,0 +1,290 @@
+"""The dispatcher: which queued jobs are handed to the broker, and when.
+
+The database holds every queued job; the broker only holds the ones released to it. For each queue the
+dispatcher keeps about as many released as there are free slots on its live workers (plus
+``dispatch_margin``, so a worker that finishes a job finds the next one at once), and picks them across
+users by fair share: first the user with the fewest jobs running or released, then the one who used least
+recently (run seconds, at least MIN_CHARGE_SECONDS a job, decayed with ``fairshare_half_life_seconds``),
+each divided by the user's share; within a user, by priority and then age. A user at the running-jobs or
+GPU quota is passed over, and their next job says why in its ``pending_reason``.
+
+It runs wherever a slot may have changed: after a submit (the API), after a job ends (the worker), and in
+every maintenance round, which also re-rings released jobs that no free worker took (a lost message).
+Each release is one conditional UPDATE (``lifecycle.release``): concurrent dispatchers can't release a job
+twice, and at worst release a few more than there are slots, which only delays fairness by those few.
+
+With ``preemption`` on, a high-priority job that finds no free slot asks the lowest-priority, most
+recently started running job of its queue to hand its slot back (``lifecycle.request_preemption``):
+another user's only if that user runs more than their share. The victim checkpoints at its next batch,
+goes back to the queue without using an attempt and resumes later from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sqlalchemy import Row, func, or_, select
+from sqlalchemy.orm import Session
+
+from models import lifecycle, quotas
+from models.liveness import live_after
+from models.queues import queue_gpus
+from models.services import Services
+from models.tables import Job, User, Worker, utcnow
+
+log = logging.getLogger(__name__)
+
+PRIORITIES = {"low": 0, "normal": 1, "high": 2}
+PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
+HIGH = PRIORITIES["high"]
+# Usage older than this many half-lives weighs under 1/64: not worth reading.
+USAGE_HALF_LIVES = 6
+# A job is charged at least this many seconds, as per-second billing has a one-minute minimum: a short
+# job's wall time is mostly start-up and bookkeeping, which measure noise, not use. Short jobs then share
+# a slot by count, long ones by time.
+MIN_CHARGE_SECONDS = 60.0
+
+
+@dataclass
+class QueueState:
+    """One queue as the dispatcher sees it: live slots, how many are free, and jobs released but unclaimed."""
+
+    slots: int = 0
+    free: int = 0
+    released: int = 0
+
+
+@dataclass
+class UserState:
+    """One user's standing in fair share. Released jobs count as running: each is about to take a slot."""
+
+    share: float
+    active: int = 0  # jobs running or released
+    gpus: int = 0  # GPUs of those jobs
+    usage: float = 0.0  # decayed run seconds
+    limits: dict[str, int] = field(default_factory=dict)
+
+    def key(self) -> tuple[float, float]:
+        """Fair share's order: fewest active jobs, then least recent usage, each per unit of share."""
+        return self.active / self.share, self.usage / self.share
+
+
+def dispatch(services: Services, queues: Iterable[str] | None = None) -> list[str]:
+    """Release queued jobs of ``queues`` (default: every queue with queued jobs) where slots are free; ring
+    again released jobs that no free worker took within ``reconcile_seconds``. Returns the released ids."""
+    settings = services.settings
+    released: list[tuple[str, str]] = []
+    with services.sessions() as session:
+        wanted = set(queues) if queues is not None else _queues_with_queued_jobs(session)
+        if not wanted:
+            return []
+        states = queue_states(session, services, wanted)
+        users = user_states(session, services)
+        for queue in sorted(wanted):
+            state = states.get(queue)
+            if state is None or state.slots == 0:
+                continue  # no live worker serves it: the maintenance loop says so in pending_reason
+            if settings.preemption and state.free == 0:
+                making_room = _preempt_for_high(session, queue, users)
+                if making_room is not None:
+                    released += [(job_id, queue) for job_id in making_room]
+                    continue  # the slot being freed is the high job's: release nothing else now
+            room = state.free + settings.dispatch_margin - state.released
+            if room > 0:
+                released += [(job_id, queue) for job_id in _release(session, queue, room, users, settings)]
+        released += _rering(session, services, states)
+        session.commit()
+    for job_id, queue in released:
+        services.publisher.publish(job_id, queue)
+    return [job_id for job_id, _ in released]
+
+
+def dispatch_soon(services: Services, queues: Iterable[str]) -> None:
+    """``dispatch`` for a caller whose own work is done and committed (a submit, a job's end): a failure is
+    logged, never raised, since the next maintenance round dispatches again."""
+    try:
+        dispatch(services, queues)
+    except Exception:  # noqa: BLE001 - the caller's work stands; only the release waits a round
+        log.exception("dispatch of %s failed; the maintenance loop will retry", ", ".join(queues))
+
+
+def queue_states(session: Session, services: Services, queues: set[str]) -> dict[str, QueueState]:
+    """Slots and free slots of live workers per queue, and the jobs released to each and not yet claimed."""
+    workers = session.execute(select(Worker.id, Worker.queues, Worker.slots)
+                              .where(Worker.last_heartbeat_at >= live_after(services.settings))).all()
+    busy = dict(session.execute(select(Job.worker_id, func.count()).where(Job.status == "running")
+                                .group_by(Job.worker_id)).all())
+    states: dict[str, QueueState] = {}
+    for worker in workers:
+        free = max(worker.slots - busy.get(worker.id, 0), 0)
+        for queue in set(worker.queues.split(",")) & queues:
+            state = states.setdefault(queue, QueueState())
+            state.slots += worker.slots
+            state.free += free
+    for queue, count in session.execute(select(Job.queue, func.count())
+                                        .where(Job.status == "queued", Job.released_at.is_not(None),
+                                               Job.queue.in_(queues)).group_by(Job.queue)):
+        states.setdefault(queue, QueueState()).released = count
+    return states
+
+
+def user_states(session: Session, services: Services) -> dict[str, UserState]:
+    """Every user with work now or recently: share, limits, active jobs and decayed usage."""
+    settings = services.settings
+    now = utcnow()
+    half_life = settings.fairshare_half_life_seconds
+    since = now - dt.timedelta(seconds=half_life * USAGE_HALF_LIVES)
+    rows = session.execute(
+        select(Job.user_id, Job.status, Job.queue, Job.released_at, Job.started_at, Job.finished_at)
+        .where(or_(Job.status == "running", Job.released_at.is_not(None) & (Job.status == "queued"),
+                   Job.finished_at >= since))
+    ).all()
+    owners = {row.user_id for row in rows} | set(session.scalars(
+        select(Job.user_id).where(Job.status == "queued").distinct()))
+    users: dict[str, UserState] = {}
+    for user in session.scalars(select(User).where(User.id.in_(owners))):
+        users[user.id] = UserState(share=max(user.share, 1e-9),
+                                   limits={name: quotas.limit(settings, user, name)
+                                           for name in ("running_jobs", "gpus")})
+    for row in rows:
+        state = users[row.user_id]
+        if row.status in ("running", "queued"):  # queued ones are released (the query says so)
+            state.active += 1
+            state.gpus += queue_gpus(row.queue)
+        if row.started_at is not None:
+            end = row.finished_at or now
+            age = (now - _aware(end)).total_seconds()
+            seconds = (_aware(end) - _aware(row.started_at)).total_seconds()
+            state.usage += max(seconds, MIN_CHARGE_SECONDS) * 0.5 ** (max(age, 0.0) / half_life)
+    return users
+
+
+def _release(session: Session, queue: str, room: int, users: dict[str, UserState], settings) -> list[str]:
+    """Pick up to ``room`` held jobs of ``queue`` by fair share and release them; their ids."""
+    candidates = _held_jobs(session, queue, room)
+    picked: list[str] = []
+    gpus = queue_gpus(queue)
+    while len(picked) < room and candidates:
+        eligible = [user for user in candidates if _within_quota(users[user], gpus)]
+        for user in set(candidates) - set(eligible):
+            lifecycle.set_pending_reason(session, candidates.pop(user)[0].id, _quota_reason(users[user], gpus))
+        if not eligible:
+            break
+        user = min(eligible, key=lambda u: (*users[u].key(), candidates[u][0].created_at))
+        job = candidates[user].pop(0)
+        if not candidates[user]:
+            del candidates[user]
+        if lifecycle.release(session, job.id, clear_reason=_is_quota_reason(job.pending_reason)):
+            picked.append(job.id)
+            users[user].active += 1
+            users[user].gpus += gpus
+    return picked
+
+
+def _held_jobs(session: Session, queue: str, room: int) -> dict[str, list[Row]]:
+    """Each user's next ``room`` held jobs of ``queue`` (id, created_at, pending_reason), best first: by
+    priority, then age."""
+    rank = func.row_number().over(partition_by=Job.user_id,
+                                  order_by=(Job.priority.desc(), Job.created_at, Job.id)).label("rank")
+    ranked = (select(Job.id, Job.user_id, Job.priority, Job.created_at, Job.pending_reason, rank)
+              .where(Job.status == "queued", Job.queue == queue, Job.released_at.is_(None),
+                     Job.cancel_requested.is_(False))
+              .subquery())
+    rows = session.execute(select(ranked.c.id, ranked.c.user_id, ranked.c.created_at, ranked.c.pending_reason)
+                           .where(ranked.c.rank <= room)
+                           .order_by(ranked.c.priority.desc(), ranked.c.created_at, ranked.c.id)).all()
+    held: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        held[row.user_id].append(row)
+    return dict(held)
+
+
+def _within_quota(user: UserState, gpus: int) -> bool:
+    return user.active < user.limits["running_jobs"] and user.gpus + gpus <= user.limits["gpus"]
+
+
+QUOTA_WAIT = "waiting: "
+
+
+def _quota_reason(user: UserState, gpus: int) -> str:
+    if user.active >= user.limits["running_jobs"]:
+        return (f"{QUOTA_WAIT}{user.active} of your {user.limits['running_jobs']} running jobs are in use "
+                "(quota_running_jobs)")
+    return (f"{QUOTA_WAIT}{user.gpus} of your {user.limits['gpus']} GPUs are in use and this job needs {gpus} "
+            "(quota_gpus)")
+
+
+def _is_quota_reason(reason: str | None) -> bool:
+    return bool(reason) and reason.startswith(QUOTA_WAIT)
+
+
+def _preempt_for_high(session: Session, queue: str, users: dict[str, UserState]) -> list[str] | None:
+    """Make room in ``queue`` for its oldest waiting high-priority job: ask one lower running job to hand its
+    slot back, release the high job if it was held, and hold back the lower jobs released ahead of it, so
+    that the freed slot is its. Returns the ids released (none, or the high job); None when no high job
+    waits or no running job may be preempted for it."""
+    waiting = session.execute(select(Job.id, Job.user_id, Job.released_at)
+                              .where(Job.status == "queued", Job.queue == queue, Job.priority == HIGH,
+                                     Job.cancel_requested.is_(False))
+                              .order_by(Job.created_at).limit(1)).first()
+    if waiting is None:
+        return None
+    if not session.scalar(select(func.count()).where(Job.status == "running", Job.queue == queue,
+                                                     Job.preempt_reason.is_not(None))):
+        victim = _victim(session, queue, waiting.user_id, users)
+        if victim is None or not lifecycle.request_preemption(
+                session, victim.id, victim.attempts,
+                f"preempted by a high-priority job (it ran at {PRIORITY_NAMES[victim.priority]})"):
+            return None
+        log.info("dispatch: job %s asked to hand its slot back to %s", victim.id, waiting.id)
+    for job_id in session.scalars(select(Job.id).where(Job.status == "queued", Job.queue == queue,
+                                                       Job.priority < HIGH, Job.released_at.is_not(None))):
+        lifecycle.unrelease(session, job_id)
+    return [waiting.id] if waiting.released_at is None and lifecycle.release(session, waiting.id) else []
+
+
+def _victim(session: Session, queue: str, user_id: str, users: dict[str, UserState]) -> Row | None:
+    """The lowest-priority, most recently started running job of ``queue`` that may be preempted for a job of
+    ``user_id``: one of that user's own, or of a user who runs more than their share."""
+    running = session.execute(select(Job.id, Job.user_id, Job.attempts, Job.priority)
+                              .where(Job.status == "running", Job.queue == queue, Job.priority < HIGH,
+                                     Job.cancel_requested.is_(False))
+                              .order_by(Job.priority, Job.started_at.desc(), Job.id)).all()
+    total_share = sum(user.share for user in users.values())
+    total_active = sum(user.active for user in users.values()) or 1
+    for job in running:
+        owner = users[job.user_id]
+        if job.user_id == user_id or owner.active / total_active > owner.share / total_share:
+            return job
+    return None
+
+
+def _rering(session: Session, services: Services, states: dict[str, QueueState]) -> list[tuple[str, str]]:
+    """Released jobs unclaimed past ``reconcile_seconds`` while a worker of their queue is free lost their
+    message (a broker restart, a failed publish): release them again."""
+    stale = utcnow() - dt.timedelta(seconds=services.settings.reconcile_seconds)
+    free = [queue for queue, state in states.items() if state.free > 0]
+    if not free:
+        return []
+    rows = session.execute(select(Job.id, Job.queue).where(Job.status == "queued", Job.queue.in_(free),
+                                                           Job.released_at < stale)).all()
+    rung = []
+    for job_id, queue in rows:
+        if lifecycle.release(session, job_id, again_before=stale):
+            log.warning("dispatch: job %s was released over %s s ago and no free worker of queue %s took it; "
+                        "publishing again", job_id, services.settings.reconcile_seconds, queue)
+            rung.append((job_id, queue))
+    return rung
+
+
+def _queues_with_queued_jobs(session: Session) -> set[str]:
+    return set(session.scalars(select(Job.queue).where(Job.status == "queued").distinct()))
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    """SQLite returns naive datetimes (stored as UTC)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.timezone.utc)

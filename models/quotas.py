@@ -1,0 +1,117 @@
+"""Per-user quotas: each quota's default (a setting), a user's override, and what the user uses now.
+
+The one owner of quota rules. The API checks the ones a request would exceed (queued jobs at submit,
+storage at upload, streams at open) and answers with ``QuotaExceeded``'s problem; the dispatcher holds a
+queued job back while its user is at the running-jobs or GPU quota, saying so in its ``pending_reason``.
+Torch-free and Flask-free: both sides call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from models.db import locked_row
+from models.queues import queue_gpus
+from models.settings import Settings
+from models.tables import Artifact, Dataset, Job, StreamSlot, User, utcnow
+
+# name -> (what it counts, whether waiting frees some of it: then a 429 with Retry-After, else a 403)
+QUOTAS: dict[str, tuple[str, bool]] = {
+    "queued_jobs": ("jobs waiting in the queue", True),
+    "running_jobs": ("jobs running at once", True),
+    "gpus": ("GPUs in use by running jobs", True),
+    "storage_bytes": ("bytes of datasets and job artifacts stored", False),
+    "streams": ("open live-metrics streams", True),
+}
+
+
+@dataclass(frozen=True)
+class Quota:
+    """One quota of one user: its limit and the current use."""
+
+    name: str
+    limit: int
+    use: int
+
+    def room(self) -> int:
+        """How much more the user may take (0 or less: none)."""
+        return self.limit - self.use
+
+    @property
+    def setting(self) -> str:
+        return f"quota_{self.name}"
+
+    def describe(self) -> str:
+        """``2 of 2 jobs running at once (quota_running_jobs)``."""
+        return f"{self.use} of {self.limit} {QUOTAS[self.name][0]} ({self.setting})"
+
+
+class QuotaExceeded(Exception):
+    """A request that would take a user past a quota; ``status`` 429 when waiting helps, else 403."""
+
+    def __init__(self, quota: Quota, adding: int = 1):
+        self.quota = quota
+        self.adding = adding
+        self.status = 429 if QUOTAS[quota.name][1] else 403
+        super().__init__(f"over your quota: {quota.describe()}; this request needs {adding} more")
+
+
+def limit(settings: Settings, user: User, name: str) -> int:
+    """The user's limit for quota ``name``: their override, else the deployment's default."""
+    overrides = user.quotas or {}
+    return int(overrides.get(name, getattr(settings, f"quota_{name}")))
+
+
+def use(session: Session, user_id: str, name: str) -> int:
+    """What the user uses of quota ``name`` now."""
+    if name == "queued_jobs":
+        return _count(session, select(func.count()).where(Job.user_id == user_id, Job.status == "queued"))
+    if name == "running_jobs":
+        return _count(session, select(func.count()).where(Job.user_id == user_id, Job.status == "running"))
+    if name == "gpus":
+        running = session.execute(select(Job.queue, func.count()).where(Job.user_id == user_id,
+                                                                        Job.status == "running")
+                                  .group_by(Job.queue)).all()
+        return sum(queue_gpus(queue) * count for queue, count in running)
+    if name == "storage_bytes":
+        datasets = select(func.coalesce(func.sum(Dataset.size), 0)).where(Dataset.user_id == user_id)
+        artifacts = (select(func.coalesce(func.sum(Artifact.size), 0)).join(Job, Job.id == Artifact.job_id)
+                     .where(Job.user_id == user_id))
+        return _count(session, datasets) + _count(session, artifacts)
+    if name == "streams":
+        return _count(session, select(func.count()).where(StreamSlot.user_id == user_id,
+                                                          StreamSlot.expires_at > utcnow()))
+    raise ValueError(f"no quota {name!r}; quotas: {', '.join(QUOTAS)}")
+
+
+def quota(session: Session, settings: Settings, user: User, name: str) -> Quota:
+    """One quota of the user, with its current use."""
+    return Quota(name, limit(settings, user, name), use(session, user.id, name))
+
+
+def all_quotas(session: Session, settings: Settings, user: User) -> list[Quota]:
+    """Every quota of the user (for ``GET /me``)."""
+    return [quota(session, settings, user, name) for name in QUOTAS]
+
+
+def require(session: Session, settings: Settings, user: User, name: str, adding: int = 1) -> None:
+    """Raise QuotaExceeded when taking ``adding`` more would pass the user's quota ``name``."""
+    current = quota(session, settings, user, name)
+    if current.use + adding > current.limit:
+        raise QuotaExceeded(current, adding)
+
+
+def require_locked(session: Session, settings: Settings, user_id: str, name: str, adding: int = 1) -> User:
+    """``require``, holding the user's row locked until the transaction ends: the caller stores what it adds in
+    the same transaction, so one user's concurrent requests take turns (each sees what the one before it
+    committed) and can't all pass; other users' requests don't wait. Returns the user, read afresh."""
+    user = locked_row(session, select(User).where(User.id == user_id))
+    require(session, settings, user, name, adding)
+    return user
+
+
+def _count(session: Session, statement) -> int:
+    return int(session.scalar(statement) or 0)

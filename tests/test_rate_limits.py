@@ -1,0 +1,159 @@
+"""Rate limits per API key (api/rate_limits.py): three budgets (submissions, uploads, every other request),
+counted per key and not per address, answered past a budget with a 429 problem naming it; the fields of
+draft-ietf-httpapi-ratelimit-headers on every counted answer; a Redis that is down leaves the API up and
+limited; and under ``torchyard api`` (gunicorn) the budget is one across every process of every API server.
+
+Small budgets ("3/minute") make a window that no test outlives, so no test waits for one to pass.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import requests
+from conftest import flushed_redis, settings_env
+from sqlalchemy import func, select
+
+from api.rate_limits import storage_url
+from models.settings import Settings
+from models.tables import Job
+
+API = "/api/v1"
+FIELDS = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "RateLimit-Policy")
+# This module's own db on the shared Redis server (flushed before and after), apart from the others' 7, 9, 13.
+REDIS_RATE_URL = "redis://127.0.0.1:6379/14"
+
+
+def submit(client, headers: dict, spec: dict):
+    return client.post(f"{API}/jobs", json=spec, headers=headers)
+
+
+def upload(client, headers: dict):
+    data = {"file": (io.BytesIO(b"x,y\n1,0\n2,1\n"), "d.csv")}
+    return client.post(f"{API}/datasets", data=data, headers=headers, content_type="multipart/form-data")
+
+
+def fields(response) -> tuple[int, int, int]:
+    """RateLimit-Limit, -Remaining and -Reset, as numbers."""
+    return tuple(int(response.headers[name]) for name in FIELDS[:3])
+
+
+def assert_rate_limited(response, budget: str, limit: int) -> dict:
+    """A 429 problem naming the budget and its limit, with Retry-After within the window."""
+    assert response.status_code == 429, response.json
+    problem = response.json
+    assert problem["type"] == "/problems/rate-limited"
+    assert (problem["budget"], problem["limit"], problem["window"]) == (budget, limit, 60)
+    assert f"rate_limit_{budget}" in problem["detail"] and f"{limit} per 1 minute" in problem["detail"]
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+    assert fields(response)[:2] == (limit, 0)
+    return problem
+
+
+def test_the_submission_past_its_budget_is_a_429_with_retry_after_and_stores_nothing(
+    make_app, alice, spec, published, live_worker
+):
+    client = make_app(rate_limit_submit="3/minute").test_client()
+    answers = [submit(client, alice, spec) for _ in range(3)]
+    assert [a.status_code for a in answers] == [201] * 3
+    assert [fields(a)[:2] for a in answers] == [(3, 2), (3, 1), (3, 0)]
+    assert all(1 <= fields(a)[2] <= 60 for a in answers)
+    assert answers[0].headers["RateLimit-Policy"] == "3;w=60"
+    before = list(published)
+    assert len(before) == 3  # with a live worker, each accepted job is released at once
+
+    refused = submit(client, alice, spec)
+
+    assert_rate_limited(refused, "submit", 3)
+    assert int(refused.headers["Retry-After"]) == fields(refused)[2]
+    assert published == before
+    with client.application.extensions["torchyard"].sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 3
+
+
+def test_reads_and_uploads_have_budgets_of_their_own(make_app, alice, spec):
+    client = make_app(rate_limit_submit="1/minute", rate_limit_read="2/minute",
+                      rate_limit_upload="1/minute").test_client()
+    assert submit(client, alice, spec).status_code == 201
+    assert_rate_limited(submit(client, alice, spec), "submit", 1)
+
+    listed = client.get(f"{API}/jobs", headers=alice)  # submissions spent: reads still answer
+    assert listed.status_code == 200 and fields(listed)[:2] == (2, 1)
+    uploaded = upload(client, alice)
+    assert uploaded.status_code == 201 and fields(uploaded)[:2] == (1, 0)
+    assert_rate_limited(upload(client, alice), "upload", 1)
+    assert client.get(f"{API}/datasets", headers=alice).status_code == 200
+    assert_rate_limited(client.get(f"{API}/workers", headers=alice), "read", 2)  # one budget for every read
+
+
+def test_two_users_keys_from_one_address_do_not_share_a_budget(make_app, alice, bob, spec):
+    client = make_app(rate_limit_submit="1/minute").test_client()
+    assert submit(client, alice, spec).status_code == 201
+    assert_rate_limited(submit(client, alice, spec), "submit", 1)
+    assert submit(client, bob, spec).status_code == 201
+
+
+def test_requests_without_a_valid_key_count_against_their_address_read_budget(make_app, alice, spec):
+    client = make_app(rate_limit_read="2/minute", rate_limit_submit="100/minute").test_client()
+    bogus = {"Authorization": "Bearer ty_not-a-key"}
+    assert client.get(f"{API}/jobs", headers=bogus).status_code == 401
+    assert submit(client, {}, spec).status_code == 401  # a submission without a key is a read here
+    problem = assert_rate_limited(client.get(f"{API}/jobs", headers=bogus), "read", 2)
+    assert "without a valid API key" in problem["detail"]
+    assert client.get(f"{API}/jobs", headers=alice).status_code == 200  # her key's budget is her own
+
+
+def test_health_is_never_rate_limited(make_app):
+    client = make_app(rate_limit_read="1/minute").test_client()
+    answers = [client.get(f"{API}/health") for _ in range(3)]
+    assert [a.status_code for a in answers] == [200] * 3
+    assert not any(name in a.headers for a in answers for name in FIELDS)
+
+
+def test_a_redis_that_is_down_leaves_the_api_up_and_still_limited(make_app, alice, spec):
+    # Nothing listens on port 1: each request's count falls back to this process's memory.
+    client = make_app(rate_limit_storage_url="redis://127.0.0.1:1/0", rate_limit_submit="2/minute").test_client()
+    assert [submit(client, alice, spec).status_code for _ in range(2)] == [201, 201]
+    assert_rate_limited(submit(client, alice, spec), "submit", 2)
+    assert client.get(f"{API}/jobs", headers=alice).status_code == 200
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("TORCHYARD_RATE_LIMIT_SUBMIT", "120 per fortnight"),
+    ("TORCHYARD_RATE_LIMIT_READ", "0/minute"),
+    ("TORCHYARD_RATE_LIMIT_UPLOAD", ""),
+    ("TORCHYARD_RATE_LIMIT_STORAGE_URL", "memcached://127.0.0.1:11211"),
+])
+def test_a_bad_rate_limit_setting_is_an_error_at_startup_naming_the_variable(variable, value):
+    with pytest.raises(ValueError, match=variable):
+        Settings.from_env({variable: value})
+
+
+def test_the_counts_live_in_the_brokers_redis_by_default_else_in_memory():
+    assert storage_url(Settings(broker_url="redis://broker:6379/0")) == "redis://broker:6379/0"
+    assert storage_url(Settings(broker_url="filesystem://")) == "memory://"
+    chosen = Settings(broker_url="redis://broker:6379/0", rate_limit_storage_url="redis://limits:6379/3")
+    assert storage_url(chosen) == "redis://limits:6379/3"
+
+
+def test_every_gunicorn_process_of_two_api_servers_draws_on_one_budget_in_redis(
+    postgres_url, http_deployment, spec, tmp_path
+):
+    from private_servers import ApiServer
+
+    redis_client = flushed_redis(REDIS_RATE_URL)
+    service = http_deployment(postgres_url, "filesystem://", workers=0, rate_limit_submit="3/minute",
+                              rate_limit_storage_url=REDIS_RATE_URL)
+    second = ApiServer(settings_env(service.settings), tmp_path / "api-2.log")
+    try:
+        headers = service.headers
+        # Each request on a connection of its own, to either server: any of their four processes may take it.
+        answers = [requests.post(f"{url}{API}/jobs", json=spec, headers=headers, timeout=30)
+                   for url in (service.api.url, second.url, second.url, service.api.url)]
+        shown = [(a.status_code, a.headers.get("RateLimit-Remaining"), a.text[:200]) for a in answers]
+        assert [a.status_code for a in answers] == [201, 201, 201, 429], f"{shown}\n{service.log()}\n{second.log()}"
+        assert redis_client.keys("LIMITS:LIMITER/torchyard/key:*/submit/3/1/minute")  # counted there
+    finally:
+        second.stop()
+        redis_client.flushdb()
