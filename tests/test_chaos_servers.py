@@ -147,7 +147,8 @@ def test_300_jobs_from_20_concurrent_clients_each_train_exactly_once(http_deploy
     # FAST_RELIABILITY's 6 s lease on purpose: under this load the first job of a fresh pool process once spent
     # over 6 s between its claim and its first renewal and was reaped (attempt 2); the lease is now renewed
     # from a thread while data loads.
-    service = http_deployment(postgres_url, private_redis.url(), workers=2)
+    # One key submits them all: its queued-jobs quota must hold them (this is a load test, not a quota test).
+    service = http_deployment(postgres_url, private_redis.url(), workers=2, quota_queued_jobs=LOAD_JOBS)
     started = time.monotonic()
     submitted: dict[str, int] = {}  # job id -> epochs
     failures: list[str] = []
