@@ -36,7 +36,10 @@ def _unauthorized(detail: str) -> ApiError:
 
 
 def require_user() -> None:
-    """``before_request`` hook: resolve the bearer token to ``g.user`` or answer 401."""
+    """``before_request`` hook: resolve the bearer token to ``g.user`` or answer 401 (not for OPTIONS, which
+    only tells the methods a route takes, as a CORS preflight asks it without credentials)."""
+    if flask_request.method == "OPTIONS":
+        return
     header = flask_request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():

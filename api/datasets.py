@@ -57,7 +57,7 @@ def _store_upload(settings: Settings):
     upload = request.files.get("file")
     if upload is None or not upload.filename:
         raise _invalid("file", "send the dataset as the multipart form field 'file'")
-    _check_text("file", upload.filename, "the filename ")
+    _check_text("file", upload.filename, "the filename: ")
     fmt = FORMATS.get(os.path.splitext(upload.filename)[1].lower())
     if fmt is None:
         raise _invalid("file", f"{quoted(upload.filename)} is neither a .csv nor a .npz file")

@@ -136,7 +136,8 @@ def _quota_exceeded(error: QuotaExceeded) -> Response:
 
 def _http_error(error: HTTPException) -> Response:
     headers = {k: v for k, v in error.get_headers() if k.lower() not in ("content-type", "content-length")}
-    return problem_response(error.code or 500, error.name, error.description or "", headers=headers)
+    kind = "-".join(error.name.lower().split())  # "Method Not Allowed" -> /problems/method-not-allowed
+    return problem_response(error.code or 500, error.name, error.description or "", kind, headers=headers)
 
 
 def _too_large(error: RequestEntityTooLarge) -> Response:

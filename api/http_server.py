@@ -76,4 +76,7 @@ def server_problem(status: int, message: str | None, explain: str | None) -> Api
         return request_line_too_long()
     if status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:
         return headers_too_large()
+    if status == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:  # the client's input: a 4xx, as gunicorn answers it
+        return ApiError(400, "Bad Request", f"{message or 'unsupported HTTP version'}; speak HTTP/1.1",
+                        kind="bad-request")
     return ApiError(status, HTTPStatus(status).phrase, "; ".join(text for text in (message, explain) if text))

@@ -22,7 +22,7 @@ def me():
     quotas = [QuotaOut(name=q.name, counts=QUOTAS[q.name][0], limit=q.limit, use=q.use,
                        overridden=q.name in overrides) for q in all_quotas(session, settings, user)]
     # The dispatcher's own reckoning (one read of recent jobs); a user with nothing recent isn't in it.
-    state = dispatch.user_states(session, services()).get(user.id)
+    state = dispatch.user_states(session, services(), {user.id}).get(user.id)
     standing = FairShareOut(active_jobs=state.active if state else 0, usage_seconds=state.usage if state else 0.0,
                             half_life_seconds=settings.fairshare_half_life_seconds)
     return json_response(MeOut(name=user.name, role=user.role, share=user.share, quotas=quotas, fair_share=standing))

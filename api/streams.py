@@ -17,13 +17,15 @@ from flask import Request, Response, current_app
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.auth import bearer_key
 from api.db import get_session, services
 from api.errors import validation_error
 from api.pagination import MAX_INT, int_arg
 from api.presenters import job_out
 from api.stream_slots import LEASE_SECONDS, stream_gate
+from models.accounts import refusal
 from models.spec import Problem
-from models.tables import FINISHED_STATUSES, EpochMetrics, Job
+from models.tables import FINISHED_STATUSES, ApiKey, EpochMetrics, Job, utcnow
 
 EVENT_STREAM = "text/event-stream"
 STREAM_FLAGS = {"1": True, "true": True, "0": False, "false": False, "": False}
@@ -36,6 +38,8 @@ KEEPALIVE_SECONDS = 2.0
 MAX_SECONDS = 3600.0
 # How long an EventSource waits before reconnecting after the stream ends.
 RETRY_MILLISECONDS = 1000
+# How often an open stream asks whether the API key that opened it was revoked or expired meanwhile.
+KEY_CHECK_SECONDS = 5.0
 
 
 def wants_stream(request: Request) -> bool:
@@ -69,6 +73,8 @@ def metrics_stream(sessions: sessionmaker[Session], user_id: str, job_id: str, s
         get_session(), sessions, settings, user_id,
         lease=config.get("METRICS_STREAM_SLOT_LEASE_SECONDS", LEASE_SECONDS),
     )
+    key_holds = key_in_force(sessions, bearer_key().id, config.get("METRICS_STREAM_KEY_CHECK_SECONDS",
+                                                                     KEY_CHECK_SECONDS))
     try:
         events = follow_metrics(
             sessions,
@@ -78,7 +84,7 @@ def metrics_stream(sessions: sessionmaker[Session], user_id: str, job_id: str, s
             poll=config.get("METRICS_STREAM_POLL_SECONDS", POLL_SECONDS),
             keepalive=config.get("METRICS_STREAM_KEEPALIVE_SECONDS", KEEPALIVE_SECONDS),
             max_seconds=config.get("METRICS_STREAM_MAX_SECONDS", MAX_SECONDS),
-            keep=admitted.keep,
+            keep=lambda: admitted.keep() and key_holds(),
         )
         # No caching, and no buffering by a reverse proxy (nginx honours X-Accel-Buffering).
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -89,6 +95,23 @@ def metrics_stream(sessions: sessionmaker[Session], user_id: str, job_id: str, s
     # Every WSGI server closes the response once it is done with it, also after a failed write.
     response.call_on_close(admitted.release)
     return response
+
+
+def key_in_force(sessions: sessionmaker[Session], key_id: str, every: float) -> Callable[[], bool]:
+    """Whether the API key that opened a stream still authenticates (models.accounts' rule), read again at
+    most every ``every`` seconds: a key revoked (or expired) while its streams run ends them too."""
+    checked, holds = time.monotonic(), True
+
+    def check() -> bool:
+        nonlocal checked, holds
+        if holds and time.monotonic() - checked >= every:
+            with sessions() as session:
+                key = session.get(ApiKey, key_id)
+                holds = key is not None and refusal(key, utcnow()) is None
+            checked = time.monotonic()
+        return holds
+
+    return check
 
 
 def follow_metrics(

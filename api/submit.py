@@ -15,14 +15,14 @@ from api.errors import ApiError, validation_error
 from api.gate import read_json
 from models import audit, lifecycle, queues, quotas
 from models.catalog import DataShape
-from models.dispatch import PRIORITIES, dispatch_soon
+from models.dispatch import PRIORITIES, admits_at_once, dispatch_soon
 from models.memory import memory_problems
 from models.quotas import QuotaExceeded
 from models.services import Services
 from models.settings import Settings
 from models.shapes import fit_problems
 from models.spec import JobSpec, Limits, Problem, SpecError, unknown_name_message
-from models.tables import Dataset, Job, User
+from models.tables import Dataset, Job, User, utcnow
 from models.text import quoted, text_problem
 from models.validation import parse_service_spec
 
@@ -56,22 +56,27 @@ def submit_job(
     try:
         # Counted under a lock on the user's row, held until the insert commits: concurrent submits of one
         # user take turns, so no more than the quota get in.
-        quotas.require_locked(session, settings, user.id, "queued_jobs")
+        # A job's outputs are stored too: a user already past the storage quota makes room before adding more.
+        locked = quotas.require_locked(session, settings, user.id, "queued_jobs", storage_bytes=0)
     except QuotaExceeded:
         existing = _same_key_job(session, user, idempotency_key, normalized)
         if existing is None:
             raise
         return existing, False  # a retry of a job this key made already: its answer, quota or not
+    queue = queue_for(spec)
+    # On an idle cluster the job goes to the broker with its insert; otherwise the dispatcher decides.
+    at_once = admits_at_once(session, services, queue, locked)
     job = lifecycle.submit(
         session,
         user_id=user.id,
         name=spec.name,
         spec=normalized,
-        queue=queue_for(spec),
+        queue=queue,
         epochs=spec.training.epochs,
         max_attempts=settings.max_attempts,
         idempotency_key=idempotency_key,
         priority=PRIORITIES[spec.priority],
+        released_at=utcnow() if at_once else None,
     )
     try:
         session.flush()  # the job's id for its audit event (a reused Idempotency-Key conflicts here already)
@@ -85,9 +90,11 @@ def submit_job(
         if existing is None:
             raise
         return existing, False
-    # After the commit: the dispatcher releases the job to the broker at once if a slot is free (else when
-    # one frees up); a lost publish only delays it (the dispatcher rings released jobs again).
-    dispatch_soon(services, [job.queue])
+    # After the commit: a lost publish only delays the job (the dispatcher rings released jobs again).
+    if at_once:
+        services.publisher.publish(job.id, job.queue)
+    else:  # the dispatcher releases it when its turn comes
+        dispatch_soon(services, [job.queue], session)  # the request's session: no second connection
     return job, True
 
 

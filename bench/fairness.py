@@ -43,8 +43,8 @@ def submit_all(service, keys: dict[str, dict], counts: dict[str, int], stagger: 
     return owners
 
 
-def timings(service, owners: dict[str, str]) -> list[tuple[str, float, float, float]]:
-    """(user, submitted, started, finished) of each job, in seconds since the epoch."""
+def timings(service, owners: dict[str, str]) -> list[tuple[str, float, float | None, float | None]]:
+    """(user, submitted, started, finished) of each job, in seconds since the epoch (None: not yet)."""
     from sqlalchemy import select
 
     from models.tables import Job
@@ -55,17 +55,24 @@ def timings(service, owners: dict[str, str]) -> list[tuple[str, float, float, fl
     return [(owners[job_id], *(stamp(moment) for moment in moments)) for job_id, *moments in rows]
 
 
-def stamp(moment) -> float:
+def stamp(moment) -> float | None:
     import datetime as dt
 
+    if moment is None:
+        return None
     return (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+
+def median_gap(jobs: list[tuple[str, float, float, float]]) -> float:
+    """The median time from one job's end to the next one's start on the slot."""
+    by_start = sorted(jobs, key=lambda job: job[2])
+    return statistics.median(max(b[2] - a[3], 0.0) for a, b in zip(by_start, by_start[1:], strict=False))
 
 
 def fifo_waits(jobs: list[tuple[str, float, float, float]]) -> list[tuple[str, float]]:
     """(user, wait) of each job replayed through one slot in submit order, with its own run time and the
     measured median gap between jobs."""
-    by_start = sorted(jobs, key=lambda job: job[2])
-    gap = statistics.median(max(b[2] - a[3], 0.0) for a, b in zip(by_start, by_start[1:], strict=False))
+    gap = median_gap(jobs)
     free_at, waits = 0.0, []
     for user, submitted, started, finished in sorted(jobs, key=lambda job: job[1]):
         start = max(submitted, free_at + gap)
@@ -100,12 +107,12 @@ def main() -> None:
                     **{user: {"Authorization": f"Bearer {create_api_key(session, user, 'bench')}"}
                        for user in ("bob", "carol")}}
         owners = submit_all(service, keys, counts, stagger=0.5)
-        for job_id in owners:
-            service.wait_status(job_id, timeout=600)
+        service.wait_for(lambda: all(finished for *_, finished in timings(service, owners)), 900, "every job")
         jobs = timings(service, owners)
     fair = [(user, started - submitted) for user, submitted, started, _ in jobs]
     print(f"one slot; alice submits {args.flood} jobs, then bob and carol {args.others} each, 0.5 s apart "
-          f"(each job: {statistics.median(f - s for _, _, s, f in jobs):.2f} s median run)")
+          f"(median run {statistics.median(f - s for _, _, s, f in jobs):.2f} s, median gap between jobs "
+          f"{median_gap(jobs):.2f} s)")
     table(fair, fifo_waits(jobs), list(counts))
 
 

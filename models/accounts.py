@@ -265,6 +265,10 @@ def _working(now: dt.datetime) -> tuple:
 
 def _check_name(what: str, value: str) -> None:
     problem = text_problem(value) if value else "empty"
+    if not problem and value != value.strip():
+        problem = "no spaces around it"
+    if not problem and what == "user name" and (value == "cli" or value.startswith("cli:")):
+        problem = "'cli' names the command line in the audit log; pick another name"
     if problem:
         raise AccountError(f"{what} {quoted(value)}: {problem}")
 
@@ -274,9 +278,13 @@ def _check_role(role: str) -> None:
         raise AccountError(unknown_name_message(role, "role", list(ROLES)))
 
 
+# Shares are weights relative to each other: a million to one is as uneven as fair share needs.
+MIN_SHARE, MAX_SHARE = 1e-3, 1e3
+
+
 def _check_share(share: float) -> None:
-    if not (math.isfinite(share) and share > 0):
-        raise AccountError(f"a share is a number above 0, not {share}")
+    if not (math.isfinite(share) and MIN_SHARE <= share <= MAX_SHARE):
+        raise AccountError(f"a share is a number from {MIN_SHARE:g} to {MAX_SHARE:g}, not {share}")
 
 
 def _aware(moment: dt.datetime) -> dt.datetime:

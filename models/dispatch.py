@@ -21,6 +21,7 @@ goes back to the queue without using an attempt and resumes later from that chec
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from collections import defaultdict
@@ -73,85 +74,131 @@ class UserState:
         return self.active / self.share, self.usage / self.share
 
 
-def dispatch(services: Services, queues: Iterable[str] | None = None) -> list[str]:
+def dispatch(services: Services, queues: Iterable[str] | None = None, session: Session | None = None) -> list[str]:
     """Release queued jobs of ``queues`` (default: every queue with queued jobs) where slots are free; ring
-    again released jobs that no free worker took within ``reconcile_seconds``. Returns the released ids."""
+    again released jobs that no free worker took within ``reconcile_seconds``. Returns the released ids.
+    Runs in ``session`` when given (one with nothing uncommitted: a request's, after its commit)."""
     settings = services.settings
     released: list[tuple[str, str]] = []
-    with services.sessions() as session:
+    with contextlib.nullcontext(session) if session is not None else services.sessions() as session:
         wanted = set(queues) if queues is not None else _queues_with_queued_jobs(session)
         if not wanted:
             return []
         states = queue_states(session, services, wanted)
-        users = user_states(session, services)
         for queue in sorted(wanted):
             state = states.get(queue)
             if state is None or state.slots == 0:
                 continue  # no live worker serves it: the maintenance loop says so in pending_reason
             if settings.preemption and state.free == 0:
-                making_room = _preempt_for_high(session, queue, users)
+                making_room = _preempt_for_high(session, services, queue)
                 if making_room is not None:
                     released += [(job_id, queue) for job_id in making_room]
                     continue  # the slot being freed is the high job's: release nothing else now
+            if state.released:
+                state.released -= _put_priority_first(session, queue)
             room = state.free + settings.dispatch_margin - state.released
             if room > 0:
-                released += [(job_id, queue) for job_id in _release(session, queue, room, users, settings)]
-        released += _rering(session, services, states)
+                released += [(job_id, queue) for job_id in _release(session, services, queue, room)]
+        if queues is None:  # a maintenance round: the others only look at the queues they changed
+            released += _rering(session, services, states)
         session.commit()
     for job_id, queue in released:
         services.publisher.publish(job_id, queue)
     return [job_id for job_id, _ in released]
 
 
-def dispatch_soon(services: Services, queues: Iterable[str]) -> None:
+def dispatch_soon(services: Services, queues: Iterable[str], session: Session | None = None) -> None:
     """``dispatch`` for a caller whose own work is done and committed (a submit, a job's end): a failure is
     logged, never raised, since the next maintenance round dispatches again."""
     try:
-        dispatch(services, queues)
+        dispatch(services, queues, session)
     except Exception:  # noqa: BLE001 - the caller's work stands; only the release waits a round
         log.exception("dispatch of %s failed; the maintenance loop will retry", ", ".join(queues))
+
+
+def admits_at_once(session: Session, services: Services, queue: str, user: User) -> bool:
+    """Whether a job ``user`` is submitting to ``queue`` may go to the broker with its insert: a slot of the
+    queue is free beyond the jobs released to it, no other job of it waits held (so fair share and
+    priority have nothing to choose), and the user is within the running-jobs and GPU quotas. It decides
+    only the case whose answer ``dispatch`` would surely give, in two statements (an idle cluster's
+    submit); in any other case the caller dispatches after its commit."""
+    settings = services.settings
+    workers = session.execute(select(Worker.id, Worker.queues, Worker.slots)
+                              .where(Worker.last_heartbeat_at >= live_after(settings))).all()
+    serving = [worker for worker in workers if queue in worker.queues.split(",")]
+    if not serving:
+        return False
+    is_released = Job.released_at.is_not(None)
+    counts = session.execute(select(Job.status, Job.worker_id, Job.queue, is_released, Job.user_id, func.count())
+                             .where(Job.status.in_(("running", "queued")))
+                             .group_by(Job.status, Job.worker_id, Job.queue, is_released, Job.user_id)).all()
+    busy: dict[str, int] = defaultdict(int)
+    released = held = mine = gpus = 0
+    for status, worker_id, job_queue, is_released, owner, count in counts:
+        if status == "running":
+            busy[worker_id] += count
+        if owner == user.id and (status == "running" or is_released):
+            mine, gpus = mine + count, gpus + count * queue_gpus(job_queue)
+        if status == "queued" and job_queue == queue:
+            released, held = (released + count, held) if is_released else (released, held + count)
+    free = sum(max(worker.slots - busy.get(worker.id, 0), 0) for worker in serving)
+    within = UserState(share=1.0, active=mine, gpus=gpus,
+                       limits={name: quotas.limit(settings, user, name) for name in ("running_jobs", "gpus")})
+    return held == 0 and free > released and _within_quota(within, queue_gpus(queue))
 
 
 def queue_states(session: Session, services: Services, queues: set[str]) -> dict[str, QueueState]:
     """Slots and free slots of live workers per queue, and the jobs released to each and not yet claimed."""
     workers = session.execute(select(Worker.id, Worker.queues, Worker.slots)
                               .where(Worker.last_heartbeat_at >= live_after(services.settings))).all()
-    busy = dict(session.execute(select(Job.worker_id, func.count()).where(Job.status == "running")
-                                .group_by(Job.worker_id)).all())
+    # One statement for both counts, as it runs on every submit: running jobs by worker, released by queue.
+    counts = session.execute(select(Job.status, Job.worker_id, Job.queue, func.count())
+                             .where(or_(Job.status == "running",
+                                        (Job.status == "queued") & Job.released_at.is_not(None)))
+                             .group_by(Job.status, Job.worker_id, Job.queue)).all()
+    busy: dict[str, int] = defaultdict(int)
     states: dict[str, QueueState] = {}
+    for status, worker_id, queue, count in counts:
+        if status == "running":
+            busy[worker_id] += count
+        elif queue in queues:
+            states.setdefault(queue, QueueState()).released += count
     for worker in workers:
         free = max(worker.slots - busy.get(worker.id, 0), 0)
         for queue in set(worker.queues.split(",")) & queues:
             state = states.setdefault(queue, QueueState())
             state.slots += worker.slots
             state.free += free
-    for queue, count in session.execute(select(Job.queue, func.count())
-                                        .where(Job.status == "queued", Job.released_at.is_not(None),
-                                               Job.queue.in_(queues)).group_by(Job.queue)):
-        states.setdefault(queue, QueueState()).released = count
     return states
 
 
-def user_states(session: Session, services: Services) -> dict[str, UserState]:
-    """Every user with work now or recently: share, limits, active jobs and decayed usage."""
+def user_states(session: Session, services: Services, user_ids: set[str] | None = None) -> dict[str, UserState]:
+    """The users ``user_ids`` (default: every user with work now or recently): share, limits, active jobs and
+    decayed usage."""
     settings = services.settings
     now = utcnow()
     half_life = settings.fairshare_half_life_seconds
     since = now - dt.timedelta(seconds=half_life * USAGE_HALF_LIVES)
+    counted = or_(Job.status == "running", Job.released_at.is_not(None) & (Job.status == "queued"),
+                  Job.finished_at >= since)
+    if user_ids is None:  # every user with a job counted, or one queued
+        user_ids = set(session.scalars(select(Job.user_id).where(or_(counted, Job.status == "queued")).distinct()))
+    # The users and their counted jobs in one statement (a user without any: one row of NULLs).
     rows = session.execute(
-        select(Job.user_id, Job.status, Job.queue, Job.released_at, Job.started_at, Job.finished_at)
-        .where(or_(Job.status == "running", Job.released_at.is_not(None) & (Job.status == "queued"),
-                   Job.finished_at >= since))
+        select(User, Job.status, Job.queue, Job.started_at, Job.finished_at)
+        .outerjoin(Job, (Job.user_id == User.id) & counted)
+        .where(User.id.in_(user_ids))
     ).all()
-    owners = {row.user_id for row in rows} | set(session.scalars(
-        select(Job.user_id).where(Job.status == "queued").distinct()))
     users: dict[str, UserState] = {}
-    for user in session.scalars(select(User).where(User.id.in_(owners))):
-        users[user.id] = UserState(share=max(user.share, 1e-9),
-                                   limits={name: quotas.limit(settings, user, name)
-                                           for name in ("running_jobs", "gpus")})
     for row in rows:
-        state = users[row.user_id]
+        user = row.User
+        state = users.get(user.id)
+        if state is None:
+            state = users[user.id] = UserState(share=max(user.share, 1e-9),
+                                               limits={name: quotas.limit(settings, user, name)
+                                                       for name in ("running_jobs", "gpus")})
+        if row.status is None:
+            continue
         if row.status in ("running", "queued"):  # queued ones are released (the query says so)
             state.active += 1
             state.gpus += queue_gpus(row.queue)
@@ -163,9 +210,12 @@ def user_states(session: Session, services: Services) -> dict[str, UserState]:
     return users
 
 
-def _release(session: Session, queue: str, room: int, users: dict[str, UserState], settings) -> list[str]:
+def _release(session: Session, services: Services, queue: str, room: int) -> list[str]:
     """Pick up to ``room`` held jobs of ``queue`` by fair share and release them; their ids."""
     candidates = _held_jobs(session, queue, room)
+    if not candidates:
+        return []
+    users = user_states(session, services, set(candidates))  # only theirs: one user on an idle cluster
     picked: list[str] = []
     gpus = queue_gpus(queue)
     while len(picked) < room and candidates:
@@ -183,6 +233,25 @@ def _release(session: Session, queue: str, room: int, users: dict[str, UserState
             users[user].active += 1
             users[user].gpus += gpus
     return picked
+
+
+def _put_priority_first(session: Session, queue: str) -> int:
+    """Hold back again each released, unclaimed job of ``queue`` whose user has a held job of a higher
+    priority (the margin released it before that one came): the slot goes to the higher one. How many."""
+    released = session.execute(select(Job.id, Job.user_id, Job.priority)
+                               .where(Job.status == "queued", Job.queue == queue, Job.released_at.is_not(None))
+                               .order_by(Job.priority)).all()
+    best_held = dict(session.execute(
+        select(Job.user_id, func.max(Job.priority))
+        .where(Job.status == "queued", Job.queue == queue, Job.released_at.is_(None),
+               Job.cancel_requested.is_(False), Job.user_id.in_({job.user_id for job in released}))
+        .group_by(Job.user_id)).all())
+    held_back = 0
+    for job in released:
+        # Every such job: the release that follows picks the user's jobs again, best first.
+        if best_held.get(job.user_id, -1) > job.priority and lifecycle.unrelease(session, job.id):
+            held_back += 1
+    return held_back
 
 
 def _held_jobs(session: Session, queue: str, room: int) -> dict[str, list[Row]]:
@@ -222,7 +291,7 @@ def _is_quota_reason(reason: str | None) -> bool:
     return bool(reason) and reason.startswith(QUOTA_WAIT)
 
 
-def _preempt_for_high(session: Session, queue: str, users: dict[str, UserState]) -> list[str] | None:
+def _preempt_for_high(session: Session, services: Services, queue: str) -> list[str] | None:
     """Make room in ``queue`` for its oldest waiting high-priority job: ask one lower running job to hand its
     slot back, release the high job if it was held, and hold back the lower jobs released ahead of it, so
     that the freed slot is its. Returns the ids released (none, or the high job); None when no high job
@@ -235,7 +304,7 @@ def _preempt_for_high(session: Session, queue: str, users: dict[str, UserState])
         return None
     if not session.scalar(select(func.count()).where(Job.status == "running", Job.queue == queue,
                                                      Job.preempt_reason.is_not(None))):
-        victim = _victim(session, queue, waiting.user_id, users)
+        victim = _victim(session, queue, waiting.user_id, user_states(session, services))
         if victim is None or not lifecycle.request_preemption(
                 session, victim.id, victim.attempts,
                 f"preempted by a high-priority job (it ran at {PRIORITY_NAMES[victim.priority]})"):

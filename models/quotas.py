@@ -56,7 +56,8 @@ class QuotaExceeded(Exception):
         self.quota = quota
         self.adding = adding
         self.status = 429 if QUOTAS[quota.name][1] else 403
-        super().__init__(f"over your quota: {quota.describe()}; this request needs {adding} more")
+        needs = f"; this request needs {adding} more" if adding > 0 else "; make room before adding more"
+        super().__init__(f"over your quota: {quota.describe()}{needs}")
 
 
 def limit(settings: Settings, user: User, name: str) -> int:
@@ -67,24 +68,39 @@ def limit(settings: Settings, user: User, name: str) -> int:
 
 def use(session: Session, user_id: str, name: str) -> int:
     """What the user uses of quota ``name`` now."""
-    if name == "queued_jobs":
-        return _count(session, select(func.count()).where(Job.user_id == user_id, Job.status == "queued"))
-    if name == "running_jobs":
-        return _count(session, select(func.count()).where(Job.user_id == user_id, Job.status == "running"))
-    if name == "gpus":
+    return uses(session, user_id, [name])[name]
+
+
+def uses(session: Session, user_id: str, names) -> dict[str, int]:
+    """What the user uses of each quota of ``names``, in one statement (and one more for GPUs)."""
+    unknown = set(names) - set(QUOTAS)
+    if unknown:
+        raise ValueError(f"no quota {sorted(unknown)[0]!r}; quotas: {', '.join(QUOTAS)}")
+    counted = [name for name in names if name != "gpus"]
+    found = {}
+    if counted:
+        row = session.execute(select(*(_use_of(user_id, name).scalar_subquery().label(name) for name in counted)))
+        found = {name: int(value or 0) for name, value in row.one()._mapping.items()}
+    if "gpus" in names:
         running = session.execute(select(Job.queue, func.count()).where(Job.user_id == user_id,
                                                                         Job.status == "running")
                                   .group_by(Job.queue)).all()
-        return sum(queue_gpus(queue) * count for queue, count in running)
+        found["gpus"] = sum(queue_gpus(queue) * count for queue, count in running)
+    return found
+
+
+def _use_of(user_id: str, name: str):
+    """The statement that counts one quota's use (not ``gpus``: a queue's GPUs are read from its name)."""
+    if name == "queued_jobs":
+        return select(func.count()).where(Job.user_id == user_id, Job.status == "queued")
+    if name == "running_jobs":
+        return select(func.count()).where(Job.user_id == user_id, Job.status == "running")
     if name == "storage_bytes":
         datasets = select(func.coalesce(func.sum(Dataset.size), 0)).where(Dataset.user_id == user_id)
         artifacts = (select(func.coalesce(func.sum(Artifact.size), 0)).join(Job, Job.id == Artifact.job_id)
                      .where(Job.user_id == user_id))
-        return _count(session, datasets) + _count(session, artifacts)
-    if name == "streams":
-        return _count(session, select(func.count()).where(StreamSlot.user_id == user_id,
-                                                          StreamSlot.expires_at > utcnow()))
-    raise ValueError(f"no quota {name!r}; quotas: {', '.join(QUOTAS)}")
+        return select(datasets.scalar_subquery() + artifacts.scalar_subquery())
+    return select(func.count()).where(StreamSlot.user_id == user_id, StreamSlot.expires_at > utcnow())
 
 
 def quota(session: Session, settings: Settings, user: User, name: str) -> Quota:
@@ -97,21 +113,22 @@ def all_quotas(session: Session, settings: Settings, user: User) -> list[Quota]:
     return [quota(session, settings, user, name) for name in QUOTAS]
 
 
-def require(session: Session, settings: Settings, user: User, name: str, adding: int = 1) -> None:
-    """Raise QuotaExceeded when taking ``adding`` more would pass the user's quota ``name``."""
-    current = quota(session, settings, user, name)
-    if current.use + adding > current.limit:
-        raise QuotaExceeded(current, adding)
+def require(session: Session, settings: Settings, user: User, name: str, adding: int = 1, **also: int) -> None:
+    """Raise QuotaExceeded when taking ``adding`` more would pass the user's quota ``name`` (or, for each
+    quota named in ``also``, that much more; 0: refused only when already past it)."""
+    wanted = {name: adding, **also}
+    used = uses(session, user.id, list(wanted))
+    for quota_name, more in wanted.items():
+        current = Quota(quota_name, limit(settings, user, quota_name), used[quota_name])
+        if current.use + more > current.limit:
+            raise QuotaExceeded(current, more)
 
 
-def require_locked(session: Session, settings: Settings, user_id: str, name: str, adding: int = 1) -> User:
+def require_locked(session: Session, settings: Settings, user_id: str, name: str, adding: int = 1,
+                   **also: int) -> User:
     """``require``, holding the user's row locked until the transaction ends: the caller stores what it adds in
     the same transaction, so one user's concurrent requests take turns (each sees what the one before it
     committed) and can't all pass; other users' requests don't wait. Returns the user, read afresh."""
     user = locked_row(session, select(User).where(User.id == user_id))
-    require(session, settings, user, name, adding)
+    require(session, settings, user, name, adding, **also)
     return user
-
-
-def _count(session: Session, statement) -> int:
-    return int(session.scalar(statement) or 0)

@@ -125,10 +125,24 @@ def component_problems(spec: JobSpec) -> list[Problem]:
     return problems + learning_rate_problems(spec)
 
 
+def one_cycle_problems(scheduler) -> list[Problem]:
+    """OneCycleLR starts at max_lr / div_factor and ends at that over final_div_factor: a div_factor below 1
+    makes the start the peak, and it too must be a float32."""
+    start = scheduler.max_lr / scheduler.div_factor
+    for path, value in (("scheduler.div_factor", start), ("scheduler.final_div_factor",
+                                                          start / scheduler.final_div_factor)):
+        if not value <= FLOAT32_MAX:  # inf too
+            return [Problem(path, f"OneCycleLR would run at a learning rate of {value:.4g}, beyond float32's "
+                                  f"range ({FLOAT32_MAX:.4g})")]
+    return []
+
+
 def learning_rate_problems(spec: JobSpec) -> list[Problem]:
     """A scheduler whose gamma > 1 grows the learning rate past float32's range before the last epoch:
     torch then refuses the optimizer step. Found with logarithms, so 1e300 ** 10,000 is never computed."""
     scheduler, epochs = spec.scheduler, spec.training.epochs
+    if scheduler is not None and scheduler.type == "OneCycleLR":
+        return one_cycle_problems(scheduler)
     if scheduler is None or scheduler.type not in ("StepLR", "MultiStepLR", "ExponentialLR"):
         return []
     if scheduler.gamma <= 1:

@@ -171,8 +171,13 @@ def test_quota_share_and_role_changes_check_their_values_and_default_drops_an_ov
         assert accounts.set_quota(session, "erin", "streams", None).quotas is None
         for change, message in [
             (lambda: accounts.set_quota(session, "erin", "gpu", 1), "'gpu' is not a quota; did you mean 'gpus'?"),
-            (lambda: accounts.set_share(session, "erin", 0.0), "a share is a number above 0, not 0.0"),
-            (lambda: accounts.set_share(session, "erin", float("inf")), "a share is a number above 0, not inf"),
+            (lambda: accounts.set_share(session, "erin", 0.0), "a share is a number from 0.001 to 1000, not 0.0"),
+            (lambda: accounts.set_share(session, "erin", float("inf")),
+             "a share is a number from 0.001 to 1000, not inf"),
+            (lambda: accounts.set_share(session, "erin", 1e308),
+             "a share is a number from 0.001 to 1000, not 1e+308"),
+            (lambda: accounts.create_user(session, "cli:root"), "'cli' names the command line in the audit log"),
+            (lambda: accounts.create_user(session, " spaced "), "no spaces around it"),
             (lambda: accounts.set_role(session, "erin", "root"), "'root' is not a role; allowed: admin, user"),
             (lambda: accounts.create_user(session, "erin"), "user 'erin' exists already"),
             (lambda: accounts.revoke_key(session, "none"), "no unrevoked API key 'none'"),

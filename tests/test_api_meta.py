@@ -200,11 +200,12 @@ def test_unknown_paths_and_methods_are_problems(client, alice):
     missing = client.get(f"{API}/nothing-here", headers=alice)
     assert missing.status_code == 404
     assert missing.mimetype == "application/problem+json"
-    assert missing.json["type"] == "about:blank"
+    assert missing.json["type"] == "/problems/not-found"
     assert missing.json["title"] == "Not Found"
     wrong_method = client.put(f"{API}/jobs", headers=alice)
     assert wrong_method.status_code == 405
     assert wrong_method.mimetype == "application/problem+json"
+    assert wrong_method.json["type"] == "/problems/method-not-allowed"
     assert "POST" in wrong_method.headers["Allow"]
 
 

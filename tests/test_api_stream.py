@@ -171,3 +171,30 @@ def test_a_quiet_stream_sends_keep_alives_and_ends_at_its_time_limit(make_app, t
     assert 1.0 <= elapsed < 10
     assert {"comment": "keep-alive"} in events
     assert not [e for e in events if "event" in e]  # still queued: no metrics, no status
+
+
+def test_a_stream_ends_soon_after_the_key_that_opened_it_is_revoked(make_app, tokens, spec, sessions):
+    from werkzeug.serving import make_server
+
+    from models import accounts
+
+    app = make_app(METRICS_STREAM_POLL_SECONDS=0.05, METRICS_STREAM_KEEPALIVE_SECONDS=0.2,
+                   METRICS_STREAM_MAX_SECONDS=30, METRICS_STREAM_KEY_CHECK_SECONDS=0.1)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        job_id = submit(base, tokens["alice"], spec)
+        stream = open_stream(f"{base}{JOBS}/{job_id}/metrics", tokens["alice"])
+        assert stream.readline().startswith(b"retry:")  # it is open
+        with sessions() as session:
+            accounts.revoke_key(session, "test", "alice")
+        started = time.monotonic()
+        events = read_events(stream)  # returns when the server ends the stream
+        elapsed = time.monotonic() - started
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+    assert elapsed < 10  # the stream's limit is 30 s: it ended because the key no longer holds
+    assert not [e for e in events if "event" in e]

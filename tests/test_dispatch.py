@@ -118,6 +118,18 @@ def test_within_a_user_a_higher_priority_goes_first_then_the_older(worker_contex
     assert dispatch.dispatch(worker_context) == [new_high, old_normal, new_normal, old_low]
 
 
+def test_a_higher_job_submitted_after_a_lower_one_was_released_still_goes_first(worker_context):
+    add_worker(worker_context, "box:1", "cpu")
+    running(worker_context, "alice", "box:1")
+    low = queued(worker_context, "alice", "low", age=dt.timedelta(minutes=1))
+    assert dispatch.dispatch(worker_context) == [low]  # the margin: it waits in the broker
+    high = queued(worker_context, "alice", "high")
+
+    # The low job is held back again (a worker skips its message) and the high one takes its place.
+    assert dispatch.dispatch(worker_context, ["cpu"]) == [high]
+    assert job(worker_context, low).released_at is None
+
+
 def test_a_user_at_the_running_quota_waits_saying_so_while_others_go(worker_context):
     add_worker(worker_context, "box:1", "cpu", slots=4)
     ctx = with_settings(worker_context, quota_running_jobs=1)
@@ -232,3 +244,24 @@ def test_without_preemption_a_high_job_waits_its_turn(worker_context):
 
     assert dispatch.dispatch(ctx) == []
     assert job(ctx, low).preempt_reason is None
+
+
+def test_a_submit_goes_to_the_broker_with_its_insert_only_when_nothing_else_could_have_the_slot(worker_context):
+    ctx = with_settings(worker_context, quota_running_jobs=2)
+    with ctx.sessions() as session:
+        alice = session.get(User, user(ctx, "alice"))
+        assert not dispatch.admits_at_once(session, ctx, "cpu", alice)  # no worker serves cpu
+    add_worker(ctx, "box:1", "cpu")
+    with ctx.sessions() as session:
+        alice = session.get(User, user(ctx, "alice"))
+        assert dispatch.admits_at_once(session, ctx, "cpu", alice)  # idle: the slot is the new job's
+    bobs = queued(ctx, "bob")
+    with ctx.sessions() as session:  # another job waits held: fair share must choose
+        assert not dispatch.admits_at_once(session, ctx, "cpu", session.get(User, user(ctx, "alice")))
+    with ctx.sessions() as session:
+        session.get(Job, bobs).status = "cancelled"
+        session.commit()
+    running(ctx, "alice", "box:0")
+    running(ctx, "alice", "box:0")
+    with ctx.sessions() as session:  # alice's two running jobs fill her quota, though box:1 is free
+        assert not dispatch.admits_at_once(session, ctx, "cpu", session.get(User, user(ctx, "alice")))

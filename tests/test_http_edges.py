@@ -192,11 +192,18 @@ def test_a_body_of_ambiguous_length_is_refused(server, framing):
     (f"{API}/jobs", {"GET", "HEAD", "OPTIONS", "POST"}),
 ])
 def test_options_is_a_204_with_the_routes_methods_and_no_body(server, path, methods):
-    answer = exchange(server, raw("OPTIONS", path, [("Authorization", f"Bearer {server.token}")]))
-    assert answer.status == 204
-    assert {method.strip() for method in answer.headers["Allow"].split(",")} == methods
-    assert "Content-Type" not in answer.headers
-    assert answer.body == b""
+    for headers in ([("Authorization", f"Bearer {server.token}")], []):  # a CORS preflight sends no key
+        answer = exchange(server, raw("OPTIONS", path, headers))
+        assert answer.status == 204
+        assert {method.strip() for method in answer.headers["Allow"].split(",")} == methods
+        assert "Content-Type" not in answer.headers
+        assert answer.body == b""
+
+
+def test_an_http_version_the_server_does_not_speak_is_the_clients_400_not_a_505(server):
+    refused = exchange(server, f"GET {API}/health HTTP/9.9\r\nHost: x\r\n\r\n".encode())
+    assert (refused.status, refused.problem()["status"]) == (400, 400)
+    assert refused.headers["Content-Type"] == "application/problem+json"
 
 
 def test_a_stalled_upload_is_a_408_within_the_read_timeout_and_frees_its_slot(server):

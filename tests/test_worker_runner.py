@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from conftest import wait_for
 from sqlalchemy import select, update
 
 from models.tables import Artifact, Job, User, Worker, utcnow
@@ -101,7 +102,8 @@ def test_a_job_of_a_stopping_worker_goes_back_to_the_queue_and_is_rung_for(ctx, 
     row = job(ctx, job_id)
     assert (row.status, row.worker_id, row.attempts, row.max_attempts) == ("queued", None, 1, 4)
     assert row.pending_reason == "requeued: its worker shut down"
-    assert len(list((ctx.settings.home / "broker" / "queue").glob("*.cpu.msg"))) == 1
+    wait_for(lambda: len(list((ctx.settings.home / "broker" / "queue").glob("*.cpu.msg"))) == 1, 30,
+             "the dispatcher to ring for it")
 
 
 def test_an_attempt_that_loses_its_job_mid_upload_overwrites_nothing_and_leaves_no_file(ctx, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 from sqlalchemy import select
@@ -70,7 +71,10 @@ def run_job(job_id: str) -> str:
         return record_failure(fence, error_line(exc))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        dispatch_soon(ctx, [job.queue])  # its slot is free again, or the job went back
+        # Its slot is free again, or the job went back: dispatch from a thread, so that this process
+        # returns (and Celery acks and hands it the next message) without waiting for it.
+        threading.Thread(target=dispatch_soon, args=(ctx, [job.queue]), name="torchyard-dispatch",
+                         daemon=True).start()
 
 
 def prepare_spec(ctx: Services, job: Job) -> tuple[JobSpec | None, SpecError | None, str | None]:
