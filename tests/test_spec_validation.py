@@ -140,6 +140,18 @@ def test_a_schedule_that_grows_the_learning_rate_past_float32_is_refused(schedul
     assert f"the learning rate would reach {reach}" in problems["scheduler.gamma"], problems
 
 
+@pytest.mark.parametrize("scheduler, path", [
+    ({"type": "OneCycleLR", "max_lr": 1.0, "div_factor": 1e-39}, "scheduler.div_factor"),
+    ({"type": "OneCycleLR", "max_lr": 1.0, "div_factor": 1e-3, "final_div_factor": 1e-38},
+     "scheduler.final_div_factor"),
+])
+def test_a_one_cycle_schedule_that_runs_past_float32_is_refused(scheduler, path):
+    with pytest.raises(SpecError) as caught:
+        parse_spec(GOOD | {"scheduler": scheduler})
+    problems = {problem.path: problem.message for problem in caught.value.problems}
+    assert "beyond float32's range" in problems[path], problems
+
+
 def test_a_schedule_that_grows_the_learning_rate_within_float32_is_accepted():
     spec = GOOD | {"scheduler": {"type": "StepLR", "step_size": 2, "gamma": 1e9}, "training": {"epochs": 10}}
     assert parse_spec(spec).scheduler.gamma == 1e9  # 0.1 * 1e9 ** 4 = 1e35: large, but a float32 holds it
