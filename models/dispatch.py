@@ -32,10 +32,10 @@ from sqlalchemy import Row, func, or_, select
 from sqlalchemy.orm import Session
 
 from models import lifecycle, quotas
-from models.liveness import live_after
+from models.liveness import live_workers
 from models.queues import queue_gpus
 from models.services import Services
-from models.tables import Job, User, Worker, utcnow
+from models.tables import Job, User, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,13 @@ MIN_CHARGE_SECONDS = 60.0
 
 @dataclass
 class QueueState:
-    """One queue as the dispatcher sees it: live slots, how many are free, and jobs released but unclaimed."""
+    """One queue as the dispatcher sees it: live slots, how many are free, jobs released but unclaimed, and
+    jobs held in the database."""
 
     slots: int = 0
     free: int = 0
     released: int = 0
+    held: int = 0
 
 
 @dataclass
@@ -94,7 +96,7 @@ def dispatch(services: Services, queues: Iterable[str] | None = None, session: S
                 if making_room is not None:
                     released += [(job_id, queue) for job_id in making_room]
                     continue  # the slot being freed is the high job's: release nothing else now
-            if state.released:
+            if state.released and state.held:  # a held job may outrank a released one of its user
                 state.released -= _put_priority_first(session, queue)
             room = state.free + settings.dispatch_margin - state.released
             if room > 0:
@@ -122,53 +124,64 @@ def admits_at_once(session: Session, services: Services, queue: str, user: User)
     priority have nothing to choose), and the user is within the running-jobs and GPU quotas. It decides
     only the case whose answer ``dispatch`` would surely give, in two statements (an idle cluster's
     submit); in any other case the caller dispatches after its commit."""
-    settings = services.settings
-    workers = session.execute(select(Worker.id, Worker.queues, Worker.slots)
-                              .where(Worker.last_heartbeat_at >= live_after(settings))).all()
-    serving = [worker for worker in workers if queue in worker.queues.split(",")]
-    if not serving:
+    load = _load(session, user.id)
+    state = _states(live_workers(session, services.settings), load, {queue}).get(queue)
+    if state is None or state.held or state.free <= state.released:
         return False
+    mine = UserState(share=user.share, active=load.mine, gpus=load.my_gpus,
+                     limits={name: quotas.limit(services.settings, user, name) for name in ("running_jobs", "gpus")})
+    return _within_quota(mine, queue_gpus(queue))
+
+
+def queue_states(session: Session, services: Services, queues: set[str]) -> dict[str, QueueState]:
+    """Slots and free slots of live workers per queue, and its jobs released but not yet claimed, and held."""
+    return _states(live_workers(session, services.settings), _load(session), queues)
+
+
+@dataclass
+class _Load:
+    """What the jobs hold, counted in one statement (it runs on every submit)."""
+
+    busy: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # running jobs by worker
+    released: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # unclaimed, by queue
+    held: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # waiting in the database, by queue
+    mine: int = 0  # one user's running or released jobs
+    my_gpus: int = 0  # and their GPUs
+
+
+def _load(session: Session, user_id: str | None = None) -> _Load:
+    """Running jobs by worker, released and held jobs by queue, and ``user_id``'s running or released jobs."""
     is_released = Job.released_at.is_not(None)
     counts = session.execute(select(Job.status, Job.worker_id, Job.queue, is_released, Job.user_id, func.count())
                              .where(Job.status.in_(("running", "queued")))
                              .group_by(Job.status, Job.worker_id, Job.queue, is_released, Job.user_id)).all()
-    busy: dict[str, int] = defaultdict(int)
-    released = held = mine = gpus = 0
-    for status, worker_id, job_queue, is_released, owner, count in counts:
+    load = _Load()
+    for status, worker_id, queue, released, owner, count in counts:
         if status == "running":
-            busy[worker_id] += count
-        if owner == user.id and (status == "running" or is_released):
-            mine, gpus = mine + count, gpus + count * queue_gpus(job_queue)
-        if status == "queued" and job_queue == queue:
-            released, held = (released + count, held) if is_released else (released, held + count)
-    free = sum(max(worker.slots - busy.get(worker.id, 0), 0) for worker in serving)
-    within = UserState(share=1.0, active=mine, gpus=gpus,
-                       limits={name: quotas.limit(settings, user, name) for name in ("running_jobs", "gpus")})
-    return held == 0 and free > released and _within_quota(within, queue_gpus(queue))
+            load.busy[worker_id] += count
+        elif released:
+            load.released[queue] += count
+        else:
+            load.held[queue] += count
+        if owner == user_id and (status == "running" or released):
+            load.mine += count
+            load.my_gpus += count * queue_gpus(queue)
+    return load
 
 
-def queue_states(session: Session, services: Services, queues: set[str]) -> dict[str, QueueState]:
-    """Slots and free slots of live workers per queue, and the jobs released to each and not yet claimed."""
-    workers = session.execute(select(Worker.id, Worker.queues, Worker.slots)
-                              .where(Worker.last_heartbeat_at >= live_after(services.settings))).all()
-    # One statement for both counts, as it runs on every submit: running jobs by worker, released by queue.
-    counts = session.execute(select(Job.status, Job.worker_id, Job.queue, func.count())
-                             .where(or_(Job.status == "running",
-                                        (Job.status == "queued") & Job.released_at.is_not(None)))
-                             .group_by(Job.status, Job.worker_id, Job.queue)).all()
-    busy: dict[str, int] = defaultdict(int)
+def _states(workers: list, load: _Load, queues: set[str]) -> dict[str, QueueState]:
+    """Each queue of ``queues`` that a live worker serves or that holds released jobs: its state."""
     states: dict[str, QueueState] = {}
-    for status, worker_id, queue, count in counts:
-        if status == "running":
-            busy[worker_id] += count
-        elif queue in queues:
-            states.setdefault(queue, QueueState()).released += count
     for worker in workers:
-        free = max(worker.slots - busy.get(worker.id, 0), 0)
+        free = max(worker.slots - load.busy.get(worker.id, 0), 0)
         for queue in set(worker.queues.split(",")) & queues:
             state = states.setdefault(queue, QueueState())
             state.slots += worker.slots
             state.free += free
+    for queue in queues:
+        if queue in states or load.released.get(queue):
+            state = states.setdefault(queue, QueueState())
+            state.released, state.held = load.released.get(queue, 0), load.held.get(queue, 0)
     return states
 
 

@@ -29,20 +29,15 @@ def live_after(settings: Settings) -> dt.datetime:
     return utcnow() - dt.timedelta(seconds=MISSED_HEARTBEATS * settings.heartbeat_seconds)
 
 
-def queue_capacity(session: Session, settings: Settings) -> tuple[set[str], set[str]]:
-    """(queues some live worker serves, queues some live worker has a free slot for)."""
-    workers = session.execute(select(Worker.id, Worker.queues, Worker.slots)
-                              .where(Worker.last_heartbeat_at >= live_after(settings))).all()
-    busy = dict(session.execute(select(Job.worker_id, func.count()).where(Job.status == "running")
-                                .group_by(Job.worker_id)).all())
-    served: set[str] = set()
-    free: set[str] = set()
-    for worker in workers:
-        queues = set(worker.queues.split(","))
-        served |= queues
-        if busy.get(worker.id, 0) < worker.slots:
-            free |= queues
-    return served, free
+def live_workers(session: Session, settings: Settings) -> list:
+    """(id, queues, slots) of each live worker."""
+    return session.execute(select(Worker.id, Worker.queues, Worker.slots)
+                           .where(Worker.last_heartbeat_at >= live_after(settings))).all()
+
+
+def served_queues(session: Session, settings: Settings) -> set[str]:
+    """The queues some live worker serves."""
+    return {queue for worker in live_workers(session, settings) for queue in worker.queues.split(",")}
 
 
 def no_worker_reason(queue: str) -> str:
@@ -68,7 +63,7 @@ class Stalls:
 
 def stalls(session: Session, settings: Settings) -> Stalls:
     """What stalls right now (see ``Stalls``); two small indexed queries and the workers table."""
-    served, _free = queue_capacity(session, settings)
+    served = served_queues(session, settings)
     queued = session.execute(select(Job.queue, func.count()).where(Job.status == "queued")
                              .group_by(Job.queue)).all()
     unreaped = session.scalar(select(func.count()).select_from(Job).where(

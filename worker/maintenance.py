@@ -21,7 +21,7 @@ from sqlalchemy import delete, select, update
 
 from models import audit, lifecycle
 from models.dispatch import dispatch
-from models.liveness import NO_WORKER, live_after, no_worker_reason, queue_capacity
+from models.liveness import NO_WORKER, live_after, no_worker_reason, served_queues
 from models.services import Services
 from models.tables import Job, Worker, utcnow
 
@@ -95,7 +95,7 @@ def reconcile(ctx: Services) -> None:
     """Say why queued jobs wait when no live worker serves their queue, and clear it once one does.
     (Re-ringing jobs whose message was lost is the dispatcher's: ``models.dispatch``.)"""
     with ctx.sessions() as session:
-        served, _free = queue_capacity(session, ctx.settings)
+        served = served_queues(session, ctx.settings)
         queued = session.execute(select(Job.id, Job.queue, Job.pending_reason).where(Job.status == "queued")).all()
         for job_id, queue, reason in queued:
             if queue not in served:
