@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -150,41 +151,41 @@ def test_another_users_stream_and_bad_arguments_are_problems(live_server, tokens
         assert json.loads(response.read())["status"] == status
 
 
-def test_a_quiet_stream_sends_keep_alives_and_ends_at_its_time_limit(make_app, tokens, spec):
+@contextlib.contextmanager
+def serving(app):
+    """The app on a free port in a thread, for streams that need an app of their own settings; its URL."""
     from werkzeug.serving import make_server
 
-    app = make_app(
-        METRICS_STREAM_POLL_SECONDS=0.05, METRICS_STREAM_KEEPALIVE_SECONDS=0.2, METRICS_STREAM_MAX_SECONDS=1.0
-    )
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        base = f"http://127.0.0.1:{server.server_port}"
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+def test_a_quiet_stream_sends_keep_alives_and_ends_at_its_time_limit(make_app, tokens, spec):
+    app = make_app(
+        METRICS_STREAM_POLL_SECONDS=0.05, METRICS_STREAM_KEEPALIVE_SECONDS=0.2, METRICS_STREAM_MAX_SECONDS=1.0
+    )
+    with serving(app) as base:
         job_id = submit(base, tokens["alice"], spec)
         started = time.monotonic()
         events = read_events(open_stream(f"{base}{JOBS}/{job_id}/metrics", tokens["alice"]))
         elapsed = time.monotonic() - started
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
     assert 1.0 <= elapsed < 10
     assert {"comment": "keep-alive"} in events
     assert not [e for e in events if "event" in e]  # still queued: no metrics, no status
 
 
 def test_a_stream_ends_soon_after_the_key_that_opened_it_is_revoked(make_app, tokens, spec, sessions):
-    from werkzeug.serving import make_server
-
     from models import accounts
 
     app = make_app(METRICS_STREAM_POLL_SECONDS=0.05, METRICS_STREAM_KEEPALIVE_SECONDS=0.2,
                    METRICS_STREAM_MAX_SECONDS=30, METRICS_STREAM_KEY_CHECK_SECONDS=0.1)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        base = f"http://127.0.0.1:{server.server_port}"
+    with serving(app) as base:
         job_id = submit(base, tokens["alice"], spec)
         stream = open_stream(f"{base}{JOBS}/{job_id}/metrics", tokens["alice"])
         assert stream.readline().startswith(b"retry:")  # it is open
@@ -193,8 +194,5 @@ def test_a_stream_ends_soon_after_the_key_that_opened_it_is_revoked(make_app, to
         started = time.monotonic()
         events = read_events(stream)  # returns when the server ends the stream
         elapsed = time.monotonic() - started
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
     assert elapsed < 10  # the stream's limit is 30 s: it ended because the key no longer holds
     assert not [e for e in events if "event" in e]

@@ -13,6 +13,7 @@ import pytest
 from conftest import running_service, worker_settings
 from specs import long_spec
 from sqlalchemy import select, update
+from test_lifecycle import write
 
 from models import lifecycle
 from models.tables import Artifact, EpochMetrics, Job, User, utcnow
@@ -34,13 +35,6 @@ def db(request):
     engine = make_engine(request.getfixturevalue(f"{request.param}_url"))
     yield make_sessionmaker(engine)
     engine.dispose()
-
-
-def write(db, change):
-    with db() as session:
-        result = change(session)
-        session.commit()
-    return result
 
 
 def claimed(db, max_attempts: int = 3, worker: str = "box:1") -> str:
