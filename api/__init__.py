@@ -27,7 +27,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, publisher: Publishe
     ``broker_url``, …) override it, and the other (upper-case) keys go to Flask's config. Jobs are
     published through ``publisher``, by default one for the broker the settings name.
     """
-    from api import artifacts, audit, datasets, health, jobs, me, workers  # blueprints import the app's helpers
+    from api import artifacts, audit, datasets, health, jobs, me, tags, workers  # blueprints import the app's helpers
     from api.db import init_services
     from api.errors import register_error_handlers
     from api.rate_limits import init_rate_limits
@@ -44,7 +44,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, publisher: Publishe
     init_services(app, settings, publisher)
     register_error_handlers(app)
     init_rate_limits(app, settings)
-    for module in (jobs, artifacts, datasets, workers, me, audit, health):
+    for module in (jobs, artifacts, datasets, workers, me, audit, tags, health):
         app.register_blueprint(module.bp)
     return app
 

@@ -16,7 +16,9 @@ from api.presenters import job_out, job_summary
 from api.schemas import API_PREFIX, JobList, MetricsOut, json_response, no_content
 from api.streams import metrics_stream, resume_epoch, wants_stream
 from api.submit import spec_body, submit_job
+from api.tags import label_filters
 from models import audit, lifecycle
+from models.experiments import labelled
 from models.spec import Problem, unknown_name_message
 from models.storage import job_prefix
 from models.tables import JOB_STATUSES, Artifact, EpochMetrics, Job, User
@@ -45,7 +47,8 @@ def submit():
 
 @bp.get("")
 def list_jobs():
-    """The caller's jobs (an admin's: every user's), newest first, a page at a time."""
+    """The caller's jobs (an admin's: every user's), newest first, a page at a time.
+    ``?status=``, ``?experiment=`` and ``?tag=`` (repeatable: a job must carry each) narrow them."""
     limit = int_arg(request.args, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     query = select(Job, User.name).join(User, User.id == Job.user_id).where(visible(Job))
     status = request.args.get("status")
@@ -56,6 +59,7 @@ def list_jobs():
                 "Invalid query argument",
             )
         query = query.where(Job.status == status)
+    query = labelled(query, *label_filters(request.args))
     cursor = request.args.get("cursor")
     if cursor:
         created, ident = decode_cursor(cursor)

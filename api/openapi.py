@@ -29,11 +29,14 @@ from api.schemas import (
     MeOut,
     MetricsOut,
     ProblemOut,
+    TagList,
     WorkerList,
 )
+from api.tags import MAX_LIMIT as TAGS_MAX_LIMIT
 from models.audit import ACTIONS
-from models.spec import JobSpec
+from models.spec import MAX_TAGS, JobSpec
 from models.tables import JOB_STATUSES
+from models.text import MAX_NAME_LENGTH, MAX_TAG_LENGTH
 
 RESPONSE_MODELS = (
     JobOut,
@@ -47,6 +50,7 @@ RESPONSE_MODELS = (
     AuditList,
     HealthOut,
     ProblemOut,
+    TagList,
 )
 REF = "#/components/schemas/{model}"
 # A rule's variable part: <name>, or <converter:name> with the converter's arguments if any.
@@ -173,8 +177,13 @@ DETAILS = {
         errors=(422,),
         params=(
             _param("status", "query", {"enum": list(JOB_STATUSES)}),
+            _param("tag", "query",
+                   {"type": "array", "maxItems": MAX_TAGS, "items": {"type": "string", "maxLength": MAX_TAG_LENGTH}},
+                   "only jobs carrying this tag; repeat it (tag=a&tag=b) for jobs carrying every one"),
+            _param("experiment", "query", {"type": "string", "maxLength": MAX_NAME_LENGTH},
+                   "only the jobs of this experiment"),
             _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
-            _param("cursor", "query", {"type": "string"}, "next_cursor of the previous page"),
+            _param("cursor", "query", {"type": "string"}, "next_cursor of the previous page (same filters)"),
         ),
     ),
     "jobs.get_job": Details({200: _json("JobOut", "the job")}),
@@ -241,6 +250,11 @@ DETAILS = {
             _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
             _param("cursor", "query", {"type": "string"}, "next_cursor of the previous page"),
         ),
+    ),
+    "tags.list_tags": Details(
+        {200: _json("TagList", "tags with their counts of jobs")},
+        errors=(422,),
+        params=(_param("limit", "query", {"type": "integer", "minimum": 1, "maximum": TAGS_MAX_LIMIT}),),
     ),
     "health.health": Details({200: _json("HealthOut", "healthy, or degraded: jobs stall for want of a worker"),
                               503: _json("HealthOut", "a dependency is down")}),

@@ -43,6 +43,9 @@ def _job_fields(job: Job, owner: str) -> dict:
         name=job.name,
         owner=owner,
         status=job.status,
+        # As the spec says them: the job's experiment column and tag rows only index them.
+        experiment=job.spec.get("experiment"),
+        tags=job.spec.get("tags", []),
         progress=Progress(epoch=job.epoch, epochs=job.epochs),
         attempts=job.attempts,
         max_attempts=job.max_attempts,

@@ -68,6 +68,8 @@ class JobSummary(Out):
     name: str
     owner: str = Field(description="the name of the user who submitted it (an admin sees every user's jobs)")
     status: JobStatus
+    experiment: str | None = Field(description="the spec's experiment: GET /jobs?experiment= finds its jobs")
+    tags: list[str] = Field(description="the spec's tags: GET /jobs?tag= finds the jobs carrying them")
     progress: Progress
     attempts: int
     max_attempts: int
@@ -114,6 +116,15 @@ class CheckpointOut(Out):
 
 class CheckpointList(Out):
     checkpoints: list[CheckpointOut]
+
+
+class TagCount(Out):
+    tag: str
+    jobs: int = Field(description="how many of the caller's jobs carry it")
+
+
+class TagList(Out):
+    tags: list[TagCount] = Field(description="the most used first")
 
 
 # --- datasets -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from api.gate import read_json
 from models import audit, lifecycle, queues, quotas
 from models.catalog import DataShape
 from models.dispatch import PRIORITIES, admits_at_once, dispatch_soon
+from models.experiments import job_labels
 from models.memory import memory_problems
 from models.quotas import QuotaExceeded
 from models.services import Services
@@ -77,6 +78,7 @@ def submit_job(
         idempotency_key=idempotency_key,
         priority=PRIORITIES[spec.priority],
         released_at=utcnow() if at_once else None,
+        **job_labels(spec),
     )
     try:
         session.flush()  # the job's id for its audit event (a reused Idempotency-Key conflicts here already)

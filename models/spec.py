@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 
 from models.catalog import SKLEARN_DATASETS
 from models.numbers import FLOAT32_MAX, number_problem
-from models.text import MAX_NAME_LENGTH, quoted, text_problem
+from models.text import MAX_NAME_LENGTH, MAX_TAG_LENGTH, quoted, text_problem
 
 # Every whole number of a spec fits an INTEGER column: no size or count comes near it, and the arithmetic
 # on them (parameter counts, shapes) stays small enough to print.
@@ -45,6 +45,7 @@ Probability = Annotated[float, Field(ge=0, le=1)]
 IntPair = Annotated[list[PositiveInt], Field(min_length=1, max_length=2)]
 Size = Union[PositiveInt, IntPair]
 PadSize = Union[NonNegInt, Annotated[list[NonNegInt], Field(min_length=1, max_length=2)]]
+MAX_TAGS = 20  # tags of one job: labels to find it by, not a place for data
 
 
 def Text(max_length: int = MAX_NAME_LENGTH, min_length: int = 0):  # noqa: N802 a type, named as one
@@ -550,6 +551,10 @@ class JobSpec(Strict):
     # Order among the user's own queued jobs (fair share decides between users); with preemption on, a
     # high job may take a running lower one's slot (models.dispatch).
     priority: Literal["low", "normal", "high"] = "normal"
+    # Labels to find the job by (GET /jobs?tag=…&experiment=…); the engine ignores them.
+    tags: Annotated[list[Text(MAX_TAG_LENGTH, min_length=1)], Field(max_length=MAX_TAGS)] = Field(
+        default_factory=list)
+    experiment: Text(min_length=1) | None = None
     task: Literal["regression", "binary", "multiclass"]
     data: Data
     model: ModelSpec
@@ -560,6 +565,16 @@ class JobSpec(Strict):
     early_stopping: EarlyStopping | None = None
     checkpoint: Checkpoint = Field(default_factory=Checkpoint)
     resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("tags")
+    @classmethod
+    def _distinct_tags(cls, tags: list[str]) -> list[str]:
+        first: dict[str, int] = {}
+        for index, tag in enumerate(tags):
+            if tag in first:
+                raise SpecProblem(f"[{index}]", f"{quoted(tag)} is tags[{first[tag]}] already; a tag is given once")
+            first[tag] = index
+        return tags
 
     @property
     def loss_type(self) -> str:
@@ -730,6 +745,7 @@ def problem_from_error(error: dict) -> Problem:
         return Problem(path, "unknown field")
     if kind == "value_error" and isinstance(error.get("ctx", {}).get("error"), SpecProblem):
         problem = error["ctx"]["error"]
-        return Problem(f"{path}.{problem.subpath}" if path else problem.subpath, str(problem))
+        joint = "" if not path or problem.subpath.startswith("[") else "."
+        return Problem(f"{path}{joint}{problem.subpath}", str(problem))
     message = error["msg"].removeprefix("Value error, ")
     return Problem(path, message)

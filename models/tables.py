@@ -20,7 +20,9 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, WriteOnlyMapped, mapped_column, relationship
+
+from models.text import MAX_NAME_LENGTH, MAX_TAG_LENGTH
 
 # Named constraints make Alembic migrations deterministic across SQLite and PostgreSQL.
 NAMING_CONVENTION = {
@@ -90,6 +92,7 @@ class Job(Base):
         UniqueConstraint("user_id", "idempotency_key"),
         Index("ix_jobs_user_id_created_at", "user_id", "created_at"),
         Index("ix_jobs_status_queue", "status", "queue"),
+        Index("ix_jobs_user_id_experiment_created_at", "user_id", "experiment", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
@@ -104,6 +107,10 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     released_at: Mapped[Optional[dt.datetime]]
     preempt_reason: Mapped[Optional[str]] = mapped_column(Text)
+    # The spec's experiment and tags, indexed to find jobs by (the spec stays what responses show of them).
+    experiment: Mapped[Optional[str]] = mapped_column(String(MAX_NAME_LENGTH))
+    # Written with the job, never loaded with it (GET /jobs?tag= reads job_tags in its query).
+    tag_rows: WriteOnlyMapped[JobTag] = relationship(cascade="all, delete-orphan", passive_deletes=True)
 
     # Progress.
     epoch: Mapped[int] = mapped_column(Integer, default=0)
@@ -130,6 +137,16 @@ class Job(Base):
     started_at: Mapped[Optional[dt.datetime]]
     finished_at: Mapped[Optional[dt.datetime]]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class JobTag(Base):
+    """One tag of a job: what GET /jobs?tag= finds jobs by. Rows go with their job (ON DELETE CASCADE)."""
+
+    __tablename__ = "job_tags"
+    __table_args__ = (Index("ix_job_tags_tag_job_id", "tag", "job_id"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(MAX_TAG_LENGTH), primary_key=True)
 
 
 class EpochMetrics(Base):

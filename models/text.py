@@ -13,6 +13,7 @@ import re
 # C0 controls (NUL, tab, newline, escape, ...), DEL, the C1 controls, and lone UTF-16 surrogates.
 NOT_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 MAX_NAME_LENGTH = 200  # names and ids: the width of the database's name columns
+MAX_TAG_LENGTH = 64  # a job's tag, a short label: the width of job_tags.tag
 # How much of a client's value an error message repeats: enough to recognise it, never a 10 KB echo.
 ECHO_LENGTH = 60
 

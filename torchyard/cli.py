@@ -347,10 +347,14 @@ def _echo_json(value) -> None:
     click.echo(json.dumps(value, indent=2))
 
 
+def _reason(job: dict) -> str:
+    """Why the job is where it is: its error, pending reason or stop reason ('' for none)."""
+    return job.get("error") or job.get("pending_reason") or job.get("stop_reason") or ""
+
+
 def _status_line(job: dict) -> str:
     progress = job["progress"]
-    reason = job.get("error") or job.get("pending_reason") or job.get("stop_reason") or ""
-    return f"{job['id']}  {job['status']:<9}  epoch {progress['epoch']}/{progress['epochs']}  {reason}".rstrip()
+    return f"{job['id']}  {job['status']:<9}  epoch {progress['epoch']}/{progress['epochs']}  {_reason(job)}".rstrip()
 
 
 def _follow(client, job_id: str) -> dict:
@@ -398,11 +402,15 @@ def status(job_id: str, follow: bool) -> None:
 
 @main.command("list")
 @click.option("--status", "status_filter", default=None, help="Only jobs in this status.")
+@click.option("--tag", "tags", multiple=True, help="Only jobs carrying this tag (repeat it: jobs carrying each).")
+@click.option("--experiment", default=None, help="Only the jobs of this experiment.")
 @click.option("--limit", type=int, default=20)
-def list_jobs(status_filter: str | None, limit: int) -> None:
-    """Your newest jobs, one a line."""
-    for job in _call(_client().jobs, status=status_filter, limit=limit)["jobs"]:
-        click.echo(_status_line(job))
+def list_jobs(status_filter: str | None, tags: tuple[str, ...], experiment: str | None, limit: int) -> None:
+    """Your newest jobs, one a line, with their experiment and tags."""
+    jobs = _call(_client().jobs, status=status_filter, limit=limit, tags=tags, experiment=experiment)["jobs"]
+    rows = [[job["id"], job["status"], f"{job['progress']['epoch']}/{job['progress']['epochs']}", job["name"],
+             job["experiment"] or "-", ",".join(job["tags"]) or "-", _reason(job)] for job in jobs]
+    click.echo(_table(["ID", "STATUS", "EPOCH", "NAME", "EXPERIMENT", "TAGS", "REASON"], rows))
 
 
 @main.command()

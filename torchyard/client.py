@@ -50,7 +50,8 @@ class Client:
                  query: dict | None = None) -> urllib.request.Request:
         url = self.base + path
         if query:
-            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+            # doseq: a list is a repeated argument (tag=a&tag=b).
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None}, doseq=True)
         data = None
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json", **(headers or {})}
         if body is not None:
@@ -84,9 +85,12 @@ class Client:
     def job(self, job_id: str) -> dict:
         return self._json("GET", f"/jobs/{job_id}")
 
-    def jobs(self, status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict:
-        """One page of the caller's jobs, newest first: {"jobs": [...], "next_cursor": ...}."""
-        return self._json("GET", "/jobs", query={"status": status, "limit": limit, "cursor": cursor})
+    def jobs(self, status: str | None = None, limit: int = 20, cursor: str | None = None,
+             tags: list[str] | tuple[str, ...] = (), experiment: str | None = None) -> dict:
+        """One page of the caller's jobs, newest first: {"jobs": [...], "next_cursor": ...}; only those in
+        ``status``, carrying every one of ``tags`` and of ``experiment``, when given."""
+        return self._json("GET", "/jobs", query={"status": status, "limit": limit, "cursor": cursor,
+                                                 "tag": list(tags), "experiment": experiment})
 
     def metrics(self, job_id: str, since_epoch: int = 0) -> list[dict]:
         return self._json("GET", f"/jobs/{job_id}/metrics", query={"since_epoch": since_epoch})["metrics"]
