@@ -27,13 +27,24 @@ def create_app(test_config: Mapping[str, Any] | None = None, publisher: Publishe
     ``broker_url``, …) override it, and the other (upper-case) keys go to Flask's config. Jobs are
     published through ``publisher``, by default one for the broker the settings name.
     """
-    from api import artifacts, audit, datasets, health, jobs, me, tags, workers  # blueprints import the app's helpers
+    from api import (  # blueprints import the app's helpers
+        artifacts,
+        audit,
+        dashboard,
+        datasets,
+        health,
+        jobs,
+        me,
+        network,
+        tags,
+        workers,
+    )
     from api.db import init_services
     from api.errors import register_error_handlers
     from api.rate_limits import init_rate_limits
 
     settings = app_settings(test_config or {})
-    app = Api(__name__, static_folder=None)  # an API: no static files
+    app = Api(__name__, static_folder=None)  # the dashboard's blueprint serves its own
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_upload_bytes,
         # Form fields beside an upload are small; the file part alone may use the whole limit.
@@ -44,7 +55,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, publisher: Publishe
     init_services(app, settings, publisher)
     register_error_handlers(app)
     init_rate_limits(app, settings)
-    for module in (jobs, artifacts, datasets, workers, me, audit, tags, health):
+    for module in (jobs, network, artifacts, datasets, workers, me, audit, tags, health, dashboard):
         app.register_blueprint(module.bp)
     return app
 

@@ -28,6 +28,7 @@ from api.schemas import (
     JobOut,
     MeOut,
     MetricsOut,
+    NetworkOut,
     ProblemOut,
     TagList,
     WorkerList,
@@ -42,6 +43,7 @@ RESPONSE_MODELS = (
     JobOut,
     JobList,
     MetricsOut,
+    NetworkOut,
     CheckpointList,
     DatasetOut,
     DatasetList,
@@ -199,6 +201,13 @@ DETAILS = {
                 "only the epochs after this one",
             ),
             _param(
+                "max_points",
+                "query",
+                {"type": "integer", "minimum": 2, "maximum": MAX_INT},
+                "at most this many epochs, evenly spaced, the first and the last always (for charts; "
+                "not for streams)",
+            ),
+            _param(
                 "stream",
                 "query",
                 {"type": "boolean"},
@@ -219,6 +228,7 @@ DETAILS = {
         },
         errors=(409,),
     ),
+    "network.network": Details({200: _json("NetworkOut", "the layers")}),
     "artifacts.weights": Details(
         {200: WEIGHTS}, errors=(409, 422), params=(_param("format", "query", {"enum": list(WEIGHT_FORMATS)}),)
     ),

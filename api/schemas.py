@@ -105,6 +105,22 @@ class MetricsOut(Out):
     status: JobStatus
 
 
+class LayerOut(Out):
+    index: int
+    type: str = Field(description="the torch.nn class")
+    output_shape: list[int] = Field(description="of one sample (no batch dimension)")
+    parameters: int
+
+
+class NetworkOut(Out):
+    """A job's network as its spec and data make it (models.shapes: the engine's own walk)."""
+
+    input_shape: list[int] = Field(description="one sample's shape, as the first layer sees it")
+    n_outputs: int
+    layers: list[LayerOut]
+    total_parameters: int
+
+
 class CheckpointOut(Out):
     epoch: int | None
     name: str

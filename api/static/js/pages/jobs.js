@@ -1,0 +1,152 @@
+// Jobs: the caller's jobs a page at a time (the API's cursors), filtered by status and tag, refreshed every
+// few seconds; cancel, delete, compare the ones ticked; submit a spec pasted or read from a file.
+import { api } from "../api.js";
+import { age, badge, every, fill, FINISHED, h, number, problemBox, progressBar, tagChips, thead } from "../dom.js";
+
+const PAGE_SIZE = 50;
+const REFRESH_MS = 4000; // 15 reads a minute: far inside the read budget (rate_limit_read)
+const STATUSES = ["", "queued", "running", "succeeded", "failed", "cancelled"];
+
+export function render(root, _args, params) {
+  const filters = { status: params.get("status") || "", tag: params.get("tag") || "" };
+  const cursors = [null]; // the cursor of each page shown so far; the last is the current page's
+  const selected = new Set();
+  const body = h("tbody");
+  const pager = h("div", { class: "pager" });
+  const message = h("div");
+  const compareButton = h("button", { type: "button", disabled: true, onclick: () => {
+    window.location.hash = `#/compare?ids=${[...selected].map(encodeURIComponent).join(",")}`;
+  } }, "Compare selected");
+
+  const setFilter = (name, value) => {
+    filters[name] = value;
+    const query = new URLSearchParams(Object.entries(filters).filter(([, v]) => v)).toString();
+    window.history.replaceState(null, "", `#/jobs${query ? `?${query}` : ""}`);
+    cursors.splice(0, cursors.length, null);
+    load();
+  };
+  const statusSelect = h("select", { id: "status-filter", onchange: (e) => setFilter("status", e.target.value) },
+    STATUSES.map((status) => h("option", { value: status, selected: status === filters.status }, status || "any status")));
+  const tagInput = h("input", { id: "tag-filter", type: "search", placeholder: "tag", value: filters.tag,
+    onchange: (e) => setFilter("tag", e.target.value.trim()) });
+
+  async function load() {
+    const query = new URLSearchParams({ limit: PAGE_SIZE });
+    if (filters.status) query.set("status", filters.status);
+    if (filters.tag) query.set("tag", filters.tag);
+    const cursor = cursors[cursors.length - 1];
+    if (cursor) query.set("cursor", cursor);
+    try {
+      const page = await api(`/jobs?${query}`);
+      fill(message);
+      drawRows(page.jobs);
+      drawPager(page.next_cursor);
+    } catch (error) {
+      fill(message, problemBox(error));
+    }
+  }
+
+  let shown = "";
+  function drawRows(list) {
+    // Redrawn only when something changed (ages move by the minute): a row isn't replaced under the pointer.
+    const signature = JSON.stringify([list, Math.floor(Date.now() / 60000)]);
+    if (signature === shown) return;
+    shown = signature;
+    root.dataset.jobs = String(list.length);
+    if (!list.length) {
+      fill(body, h("tr", {}, h("td", { colspan: 9, class: "empty" }, "No jobs here yet. Submit one above.")));
+      return;
+    }
+    fill(body, list.map(row));
+    compareButton.disabled = selected.size < 2;
+  }
+
+  function row(job) {
+    const tick = h("input", { type: "checkbox", "aria-label": "select", checked: selected.has(job.id), onchange: (e) => {
+      if (e.target.checked) selected.add(job.id); else selected.delete(job.id);
+      compareButton.disabled = selected.size < 2;
+    } });
+    const best = job.best ? `${job.best.metric} ${number(job.best.value)} @ ${job.best.epoch}` : "–";
+    const actions = h("td", { class: "actions" });
+    if (!FINISHED.has(job.status)) {
+      actions.append(h("button", { type: "button", class: "cancel", disabled: job.cancel_requested,
+        onclick: () => act(() => api(`/jobs/${encodeURIComponent(job.id)}/cancel`, { method: "POST" })) },
+      job.cancel_requested ? "Stopping…" : "Cancel"));
+    } else {
+      actions.append(h("button", { type: "button", class: "delete danger", onclick: () => {
+        if (window.confirm(`Delete job ${job.name} and its files?`)) {
+          act(() => api(`/jobs/${encodeURIComponent(job.id)}`, { method: "DELETE" }));
+        }
+      } }, "Delete"));
+    }
+    return h("tr", { "data-job-id": job.id, "data-status": job.status },
+      h("td", {}, tick),
+      h("td", { class: "name" }, h("a", { href: `#/jobs/${encodeURIComponent(job.id)}` }, job.name),
+        h("div", { class: "muted small" }, job.id)),
+      h("td", {}, badge(job.status)),
+      h("td", {}, progressBar(job.progress.epoch, job.progress.epochs)),
+      h("td", { class: "num" }, best),
+      h("td", {}, age(job.created_at)),
+      h("td", {}, job.experiment ? h("span", { class: "tag experiment" }, job.experiment) : null, tagChips(job.tags)),
+      h("td", { class: "small" }, job.owner),
+      actions);
+  }
+
+  async function act(request) {
+    try {
+      await request();
+      fill(message);
+    } catch (error) {
+      fill(message, problemBox(error));
+    }
+    load();
+  }
+
+  function drawPager(next) {
+    const page = cursors.length;
+    fill(pager,
+      h("button", { type: "button", disabled: page === 1, onclick: () => { cursors.pop(); load(); } }, "← Newer"),
+      h("span", { class: "muted" }, `page ${page}`),
+      h("button", { type: "button", disabled: !next, onclick: () => { cursors.push(next); load(); } }, "Older →"));
+  }
+
+  fill(root,
+    h("div", { class: "page-head" }, h("h1", {}, "Jobs"),
+      h("div", { class: "toolbar" }, statusSelect, tagInput, compareButton)),
+    submitForm(),
+    message,
+    h("table", { class: "jobs" },
+      thead(["", "Name", "Status", "Progress", "Best", "Age", "Tags", "Owner", ""], ["Best"]),
+      body),
+    pager);
+  load();
+  return every(REFRESH_MS, load);
+}
+
+/** The submit form: a spec pasted or read from a file; a refused spec's field errors beside the text. */
+function submitForm() {
+  const text = h("textarea", { id: "spec-text", rows: 14, spellcheck: "false",
+    placeholder: '{"name": "circles-mlp", "task": "binary", "data": {…}, "model": {"layers": […]}, …}' });
+  const file = h("input", { type: "file", id: "spec-file", accept: ".json,application/json", onchange: async (e) => {
+    const [chosen] = e.target.files;
+    if (chosen) text.value = await chosen.text();
+  } });
+  const errors = h("div", { id: "spec-errors", class: "spec-errors", "aria-live": "polite" });
+  const form = h("form", { class: "submit-form", id: "submit-form" },
+    h("div", { class: "spec-input" },
+      h("label", { for: "spec-text" }, "Job spec (JSON)"), text,
+      h("div", { class: "row" }, h("label", { class: "file" }, "or from a file ", file),
+        h("button", { type: "submit", class: "primary", id: "submit-spec" }, "Submit job"))),
+    errors);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    fill(errors, h("span", { class: "muted" }, "Submitting…"));
+    try {
+      const job = await api("/jobs", { method: "POST", body: text.value });
+      window.location.hash = `#/jobs/${encodeURIComponent(job.id)}`;
+    } catch (error) {
+      fill(errors, problemBox(error));
+    }
+  });
+  return h("details", { class: "card submit", id: "submit" }, h("summary", {}, "Submit a job"), form);
+}
