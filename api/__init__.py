@@ -41,6 +41,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, publisher: Publishe
     )
     from api.db import init_services
     from api.errors import register_error_handlers
+    from api.metrics import init_metrics
     from api.rate_limits import init_rate_limits
 
     settings = app_settings(test_config or {})
@@ -55,6 +56,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, publisher: Publishe
     init_services(app, settings, publisher)
     register_error_handlers(app)
     init_rate_limits(app, settings)
+    init_metrics(app)  # GET /metrics, and the latency of every request
     for module in (jobs, network, artifacts, datasets, workers, me, audit, tags, health, dashboard):
         app.register_blueprint(module.bp)
     return app

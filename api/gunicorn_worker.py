@@ -33,8 +33,9 @@ FRAMING_HEADERS = ("CONTENT-LENGTH", "TRANSFER-ENCODING")
 
 
 def gunicorn_argv(settings: Settings, bind: str, workers: int) -> list[str]:
-    """The gunicorn command line serving the API (``python -m`` it): this module's worker class, the limits."""
-    return ["gunicorn", "--bind", bind, "--workers", str(workers),
+    """The gunicorn command line serving the API (``python -m`` it): this module's worker class, the limits,
+    and the hooks that keep the metric files of its processes (api/gunicorn_hooks.py)."""
+    return ["gunicorn", "--bind", bind, "--workers", str(workers), "--config", "python:api.gunicorn_hooks",
             "--worker-class", f"{__name__}.ProblemWorker", "--threads", str(settings.api_threads),
             *gunicorn_limit_options(), "--access-logfile", "-", "api:create_app()"]
 

@@ -68,6 +68,9 @@ class Settings(BaseModel):
 
     # The audit log (models.audit): who did what is kept this long, then the maintenance loop deletes it.
     audit_retention_days: Annotated[int, Field(ge=1)] = 90
+    # /metrics (models.monitoring): queue waits, run times and epochs are over the jobs of this recent window,
+    # read from the database at each scrape; 300 s matches the usual rate(...[5m]) of a dashboard.
+    metrics_window_seconds: Annotated[int, Field(ge=10, le=7 * 86400)] = 300
 
     # Reliability.
     max_attempts: int = 3

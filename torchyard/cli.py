@@ -100,6 +100,7 @@ def api(bind: str | None, workers: int | None) -> None:
     """The API alone under gunicorn, for production (run `torchyard db upgrade` first)."""
     import os
 
+    from api.gunicorn_hooks import VARIABLE, metrics_directory
     from api.gunicorn_worker import gunicorn_argv
     from models.settings import get_settings
 
@@ -111,6 +112,8 @@ def api(bind: str | None, workers: int | None) -> None:
             f"TORCHYARD_MAX_STREAMS_PER_PROCESS ({settings.max_streams_per_process}) must be below "
             f"TORCHYARD_API_THREADS ({settings.api_threads}), so that streams leave threads for other requests")
     argv = gunicorn_argv(settings, bind, workers or settings.api_workers)
+    # Every gunicorn process writes its request metrics there, and /metrics sums them (api/metrics.py).
+    os.environ[VARIABLE] = metrics_directory()
     os.execvp(sys.executable, [sys.executable, "-m", *argv])
 
 

@@ -1,0 +1,55 @@
+"""gunicorn's server hooks for ``torchyard api`` (``--config python:api.gunicorn_hooks``): the files in which
+prometheus-client's multiprocess mode keeps each API process's metrics, so that a scrape sums them all.
+
+``torchyard api`` names the folder in PROMETHEUS_MULTIPROC_DIR before gunicorn starts (``metrics_directory``):
+prometheus-client reads that variable when it is imported, in every process gunicorn forks. Only gunicorn's
+master runs the hooks; every module-level name here that gunicorn knows as a setting is one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+OWN_PREFIX = "torchyard-api-metrics-"  # a folder ``metrics_directory`` made, which on_exit removes
+
+
+def metrics_directory() -> str:
+    """The folder of the metric files: PROMETHEUS_MULTIPROC_DIR when the operator set it (one per
+    ``torchyard api``: its files are deleted at start), else a new one in the temporary folder."""
+    return os.environ.get(VARIABLE) or tempfile.mkdtemp(prefix=OWN_PREFIX)
+
+
+def on_starting(server) -> None:
+    """Make the folder if need be, and delete the files of an earlier run: they would be summed into this one's."""
+    directory = _delete_files()
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+
+
+def child_exit(server, worker) -> None:
+    """A worker process exited: drop the files of its live gauges (prometheus-client's rule for a dead process;
+    the API has none today). Its counters and histograms stay, and are still summed: what it counted happened,
+    and a Prometheus counter must never go down."""
+    from prometheus_client import multiprocess  # imported after PROMETHEUS_MULTIPROC_DIR was set
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:
+    """Leave nothing behind: the files, and the folder if it was made for this run."""
+    directory = _delete_files()
+    if directory is not None and directory.name.startswith(OWN_PREFIX):
+        directory.rmdir()
+
+
+def _delete_files() -> Path | None:
+    value = os.environ.get(VARIABLE)
+    if not value:
+        return None
+    directory = Path(value)
+    for path in directory.glob("*.db"):  # glob of a missing folder: nothing
+        path.unlink(missing_ok=True)
+    return directory
