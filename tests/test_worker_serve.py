@@ -59,6 +59,8 @@ def test_serve_trains_a_job_over_http_and_stops_its_worker_on_ctrl_c_or_sigterm(
                         and j, 90, "the job to finish", process)
         assert finished["status"] == "succeeded", finished
         assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+        with urllib.request.urlopen(f"http://127.0.0.1:{settings.port}/", timeout=10) as page:  # the dashboard
+            assert page.headers.get_content_type() == "text/html"
 
         process.send_signal(stop_signal)
         output, _ = process.communicate(timeout=90)
@@ -67,6 +69,7 @@ def test_serve_trains_a_job_over_http_and_stops_its_worker_on_ctrl_c_or_sigterm(
             process.kill()
     assert process.returncode == 0, output
     assert token in output and base in output
+    assert f"http://127.0.0.1:{settings.port}/ " in output  # the dashboard's URL, printed first
     engine = make_engine(settings.database_url)
     with make_sessionmaker(engine)() as session:
         assert session.scalars(select(Worker)).all() == []  # the worker shut down and left the registry

@@ -161,7 +161,9 @@ def serve(host: str | None = None, port: int | None = None) -> None:
     host, port = host or settings.host, port or settings.port
     upgrade(settings.database_url)
     token = local_token(settings)
-    print(f"torchyard API: http://{host}:{port}/api/v1", flush=True)
+    # The first URL is the one to open: the dashboard (sign in with the token), which links the API's docs.
+    print(f"torchyard:     http://{host}:{port}/   (the dashboard; API docs at /docs)", flush=True)
+    print(f"API:           http://{host}:{port}/api/v1", flush=True)
     print(f"token:         {token}   (saved in {settings.home / 'token'})", flush=True)
     # SIGTERM (systemd, docker stop, kill) stops like Ctrl-C, so the worker is never left behind; the
     # supervisor sends it to us when it gives up.

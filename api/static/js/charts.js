@@ -7,8 +7,10 @@ export const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "
 const HEIGHT = 200;
 // Epochs are whole numbers: ticks at these steps only (uPlot picks the smallest that fits).
 const EPOCH_STEPS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];
-// Quantities every epoch row has besides the loss and the metrics, drawn last, one chart each.
-const TIMING = { lr: "Learning rate", epoch_seconds: "Seconds per epoch", samples_per_second: "Samples per second" };
+// Quantities every epoch row has besides the loss and the metrics, drawn last, one chart each; samples per
+// second is epoch seconds again (the job document's final metrics show it).
+const TIMING = { lr: "Learning rate", epoch_seconds: "Seconds per epoch" };
+export const NOT_DRAWN = new Set(["epoch", "samples_per_second"]);
 
 /** A chart titled ``title`` with one line per name of ``names``; ``set(xs, columns)`` draws them. */
 export function lineChart(title, names, { spanGaps = false } = {}) {
@@ -54,7 +56,7 @@ function tick(value) {
 export function groups(keys) {
   const byBase = new Map();
   for (const name of keys) {
-    if (name === "epoch" || name in TIMING) continue;
+    if (NOT_DRAWN.has(name) || name in TIMING) continue;
     const base = name.startsWith("val_") ? name.slice(4) : name;
     if (!byBase.has(base)) byBase.set(base, []);
     byBase.get(base).push(name);

@@ -1,7 +1,7 @@
 // Compare: the curves of several jobs overlaid (one chart per quantity, a line per job) and the fields in
 // which their specs differ. Jobs come from the list's ticks (?ids=a,b) or from a tag (?tag=t).
 import { api } from "../api.js";
-import { lineChart, PALETTE, rowKeys } from "../charts.js";
+import { lineChart, NOT_DRAWN, PALETTE, rowKeys } from "../charts.js";
 import { badge, fill, h, problemBox, thead } from "../dom.js";
 
 const MAX_POINTS = 500; // per job and curve
@@ -48,7 +48,7 @@ async function load(ids, tag, content, charts) {
   }));
   const labels = jobs.map(({ job }) => `${job.name} (${job.id.slice(-6)})`);
   const grid = h("div", { class: "charts compare-charts", "data-jobs": jobs.length });
-  for (const name of [...rowKeys(jobs.flatMap(({ rows }) => rows))].filter((key) => key !== "epoch").sort(byQuantity)) {
+  for (const name of [...rowKeys(jobs.flatMap(({ rows }) => rows))].filter((key) => !NOT_DRAWN.has(key)).sort(byQuantity)) {
     const chart = lineChart(name, labels, { spanGaps: true });
     const { xs, columns } = aligned(jobs.map(({ rows }) => rows), name);
     chart.set(xs, columns);
@@ -75,7 +75,7 @@ function swatch(i) {
 }
 
 const ORDER = ["loss", "val_loss"];
-const LAST = ["lr", "epoch_seconds", "samples_per_second"];
+const LAST = ["lr", "epoch_seconds"];
 function byQuantity(a, b) {
   const rank = (name) => (ORDER.includes(name) ? ORDER.indexOf(name) : LAST.includes(name) ? 100 + LAST.indexOf(name) : 10);
   return rank(a) - rank(b) || a.localeCompare(b);

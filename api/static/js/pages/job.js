@@ -14,6 +14,8 @@ export function render(root, { id }) {
   const path = `/jobs/${encodeURIComponent(id)}`;
   const abort = new AbortController();
   const stops = [() => abort.abort()];
+  // What starts after the page was left (an await later) is stopped at once.
+  const keep = (stop) => (abort.signal.aborted ? stop() : stops.push(stop));
   const parts = {
     head: h("div", { class: "page-head" }),
     status: h("div", { class: "card status-card" }),
@@ -30,7 +32,7 @@ export function render(root, { id }) {
       h("div", { class: "side-column" }, parts.status, parts.downloads, parts.network)),
     parts.spec);
   const curves = jobCurves(parts.curves);
-  stops.push(() => curves.destroy());
+  keep(() => curves.destroy());
   let job = null;
 
   const show = (next) => {
@@ -43,23 +45,23 @@ export function render(root, { id }) {
 
   async function start() {
     try {
-      show(await api(path));
+      show(await api(path, { signal: abort.signal }));
     } catch (error) {
-      fill(root, h("h1", {}, "Job"), problemBox(error));
+      if (!abort.signal.aborted) fill(root, h("h1", {}, "Job"), problemBox(error));
       return;
     }
     fill(parts.spec, h("h2", {}, "Spec"), h("pre", { class: "spec" }, JSON.stringify(job.spec, null, 2)));
     drawNetwork(parts.network, path);
-    stops.push(followLog(parts.log, path, () => job));
-    const history = await api(`${path}/metrics?max_points=${MAX_POINTS}`);
+    keep(followLog(parts.log, path));
+    const history = await api(`${path}/metrics?max_points=${MAX_POINTS}`, { signal: abort.signal });
     curves.reset(history.metrics);
-    if (FINISHED.has(job.status)) return;
+    if (FINISHED.has(job.status) || abort.signal.aborted) return;
     // The job document (attempts, reasons, progress) is polled; the curves follow the stream.
     const stopPolling = every(POLL_MS, async () => {
-      show(await api(path));
+      show(await api(path, { signal: abort.signal }));
       if (FINISHED.has(job.status)) stopPolling();
     });
-    stops.push(stopPolling);
+    keep(stopPolling);
     follow(path, curves, abort.signal, (finished) => show(finished));
   }
 
@@ -202,9 +204,12 @@ async function drawNetwork(card, path) {
 }
 
 /** The job's log (GET /jobs/{id}/logs), read on from its last line while the job runs. */
-function followLog(card, path, currentJob) {
+function followLog(card, path) {
   const lines = h("div", { class: "log-lines", id: "log-lines" });
-  fill(card, h("h2", {}, "Log"), lines);
+  const note = h("span", { class: "small muted" });
+  const save = h("button", { type: "button", class: "link", onclick: () => download(`${path}/logs?format=text`, "job.log")
+    .catch((error) => fill(note, error.message)) }, "Download (.log)");
+  fill(card, h("div", { class: "card-head" }, h("h2", {}, "Log"), h("span", {}, note, " ", save)), lines);
   let next = 0;
   let stopped = false;
   let stop = () => {};
@@ -216,10 +221,11 @@ function followLog(card, path, currentJob) {
       else if (next === 0) lines.replaceChildren();
       for (const line of page.lines) lines.append(logLine(line));
       next = page.next_seq;
-      if (FINISHED.has(page.status) && FINISHED.has(currentJob().status)) stop();
+      if (FINISHED.has(page.status)) stop(); // read after the job: a finished job's lines were all there
     } catch (error) {
       if (error instanceof ApiError && error.status === 404) {
         fill(lines, h("div", { class: "muted", id: "no-log" }, "No log for this job."));
+        save.hidden = true;
         stop();
       } else throw error;
     }

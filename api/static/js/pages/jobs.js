@@ -1,4 +1,4 @@
-// Jobs: the caller's jobs a page at a time (the API's cursors), filtered by status and tag, refreshed every
+// Jobs: the caller's jobs a page at a time (the API's cursors), filtered by status, tag and experiment, refreshed every
 // few seconds; cancel, delete, compare the ones ticked; submit a spec pasted or read from a file.
 import { api } from "../api.js";
 import { age, badge, every, fill, FINISHED, h, number, problemBox, progressBar, tagChips, thead } from "../dom.js";
@@ -8,7 +8,8 @@ const REFRESH_MS = 4000; // 15 reads a minute: far inside the read budget (rate_
 const STATUSES = ["", "queued", "running", "succeeded", "failed", "cancelled"];
 
 export function render(root, _args, params) {
-  const filters = { status: params.get("status") || "", tag: params.get("tag") || "" };
+  const filters = { status: params.get("status") || "", tag: params.get("tag") || "",
+    experiment: params.get("experiment") || "" };
   const cursors = [null]; // the cursor of each page shown so far; the last is the current page's
   const selected = new Set();
   const body = h("tbody");
@@ -28,12 +29,18 @@ export function render(root, _args, params) {
   const statusSelect = h("select", { id: "status-filter", onchange: (e) => setFilter("status", e.target.value) },
     STATUSES.map((status) => h("option", { value: status, selected: status === filters.status }, status || "any status")));
   const tagInput = h("input", { id: "tag-filter", type: "search", placeholder: "tag", value: filters.tag,
-    onchange: (e) => setFilter("tag", e.target.value.trim()) });
+    list: "known-tags", onchange: (e) => setFilter("tag", e.target.value.trim()) });
+  const knownTags = h("datalist", { id: "known-tags" });
+  api("/tags").then(({ tags }) => fill(knownTags, tags.map(({ tag }) => h("option", { value: tag }))))
+    .catch(() => {}); // suggestions only
+  const experimentInput = h("input", { id: "experiment-filter", type: "search", placeholder: "experiment",
+    value: filters.experiment, onchange: (e) => setFilter("experiment", e.target.value.trim()) });
 
   async function load() {
     const query = new URLSearchParams({ limit: PAGE_SIZE });
     if (filters.status) query.set("status", filters.status);
     if (filters.tag) query.set("tag", filters.tag);
+    if (filters.experiment) query.set("experiment", filters.experiment);
     const cursor = cursors[cursors.length - 1];
     if (cursor) query.set("cursor", cursor);
     try {
@@ -112,7 +119,7 @@ export function render(root, _args, params) {
 
   fill(root,
     h("div", { class: "page-head" }, h("h1", {}, "Jobs"),
-      h("div", { class: "toolbar" }, statusSelect, tagInput, compareButton)),
+      h("div", { class: "toolbar" }, statusSelect, tagInput, knownTags, experimentInput, compareButton)),
     submitForm(),
     message,
     h("table", { class: "jobs" },

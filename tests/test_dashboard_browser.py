@@ -1,0 +1,316 @@
+"""The dashboard in a real browser: Debian's headless Chromium driven by Selenium, against the API under
+gunicorn and a real worker. Screenshots of each page go to ``$DASHBOARD_SCREENSHOTS`` (else the test's
+temporary folder; not a TORCHYARD_ variable, which the settings would refuse as unknown).
+
+Without Chromium these tests skip, except in CI (``CI`` set), where they fail: CI installs it (.ci/run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import HttpService, wait_for, worker_settings
+from specs import circles_spec, long_spec
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+XSS_NAME = "<img src=x onerror=alert(1)>"
+WAIT = 60  # seconds for a page to show what a test waits for (a job's run included)
+
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
+    from selenium.webdriver.chrome.service import Service as ChromeService
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:  # the test extra installs it
+    webdriver = None
+
+
+def _no_browser() -> str | None:
+    if webdriver is None:
+        return "selenium is not installed (pip install -e '.[test]')"
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(path)]
+    return f"{' and '.join(missing)} missing (apt-get install chromium chromium-driver)" if missing else None
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """The API under gunicorn over SQLite and the filesystem broker, and one worker."""
+    from migrations.apply import upgrade
+
+    settings = worker_settings(tmp_path_factory.mktemp("home"))
+    upgrade(settings.database_url)
+    service = HttpService(settings)
+    try:
+        service.start_worker()
+        yield service
+    finally:
+        service.close()
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("DASHBOARD_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory, downloads):
+    """Headless Chromium with a fresh profile that reaches nothing but the test's servers."""
+    why = _no_browser()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"the browser tests must run in CI: {why}")
+        pytest.skip(why)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--no-first-run", "--window-size=1400,1000",
+                     f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(argument)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=ChromeService(CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def console(browser):
+    """The browser console's messages since the browser started (each read drains Chromium's buffer)."""
+    seen: list[dict] = []
+
+    def read() -> list[dict]:
+        seen.extend(browser.get_log("browser"))
+        return seen
+
+    return read
+
+
+@pytest.fixture
+def dashboard(service, browser):
+    """The browser signed in to the dashboard as the service's user, on the Jobs page."""
+    browser.get(f"{service.api.url}/")
+    browser.execute_script("window.sessionStorage.clear()")
+    browser.refresh()
+    key = service.headers["Authorization"].removeprefix("Bearer ")
+    until(browser, lambda b: b.find_element(By.ID, "api-key")).send_keys(key)
+    browser.find_element(By.CSS_SELECTOR, "#sign-in button[type=submit]").click()
+    until(browser, lambda b: b.find_element(By.CSS_SELECTOR, "section[data-page=jobs] table.jobs"))
+    assert browser.find_element(By.ID, "who-name").text == "alice"
+    return browser
+
+
+def until(browser, condition, timeout: float = WAIT):
+    """WebDriverWait's until, riding out an element that a refresh replaced meanwhile."""
+    return WebDriverWait(browser, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(condition)
+
+
+def shoot(browser, folder: Path, name: str) -> None:
+    """The page as far as it goes, at most a window's height (the body's box, clipped to the window)."""
+    browser.find_element(By.TAG_NAME, "body").screenshot(str(folder / f"dashboard-{name}.png"))
+
+
+def csp_violations(messages: list[dict]) -> list[str]:
+    return [m["message"] for m in messages if "Content Security Policy" in m["message"]]
+
+
+def submit_through_form(browser, spec: dict | str) -> None:
+    summary = browser.find_element(By.CSS_SELECTOR, "#submit > summary")
+    if browser.find_element(By.ID, "submit").get_attribute("open") is None:
+        summary.click()
+    text = browser.find_element(By.ID, "spec-text")
+    text.clear()
+    # The whole text at once (send_keys would type it key by key, and the textarea has no auto-indent).
+    browser.execute_script("arguments[0].value = arguments[1]", text,
+                           spec if isinstance(spec, str) else json.dumps(spec, indent=2))
+    browser.find_element(By.ID, "submit-spec").click()
+
+
+def live_spec() -> dict:
+    """Circles in 10 epochs of about half a second each here (12,000 rows, batches of 10): the stream, not the
+    page's first load, brings most of its epochs. The learning rate halves every 4 epochs."""
+    spec = circles_spec("live-curves", epochs=10, lr=0.003, checkpoints=True)
+    spec["data"]["params"].update(n_samples=12_000, noise=0.15)
+    spec["training"]["batch_size"] = 10
+    return {**spec, "scheduler": {"type": "StepLR", "step_size": 4, "gamma": 0.5}, "tags": ["demo"]}
+
+
+def test_sign_in_refuses_a_wrong_key_and_keeps_the_right_one_in_this_tab_s_session_storage_only(
+        service, browser, screenshots):
+    browser.get(f"{service.api.url}/")
+    browser.execute_script("window.sessionStorage.clear()")
+    browser.refresh()
+    field = until(browser, lambda b: b.find_element(By.ID, "api-key"))
+    field.send_keys("ty_not-a-key")
+    browser.find_element(By.CSS_SELECTOR, "#sign-in button[type=submit]").click()
+    refused = until(browser, lambda b: b.find_element(By.CSS_SELECTOR, "#sign-in .problem"))
+    assert "not valid" in refused.text
+    shoot(browser, screenshots, "sign-in")
+    key = service.headers["Authorization"].removeprefix("Bearer ")
+    field.clear()
+    field.send_keys(key)
+    browser.find_element(By.CSS_SELECTOR, "#sign-in button[type=submit]").click()
+    until(browser, lambda b: b.find_element(By.CSS_SELECTOR, "section[data-page=jobs]"))
+    assert browser.execute_script("return window.sessionStorage.getItem('torchyard.apiKey')") == key
+    assert browser.execute_script("return document.cookie") == ""
+    assert browser.execute_script("return window.localStorage.length") == 0
+    assert key not in browser.current_url
+    browser.find_element(By.ID, "sign-out").click()
+    until(browser, lambda b: b.find_element(By.ID, "api-key"))
+    assert browser.execute_script("return window.sessionStorage.getItem('torchyard.apiKey')") is None
+
+
+def test_a_job_submitted_through_the_form_draws_its_epochs_live_and_its_weights_download(
+        dashboard, service, screenshots, downloads, console, tmp_path):
+    browser = dashboard
+    spec = live_spec()
+    submit_through_form(browser, spec)
+    until(browser, lambda b: "#/jobs/job_" in b.current_url)
+    job_id = browser.current_url.rsplit("/", 1)[1]
+    page = until(browser, lambda b: b.find_element(By.CSS_SELECTOR, "section[data-page=jobs][data-status]"))
+    browser.execute_script("window.__sameDocument = true")  # gone if anything reloads the page
+    curves = browser.find_element(By.ID, "curves")
+    first = int(curves.get_attribute("data-points"))
+    assert page.get_attribute("data-status") in ("queued", "running")
+    assert first <= spec["training"]["epochs"] - 3, "the job was nearly done before the page first drew it"
+    until(browser, lambda b: int(curves.get_attribute("data-points")) >= first + 3)
+    assert browser.execute_script("return window.__sameDocument") is True
+    assert curves.find_elements(By.CSS_SELECTOR, "figure.chart canvas"), "no chart drawn"
+
+    until(browser, lambda b: page.get_attribute("data-status") == "succeeded")
+    until(browser, lambda b: curves.get_attribute("data-points") == "10")
+    titles = [f.get_attribute("data-title") for f in curves.find_elements(By.CSS_SELECTOR, "figure.chart")]
+    assert titles[0] == "Loss" and "accuracy" in titles and "Learning rate" in titles, titles
+    layers = browser.find_elements(By.CSS_SELECTOR, "#network tbody tr")
+    assert [row.find_elements(By.TAG_NAME, "td")[1].text for row in layers] == ["Linear", "ReLU", "Linear"]
+    assert until(browser, lambda b: b.find_element(By.CSS_SELECTOR, "#log-lines > *")).text  # lines or "No log"
+
+    button = until(browser, lambda b: b.find_element(By.ID, "download-weights"))
+    until(browser, lambda b: button.is_enabled())
+    button.click()
+    saved = downloads / f"{job_id}.safetensors"
+    size = int(until(browser, lambda b: b.find_element(By.ID, "downloads").get_attribute("data-downloaded-bytes")))
+    wait_for(lambda: saved.is_file() and saved.stat().st_size == size, WAIT, f"{saved} to be saved")
+    served = service.http.download_weights(job_id, tmp_path / "served.safetensors")
+    assert saved.read_bytes() == served.read_bytes()  # the file the API serves, byte for byte
+    shoot(browser, screenshots, "job")
+    assert csp_violations(console()) == []
+
+
+def test_a_bad_spec_shows_its_field_errors_beside_the_text(dashboard, screenshots):
+    spec = circles_spec("bad")
+    spec["model"]["layers"][0] = {"type": "Linaer", "out_features": 16}
+    spec["training"]["epochs"] = -1
+    submit_through_form(dashboard, spec)
+    errors = until(dashboard, lambda b: b.find_elements(By.CSS_SELECTOR, "#spec-errors .field-errors li"))
+    paths = {item.find_element(By.TAG_NAME, "code").text for item in errors}
+    assert {"model.layers[0].type", "training.epochs"} <= paths, paths
+    assert "Linear" in dashboard.find_element(By.ID, "spec-errors").text  # the nearest allowed name
+    assert "#/jobs/" not in dashboard.current_url  # nothing submitted: still on the form
+    shoot(dashboard, screenshots, "bad-spec")
+
+
+def test_two_jobs_found_by_their_tag_and_ticked_in_the_list_are_compared(dashboard, service, screenshots):
+    ids = [service.submit({**circles_spec(f"compare-lr-{lr}", epochs=4, lr=lr), "tags": ["lr-sweep", f"lr={lr}"],
+                           "experiment": "circles"}) for lr in (0.1, 0.02)]
+    for job_id in ids:
+        service.wait_status(job_id)
+    until(dashboard, lambda b: b.find_elements(By.CSS_SELECTOR, f"tr[data-job-id='{ids[0]}'] .tag"))
+    assert int(dashboard.find_element(By.CSS_SELECTOR, "section[data-page=jobs]").get_attribute("data-jobs")) > 2
+    dashboard.find_element(By.ID, "tag-filter").send_keys("lr-sweep\n")
+    until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, "section[data-page=jobs]").get_attribute("data-jobs")
+          == "2")
+    assert "tag=lr-sweep" in dashboard.current_url  # a reload keeps the filter
+    for job_id in ids:
+        until(dashboard, lambda b, j=job_id: b.find_element(By.CSS_SELECTOR, f"tr[data-job-id='{j}'] input").click()
+              or True)
+    dashboard.find_element(By.XPATH, "//button[text()='Compare selected']").click()
+    charts = until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, ".compare-charts[data-jobs='2']"))
+    loss = charts.find_element(By.CSS_SELECTOR, "figure.chart[data-title='loss']")
+    assert loss.get_attribute("data-points") == "4"
+    rows = dashboard.find_elements(By.CSS_SELECTOR, "#spec-differences tbody tr")
+    fields = {row.find_element(By.TAG_NAME, "code").text: [td.text for td in row.find_elements(By.TAG_NAME, "td")[1:]]
+              for row in rows}
+    assert fields["optimizer.lr"] == ["0.1", "0.02"]
+    assert set(fields) == {"name", "optimizer.lr", "tags[1]"}
+    shoot(dashboard, screenshots, "compare")
+    dashboard.get(f"{service.api.url}/#/compare?tag=lr-sweep")  # the same jobs, chosen by their tag
+    until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, ".compare-charts[data-jobs='2']"))
+
+
+def test_a_running_job_is_cancelled_from_the_list(dashboard, service, screenshots):
+    job_id = service.submit(long_spec(epochs=200, n_samples=20_000, batch_size=20, name="to-cancel"))
+    row = f"tr[data-job-id='{job_id}']"
+    # Running, an epoch or more done: the list refreshes itself.
+    until(dashboard, lambda b: not b.find_element(By.CSS_SELECTOR, f"{row} .progress .count").text.startswith("0/"))
+    assert dashboard.find_element(By.CSS_SELECTOR, row).get_attribute("data-status") == "running"
+    shoot(dashboard, screenshots, "jobs")
+    until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, f"{row} button.cancel").is_enabled())
+    until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, f"{row} button.cancel").click() or True)
+    until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, row).get_attribute("data-status") == "cancelled")
+    assert service.wait_status(job_id)["status"] == "cancelled"
+
+
+def test_the_workers_and_datasets_pages_and_an_upload_with_progress(dashboard, tmp_path, screenshots):
+    dashboard.find_element(By.CSS_SELECTOR, "nav a[data-page=workers]").click()
+    assert until(dashboard, lambda b: b.find_element(By.ID, "live-workers")).text == "1"
+    queues = dashboard.find_elements(By.CSS_SELECTOR, "#queues tbody tr td")
+    assert [cell.text for cell in queues[:2]] == ["cpu", "1"]
+    assert dashboard.find_elements(By.ID, "worker-detail") == []  # hosts are for admins
+    shoot(dashboard, screenshots, "workers")
+
+    dashboard.find_element(By.CSS_SELECTOR, "nav a[data-page=datasets]").click()
+    data = tmp_path / "points.csv"
+    data.write_text("<b>x</b>,y,label\n" + "".join(f"{i},{i % 7},{i % 2}\n" for i in range(2000)))
+    until(dashboard, lambda b: b.find_element(By.ID, "dataset-file")).send_keys(str(data))
+    dashboard.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
+    until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, "#upload-form .count").text == "100%")
+    row = until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, "tr[data-dataset-id]"))
+    assert row.find_element(By.CSS_SELECTOR, "td.name").text.startswith("points.csv")
+    row.find_element(By.XPATH, ".//button[text()='3 columns']").click()
+    names = until(dashboard, lambda b: b.find_elements(By.CSS_SELECTOR, "tr.columns-row .tag"))
+    assert [tag.text for tag in names] == ["<b>x</b>", "y", "label"]  # a column name is text, not markup
+    shoot(dashboard, screenshots, "datasets")
+    row.find_element(By.XPATH, ".//button[text()='Delete']").click()
+    dashboard.switch_to.alert.accept()
+    until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, "table.datasets td.empty"))
+
+
+def test_docs_show_the_openapi_document_in_swagger_ui_under_the_policy(service, browser, screenshots, console):
+    browser.get(f"{service.api.url}/docs")
+    operations = until(browser, lambda b: b.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+    assert "/api/v1/jobs/{job_id}/metrics" in {op.get_attribute("data-path") or op.text for op in operations}
+    shoot(browser, screenshots, "docs")
+    assert csp_violations(console()) == []
+
+
+def test_a_job_named_with_markup_is_shown_as_text_and_runs_nothing(dashboard, service, console):
+    job_id = service.submit({**circles_spec(XSS_NAME, epochs=2), "tags": ["<b>bold</b>"], "experiment": XSS_NAME})
+    link = until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, f"tr[data-job-id='{job_id}'] td.name a"))
+    assert link.text == XSS_NAME
+    chips = dashboard.find_elements(By.CSS_SELECTOR, f"tr[data-job-id='{job_id}'] .tag")
+    assert [chip.text for chip in chips] == [XSS_NAME, "<b>bold</b>"]  # the experiment, then the tags
+    assert dashboard.find_elements(By.CSS_SELECTOR, "table.jobs b") == []
+    assert dashboard.find_elements(By.CSS_SELECTOR, "table.jobs img") == []
+    link.click()
+    heading = until(dashboard, lambda b: b.find_element(By.ID, "job-name"))
+    until(dashboard, lambda b: XSS_NAME in heading.text)
+    assert dashboard.find_elements(By.CSS_SELECTOR, "main img") == []
+    with pytest.raises(NoAlertPresentException):
+        dashboard.switch_to.alert.text  # noqa: B018 (reading it is the check)
+    assert csp_violations(console()) == []
