@@ -34,6 +34,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, publisher: Publishe
         datasets,
         health,
         jobs,
+        logs,
         me,
         network,
         tags,
@@ -57,7 +58,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, publisher: Publishe
     register_error_handlers(app)
     init_rate_limits(app, settings)
     init_metrics(app)  # GET /metrics, and the latency of every request
-    for module in (jobs, network, artifacts, datasets, workers, me, audit, tags, health, dashboard):
+    for module in (jobs, logs, network, artifacts, datasets, workers, me, audit, tags, health, dashboard):
         app.register_blueprint(module.bp)
     return app
 

@@ -15,6 +15,7 @@ from werkzeug.routing import Rule
 
 from api.artifacts import WEIGHT_FORMATS
 from api.auth import require_user
+from api.logs import FORMATS as LOG_FORMATS
 from api.pagination import MAX_INT, MAX_LIMIT
 from api.rate_limits import rate_limited
 from api.schemas import (
@@ -26,6 +27,7 @@ from api.schemas import (
     HealthOut,
     JobList,
     JobOut,
+    LogsOut,
     MeOut,
     MetricsOut,
     NetworkOut,
@@ -43,6 +45,7 @@ RESPONSE_MODELS = (
     JobOut,
     JobList,
     MetricsOut,
+    LogsOut,
     NetworkOut,
     CheckpointList,
     DatasetOut,
@@ -105,6 +108,33 @@ METRICS = {
     "content": {
         "application/json": {"schema": _ref("MetricsOut")},
         "text/event-stream": {"schema": SSE_EVENT},
+    },
+}
+LOG_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": ["log", "end"]},
+        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the seq of a log event's line"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": 'log: one line, {"seq": 7, "time": "…", "attempt": 1, "level": "INFO", "text": "…"}; '
+            'end: {"status": "succeeded"} once the job has finished and every line was sent; the stream ends',
+        },
+        "retry": {"type": "integer"},
+    },
+}
+LOGS = {
+    "description": "the log's lines in seq order (application/json); with format=text the log as text/plain, a "
+    "line a line (time, level, attempt, text); or, asked for with Accept: text/event-stream or stream=true, a "
+    "Server-Sent Events stream as the metrics' one: a `log` event per new line (`id` is its seq), then `end`. "
+    "Lines past TORCHYARD_MAX_LOG_LINES are dropped (one line says so), each is cut to "
+    "TORCHYARD_MAX_LOG_LINE_LENGTH characters.",
+    "content": {
+        "application/json": {"schema": _ref("LogsOut")},
+        "text/plain": {"schema": {"type": "string"}},
+        "text/event-stream": {"schema": LOG_EVENT},
     },
 }
 WEIGHTS = _binary(
@@ -219,6 +249,19 @@ DETAILS = {
                 {"type": "integer", "minimum": 0, "maximum": MAX_INT},
                 "a reconnecting stream's last epoch; it takes the place of since_epoch",
             ),
+        ),
+    ),
+    "logs.logs": Details(
+        {200: LOGS},
+        errors=(422, 429),
+        params=(
+            _param("since_seq", "query", {"type": "integer", "minimum": 0, "maximum": MAX_INT},
+                   "only the lines after this seq"),
+            _param("format", "query", {"enum": list(LOG_FORMATS)}, "text: the log as text/plain, to download"),
+            _param("stream", "query", {"type": "boolean"},
+                   "true: answer with text/event-stream (as does Accept: text/event-stream)"),
+            _param("Last-Event-ID", "header", {"type": "integer", "minimum": 0, "maximum": MAX_INT},
+                   "a reconnecting stream's last seq; it takes the place of since_seq"),
         ),
     ),
     "jobs.cancel": Details(

@@ -10,12 +10,13 @@ from api.schemas import (
     JobLinks,
     JobOut,
     JobSummary,
+    LogLineOut,
     Progress,
     QueueCapacity,
     WorkerOut,
     as_utc,
 )
-from models.tables import Dataset, Job, Worker
+from models.tables import Dataset, Job, LogLine, Worker
 
 # What a worker's devices record counts (worker.maintenance.local_devices, worker.gpus.registry_devices); its
 # other entries (gpus_per_slot, each GPU's name and memory) are detail for admins.
@@ -28,6 +29,7 @@ def job_links(job_id: str) -> JobLinks:
     return JobLinks(
         self=base,
         metrics=f"{base}/metrics",
+        logs=f"{base}/logs",
         weights=f"{base}/weights",
         checkpoints=f"{base}/checkpoints",
         cancel=f"{base}/cancel",
@@ -74,6 +76,12 @@ def job_summary(job: Job, owner: str) -> JobSummary:
 def job_out(job: Job, owner: str) -> JobOut:
     """A job with its spec; ``owner`` is its user's name."""
     return JobOut(**_job_fields(job, owner), spec=job.spec)
+
+
+def log_line_out(line: LogLine) -> LogLineOut:
+    """One line of a job's log."""
+    return LogLineOut(seq=line.seq, time=as_utc(line.created_at), attempt=line.attempt, level=line.level,
+                      text=line.text)
 
 
 def dataset_summary(dataset: Dataset) -> DatasetSummary:

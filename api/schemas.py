@@ -9,10 +9,11 @@ from flask import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.roles import ROLES
-from models.tables import JOB_STATUSES
+from models.tables import JOB_STATUSES, LOG_LEVELS
 
 API_PREFIX = "/api/v1"
 JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
+LogLevel = Literal[LOG_LEVELS]  # type: ignore[valid-type]
 Role = Literal[ROLES]  # type: ignore[valid-type]
 
 
@@ -56,6 +57,7 @@ class Best(Out):
 class JobLinks(Out):
     self: str
     metrics: str
+    logs: str
     weights: str
     checkpoints: str
     cancel: str
@@ -132,6 +134,21 @@ class CheckpointOut(Out):
 
 class CheckpointList(Out):
     checkpoints: list[CheckpointOut]
+
+
+class LogLineOut(Out):
+    seq: int = Field(description="its place in the job's log, across attempts (a stream's event id)")
+    time: dt.datetime = Field(description="when the worker saw it")
+    attempt: int
+    level: LogLevel
+    text: str
+
+
+class LogsOut(Out):
+    lines: list[LogLineOut] = Field(description="in seq order")
+    next_seq: int = Field(description="pass as ?since_seq= for the lines after these: the last one's seq "
+                                      "(since_seq when there are none)")
+    status: JobStatus
 
 
 class TagCount(Out):

@@ -1,4 +1,5 @@
-"""Live metrics as Server-Sent Events: each new epoch row an ``event: metrics``, then ``event: status``.
+"""Live metrics and logs as Server-Sent Events: each new epoch row an ``event: metrics``, then ``event: status``;
+each new log line an ``event: log``, then ``event: end``.
 
 The stream polls the database with a fresh short-lived session each time, so no connection or transaction
 stays open while it waits; the request's own session is closed when the view returns, before the stream.
@@ -21,11 +22,11 @@ from api.auth import bearer_key
 from api.db import get_session, services
 from api.errors import validation_error
 from api.pagination import MAX_INT, int_arg
-from api.presenters import job_out
+from api.presenters import job_out, log_line_out
 from api.stream_slots import LEASE_SECONDS, stream_gate
 from models.accounts import refusal
 from models.spec import Problem
-from models.tables import FINISHED_STATUSES, ApiKey, EpochMetrics, Job, utcnow
+from models.tables import FINISHED_STATUSES, ApiKey, EpochMetrics, Job, LogLine, utcnow
 
 EVENT_STREAM = "text/event-stream"
 STREAM_FLAGS = {"1": True, "true": True, "0": False, "false": False, "": False}
@@ -55,17 +56,37 @@ def wants_stream(request: Request) -> bool:
 
 
 def resume_epoch(request: Request, since_epoch: int) -> int:
-    """The last epoch the client has: a reconnect's ``Last-Event-ID`` header wins over ``since_epoch``."""
+    """The last epoch (of a log: the last seq) the client has: a reconnect's ``Last-Event-ID`` header wins over
+    ``since_epoch``."""
     header = request.headers.get("Last-Event-ID")
     if header is None:
         return since_epoch
     return int_arg({"Last-Event-ID": header.strip()}, "Last-Event-ID", since_epoch, 0, MAX_INT)
 
 
+# What a stream reads each poll: the job's new rows after the last one sent, each as (its id, its SSE event).
+Reader = Callable[[Session, str, int], list[tuple[int, str]]]
+
+
 def metrics_stream(sessions: sessionmaker[Session], user_id: str, job_id: str, since_epoch: int,
                    owner: str) -> Response:
     """The SSE response that follows a job's metrics from after ``since_epoch`` until the job finishes, if
     the stream limits admit another stream of ``user_id`` (else 429); ``owner`` names the job's user."""
+    return job_stream(sessions, user_id, job_id, since_epoch, _epoch_events,
+                      lambda job: sse("status", json.loads(job_out(job, owner).model_dump_json())))
+
+
+def logs_stream(sessions: sessionmaker[Session], user_id: str, job_id: str, since_seq: int) -> Response:
+    """The SSE response that follows a job's log lines from after ``since_seq``: an ``end`` event once the job
+    has finished and every line was sent; admitted as ``metrics_stream`` is."""
+    return job_stream(sessions, user_id, job_id, since_seq, _log_events,
+                      lambda job: sse("end", {"status": job.status}))
+
+
+def job_stream(sessions: sessionmaker[Session], user_id: str, job_id: str, after: int, read: Reader,
+               finished: Callable[[Job], str]) -> Response:
+    """The SSE response that follows what ``read`` gives of a job after ``after``, ending with ``finished(job)``
+    once the job has finished, if the stream limits admit another stream of ``user_id`` (else 429)."""
     config, settings = current_app.config, services().settings
     # Admitted over the request's own session: a thread waiting its turn holds a pooled connection already,
     # and the one whose turn it is must not wait for another.
@@ -76,11 +97,12 @@ def metrics_stream(sessions: sessionmaker[Session], user_id: str, job_id: str, s
     key_holds = key_in_force(sessions, bearer_key().id, config.get("METRICS_STREAM_KEY_CHECK_SECONDS",
                                                                      KEY_CHECK_SECONDS))
     try:
-        events = follow_metrics(
+        events = follow_job(
             sessions,
             job_id,
-            since_epoch,
-            owner=owner,
+            after,
+            read=read,
+            finished=finished,
             poll=config.get("METRICS_STREAM_POLL_SECONDS", POLL_SECONDS),
             keepalive=config.get("METRICS_STREAM_KEEPALIVE_SECONDS", KEEPALIVE_SECONDS),
             max_seconds=config.get("METRICS_STREAM_MAX_SECONDS", MAX_SECONDS),
@@ -114,32 +136,32 @@ def key_in_force(sessions: sessionmaker[Session], key_id: str, every: float) -> 
     return check
 
 
-def follow_metrics(
+def follow_job(
     sessions: sessionmaker[Session],
     job_id: str,
-    since_epoch: int,
+    after: int,
     *,
-    owner: str,
+    read: Reader,
+    finished: Callable[[Job], str],
     poll: float,
     keepalive: float,
     max_seconds: float,
     keep: Callable[[], bool] = lambda: True,
 ) -> Iterator[str]:
-    """SSE text: new epoch rows as they appear, a status event when the job has finished, keep-alives
-    between; it ends at the status event, when the job is gone, after ``max_seconds``, or when ``keep``
-    (called each poll: it renews the stream's slot) says the stream may no longer run."""
+    """SSE text: the events ``read`` gives as they appear, ``finished(job)`` when the job has finished,
+    keep-alives between; it ends after ``finished``, when the job is gone, after ``max_seconds``, or when
+    ``keep`` (called each poll: it renews the stream's slot) says the stream may no longer run."""
     started = last_sent = time.monotonic()
-    last_epoch = since_epoch
     yield f"retry: {RETRY_MILLISECONDS}\n\n"
     while True:
-        job, rows = _poll(sessions, job_id, last_epoch)
-        for epoch, data in rows:
-            yield sse("metrics", data, event_id=str(epoch))
-            last_epoch, last_sent = epoch, time.monotonic()
+        job, events = _poll(sessions, job_id, after, read)
+        for key, event in events:
+            yield event
+            after, last_sent = key, time.monotonic()
         if job is None:
             return  # deleted while followed
         if job.status in FINISHED_STATUSES:
-            yield sse("status", json.loads(job_out(job, owner).model_dump_json()))
+            yield finished(job)
             return
         now = time.monotonic()
         if now - started >= max_seconds or not keep():
@@ -150,19 +172,35 @@ def follow_metrics(
         time.sleep(poll)
 
 
-def _poll(sessions: sessionmaker[Session], job_id: str, after: int) -> tuple[Job | None, list[tuple[int, dict]]]:
-    # The job is read before its metrics: a job seen finished has all its epoch rows committed already,
-    # so the rows read next include the last ones, also where each statement sees its own snapshot.
+def _poll(sessions: sessionmaker[Session], job_id: str, after: int, read: Reader) -> tuple[Job | None, list]:
+    # The job is read before its rows: a job seen finished has all its epoch rows and log lines committed
+    # already, so the rows read next include the last ones, also where each statement sees its own snapshot.
     with sessions() as session:
         job = session.get(Job, job_id)
-        rows = session.execute(
-            select(EpochMetrics.epoch, EpochMetrics.values)
-            .where(EpochMetrics.job_id == job_id, EpochMetrics.epoch > after)
-            .order_by(EpochMetrics.epoch)
-        ).all()
+        events = read(session, job_id, after)
         if job is not None:
             session.expunge(job)
-    return job, [(epoch, {"epoch": epoch, **values}) for epoch, values in rows]
+    return job, events
+
+
+def _epoch_events(session: Session, job_id: str, after: int) -> list[tuple[int, str]]:
+    rows = session.execute(
+        select(EpochMetrics.epoch, EpochMetrics.values)
+        .where(EpochMetrics.job_id == job_id, EpochMetrics.epoch > after)
+        .order_by(EpochMetrics.epoch)
+    ).all()
+    return [(epoch, sse("metrics", {"epoch": epoch, **values}, event_id=str(epoch))) for epoch, values in rows]
+
+
+def _log_events(session: Session, job_id: str, after: int) -> list[tuple[int, str]]:
+    return [(line.seq, sse("log", json.loads(log_line_out(line).model_dump_json()), event_id=str(line.seq)))
+            for line in log_lines(session, job_id, after)]
+
+
+def log_lines(session: Session, job_id: str, after: int) -> list[LogLine]:
+    """A job's log lines after seq ``after``, in order."""
+    return list(session.scalars(select(LogLine).where(LogLine.job_id == job_id, LogLine.seq > after)
+                                .order_by(LogLine.seq)))
 
 
 def sse(event: str, data: dict, event_id: str | None = None) -> str:

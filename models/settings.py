@@ -49,6 +49,11 @@ class Settings(BaseModel):
     # Bytes a job's estimated peak memory may reach (models.memory): data, activations, weights, optimizer
     # state and the process itself. The default suits a worker with 4 GiB to spare.
     max_job_memory: Annotated[int, Field(ge=1)] = 4 << 30
+    # A job's own log (worker.job_log): once it holds this many lines, its run's warnings, log records and
+    # traceback lines are dropped (one line says so; the lines of its start and end are always kept); each
+    # line is cut to max_log_line_length characters.
+    max_log_lines: Annotated[int, Field(ge=1)] = 1000
+    max_log_line_length: Annotated[int, Field(ge=80)] = 1000
 
     # Sharing the service (models.quotas, models.dispatch). Quotas are per user; `torchyard user set-quota`
     # overrides them for one user.

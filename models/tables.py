@@ -35,6 +35,7 @@ NAMING_CONVENTION = {
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
+LOG_LEVELS = ("INFO", "WARNING", "ERROR")
 
 
 def utcnow() -> dt.datetime:
@@ -159,6 +160,20 @@ class EpochMetrics(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     values: Mapped[dict[str, Any]]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)  # the workers set it: when the epoch ended
+
+
+class LogLine(Base):
+    """One line of a job's own log (worker.job_log writes them): what happened to the job and what its run
+    emitted. ``seq`` orders a job's lines across its attempts; rows go with their job (ON DELETE CASCADE)."""
+
+    __tablename__ = "job_logs"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime]  # when the worker saw it, not when the row got through
+    level: Mapped[str] = mapped_column(String(10))  # one of LOG_LEVELS
+    text: Mapped[str] = mapped_column(Text)
 
 
 class Artifact(Base):

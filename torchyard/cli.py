@@ -426,6 +426,23 @@ def metrics(job_id: str) -> None:
 
 @main.command()
 @click.argument("job_id")
+@click.option("--follow", is_flag=True, help="Go on showing new lines until the job finishes.")
+def logs(job_id: str, follow: bool) -> None:
+    """A job's own log: its start (worker, device), warnings, resumes and how it ended."""
+    client = _client()
+    if follow:
+        _call(_echo_log_lines, client.follow_logs(job_id))
+    else:
+        _echo_log_lines(_call(client.logs, job_id)["lines"])
+
+
+def _echo_log_lines(lines) -> None:
+    for line in lines:
+        click.echo(f"{line['time']} {line['level']:<7} [attempt {line['attempt']}] {line['text']}")
+
+
+@main.command()
+@click.argument("job_id")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 def download(job_id: str, out_dir: Path) -> None:
     """Download weights, model card and metrics into --out (load with torchyard.load_model)."""

@@ -95,6 +95,24 @@ class Client:
     def metrics(self, job_id: str, since_epoch: int = 0) -> list[dict]:
         return self._json("GET", f"/jobs/{job_id}/metrics", query={"since_epoch": since_epoch})["metrics"]
 
+    def logs(self, job_id: str, since_seq: int = 0) -> dict:
+        """The job's log lines after ``since_seq``: {"lines": [...], "next_seq": ..., "status": ...}."""
+        return self._json("GET", f"/jobs/{job_id}/logs", query={"since_seq": since_seq})
+
+    def follow_logs(self, job_id: str, since_seq: int = 0) -> Iterator[dict]:
+        """Yield each log line after ``since_seq`` as the job writes it, over Server-Sent Events, until the job
+        has finished and every line was sent (a stream the server ends early is opened again after the last)."""
+        while True:
+            request = self._request("GET", f"/jobs/{job_id}/logs", query={"since_seq": since_seq},
+                                    headers={"Accept": "text/event-stream"})
+            with self._open(request) as response:
+                for event, data in _events(response):
+                    if event == "end":
+                        return
+                    if event == "log":
+                        since_seq = data["seq"]
+                        yield data
+
     def cancel(self, job_id: str) -> dict:
         return self._json("POST", f"/jobs/{job_id}/cancel")
 
@@ -171,3 +189,18 @@ class Client:
 
     def health(self) -> dict:
         return self._json("GET", "/health")
+
+
+def _events(response) -> Iterator[tuple[str, Any]]:
+    """(event, JSON data) of each Server-Sent Event in ``response``; comments (keep-alives) are skipped."""
+    event, data = "message", []
+    for raw in response:
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if not line:
+            if data:
+                yield event, json.loads("\n".join(data))
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))

@@ -26,6 +26,7 @@ from models.services import Services
 from models.storage import job_prefix
 from models.tables import Artifact, EpochMetrics, Job, utcnow
 from worker.engine import Callback, RunState, StopTraining
+from worker.job_log import JobLog
 
 CANCEL_CHECK_SECONDS = 1.0  # a cancel is seen within a second, without a query every batch
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds between tries of a write while the database is unreachable;
@@ -66,11 +67,12 @@ def finite_values(values: dict[str, Any]) -> dict[str, Any]:
 class Fence:
     """The one attempt of one job that may write its row."""
 
-    def __init__(self, ctx: Services, job_id: str, attempt: int, queue: str):
+    def __init__(self, ctx: Services, job_id: str, attempt: int, queue: str, log: JobLog | None = None):
         self.ctx = ctx
         self.job_id = job_id
         self.attempt = attempt
         self.queue = queue  # where a hand-back publishes the job again
+        self.log = log  # the attempt's log lines ride along with its renewals
         # Why the attempt gives the job back, when it does: the worker shuts down, or the dispatcher asked.
         self.hand_back_reason = "requeued: its worker shut down"
 
@@ -84,6 +86,8 @@ class Fence:
         if row is None:
             session.rollback()
             raise LeaseLost(f"job {self.job_id}: attempt {self.attempt} lost its lease")
+        if self.log is not None:
+            self.log.write(session)
         return row
 
     def require(self, session: Session, matched: bool) -> None:
@@ -103,8 +107,13 @@ class Fence:
         for tries in itertools.count():
             try:
                 with self.ctx.sessions() as session:
-                    result = work(session)
-                    session.commit()
+                    try:
+                        result = work(session)
+                        session.commit()
+                    except BaseException:
+                        self._settle_log(session, committed=False)
+                        raise
+                    self._settle_log(session, committed=True)
                 return result
             except DBAPIError as exc:
                 delay = RETRY_DELAYS[min(tries, len(RETRY_DELAYS) - 1)]
@@ -119,6 +128,11 @@ class Fence:
                             " ".join(str(exc.orig or exc).split())[:200], delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")  # for type checkers: count() never ends
+
+    def _settle_log(self, session: Session, committed: bool) -> None:
+        """The log lines ``session`` wrote are stored, or (rolled back) wait for the next transaction."""
+        if self.log is not None:
+            (self.log.written if committed else self.log.unwritten)(session)
 
     def renew(self) -> bool:
         """Renew the lease in its own transaction; return whether a cancel was requested."""

@@ -24,6 +24,7 @@ from models.dispatch import dispatch
 from models.liveness import NO_WORKER, live_after, no_worker_reason, served_queues
 from models.services import Services
 from models.tables import Job, Worker, utcnow
+from worker.job_log import log_loss
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,9 @@ def reap(ctx: Services) -> list[str]:
     for job in expired:
         with ctx.sessions() as session:
             status = lifecycle.reap(session, job, now)
+            if status is not None:
+                log_loss(session, ctx.settings, job.id, job.attempts,
+                         f"worker {job.worker_id} stopped renewing its lease", status)
             session.commit()
         if status is None:
             continue

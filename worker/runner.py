@@ -36,6 +36,7 @@ from worker.job_callbacks import (
     record_artifact,
     remove_unreferenced,
 )
+from worker.job_log import JobLog, start_log
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,18 @@ def run_job(job_id: str) -> str:
     claimed = claim(ctx, job_id)
     if claimed is None:
         return give_up_if_exhausted(ctx, job_id)
-    job, spec, problem, device = claimed
+    job, spec, problem, device, job_log = claimed
     attempt = job.attempts
-    fence = Fence(ctx, job_id, attempt, job.queue)
+    fence = Fence(ctx, job_id, attempt, job.queue, job_log)
     # A folder per attempt: a lost attempt that wakes up (SIGSTOP, a long GC pause) and cleans up after
     # itself must not delete the folder of the attempt that took its job over on the same machine.
     scratch = Path(ctx.settings.scratch_dir) / f"{job_id}.{attempt}"
     try:
         if problem is not None:
             raise problem
-        return execute(ctx, fence, job, spec, device, scratch)
+        # The run's warnings and log records are the job's lines; what the handlers below log is the worker's.
+        with job_log.capturing():
+            return execute(ctx, fence, job, spec, device, scratch)
     except LeaseLost as lost:
         log.warning("%s; stopping without writing", lost)
         remove_unreferenced(fence, fence.prefix)
@@ -68,6 +71,7 @@ def run_job(job_id: str) -> str:
             log.warning("job %s attempt %s stops, database unavailable: %s", job_id, attempt, error_line(exc))
             return "database unavailable"
         log.exception("job %s attempt %s failed", job_id, attempt)
+        job_log.failure(exc)
         return record_failure(fence, error_line(exc))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -96,11 +100,13 @@ def check_slot_holds(spec: JobSpec) -> None:
                                                    f"{len(pinned)} ({gpus.VISIBLE}={','.join(pinned)})")])
 
 
-def claim(ctx: Services, job_id: str) -> tuple[Job, JobSpec | None, SpecError | None, str | None] | None:
-    """Take the job (``lifecycle.claim``); return it with ``prepare_spec``'s result, None if it isn't ours.
+def claim(ctx: Services, job_id: str) -> tuple[Job, JobSpec | None, SpecError | None, str | None, JobLog] | None:
+    """Take the job (``lifecycle.claim``); return it with ``prepare_spec``'s result and the attempt's log, None
+    if it isn't ours.
 
     The device it will run on (the torch device, and the GPUs of a GPU worker's slot) is recorded in the
-    same transaction: the claim returns the spec that decides it, so no read comes before the claim.
+    same transaction, as is the log's first line: the claim returns the spec that decides it, so no read
+    comes before the claim.
     """
     with ctx.sessions() as session:
         job = lifecycle.claim(session, job_id, worker_id(), ctx.settings.lease_seconds)
@@ -108,8 +114,10 @@ def claim(ctx: Services, job_id: str) -> tuple[Job, JobSpec | None, SpecError | 
             return None
         spec, problem, device = prepare_spec(ctx, job)
         job.device = gpus.device_label(device)
+        job_log = start_log(session, job, ctx.settings)
         session.commit()
-    return job, spec, problem, device
+    job_log.written(session)
+    return job, spec, problem, device, job_log
 
 
 def give_up_if_exhausted(ctx: Services, job_id: str) -> str:
@@ -130,11 +138,13 @@ def execute(ctx: Services, fence: Fence, job: Job, spec: JobSpec, device: str, s
     with fence.keep_alive() as setup_done:
         data_path = fetch_dataset(ctx, job, spec, scratch) if spec.data.source == "dataset" else None
         check_memory(spec, device, data_path, ctx.settings.worker_memory)  # fail now, not killed for memory
-        resume = not fence.first and fetch_checkpoint(ctx, job.id, out_dir / "checkpoints")
+        resumed = None if fence.first else fetch_checkpoint(ctx, job.id, out_dir / "checkpoints")
+        if resumed:
+            fence.log.event("INFO", f"resuming from {resumed}")
         callbacks = [DatabaseMetrics(fence), ArtifactUploader(fence), LeaseKeeper(fence, draining, setup_done)]
         # The limits hold the deployment's run time limit too: the trainer enforces it, across attempts.
-        result = train(spec, out_dir, resume=resume, callbacks=callbacks, data_path=data_path, device=device,
-                       limits=ctx.settings.limits)
+        result = train(spec, out_dir, resume=resumed is not None, callbacks=callbacks, data_path=data_path,
+                       device=device, limits=ctx.settings.limits)
     with fence.keep_alive():  # uploading the outputs
         return record_result(fence, result)
 
@@ -152,19 +162,19 @@ def fetch_dataset(ctx: Services, job: Job, spec: JobSpec, scratch: Path) -> Path
     return path
 
 
-def fetch_checkpoint(ctx: Services, job_id: str, directory: Path) -> bool:
-    """Download the job's newest stored checkpoint for a resume; return whether there was one."""
+def fetch_checkpoint(ctx: Services, job_id: str, directory: Path) -> str | None:
+    """Download the job's newest stored checkpoint for a resume; return its name, None if there was none."""
     with ctx.sessions() as session:
         stored = session.scalars(select(Artifact).where(Artifact.job_id == job_id,
                                                         Artifact.kind == "checkpoint")).all()
     if not stored:
-        return False
+        return None
     # Newest by (epoch, batch): a mid-epoch checkpoint of epoch 5 comes after the end of epoch 5.
     newest = max(stored, key=lambda artifact: position(Path(artifact.name).name))
     directory.mkdir(parents=True, exist_ok=True)
     ctx.store.get_file(newest.uri, str(directory / Path(newest.name).name))
     log.info("job %s resumes from %s", job_id, newest.name)
-    return True
+    return newest.name
 
 
 def record_result(fence: Fence, result: TrainResult) -> str:
@@ -182,18 +192,33 @@ def record_result(fence: Fence, result: TrainResult) -> str:
         stored = [(kind, path.name, fence.ctx.store.put_file(str(path), fence.key(path.name)))
                   for kind, path in outputs.items()]
     status = {"succeeded": "succeeded", "failed": "failed"}.get(result.status, "cancelled")
+    if result.stop_reason == "early_stopping":
+        best = "" if result.best_value is None else (f": the best {result.best_metric} was {result.best_value:.6g}, "
+                                                     f"at epoch {result.best_epoch}")
+        fence.log.event("INFO", f"early stopping after epoch {result.epochs_completed}{best}")
 
     def write(session: Session) -> None:
         fence.require(session, lifecycle.finish(session, fence.job_id, fence.attempt, status,
                                                 stop_reason=result.stop_reason, error=result.error, **outcome))
         for kind, name, info in stored:
             record_artifact(session, fence.job_id, kind, name, info)
+        fence.log.close(session, *closing_line(status, result))
 
     fence.transaction(write)
     log.info("job %s %s (%s)", fence.job_id, status, result.stop_reason or result.error)
     if not fence.first:  # an earlier attempt may have died between an upload and its row
         remove_unreferenced(fence, job_prefix(fence.job_id))
     return status
+
+
+def closing_line(status: str, result: TrainResult) -> tuple[str, str]:
+    """The level and text of the log's last line for a run that ended ``status``."""
+    epochs = f"{result.epochs_completed} epoch{'' if result.epochs_completed == 1 else 's'}"
+    if status == "succeeded":
+        return "INFO", f"succeeded after {epochs} ({result.stop_reason})"
+    if status == "failed":
+        return "ERROR", f"failed after {epochs}: {result.error}"
+    return "INFO", f"cancelled after {epochs}"
 
 
 def hand_back(fence: Fence) -> str:
@@ -203,6 +228,12 @@ def hand_back(fence: Fence) -> str:
     def write(session: Session) -> str:
         status = lifecycle.hand_back(session, fence.job_id, fence.attempt, fence.hand_back_reason)
         fence.require(session, status is not None)
+        why = fence.hand_back_reason.removeprefix("requeued: ")
+        if status == "queued":
+            fence.log.close(session, "INFO", f"handed back to the queue ({why}); the next attempt resumes from "
+                                             "the checkpoint saved now")
+        else:  # a cancel was asked meanwhile
+            fence.log.close(session, "INFO", f"cancelled (stopped for a hand-back: {why})")
         return status
 
     if fence.transaction(write) == "cancelled":
@@ -216,6 +247,7 @@ def record_failure(fence: Fence, error: str) -> str:
     """Fail the job with ``error`` unless another attempt owns it now."""
     def write(session: Session) -> None:
         fence.require(session, lifecycle.finish(session, fence.job_id, fence.attempt, "failed", error=error))
+        fence.log.close(session, "ERROR", f"failed: {error}")
 
     try:
         fence.transaction(write)

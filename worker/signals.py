@@ -22,6 +22,7 @@ from models.queues import queue_gpus
 from models.settings import get_settings
 from worker import gpus, maintenance
 from worker.context import context, set_worker_id, start_draining, worker_id
+from worker.job_log import log_loss
 
 log = logging.getLogger(__name__)
 _stop_maintenance = None
@@ -118,7 +119,10 @@ def requeue_lost_job(request: Request, how: str) -> None:
             # Read after the row: see _runs_elsewhere_here for why that order fences it.
             if job is None or _runs_elsewhere_here(request, job_id):
                 return  # it never claimed the job, its attempt ended or was reaped, or another runs here
-            status = lifecycle.lose(session, job, f"its process on worker {job.worker_id} died ({how})")
+            what = f"its process on worker {job.worker_id} died ({how})"
+            status = lifecycle.lose(session, job, what)
+            if status is not None:
+                log_loss(session, ctx.settings, job.id, job.attempts, what, status)
             session.commit()
         if status == "queued":
             dispatch_soon(ctx, [job.queue])
