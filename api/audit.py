@@ -13,7 +13,7 @@ from api.schemas import API_PREFIX, AuditEventOut, AuditList, as_utc, json_respo
 from models.audit import ACTIONS
 from models.spec import Problem, unknown_name_message
 from models.tables import AuditEvent
-from models.text import text_problem
+from models.text import label_problem
 
 bp = Blueprint("audit", __name__, url_prefix=f"{API_PREFIX}/audit")
 bp.before_request(require_user)
@@ -33,7 +33,7 @@ def list_events():
     query = select(AuditEvent)
     user = args.get("user")
     if user is not None:
-        _check("user", text_problem(user) if user else "empty")
+        _check("user", label_problem(user))
         query = query.where(AuditEvent.user_name == user)
     action = args.get("action")
     if action is not None:

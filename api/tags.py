@@ -13,7 +13,7 @@ from api.schemas import API_PREFIX, TagCount, TagList, json_response
 from models.experiments import tag_counts
 from models.spec import MAX_TAGS, Problem
 from models.tables import Job
-from models.text import MAX_NAME_LENGTH, MAX_TAG_LENGTH, text_problem
+from models.text import label_problem, tag_problem
 
 bp = Blueprint("tags", __name__, url_prefix=API_PREFIX)
 bp.before_request(require_user)
@@ -29,16 +29,12 @@ def label_filters(args: MultiDict[str, str]) -> tuple[list[str], str | None]:
     problems = []
     if len(tags) > MAX_TAGS:
         problems.append(Problem("tag", f"at most {MAX_TAGS} tags (a job carries no more), not {len(tags)}"))
-    problems += [Problem("tag", problem) for tag in tags if (problem := _label_problem(tag, MAX_TAG_LENGTH))]
-    if experiment is not None and (problem := _label_problem(experiment, MAX_NAME_LENGTH)):
+    problems += [Problem("tag", problem) for tag in tags if (problem := tag_problem(tag))]
+    if experiment is not None and (problem := label_problem(experiment)):
         problems.append(Problem("experiment", problem))
     if problems:
         raise validation_error(problems, "Invalid query argument")
     return tags, experiment
-
-
-def _label_problem(value: str, max_length: int) -> str | None:
-    return "empty" if not value else text_problem(value, max_length)
 
 
 @bp.get("/tags")

@@ -24,7 +24,7 @@ from models.quotas import QUOTAS
 from models.roles import ROLES
 from models.spec import unknown_name_message
 from models.tables import ApiKey, User, utcnow
-from models.text import quoted, text_problem
+from models.text import label_problem, quoted
 
 TOKEN_PREFIX = "ty_"
 # What a listing shows of a key: "ty_" and 7 random characters, enough to tell a user's keys apart, far
@@ -264,9 +264,7 @@ def _working(now: dt.datetime) -> tuple:
 
 
 def _check_name(what: str, value: str) -> None:
-    problem = text_problem(value) if value else "empty"
-    if not problem and value != value.strip():
-        problem = "no spaces around it"
+    problem = label_problem(value)
     if not problem and what == "user name" and (value == "cli" or value.startswith("cli:")):
         problem = "'cli' names the command line in the audit log; pick another name"
     if problem:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
@@ -17,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 
 from models.catalog import SKLEARN_DATASETS
 from models.numbers import FLOAT32_MAX, number_problem
-from models.text import MAX_NAME_LENGTH, MAX_TAG_LENGTH, quoted, text_problem
+from models.text import MAX_NAME_LENGTH, MAX_TAG_LENGTH, label_problem, quoted, tag_problem, text_problem
 
 # Every whole number of a spec fits an INTEGER column: no size or count comes near it, and the arithmetic
 # on them (parameter counts, shapes) stays small enough to print.
@@ -48,17 +49,27 @@ PadSize = Union[NonNegInt, Annotated[list[NonNegInt], Field(min_length=1, max_le
 MAX_TAGS = 20  # tags of one job: labels to find it by, not a place for data
 
 
-def Text(max_length: int = MAX_NAME_LENGTH, min_length: int = 0):  # noqa: N802 a type, named as one
-    """A string of the spec (all of it is stored): models.text's one rule, bounded, no control characters."""
+def _held_to(rule: Callable[[str], str | None]) -> AfterValidator:
+    """A validator that refuses a string with what ``rule`` (one of models.text's) finds wrong with it."""
 
-    def stored_text(value: str) -> str:
-        problem = text_problem(value, max_length)
+    def check(value: str) -> str:
+        problem = rule(value)
         if problem:
             raise ValueError(problem)
         return value
 
+    return AfterValidator(check)
+
+
+def Text(max_length: int = MAX_NAME_LENGTH, min_length: int = 0):  # noqa: N802 a type, named as one
+    """A string of the spec (all of it is stored): models.text's one rule, bounded, no control characters."""
     return Annotated[str, Field(min_length=min_length or None, json_schema_extra={"maxLength": max_length}),
-                     AfterValidator(stored_text)]
+                     _held_to(lambda value: text_problem(value, max_length))]
+
+
+# A label the job is found by (GET /jobs?experiment=, ?tag=): models.text's rules for labels and tags.
+Label = Annotated[str, Field(min_length=1, json_schema_extra={"maxLength": MAX_NAME_LENGTH}), _held_to(label_problem)]
+Tag = Annotated[str, Field(min_length=1, json_schema_extra={"maxLength": MAX_TAG_LENGTH}), _held_to(tag_problem)]
 
 
 class Strict(BaseModel):
@@ -552,9 +563,8 @@ class JobSpec(Strict):
     # high job may take a running lower one's slot (models.dispatch).
     priority: Literal["low", "normal", "high"] = "normal"
     # Labels to find the job by (GET /jobs?tag=…&experiment=…); the engine ignores them.
-    tags: Annotated[list[Text(MAX_TAG_LENGTH, min_length=1)], Field(max_length=MAX_TAGS)] = Field(
-        default_factory=list)
-    experiment: Text(min_length=1) | None = None
+    tags: Annotated[list[Tag], Field(max_length=MAX_TAGS)] = Field(default_factory=list)
+    experiment: Label | None = None
     task: Literal["regression", "binary", "multiclass"]
     data: Data
     model: ModelSpec

@@ -162,6 +162,20 @@ def test_expiry_and_quota_values_are_read_as_the_cli_takes_them():
             accounts.quota_value(text)
 
 
+@pytest.mark.parametrize("user, key, message", [
+    ("bidi\u202eeve", "laptop", "user name 'bidi\\u202eeve': '\\u202e' at position 4 is an invisible format character"),
+    ("eve", "lap\u2066top\u2069", "key name 'lap\\u2066top\\u2069': '\\u2066' at position 3 is an invisible format"),
+    ("eve", "\u200blaptop", "key name '\\u200blaptop': '\\u200b' at position 0 is an invisible format character"),
+    (" ", "laptop", "user name ' ': blank: only spaces"),
+    ("eve", "laptop ", "key name 'laptop ': no spaces around it"),
+])
+def test_a_user_or_key_name_that_disguises_itself_is_refused_and_nothing_is_stored(sessions, user, key, message):
+    with sessions() as session:
+        with pytest.raises(accounts.AccountError, match=re.escape(message)):
+            accounts.create_api_key(session, user, key)
+        assert session.scalars(select(User)).all() == [] and session.scalars(select(ApiKey)).all() == []
+
+
 def test_quota_share_and_role_changes_check_their_values_and_default_drops_an_override(sessions):
     with sessions() as session:
         accounts.create_user(session, "erin")

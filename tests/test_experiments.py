@@ -67,6 +67,16 @@ def test_a_spec_carries_tags_and_an_experiment_the_engine_ignores(spec):
     ({"experiment": ""}, {"experiment": "at least 1 character"}),
     ({"experiment": "e" * 201}, {"experiment": "at most 200 characters, not 201"}),
     ({"experiment": "a\ud800"}, {"experiment": "valid string"}),  # pydantic refuses a lone surrogate first
+    # A label is found by what it says: never blank, no spaces around it, nothing invisible in it.
+    ({"tags": [" ", "\u3000"]}, {"tags[0]": "blank: only spaces", "tags[1]": "blank: only spaces"}),
+    ({"tags": [" x", "x ", "\u00a0x"]}, {"tags[0]": "no spaces around it", "tags[1]": "no spaces around it",
+                                         "tags[2]": "no spaces around it"}),
+    ({"tags": ["bidi\u202egnp.exe"]}, {"tags[0]": "'\\u202e' at position 4 is an invisible format character"}),
+    ({"experiment": " "}, {"experiment": "blank: only spaces"}),
+    ({"experiment": " sweep "}, {"experiment": "no spaces around it"}),
+    ({"experiment": "sw\u200deep"}, {"experiment": "'\\u200d' at position 2 is an invisible format character"}),
+    # A listing joins tags with commas: a tag holding one would read as two.
+    ({"tags": ["a,b"]}, {"tags[0]": "',' at position 1 is not allowed in a tag"}),
 ])
 def test_bad_tags_and_experiments_are_refused_naming_each_by_its_path(spec, labels, problems):
     with pytest.raises(SpecError) as caught:
@@ -139,6 +149,13 @@ def test_an_admin_finds_every_users_jobs_by_tag(client, alice, bob, admin, spec)
     ({"experiment": ""}, "experiment", "empty"),
     ({"experiment": "e" * 201}, "experiment", "at most 200 characters, not 201"),
     ({"experiment": "\x7f"}, "experiment", "control character"),
+    ({"tag": " "}, "tag", "blank: only spaces"),
+    ({"tag": " x "}, "tag", "no spaces around it"),
+    ({"tag": "a,b"}, "tag", "',' at position 1 is not allowed in a tag"),
+    ({"tag": "x\u202e"}, "tag", "invisible format character"),
+    ({"experiment": " "}, "experiment", "blank: only spaces"),
+    ({"experiment": "e "}, "experiment", "no spaces around it"),
+    ({"experiment": "\u2067e"}, "experiment", "invisible format character"),
 ])
 def test_bad_label_filters_are_422_naming_the_argument(client, alice, query, path, message):
     response = client.get(JOBS, query_string=query, headers=alice)

@@ -314,18 +314,18 @@ def stored(ctx, job_id: str) -> list[tuple[int, str, str]]:
             select(LogLine.seq, LogLine.level, LogLine.text).where(LogLine.job_id == job_id).order_by(LogLine.seq))]
 
 
-def test_lines_are_cut_to_their_length_and_keep_no_control_character(worker_context):
+def test_lines_are_cut_to_their_length_and_keep_no_control_or_format_character(worker_context):
     job = claimed_job(worker_context)
     settings = worker_context.settings.model_copy(update={"max_log_line_length": 80})
     with worker_context.sessions() as session:
         log = start_log(session, job, settings)
-        log.event("INFO", "a\x00b\x1b[31mc\u200bd")
+        log.event("INFO", "a\x00b\x1b[31mc\u200bd \u202eé")
         log.output("WARNING", "x" * 100)
         log.output("WARNING", "two\nlines")
         log.write(session)
         session.commit()
     assert stored(worker_context, job.id)[1:] == [
-        (2, "INFO", "a\ufffdb\ufffd[31mc\u200bd"),
+        (2, "INFO", "a\ufffdb\ufffd[31mc\ufffdd \ufffdé"),
         (3, "WARNING", "x" * 80 + "… (100 characters)"),
         (4, "WARNING", "two"),
         (5, "WARNING", "lines")]

@@ -95,6 +95,14 @@ BAD_SPECS = [
      "Input should be a valid integer or a valid list or 'same' or 'valid'"),
     (mutate("data", {"source": "sklearn", "name": "load_iris", "params": {"n": 1}}), "data.params.n",
      "'n' is not a parameter of load_iris; there are none"),
+    # Invisible format characters (Unicode category Cf) disguise a name: "bidi\u202egnp.exe" shows as
+    # "bidiexe.png"; a zero-width space makes two equal-looking names differ.
+    (mutate("name", "bidi\u202egnp.exe"), "name",
+     "'\\u202e' at position 4 is an invisible format character (Unicode category Cf"),
+    (mutate("name", "a\u2066b\u2069"), "name", "'\\u2066' at position 1 is an invisible format character"),
+    (mutate("name", "run\u200b"), "name", "'\\u200b' at position 3 is an invisible format character"),
+    (mutate("name", "\ufeffrun"), "name", "'\\ufeff' at position 0 is an invisible format character"),
+    (mutate("data.params.shuffle", "\u200fx"), "data.params.shuffle", "invisible format character"),
 ]
 
 # Numbers past float32's range: JSON and float64 hold them, the engine's tensors and kernels can't.

@@ -25,11 +25,11 @@ from sqlalchemy.orm import Session
 
 from models.settings import Settings
 from models.tables import Job, LogLine, utcnow
-from models.text import NOT_TEXT
+from models.text import visible
 
 # Where a session keeps the lines it is writing until its transaction ends (Fence.transaction calls back).
 WRITING = "torchyard.job_log"
-REPLACEMENT = "\ufffd"  # what a control character of a line becomes: stored text's rule, kept visible
+REPLACEMENT = "\ufffd"  # what a control or format character of a line becomes: stored text's rule, kept visible
 
 
 def level_name(levelno: int) -> str:
@@ -84,10 +84,10 @@ class JobLog:
                 "level": level, "text": self._stored(text)}
 
     def _stored(self, text: str) -> str:
-        """A line as stored: cut to ``max_length`` characters, a control character shown as U+FFFD."""
+        """A line as stored: cut to ``max_length`` characters, a control or format character shown as U+FFFD."""
         if len(text) > self.max_length:
             text = f"{text[:self.max_length]}… ({len(text)} characters)"
-        return NOT_TEXT.sub(REPLACEMENT, text)
+        return visible(text, REPLACEMENT)
 
     # --- writing them ---------------------------------------------------------------------------
 
