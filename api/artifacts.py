@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from api.auth import current_user, owned, require_user
 from api.db import get_session, services
 from api.errors import ApiError, conflict, not_found, validation_error
-from api.pagination import MAX_INT
+from api.pagination import MAX_INT, one_arg
 from api.schemas import API_PREFIX, CheckpointList, CheckpointOut, as_utc, json_response
 from models import audit, lifecycle
 from models.spec import Problem, unknown_name_message
@@ -32,7 +32,7 @@ SPOOL_BYTES = 32 * 1024 * 1024
 @bp.get("/<job_id>/weights")
 def weights(job_id: str):
     """The final weights as safetensors, or ``?format=bundle``: a .tar.gz with model card and metrics."""
-    fmt = request.args.get("format", "safetensors")
+    fmt = one_arg(request.args, "format", "safetensors")
     if fmt not in WEIGHT_FORMATS:
         raise validation_error(
             [Problem("format", unknown_name_message(fmt, "weights format", WEIGHT_FORMATS))],

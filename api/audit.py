@@ -8,7 +8,7 @@ from sqlalchemy import and_, or_, select
 from api.auth import require_admin, require_user
 from api.db import get_session
 from api.errors import validation_error
-from api.pagination import MAX_LIMIT, decode_cursor, encode_cursor, int_arg, time_arg
+from api.pagination import MAX_LIMIT, decode_cursor, encode_cursor, int_arg, one_arg, time_arg
 from api.schemas import API_PREFIX, AuditEventOut, AuditList, as_utc, json_response
 from models.audit import ACTIONS
 from models.spec import Problem, unknown_name_message
@@ -31,18 +31,18 @@ def list_events():
     args = request.args
     limit = int_arg(args, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     query = select(AuditEvent)
-    user = args.get("user")
+    user = one_arg(args, "user")
     if user is not None:
         _check("user", label_problem(user))
         query = query.where(AuditEvent.user_name == user)
-    action = args.get("action")
+    action = one_arg(args, "action")
     if action is not None:
         _check("action", None if action in ACTIONS else unknown_name_message(action, "audit action", ACTIONS))
         query = query.where(AuditEvent.action == action)
     since = time_arg(args, "since")
     if since is not None:
         query = query.where(AuditEvent.at >= since)
-    cursor = args.get("cursor")
+    cursor = one_arg(args, "cursor")
     if cursor:
         at, ident = decode_cursor(cursor)
         query = query.where(or_(AuditEvent.at < at, and_(AuditEvent.at == at, AuditEvent.id < ident)))

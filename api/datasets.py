@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from api.auth import current_user, owned, require_user
 from api.db import get_session, services
 from api.errors import conflict, not_found, validation_error
-from api.pagination import MAX_LIMIT, decode_cursor, encode_cursor, int_arg
+from api.pagination import MAX_LIMIT, decode_cursor, encode_cursor, int_arg, one_arg
 from api.presenters import dataset_out, dataset_summary
 from api.schemas import API_PREFIX, DatasetList, json_response, no_content
 from api.upload_slots import upload_slot
@@ -131,7 +131,7 @@ def list_datasets():
     """The caller's datasets, newest first, a page at a time; column names only in a dataset's own page."""
     limit = int_arg(request.args, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     query = select(Dataset).where(Dataset.user_id == current_user().id)
-    cursor = request.args.get("cursor")
+    cursor = one_arg(request.args, "cursor")
     if cursor:
         created, ident = decode_cursor(cursor)
         query = query.where(

@@ -12,7 +12,7 @@ from api.auth import current_user, owned, require_user, visible
 from api.db import get_session, services
 from api.downsample import evenly
 from api.errors import conflict, not_found, validation_error
-from api.pagination import MAX_INT, MAX_LIMIT, decode_cursor, encode_cursor, int_arg
+from api.pagination import MAX_INT, MAX_LIMIT, decode_cursor, encode_cursor, int_arg, one_arg
 from api.presenters import job_out, job_summary
 from api.schemas import API_PREFIX, JobList, MetricsOut, json_response, no_content
 from api.streams import metrics_stream, resume_epoch, wants_stream
@@ -52,7 +52,7 @@ def list_jobs():
     ``?status=``, ``?experiment=`` and ``?tag=`` (repeatable: a job must carry each) narrow them."""
     limit = int_arg(request.args, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     query = select(Job, User.name).join(User, User.id == Job.user_id).where(visible(Job))
-    status = request.args.get("status")
+    status = one_arg(request.args, "status")
     if status is not None:
         if status not in JOB_STATUSES:
             raise validation_error(
@@ -61,7 +61,7 @@ def list_jobs():
             )
         query = query.where(Job.status == status)
     query = labelled(query, *label_filters(request.args))
-    cursor = request.args.get("cursor")
+    cursor = one_arg(request.args, "cursor")
     if cursor:
         created, ident = decode_cursor(cursor)
         query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < ident)))

@@ -7,7 +7,7 @@ from flask import Blueprint, Response, request
 from api.auth import current_user, owned, require_user
 from api.db import get_session, services
 from api.errors import validation_error
-from api.pagination import MAX_INT, int_arg
+from api.pagination import MAX_INT, int_arg, one_arg
 from api.presenters import log_line_out
 from api.schemas import API_PREFIX, LogsOut, as_utc, json_response
 from api.streams import log_lines, logs_stream, resume_epoch, wants_stream
@@ -28,7 +28,7 @@ def logs(job_id: str):
     session = get_session()
     job = owned(session, Job, job_id, "job")  # read before its lines: a finished job's lines are all there
     since = int_arg(request.args, "since_seq", 0, 0, MAX_INT)
-    form = log_format(request.args.get("format"))
+    form = log_format(one_arg(request.args, "format"))
     if form is None and wants_stream(request):
         # As the metrics stream: polled with sessions of its own, held by the caller's stream slots.
         return logs_stream(services().sessions, current_user().id, job.id, resume_epoch(request, since))

@@ -1,4 +1,5 @@
-"""Query arguments and opaque cursors for newest-first lists (the cursor is the last row's created_at, id)."""
+"""Query arguments, each single-valued one given at most once, and opaque cursors for newest-first lists (the
+cursor is the last row's created_at, id)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import binascii
 import datetime as dt
 import json
 import re
-from collections.abc import Mapping
+
+from werkzeug.datastructures import MultiDict
 
 from api.errors import validation_error
 from api.gate import JsonRefused, loads
@@ -52,9 +54,19 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
         ) from exc
 
 
-def int_arg(args: Mapping[str, str], name: str, default: int, low: int, high: int = MAX_INT) -> int:
+def one_arg(args: MultiDict[str, str], name: str, default: str | None = None) -> str | None:
+    """The value of a query argument that takes one (``default`` when absent), or 422 naming it when given more
+    than once: ``?format=text&format=json`` asks for two things, and guessing which is meant hides the mistake."""
+    values = args.getlist(name)
+    if len(values) > 1:
+        raise validation_error([Problem(name, f"given {len(values)} times; it takes one value")],
+                               "Invalid query argument")
+    return values[0] if values else default
+
+
+def int_arg(args: MultiDict[str, str], name: str, default: int, low: int, high: int = MAX_INT) -> int:
     """A whole-number query argument in [low, high] (``default`` when absent), or 422 naming it."""
-    value = args.get(name)
+    value = one_arg(args, name)
     if value is None:
         return default
     number = int(value) if WHOLE_NUMBER.fullmatch(value) else None
@@ -66,10 +78,10 @@ def int_arg(args: Mapping[str, str], name: str, default: int, low: int, high: in
     return number
 
 
-def time_arg(args: Mapping[str, str], name: str) -> dt.datetime | None:
+def time_arg(args: MultiDict[str, str], name: str) -> dt.datetime | None:
     """An ISO 8601 date or date and time query argument as an aware UTC datetime (UTC unless it names an
     offset; None when absent), or 422 naming it."""
-    value = args.get(name)
+    value = one_arg(args, name)
     if value is None:
         return None
     try:

@@ -17,11 +17,12 @@ from collections.abc import Callable, Iterator
 from flask import Request, Response, current_app
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from werkzeug.datastructures import MultiDict
 
 from api.auth import bearer_key
 from api.db import get_session, services
 from api.errors import validation_error
-from api.pagination import MAX_INT, int_arg
+from api.pagination import MAX_INT, int_arg, one_arg
 from api.presenters import job_out, log_line_out
 from api.stream_slots import LEASE_SECONDS, stream_gate
 from models.accounts import refusal
@@ -45,7 +46,7 @@ KEY_CHECK_SECONDS = 5.0
 
 def wants_stream(request: Request) -> bool:
     """True for ``?stream=1`` (or ``true``), or an Accept header that prefers text/event-stream over JSON."""
-    flag = request.args.get("stream")
+    flag = one_arg(request.args, "stream")
     if flag is not None:
         if flag.lower() not in STREAM_FLAGS:
             raise validation_error(
@@ -61,7 +62,7 @@ def resume_epoch(request: Request, since_epoch: int) -> int:
     header = request.headers.get("Last-Event-ID")
     if header is None:
         return since_epoch
-    return int_arg({"Last-Event-ID": header.strip()}, "Last-Event-ID", since_epoch, 0, MAX_INT)
+    return int_arg(MultiDict({"Last-Event-ID": header.strip()}), "Last-Event-ID", since_epoch, 0, MAX_INT)
 
 
 # What a stream reads each poll: the job's new rows after the last one sent, each as (its id, its SSE event).

@@ -8,7 +8,7 @@ from werkzeug.datastructures import MultiDict
 from api.auth import require_user, visible
 from api.db import get_session
 from api.errors import validation_error
-from api.pagination import int_arg
+from api.pagination import int_arg, one_arg
 from api.schemas import API_PREFIX, TagCount, TagList, json_response
 from models.experiments import tag_counts
 from models.spec import MAX_TAGS, Problem
@@ -25,7 +25,7 @@ MAX_LIMIT = 1000
 def label_filters(args: MultiDict[str, str]) -> tuple[list[str], str | None]:
     """The ``tag`` (repeatable: a job must carry each) and ``experiment`` arguments of a job listing, held to
     the rules their spec fields follow; 422 naming the argument otherwise."""
-    tags, experiment = args.getlist("tag"), args.get("experiment")
+    tags, experiment = args.getlist("tag"), one_arg(args, "experiment")
     problems = []
     if len(tags) > MAX_TAGS:
         problems.append(Problem("tag", f"at most {MAX_TAGS} tags (a job carries no more), not {len(tags)}"))

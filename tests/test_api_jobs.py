@@ -221,3 +221,31 @@ def test_another_users_job_is_404_everywhere(client, alice, bob, spec, set_job, 
     set_job(job_id, status="succeeded")
     assert client.delete(f"{JOBS}/{job_id}", headers=bob).status_code == 404
     assert client.get(f"{JOBS}/{job_id}", headers=alice).json["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("path, query, name", [
+    ("/jobs", "status=queued&status=failed", "status"),
+    ("/jobs", "experiment=a&experiment=b", "experiment"),
+    ("/jobs", "limit=1&limit=2", "limit"),
+    ("/jobs/{id}/metrics", "max_points=5&max_points=7", "max_points"),
+    ("/jobs/{id}/metrics", "stream=0&stream=1", "stream"),
+    ("/jobs/{id}/logs", "format=text&format=json", "format"),
+    ("/jobs/{id}/logs", "since_seq=1&since_seq=2", "since_seq"),
+    ("/jobs/{id}/weights", "format=bundle&format=x", "format"),
+    ("/datasets", "cursor=a&cursor=b", "cursor"),
+    ("/tags", "limit=5&limit=5", "limit"),
+    ("/audit", "action=submit&action=cancel", "action"),
+])
+def test_a_single_valued_query_argument_given_twice_is_422_naming_it(client, alice, admin, spec, path, query, name):
+    job_id = submit(client, alice, spec).json["id"]
+    headers = admin if path == "/audit" else alice
+    response = client.get(f"/api/v1{path.format(id=job_id)}?{query}", headers=headers)
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert response.json["errors"] == [{"path": name, "message": "given 2 times; it takes one value"}]
+
+
+def test_a_repeated_tag_still_asks_for_jobs_carrying_each(client, alice, spec):
+    submit(client, alice, {**spec, "name": "both", "tags": ["a", "b"]})
+    submit(client, alice, {**spec, "name": "one", "tags": ["a"]})
+    found = client.get(f"{JOBS}?tag=a&tag=b", headers=alice).json["jobs"]
+    assert [job["name"] for job in found] == ["both"]

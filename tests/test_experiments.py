@@ -156,6 +156,7 @@ def test_an_admin_finds_every_users_jobs_by_tag(client, alice, bob, admin, spec)
     ({"experiment": " "}, "experiment", "blank: only spaces"),
     ({"experiment": "e "}, "experiment", "no spaces around it"),
     ({"experiment": "\u2067e"}, "experiment", "invisible format character"),
+    ({"experiment": ["a", "b"]}, "experiment", "given 2 times; it takes one value"),
 ])
 def test_bad_label_filters_are_422_naming_the_argument(client, alice, query, path, message):
     response = client.get(JOBS, query_string=query, headers=alice)
