@@ -37,7 +37,7 @@ def logs(job_id: str):
         return Response("".join(f"{text_line(line)}\n" for line in lines), mimetype="text/plain",
                         headers={"Content-Disposition": f'attachment; filename="{job.id}.log"'})
     return json_response(LogsOut(lines=[log_line_out(line) for line in lines],
-                                 next_seq=lines[-1].seq if lines else since, status=job.status))
+                                 last_seq=lines[-1].seq if lines else since, status=job.status))
 
 
 def log_format(value: str | None) -> str | None:

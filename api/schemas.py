@@ -146,8 +146,8 @@ class LogLineOut(Out):
 
 class LogsOut(Out):
     lines: list[LogLineOut] = Field(description="in seq order")
-    next_seq: int = Field(description="pass as ?since_seq= for the lines after these: the last one's seq "
-                                      "(since_seq when there are none)")
+    last_seq: int = Field(description="the seq of the last line returned (since_seq when there are none): pass "
+                                      "it as ?since_seq= for the lines after these")
     status: JobStatus
 
 

@@ -90,9 +90,9 @@ def test_a_succeeded_jobs_log_has_its_start_device_and_end(service):
     assert first["text"] == f"attempt 1 of 3 started on worker {job['worker_id']}; device cpu"
     assert last == {**last, "level": "INFO", "attempt": 1, "text": "succeeded after 3 epochs (completed)"}
     assert [line["seq"] for line in log["lines"]] == list(range(1, len(log["lines"]) + 1))
-    assert log["next_seq"] == last["seq"]
+    assert log["last_seq"] == last["seq"]
     assert log_of(service, job["id"], since_seq=1)["lines"] == log["lines"][1:]
-    assert log_of(service, job["id"], since_seq=last["seq"]) == {"lines": [], "next_seq": last["seq"],
+    assert log_of(service, job["id"], since_seq=last["seq"]) == {"lines": [], "last_seq": last["seq"],
                                                                "status": "succeeded"}
 
 

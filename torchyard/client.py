@@ -96,7 +96,8 @@ class Client:
         return self._json("GET", f"/jobs/{job_id}/metrics", query={"since_epoch": since_epoch})["metrics"]
 
     def logs(self, job_id: str, since_seq: int = 0) -> dict:
-        """The job's log lines after ``since_seq``: {"lines": [...], "next_seq": ..., "status": ...}."""
+        """The job's log lines after ``since_seq``: {"lines": [...], "last_seq": ..., "status": ...}; pass
+        ``last_seq`` as ``since_seq`` for the lines after these."""
         return self._json("GET", f"/jobs/{job_id}/logs", query={"since_seq": since_seq})
 
     def follow_logs(self, job_id: str, since_seq: int = 0) -> Iterator[dict]:
