@@ -58,6 +58,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, publisher: Publishe
     register_error_handlers(app)
     init_rate_limits(app, settings)
     init_metrics(app)  # GET /metrics, and the latency of every request
+    dashboard.init_security_headers(app)
     for module in (jobs, logs, network, artifacts, datasets, workers, me, audit, tags, health, dashboard):
         app.register_blueprint(module.bp)
     return app

@@ -222,3 +222,23 @@ def test_an_unexpected_error_is_a_500_problem_without_a_trace(make_app, caplog):
     assert b"secret internal detail" not in response.data
     assert b"Traceback" not in response.data
     assert "secret internal detail" in caplog.text  # but the log has it
+
+
+def test_every_answer_says_nosniff_and_only_the_dashboard_s_carry_its_policy(client, alice):
+    answers = {
+        "json": client.get(f"{API}/jobs", headers=alice),
+        "problem 401": client.get(f"{API}/jobs"),
+        "problem 404": client.get(f"{API}/nothing-here", headers=alice),
+        "problem 405": client.put(f"{API}/jobs", headers=alice),
+        "problem 422": client.get(f"{API}/jobs?limit=0", headers=alice),
+        "no content": client.options(f"{API}/jobs"),
+        "openapi": client.get(f"{API}/openapi.json"),
+        "metrics 403": client.get("/metrics", headers=alice),
+        "unrouted": client.get("/nothing-here"),
+    }
+    for what, response in answers.items():
+        assert response.headers.get("X-Content-Type-Options") == "nosniff", what
+        assert "Content-Security-Policy" not in response.headers, what
+    page = client.get("/")
+    assert page.headers["X-Content-Type-Options"] == "nosniff"
+    assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
