@@ -27,6 +27,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.utils import floatToGoString
+from werkzeug.exceptions import MethodNotAllowed
 
 from api.auth import require_admin, require_user
 from api.db import get_session, services
@@ -37,7 +38,7 @@ EXTENSION = "torchyard.metrics"
 PREFIX = "torchyard"
 # Requests with another method (any token is one to HTTP) share one label value, so that none can grow the series.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-UNMATCHED = "unmatched"  # the route of a request that no URL rule matched (404, 405)
+UNMATCHED = "unmatched"  # the route of a request whose path no URL rule matches (a 404)
 # Seconds. Requests: a read takes milliseconds, an upload of 100 MB seconds. Waits: a job on an idle cluster
 # starts within a second, one behind a busy queue hours later. Runs: up to max_runtime_seconds (a day).
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, math.inf)
@@ -99,10 +100,23 @@ def _finished(app: Flask, response: Response, **_extra) -> None:
     started = g.pop("metrics_started", None)
     if started is None:
         return
-    rule = request.url_rule
     method = request.method if request.method in METHODS else "other"
-    app.extensions[EXTENSION].requests.labels(rule.rule if rule is not None else UNMATCHED, method,
-                                              str(response.status_code)).observe(time.perf_counter() - started)
+    app.extensions[EXTENSION].requests.labels(_route(app), method, str(response.status_code)).observe(
+        time.perf_counter() - started)
+
+
+def _route(app: Flask) -> str:
+    """The URL rule of the request: the one it matched, or for a method the rule doesn't allow (a 405), the
+    rule its path matched; UNMATCHED when no rule matches its path."""
+    if request.url_rule is not None:
+        return request.url_rule.rule
+    refused = request.routing_exception
+    if not (isinstance(refused, MethodNotAllowed) and refused.valid_methods):
+        return UNMATCHED
+    # Werkzeug raises MethodNotAllowed only once a rule matched the path: asked with a method it allows, the
+    # same path finds that rule.
+    rule, _ = app.create_url_adapter(request).match(method=refused.valid_methods[0], return_rule=True)
+    return rule.rule
 
 
 class DatabaseCollector:

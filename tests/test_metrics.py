@@ -188,15 +188,44 @@ def test_a_scraper_that_asks_for_openmetrics_gets_it(client, admin):
     assert "# TYPE torchyard_job_queue_wait_seconds gaugehistogram" in text
 
 
+def test_the_window_histograms_are_gauge_histograms_in_openmetrics_and_histograms_with_two_gauges_in_text(
+        client, alice, admin, spec):
+    assert client.post("/api/v1/jobs", json=spec, headers=alice).status_code == 201  # a queue with a series
+
+    def scrape(accept: str) -> tuple[dict[str, str], set[str]]:
+        """The declared types of the wait's families, and the names of its samples."""
+        text = client.get("/metrics", headers={**admin, "Accept": accept}).get_data(as_text=True)
+        wait = r"torchyard_job_queue_wait_seconds\w*"
+        return (dict(re.findall(rf"^# TYPE ({wait}) (\w+)$", text, re.MULTILINE)),
+                set(re.findall(rf"^({wait}){{", text, re.MULTILINE)))
+
+    # OpenMetrics has the type: one family, its _bucket, _gcount and _gsum samples under it.
+    samples_of = {f"torchyard_job_queue_wait_seconds_{end}" for end in ("bucket", "gcount", "gsum")}
+    assert scrape("application/openmetrics-text; version=1.0.0") == (
+        {"torchyard_job_queue_wait_seconds": "gaugehistogram"}, samples_of)
+    # Prometheus' text format has none: a histogram of _bucket samples (no _count, no _sum), and _gcount and
+    # _gsum as two gauges of their own.
+    assert scrape("text/plain") == ({"torchyard_job_queue_wait_seconds": "histogram",
+                                     "torchyard_job_queue_wait_seconds_gcount": "gauge",
+                                     "torchyard_job_queue_wait_seconds_gsum": "gauge"}, samples_of)
+
+
 def test_requests_are_labelled_by_url_rule_and_an_odd_method_or_path_adds_no_series(client, alice, admin):
     client.get("/api/v1/jobs/job_one", headers=alice)
     client.get("/api/v1/jobs/job_two", headers=alice)
     client.get("/no/such/path/1")
     client.open("/no/such/path/2", method="BREW")
+    # A method the path's rule doesn't allow (405): labelled with that rule, for its path did match one.
+    client.put("/docs")
+    client.open("/api/v1/jobs/job_three", method="BREW", headers=alice)
     scraped = samples(client.get("/metrics", headers=admin).get_data(as_text=True))
     assert value(scraped, f"{REQUESTS}_count", route="/api/v1/jobs/<job_id>", method="GET", status="404") == 2
     assert value(scraped, f"{REQUESTS}_count", route="unmatched", method="GET", status="404") == 1
     assert value(scraped, f"{REQUESTS}_count", route="unmatched", method="other", status="404") == 1
+    assert value(scraped, f"{REQUESTS}_count", route="/docs", method="PUT", status="405") == 1
+    assert value(scraped, f"{REQUESTS}_count", route="/api/v1/jobs/<job_id>", method="other", status="405") == 1
+    assert not any(dict(labels).get("status") == "405" and dict(labels)["route"] == "unmatched"
+                   for name, labels in scraped if name == f"{REQUESTS}_count")
     routes = {dict(labels)["route"] for name, labels in scraped if name == f"{REQUESTS}_count"}
     assert not any("job_one" in route or "no/such" in route for route in routes)
 
