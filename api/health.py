@@ -1,22 +1,39 @@
-"""Liveness with dependency checks, and the OpenAPI document; both need no API key."""
+"""The API's index, liveness with dependency checks, and the OpenAPI document; none needs an API key."""
 
 from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, current_app, jsonify, url_for
 from sqlalchemy import text
 
 from api.db import get_session, services
 from api.openapi import openapi_document
-from api.schemas import API_PREFIX, HealthOut, json_response
+from api.schemas import API_PREFIX, HealthOut, IndexLinks, IndexOut, json_response
 from models.liveness import NO_WORKER, Stalls, stalls
+from models.version import torchyard_version
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("health", __name__, url_prefix=API_PREFIX)
 
 BROKER_TIMEOUT_SECONDS = 2.0
+# The index's links by name, each to the endpoint it names.
+LINKS = {"dashboard": "dashboard.index", "docs": "dashboard.docs", "openapi": "health.openapi",
+         "health": "health.health", "jobs": "jobs.list_jobs", "datasets": "datasets.list_datasets",
+         "tags": "tags.list_tags", "workers": "workers.list_workers", "me": "me.me", "audit": "audit.list_events"}
+
+
+@bp.get("/", strict_slashes=False)  # /api/v1 as well, the URL `serve` prints: no redirect
+def index():
+    """What this API is, and where the dashboard, its documents, its health and its collections are.
+
+    Needs no API key and tells nothing of anyone's data: a newcomer's first request."""
+    return json_response(IndexOut(
+        name="torchyard", version=torchyard_version(), api_version="v1",
+        authentication="Authorization: Bearer <API key> (torchyard token create, or the one serve prints), on "
+                       "every path but this index, health, openapi.json, the dashboard and docs",
+        links=IndexLinks(**{name: url_for(endpoint) for name, endpoint in LINKS.items()})))
 
 
 @bp.get("/health")

@@ -25,6 +25,7 @@ from api.schemas import (
     DatasetList,
     DatasetOut,
     HealthOut,
+    IndexOut,
     JobList,
     JobOut,
     LogsOut,
@@ -54,6 +55,7 @@ RESPONSE_MODELS = (
     MeOut,
     AuditList,
     HealthOut,
+    IndexOut,
     ProblemOut,
     TagList,
 )
@@ -311,6 +313,7 @@ DETAILS = {
     ),
     "health.health": Details({200: _json("HealthOut", "healthy, or degraded: jobs stall for want of a worker"),
                               503: _json("HealthOut", "a dependency is down")}),
+    "health.index": Details({200: _json("IndexOut", "the service, its version and links to its parts")}),
     "health.openapi": Details({200: {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}),
 }
 

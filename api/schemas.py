@@ -263,6 +263,27 @@ class WorkerList(Out):
         description="each live worker: host, devices, the jobs it runs; for admins, null for other users")
 
 
+class IndexLinks(Out):
+    dashboard: str = Field(description="the web dashboard")
+    docs: str = Field(description="this API's OpenAPI document in Swagger UI")
+    openapi: str = Field(description="the OpenAPI 3.1 document")
+    health: str = Field(description="liveness with dependency checks")
+    jobs: str
+    datasets: str
+    tags: str
+    workers: str
+    me: str
+    audit: str = Field(description="admins only")
+
+
+class IndexOut(Out):
+    name: Literal["torchyard"]
+    version: str = Field(description="the torchyard release that serves this API")
+    api_version: Literal["v1"]
+    authentication: str
+    links: IndexLinks = Field(description="paths on this server")
+
+
 class HealthOut(Out):
     status: Literal["ok", "degraded", "error"]
     checks: dict[str, str]

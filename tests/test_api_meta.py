@@ -242,3 +242,23 @@ def test_every_answer_says_nosniff_and_only_the_dashboard_s_carry_its_policy(cli
     page = client.get("/")
     assert page.headers["X-Content-Type-Options"] == "nosniff"
     assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
+
+
+def test_the_api_s_url_answers_with_an_index_of_its_parts_to_anyone(client, alice, admin, spec):
+    job_id = client.post(f"{API}/jobs", json=spec, headers=alice).json["id"]
+    answers = [client.get(url, headers=headers) for url in (API, f"{API}/")
+               for headers in ({}, alice, {"Authorization": "Bearer ty_not-a-key"})]
+    assert {(response.status_code, response.headers.get("Location")) for response in answers} == {(200, None)}
+    index = answers[0].json
+    assert all(response.json == index for response in answers)
+    assert (index["name"], index["api_version"]) == ("torchyard", "v1")
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*", index["version"])
+    assert index["links"] == {
+        "dashboard": "/", "docs": "/docs", "openapi": f"{API}/openapi.json", "health": f"{API}/health",
+        "jobs": f"{API}/jobs", "datasets": f"{API}/datasets", "tags": f"{API}/tags", "workers": f"{API}/workers",
+        "me": f"{API}/me", "audit": f"{API}/audit"}
+    for link in index["links"].values():
+        assert client.get(link, headers=admin).status_code == 200, link
+    # Nothing of anyone's: no job, no user, no key.
+    text = answers[1].get_data(as_text=True)
+    assert not [secret for secret in (job_id, "alice", "root", "ty_") if secret in text]

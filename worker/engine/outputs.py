@@ -17,6 +17,7 @@ from torch import nn
 
 from models.shapes import ShapeReport
 from models.spec import JobSpec
+from models.version import torchyard_version
 from worker.engine.callbacks import Callback, RunState
 
 WEIGHTS = "weights.safetensors"
@@ -58,13 +59,8 @@ class MetricsFile(Callback):
 
 
 def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        ours = version("torchyard")
-    except PackageNotFoundError:
-        ours = "unknown"
-    return {"torchyard": ours, "torch": torch.__version__, "numpy": np.__version__,
+    """What a model card records of the software that trained it: torchyard, torch, numpy, scikit-learn, Python."""
+    return {"torchyard": torchyard_version(), "torch": torch.__version__, "numpy": np.__version__,
             "scikit-learn": sklearn.__version__, "python": platform.python_version()}
 
 
