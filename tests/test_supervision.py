@@ -168,7 +168,7 @@ def test_serve_restarts_a_worker_killed_mid_job_and_the_job_resumes(serve_deploy
             return log_path.read_text()
 
         token_file = settings.home / "token"
-        wait_for(lambda: log() and token_file.is_file() and "torchyard API" in log(), 60, "the token", log)
+        wait_for(lambda: log() and token_file.is_file() and "API:" in log(), 60, "the token", log)
         client = Client(f"http://127.0.0.1:{settings.port}", token_file.read_text().strip())
         job_id = wait_for(lambda: _submit(client, LONG), 60, "the API", log)
 
