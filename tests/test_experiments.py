@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -232,3 +233,39 @@ def test_the_cli_lists_jobs_with_their_experiment_and_tags_and_filters_by_them(l
     assert [row[0] for row in cli("--tag", "small", "--tag", "baseline")[2:]] == [first]
     assert [row[0] for row in cli("--experiment", "circles")[2:]] == [first]
     assert cli("--tag", "nothing-has-it")[2:] == []
+
+
+def test_the_cli_submits_with_tags_added_to_the_spec_s_and_an_experiment_in_place_of_its_own(
+        live_server, tokens, spec, tmp_path):
+    env = {**os.environ, "TORCHYARD_URL": live_server, "TORCHYARD_TOKEN": tokens["alice"],
+           "TORCHYARD_HOME": str(tmp_path / "client-home")}
+
+    def cli(*args) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torchyard.cli", *args], capture_output=True, text=True,
+                              env=env, timeout=120)
+
+    def job(job_id: str) -> dict:
+        request = urllib.request.Request(f"{live_server}{JOBS}/{job_id}",
+                                         headers={"Authorization": f"Bearer {tokens['alice']}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({**spec, "tags": ["mine"], "experiment": "from-the-file"}))
+    submitted = cli("submit", str(spec_file), "--tag", "extra", "--tag", "mine", "--tag", "extra",
+                    "--experiment", "sweep")
+    assert submitted.returncode == 0, submitted.stderr
+    labelled = job(submitted.stdout.strip())
+    assert (labelled["tags"], labelled["experiment"]) == (["mine", "extra"], "sweep")
+    kept = job(cli("submit", str(spec_file)).stdout.strip())
+    assert (kept["tags"], kept["experiment"]) == (["mine"], "from-the-file")
+
+    refused = cli("submit", str(spec_file), "--tag", "a,b")
+    assert refused.returncode == 1
+    assert "tags[1]: ',' at position 1 is not allowed in a tag" in refused.stderr
+
+    # The README's walk-through: the example carries the labels its `torchyard list` line filters by.
+    example = cli("submit", str(Path(__file__).parent.parent / "examples" / "circles-mlp.json"))
+    assert example.returncode == 0, example.stderr
+    listed = cli("list", "--tag", "baseline", "--experiment", "circles")
+    assert [line.split()[0] for line in listed.stdout.splitlines()[2:]] == [example.stdout.strip()]

@@ -379,16 +379,32 @@ def _follow(client, job_id: str) -> dict:
 
 @main.command()
 @click.argument("spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--tag", "tags", multiple=True, help="Label the job with this tag, besides the spec's own (repeatable).")
+@click.option("--experiment", default=None, help="The job's experiment, in place of the spec's.")
 @click.option("--follow", is_flag=True, help="Show progress until the job finishes.")
-def submit(spec_file: Path, follow: bool) -> None:
+def submit(spec_file: Path, tags: tuple[str, ...], experiment: str | None, follow: bool) -> None:
     """Submit SPEC_FILE to the service and print the job id."""
     client = _client()
-    job = _call(client.submit, _read_spec_file(spec_file))
+    job = _call(client.submit, _labelled(_read_spec_file(spec_file), tags, experiment))
     click.echo(job["id"])
     if follow:
         job = _follow(client, job["id"])
         if job["status"] != "succeeded":
             sys.exit(1)
+
+
+def _labelled(spec, tags: tuple[str, ...], experiment: str | None):
+    """The spec with ``tags`` after its own (each once) and ``experiment`` in place of its own. The API checks
+    them, so a spec that isn't an object, or whose tags aren't a list, goes as it is, to be refused there."""
+    if not isinstance(spec, dict):
+        return spec
+    labelled = dict(spec)
+    own = spec.get("tags", [])
+    if tags and isinstance(own, list):
+        labelled["tags"] = own + [tag for tag in dict.fromkeys(tags) if tag not in own]
+    if experiment is not None:
+        labelled["experiment"] = experiment
+    return labelled
 
 
 @main.command()
