@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ try:
     from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service as ChromeService
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 except ImportError:  # the test extra installs it
     webdriver = None
 
@@ -198,7 +199,8 @@ def test_a_job_submitted_through_the_form_draws_its_epochs_live_and_its_weights_
     assert titles[0] == "Loss" and "accuracy" in titles and "Learning rate" in titles, titles
     layers = browser.find_elements(By.CSS_SELECTOR, "#network tbody tr")
     assert [row.find_elements(By.TAG_NAME, "td")[1].text for row in layers] == ["Linear", "ReLU", "Linear"]
-    assert until(browser, lambda b: b.find_element(By.CSS_SELECTOR, "#log-lines > *")).text  # lines or "No log"
+    until(browser, lambda b: [line.text for line in b.find_elements(By.CSS_SELECTOR, "#log-lines .log-text")][-1:]
+          == ["succeeded after 10 epochs (completed)"])  # its last line, read as the job ended
 
     button = until(browser, lambda b: b.find_element(By.ID, "download-weights"))
     until(browser, lambda b: button.is_enabled())
@@ -226,16 +228,23 @@ def test_a_bad_spec_shows_its_field_errors_beside_the_text(dashboard, screenshot
 
 
 def test_two_jobs_found_by_their_tag_and_ticked_in_the_list_are_compared(dashboard, service, screenshots):
-    ids = [service.submit({**circles_spec(f"compare-lr-{lr}", epochs=4, lr=lr), "tags": ["lr-sweep", f"lr={lr}"],
-                           "experiment": "circles"}) for lr in (0.1, 0.02)]
+    scheduled = {**circles_spec("compare-lr-0.1", epochs=4, lr=0.1), "tags": ["lr-sweep", "lr=0.1", "scheduled"],
+                 "scheduler": {"type": "StepLR", "step_size": 2, "gamma": 0.5}, "loss": {"type": "BCEWithLogitsLoss"}}
+    plain = {**circles_spec("compare-lr-0.02", epochs=4, lr=0.02), "tags": ["lr-sweep", "lr=0.02"]}
+    ids = [service.submit({**spec, "experiment": "circles"}) for spec in (scheduled, plain)]
     for job_id in ids:
         service.wait_status(job_id)
     until(dashboard, lambda b: b.find_elements(By.CSS_SELECTOR, f"tr[data-job-id='{ids[0]}'] .tag"))
-    assert int(dashboard.find_element(By.CSS_SELECTOR, "section[data-page=jobs]").get_attribute("data-jobs")) > 2
+    jobs_page = dashboard.find_element(By.CSS_SELECTOR, "section[data-page=jobs]")
+    assert int(jobs_page.get_attribute("data-jobs")) > 2
     dashboard.find_element(By.ID, "tag-filter").send_keys("lr-sweep\n")
-    until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, "section[data-page=jobs]").get_attribute("data-jobs")
-          == "2")
+    until(dashboard, lambda b: jobs_page.get_attribute("data-jobs") == "2")
     assert "tag=lr-sweep" in dashboard.current_url  # a reload keeps the filter
+    Select(dashboard.find_element(By.ID, "status-filter")).select_by_value("queued")
+    until(dashboard, lambda b: jobs_page.get_attribute("data-jobs") == "0")
+    assert dashboard.find_element(By.CSS_SELECTOR, "table.jobs td.empty").text == "No jobs match these filters."
+    Select(dashboard.find_element(By.ID, "status-filter")).select_by_value("")
+    until(dashboard, lambda b: jobs_page.get_attribute("data-jobs") == "2")
     for job_id in ids:
         until(dashboard, lambda b, j=job_id: b.find_element(By.CSS_SELECTOR, f"tr[data-job-id='{j}'] input").click()
               or True)
@@ -247,23 +256,84 @@ def test_two_jobs_found_by_their_tag_and_ticked_in_the_list_are_compared(dashboa
     fields = {row.find_element(By.TAG_NAME, "code").text: [td.text for td in row.find_elements(By.TAG_NAME, "td")[1:]]
               for row in rows}
     assert fields["optimizer.lr"] == ["0.1", "0.02"]
-    assert set(fields) == {"name", "optimizer.lr", "tags[1]"}
+    assert set(fields) == {"name", "optimizer.lr", "tags[1]", "tags[2]", "scheduler", "loss"}
+    # An object against null: each side's whole value, as JSON text; an item one side lacks: "(absent)".
+    assert [json.loads(value) for value in fields["scheduler"]] == [scheduled["scheduler"], None]
+    assert [json.loads(value) for value in fields["loss"]] == [{"type": "BCEWithLogitsLoss", "pos_weight": None}, None]
+    assert fields["tags[2]"] == ['"scheduled"', "(absent)"]
     shoot(dashboard, screenshots, "compare")
     dashboard.get(f"{service.api.url}/#/compare?tag=lr-sweep")  # the same jobs, chosen by their tag
     until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, ".compare-charts[data-jobs='2']"))
+    assert dashboard.find_elements(By.ID, "compare-note") == []  # every job with the tag is there
+    dashboard.get(f"{service.api.url}/#/compare?tag=no-such-tag")
+    hint = until(dashboard, lambda b: b.find_element(By.ID, "compare-hint"))
+    assert hint.text == "No jobs carry the tag “no-such-tag”."
 
 
-def test_a_running_job_is_cancelled_from_the_list(dashboard, service, screenshots):
+def test_compare_by_a_tag_on_more_jobs_than_it_shows_says_so_and_the_list_says_why_queued_jobs_wait(
+        dashboard, service, screenshots):
+    # GPU jobs, which this CPU worker never takes: they stay queued, saying why, and cost no training time.
+    spec = {**circles_spec("waits-for-a-gpu", epochs=2), "tags": ["gpu-sweep"], "resources": {"device": "cuda"}}
+    ids = [service.submit(spec) for _ in range(21)]
+    try:
+        dashboard.get(f"{service.api.url}/#/jobs?tag=gpu-sweep")
+        reason = until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR,
+                                                           f"tr[data-job-id='{ids[0]}'] .pending-reason"))
+        assert reason.text == "no live worker serves queue 'gpu' (jobs needing 1 GPU)"
+        shoot(dashboard, screenshots, "jobs-queued")
+
+        dashboard.get(f"{service.api.url}/#/compare?tag=gpu-sweep")
+        until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, ".compare-charts[data-jobs='20']"))
+        note = dashboard.find_element(By.ID, "compare-note").text
+        assert note == "Showing the newest 20 of the 21 jobs tagged “gpu-sweep” (at most 20 at once)."
+        shown = [row.get_attribute("data-job-id") for row in
+                 dashboard.find_elements(By.CSS_SELECTOR, "#compared-jobs tbody tr")]
+        assert len(shown) == 20 and set(shown) < set(ids)
+        assert dashboard.find_elements(By.CSS_SELECTOR, "#compared-jobs .swatch.dashed")  # colours, then dashed
+        shoot(dashboard, screenshots, "compare-many")
+    finally:  # gone again, so that later pages and screenshots show the other tests' jobs
+        for job_id in ids:
+            service.http.cancel(job_id)
+            service.wait_status(job_id)
+            service.http.delete(job_id)
+
+
+def test_a_running_job_s_checkpoints_log_and_compared_curves_follow_it_and_the_list_cancels_it(
+        dashboard, service, screenshots):
     job_id = service.submit(long_spec(epochs=200, n_samples=20_000, batch_size=20, name="to-cancel"))
     row = f"tr[data-job-id='{job_id}']"
     # Running, an epoch or more done: the list refreshes itself.
     until(dashboard, lambda b: not b.find_element(By.CSS_SELECTOR, f"{row} .progress .count").text.startswith("0/"))
     assert dashboard.find_element(By.CSS_SELECTOR, row).get_attribute("data-status") == "running"
     shoot(dashboard, screenshots, "jobs")
+
+    # Its page lists its checkpoints as they are written, and its log's times as HH:MM:SS.
+    dashboard.get(f"{service.api.url}/#/jobs/{job_id}")
+    page = until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, "section[data-page=jobs][data-status]"))
+    first = until(dashboard, lambda b: newest_checkpoint(b))
+    until(dashboard, lambda b: newest_checkpoint(b) > first)
+    assert page.get_attribute("data-status") == "running"
+    times = [span.text for span in until(dashboard, lambda b: b.find_elements(By.CSS_SELECTOR, "#log-lines .log-time"))]
+    assert all(re.fullmatch(r"\d\d:\d\d:\d\d", text) for text in times), times
+    shoot(dashboard, screenshots, "job-running")
+
+    # Compare reads a running job's new epochs on.
+    dashboard.get(f"{service.api.url}/#/compare?ids={job_id}")
+    loss = until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, ".compare-charts .chart[data-title='loss']"))
+    drawn = int(loss.get_attribute("data-points"))
+    until(dashboard, lambda b: int(loss.get_attribute("data-points")) > drawn)
+
+    dashboard.get(f"{service.api.url}/#/jobs")
     until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, f"{row} button.cancel").is_enabled())
     until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, f"{row} button.cancel").click() or True)
     until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, row).get_attribute("data-status") == "cancelled")
     assert service.wait_status(job_id)["status"] == "cancelled"
+
+
+def newest_checkpoint(browser) -> int:
+    """The latest epoch the job page's checkpoint list offers (0 while it offers none)."""
+    labels = [button.text for button in browser.find_elements(By.CSS_SELECTOR, "#checkpoints button")]
+    return max((int(label.removeprefix("epoch ")) for label in labels), default=0)
 
 
 def test_the_workers_and_datasets_pages_and_an_upload_with_progress(dashboard, tmp_path, screenshots):
@@ -278,8 +348,17 @@ def test_the_workers_and_datasets_pages_and_an_upload_with_progress(dashboard, t
     data = tmp_path / "points.csv"
     data.write_text("<b>x</b>,y,label\n" + "".join(f"{i},{i % 7},{i % 2}\n" for i in range(2000)))
     until(dashboard, lambda b: b.find_element(By.ID, "dataset-file")).send_keys(str(data))
+    # Every text the upload's status line shows, in order.
+    dashboard.execute_script("""
+        const status = document.getElementById("upload-status");
+        window.__uploadStatus = [];
+        new MutationObserver(() => window.__uploadStatus.push(status.textContent))
+          .observe(status, { childList: true, subtree: true, characterData: true });""")
     dashboard.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
     until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, "#upload-form .count").text == "100%")
+    until(dashboard, lambda b: b.find_element(By.ID, "upload-status").text.startswith("Stored points.csv"))
+    said = dashboard.execute_script("return window.__uploadStatus")
+    assert said[-2:] == ["Sent; checking the file…", said[-1]], said  # between the last byte and the answer
     row = until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, "tr[data-dataset-id]"))
     assert row.find_element(By.CSS_SELECTOR, "td.name").text.startswith("points.csv")
     row.find_element(By.XPATH, ".//button[text()='3 columns']").click()

@@ -62,7 +62,10 @@ export async function download(path, fallbackName) {
   return blob.size;
 }
 
-/** POST a multipart form with XMLHttpRequest, whose upload reports progress (fetch's doesn't). */
+/**
+ * POST a multipart form with XMLHttpRequest, whose upload reports progress (fetch's doesn't): ``onProgress``
+ * hears the fraction sent, 1 once every byte is (the server then still reads the file before it answers).
+ */
 export function upload(path, form, onProgress) {
   return new Promise((resolve, reject) => {
     const request = new XMLHttpRequest();
@@ -71,6 +74,7 @@ export function upload(path, form, onProgress) {
     request.upload.addEventListener("progress", (event) => {
       if (event.lengthComputable) onProgress(event.loaded / event.total);
     });
+    request.upload.addEventListener("load", () => onProgress(1));
     request.addEventListener("load", () => {
       let body = {};
       try {

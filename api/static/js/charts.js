@@ -11,6 +11,12 @@ const EPOCH_STEPS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000
 // second is epoch seconds again (the job document's final metrics show it).
 const TIMING = { lr: "Learning rate", epoch_seconds: "Seconds per epoch" };
 export const NOT_DRAWN = new Set(["epoch", "samples_per_second"]);
+const DASH = [6, 4];
+
+/** Whether the ``i``th line is dashed: once the palette's colours are used up, they come again dashed. */
+export function dashed(i) {
+  return i >= PALETTE.length;
+}
 
 /** A chart titled ``title`` with one line per name of ``names``; ``set(xs, columns)`` draws them. */
 export function lineChart(title, names, { spanGaps = false } = {}) {
@@ -22,7 +28,8 @@ export function lineChart(title, names, { spanGaps = false } = {}) {
     scales: { x: { time: false } },
     axes: [{ incrs: EPOCH_STEPS }, { size: 56, values: (_plot, ticks) => ticks.map(tick) }],
     series: [{ label: "epoch" },
-      ...names.map((name, i) => ({ label: name, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps }))],
+      ...names.map((name, i) => ({ label: name, stroke: PALETTE[i % PALETTE.length], dash: dashed(i) ? DASH : undefined,
+        width: 1.5, spanGaps }))],
   });
   // uPlot needs a width: the chart is drawn once the element is laid out, and follows its size.
   const observer = new ResizeObserver(([entry]) => {

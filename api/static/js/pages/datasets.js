@@ -76,7 +76,7 @@ function uploadForm(onUploaded) {
   const bar = h("span", { class: "bar-fill" });
   const progress = h("span", { class: "progress upload-progress", hidden: true }, h("span", { class: "bar" }, bar),
     h("span", { class: "count" }));
-  const status = h("div");
+  const status = h("div", { id: "upload-status", "aria-live": "polite" });
   const form = h("form", { class: "card toolbar upload", id: "upload-form" }, file, name, target,
     h("button", { type: "submit", class: "primary" }, "Upload"), progress, status);
   form.addEventListener("submit", async (event) => {
@@ -87,14 +87,17 @@ function uploadForm(onUploaded) {
     if (target.value.trim()) data.append("target", target.value.trim());
     progress.hidden = false;
     fill(status);
+    let sent = false;
     const shown = (fraction) => {
       bar.style.width = `${(fraction * 100).toFixed(1)}%`;
       progress.lastChild.textContent = `${Math.round(fraction * 100)}%`;
+      if (fraction < 1 || sent) return;
+      sent = true; // every byte is there: the server reads the file before it answers
+      fill(status, h("span", { class: "muted" }, "Sent; checking the file…"));
     };
     shown(0);
     try {
       const dataset = await upload("/datasets", data, shown);
-      shown(1);
       fill(status, h("span", { class: "ok" }, `Stored ${dataset.name} (${dataset.id}).`));
       form.reset();
       onUploaded();

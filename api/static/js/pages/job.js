@@ -9,6 +9,9 @@ import {
 const MAX_POINTS = 1000; // per curve; the server picks them evenly (first and last kept)
 const POLL_MS = 3000;
 const RETRY_MS = 5000; // before a stream refused (a quota of streams) or broken is tried again
+// A new epoch reads the checkpoint list again after this long (at most one read per this long): the epoch's
+// checkpoint is written just after its metrics, which is what tells the page of the epoch.
+const CHECKPOINTS_MS = 3000;
 
 export function render(root, { id }) {
   const path = `/jobs/${encodeURIComponent(id)}`;
@@ -33,6 +36,8 @@ export function render(root, { id }) {
     parts.spec);
   const curves = jobCurves(parts.curves);
   keep(() => curves.destroy());
+  const downloads = downloadsCard(parts.downloads, path);
+  keep(() => downloads.stop());
   let job = null;
 
   const show = (next) => {
@@ -40,7 +45,7 @@ export function render(root, { id }) {
     root.dataset.status = job.status;
     drawHead(parts.head, job, path, parts.message);
     drawStatus(parts.status, job);
-    drawDownloads(parts.downloads, job, path);
+    downloads.show(job);
   };
 
   async function start() {
@@ -52,7 +57,8 @@ export function render(root, { id }) {
     }
     fill(parts.spec, h("h2", {}, "Spec"), h("pre", { class: "spec" }, JSON.stringify(job.spec, null, 2)));
     drawNetwork(parts.network, path);
-    keep(followLog(parts.log, path));
+    const log = followLog(parts.log, path);
+    keep(log.stop);
     const history = await api(`${path}/metrics?max_points=${MAX_POINTS}`, { signal: abort.signal });
     curves.reset(history.metrics);
     if (FINISHED.has(job.status) || abort.signal.aborted) return;
@@ -62,15 +68,29 @@ export function render(root, { id }) {
       if (FINISHED.has(job.status)) stopPolling();
     });
     keep(stopPolling);
-    follow(path, curves, abort.signal, (finished) => show(finished));
+    follow(path, curves, abort.signal, {
+      onEpoch: () => downloads.epoch(),
+      onFinished: (finished) => {
+        show(finished);
+        log.now(); // its last line says how it ended
+      },
+    });
   }
 
   start().catch((error) => { if (!abort.signal.aborted) fill(parts.message, problemBox(error)); });
   return () => stops.forEach((stop) => stop());
 }
 
-/** Follow the metrics stream from the last epoch drawn until the job's status event; resume after breaks. */
-async function follow(path, curves, signal, onFinished) {
+/**
+ * Follow the metrics stream from the last epoch drawn until the job's status event (``onFinished`` with the
+ * job); resume after breaks. ``onEpoch`` hears of each new epoch.
+ */
+async function follow(path, curves, signal, { onEpoch, onFinished }) {
+  const add = (row) => {
+    const before = curves.lastEpoch;
+    curves.add(row);
+    if (curves.lastEpoch > before) onEpoch();
+  };
   let since = curves.lastEpoch;
   let first = true;
   while (!signal.aborted) {
@@ -78,7 +98,7 @@ async function follow(path, curves, signal, onFinished) {
       const url = first ? `${path}/metrics?since_epoch=${since}` : `${path}/metrics`;
       const options = first ? { signal } : { signal, lastEventId: since };
       for await (const event of events(url, options)) {
-        if (event.event === "metrics") curves.add(event.data);
+        if (event.event === "metrics") add(event.data);
         else if (event.event === "status") return onFinished(event.data);
         since = curves.lastEpoch;
       }
@@ -89,7 +109,7 @@ async function follow(path, curves, signal, onFinished) {
       // Refused (429: the user's streams are all in use) or cut: catch up by polling, then try again.
       try {
         const rows = await api(`${path}/metrics?since_epoch=${curves.lastEpoch}`, { signal });
-        rows.metrics.forEach((row) => curves.add(row));
+        rows.metrics.forEach(add);
         if (FINISHED.has(rows.status)) return onFinished(await api(path, { signal }));
       } catch { /* the next turn tries again */ }
       since = curves.lastEpoch;
@@ -155,10 +175,16 @@ function drawStatus(card, job) {
     job.error ? h("div", { class: "error-box" }, h("strong", {}, "Error"), h("pre", { id: "job-error" }, job.error)) : null);
 }
 
-function drawDownloads(card, job, path) {
-  if (card.dataset.drawnFor === job.status) return; // files change only when the status does
-  card.dataset.drawnFor = job.status;
+/**
+ * The Downloads card: the weights (once the job succeeded) and its checkpoints. ``show(job)`` redraws it when
+ * the status changed (the files change with it); ``epoch()`` reads the checkpoint list again soon.
+ */
+function downloadsCard(card, path) {
   const note = h("div", { class: "small muted", id: "download-note" });
+  const list = h("ul", { class: "plain", id: "checkpoints" });
+  let drawnFor = null;
+  let timer = null;
+  let reads = 0;
   const save = (what, name) => async () => {
     fill(note, `Downloading ${name}…`);
     try {
@@ -169,22 +195,41 @@ function drawDownloads(card, job, path) {
       fill(note, problemBox(error));
     }
   };
-  const done = job.status === "succeeded";
-  const list = h("ul", { class: "plain" });
-  fill(card, h("h2", {}, "Downloads"),
-    h("div", { class: "toolbar" },
-      h("button", { type: "button", id: "download-weights", disabled: !done,
-        onclick: save(`${path}/weights`, `${job.id}.safetensors`) }, "Weights (.safetensors)"),
-      h("button", { type: "button", id: "download-bundle", disabled: !done,
-        onclick: save(`${path}/weights?format=bundle`, `${job.id}.tar.gz`) }, "Bundle (.tar.gz)")),
-    done ? null : h("p", { class: "small muted" }, "Weights are stored when the job succeeds."),
-    h("h3", {}, "Checkpoints"), list, note);
-  api(`${path}/checkpoints`).then(({ checkpoints }) => {
-    fill(list, checkpoints.length ? checkpoints.map((checkpoint) => h("li", {},
-      h("button", { type: "button", class: "link", onclick: save(checkpoint.download.replace(/^\/api\/v1/, ""),
-        checkpoint.name) }, `epoch ${checkpoint.epoch}`), ` ${bytes(checkpoint.size)}`))
-      : h("li", { class: "muted small" }, "none kept"));
-  }).catch((error) => fill(list, h("li", {}, problemBox(error))));
+  const readCheckpoints = async () => {
+    const read = ++reads;
+    try {
+      const { checkpoints } = await api(`${path}/checkpoints`);
+      if (read !== reads) return; // a later read answers for the list
+      fill(list, checkpoints.length ? checkpoints.map((checkpoint) => h("li", {},
+        h("button", { type: "button", class: "link", onclick: save(checkpoint.download.replace(/^\/api\/v1/, ""),
+          checkpoint.name) }, `epoch ${checkpoint.epoch}`), ` ${bytes(checkpoint.size)}`))
+        : h("li", { class: "muted small" }, "none kept"));
+    } catch (error) {
+      if (read === reads) fill(list, h("li", {}, problemBox(error)));
+    }
+  };
+  return {
+    show(job) {
+      if (drawnFor === job.status) return;
+      drawnFor = job.status;
+      const done = job.status === "succeeded";
+      fill(card, h("h2", {}, "Downloads"),
+        h("div", { class: "toolbar" },
+          h("button", { type: "button", id: "download-weights", disabled: !done,
+            onclick: save(`${path}/weights`, `${job.id}.safetensors`) }, "Weights (.safetensors)"),
+          h("button", { type: "button", id: "download-bundle", disabled: !done,
+            onclick: save(`${path}/weights?format=bundle`, `${job.id}.tar.gz`) }, "Bundle (.tar.gz)")),
+        done ? null : h("p", { class: "small muted" }, "Weights are stored when the job succeeds."),
+        h("h3", {}, "Checkpoints"), list, note);
+      readCheckpoints();
+    },
+    epoch() {
+      if (!timer) timer = setTimeout(() => { timer = null; readCheckpoints(); }, CHECKPOINTS_MS);
+    },
+    stop() {
+      clearTimeout(timer);
+    },
+  };
 }
 
 async function drawNetwork(card, path) {
@@ -203,7 +248,10 @@ async function drawNetwork(card, path) {
   }
 }
 
-/** The job's log (GET /jobs/{id}/logs), read on from its last line while the job runs. */
+/**
+ * The job's log (GET /jobs/{id}/logs), read on from its last line while the job runs; ``now()`` reads it at
+ * once, ``stop()`` for good.
+ */
 function followLog(card, path) {
   const lines = h("div", { class: "log-lines", id: "log-lines" });
   const note = h("span", { class: "small muted" });
@@ -220,7 +268,7 @@ function followLog(card, path) {
       if (next === 0 && !page.lines.length) fill(lines, h("div", { class: "muted" }, "Nothing logged yet."));
       else if (next === 0) lines.replaceChildren();
       for (const line of page.lines) lines.append(logLine(line));
-      next = page.next_seq;
+      next = page.last_seq ?? page.next_seq; // last_seq is the field's newer name
       if (FINISHED.has(page.status)) stop(); // read after the job: a finished job's lines were all there
     } catch (error) {
       if (error instanceof ApiError && error.status === 404) {
@@ -230,17 +278,30 @@ function followLog(card, path) {
       } else throw error;
     }
   };
-  stop = every(POLL_MS, read);
-  read().catch(() => {});
-  return () => {
-    stopped = true;
-    stop();
+  // One read at a time: two at once would both add the lines after the same seq.
+  let turn = Promise.resolve();
+  const readInTurn = () => (turn = turn.catch(() => {}).then(read));
+  stop = every(POLL_MS, readInTurn);
+  readInTurn().catch(() => {});
+  return {
+    now: () => readInTurn().catch(() => {}),
+    stop: () => {
+      stopped = true;
+      stop();
+    },
   };
 }
 
 function logLine(line) {
-  const at = line.time ? new Date(line.time).toLocaleTimeString() : "";
   return h("div", { class: `log-line level-${String(line.level).toLowerCase()}` },
-    h("span", { class: "log-time" }, at), h("span", { class: "log-attempt" }, `#${line.attempt}`),
+    h("span", { class: "log-time", title: time(line.time) }, clock(line.time)),
+    h("span", { class: "log-attempt" }, `#${line.attempt}`),
     h("span", { class: "log-level" }, line.level), h("span", { class: "log-text" }, line.text));
+}
+
+/** The local time of day as HH:MM:SS (24-hour: always eight characters, so the column never wraps). */
+function clock(iso) {
+  if (!iso) return "";
+  const at = new Date(iso);
+  return [at.getHours(), at.getMinutes(), at.getSeconds()].map((part) => String(part).padStart(2, "0")).join(":");
 }

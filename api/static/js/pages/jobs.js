@@ -56,12 +56,14 @@ export function render(root, _args, params) {
   let shown = "";
   function drawRows(list) {
     // Redrawn only when something changed (ages move by the minute): a row isn't replaced under the pointer.
-    const signature = JSON.stringify([list, Math.floor(Date.now() / 60000)]);
+    const filtered = Object.values(filters).some(Boolean);
+    const signature = JSON.stringify([list, filtered, Math.floor(Date.now() / 60000)]);
     if (signature === shown) return;
     shown = signature;
     root.dataset.jobs = String(list.length);
     if (!list.length) {
-      fill(body, h("tr", {}, h("td", { colspan: 9, class: "empty" }, "No jobs here yet. Submit one above.")));
+      fill(body, h("tr", {}, h("td", { colspan: 9, class: "empty" },
+        filtered ? "No jobs match these filters." : "No jobs here yet. Submit one above.")));
       return;
     }
     fill(body, list.map(row));
@@ -90,7 +92,8 @@ export function render(root, _args, params) {
       h("td", {}, tick),
       h("td", { class: "name" }, h("a", { href: `#/jobs/${encodeURIComponent(job.id)}` }, job.name),
         h("div", { class: "muted small" }, job.id)),
-      h("td", {}, badge(job.status)),
+      h("td", {}, badge(job.status),
+        job.pending_reason ? h("div", { class: "muted small pending-reason" }, job.pending_reason) : null),
       h("td", {}, progressBar(job.progress.epoch, job.progress.epochs)),
       h("td", { class: "num" }, best),
       h("td", {}, age(job.created_at)),
