@@ -19,7 +19,7 @@ from specs import circles_spec, long_spec
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 XSS_NAME = "<img src=x onerror=alert(1)>"
-WAIT = 60  # seconds for a page to show what a test waits for (a job's run included)
+WAIT = 120  # seconds for a page to show what a test waits for (a job's run included, on a loaded machine)
 
 try:
     from selenium import webdriver
