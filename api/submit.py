@@ -15,7 +15,7 @@ from api.errors import ApiError, validation_error
 from api.gate import read_json
 from models import audit, lifecycle, queues, quotas
 from models.catalog import DataShape
-from models.dispatch import PRIORITIES, admits_at_once, dispatch_soon
+from models.dispatch import PRIORITIES, admits_at_once, dispatch_soon, read_load
 from models.experiments import job_labels
 from models.memory import memory_problems
 from models.quotas import QuotaExceeded
@@ -30,6 +30,9 @@ from models.validation import parse_service_spec
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = 200
+# What a submit adds to the quotas it is held to. A job's outputs are stored too: a user already past the
+# storage quota makes room before adding more.
+SUBMIT_QUOTAS = {"queued_jobs": 1, "storage_bytes": 0}
 
 
 def spec_body(request: Request, settings: Settings) -> Any:
@@ -54,11 +57,13 @@ def submit_job(
             raise validation_error([Problem("Idempotency-Key", problem)])
     spec = validate_spec(session, user, body, settings.limits)
     normalized = spec.model_dump(mode="json")
+    # Counted under a lock on the user's row, held until the insert commits: concurrent submits of one user
+    # take turns, so no more than the quota get in. The uses are counted in the dispatcher's read, a statement
+    # after the lock's, which sees what the submit before this one committed.
+    locked = quotas.lock_user(session, user.id)
+    load = read_load(session, settings, user.id, tuple(SUBMIT_QUOTAS))
     try:
-        # Counted under a lock on the user's row, held until the insert commits: concurrent submits of one
-        # user take turns, so no more than the quota get in.
-        # A job's outputs are stored too: a user already past the storage quota makes room before adding more.
-        locked = quotas.require_locked(session, settings, user.id, "queued_jobs", storage_bytes=0)
+        quotas.check(settings, locked, SUBMIT_QUOTAS, load.uses)
     except QuotaExceeded:
         existing = _same_key_job(session, user, idempotency_key, normalized)
         if existing is None:
@@ -66,7 +71,7 @@ def submit_job(
         return existing, False  # a retry of a job this key made already: its answer, quota or not
     queue = queue_for(spec)
     # On an idle cluster the job goes to the broker with its insert; otherwise the dispatcher decides.
-    at_once = admits_at_once(session, services, queue, locked)
+    at_once = admits_at_once(session, services, queue, locked, load)
     job = lifecycle.submit(
         session,
         user_id=user.id,
@@ -81,7 +86,7 @@ def submit_job(
         **job_labels(spec),
     )
     try:
-        session.flush()  # the job's id for its audit event (a reused Idempotency-Key conflicts here already)
+        # The job and its audit event go in one flush (a reused Idempotency-Key conflicts there).
         audit.record(session, user, "submit", job.id, name=job.name, queue=job.queue)
         session.commit()
     except IntegrityError:

@@ -14,7 +14,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import bindparam, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
@@ -64,11 +64,15 @@ def hash_token(token: str) -> str:
 # --- keys as the API sees them -------------------------------------------------------------------
 
 
+# key_for_token's query, built once with the hash a bound parameter: building a statement and computing its
+# cache key on each request cost more than running it.
+_KEY_BY_HASH = select(ApiKey).where(ApiKey.key_hash == bindparam("key_hash")).options(joinedload(ApiKey.user))
+
+
 def key_for_token(session: Session, token: str) -> ApiKey | None:
     """The key a token names, with its user, in one query (every request pays it); revoked and expired
     keys too, so that ``refusal`` can say which."""
-    return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_token(token))
-                          .options(joinedload(ApiKey.user)))
+    return session.scalar(_KEY_BY_HASH, {"key_hash": hash_token(token)})
 
 
 def refusal(key: ApiKey, now: dt.datetime) -> str | None:

@@ -126,7 +126,24 @@ def argument_problems(name: str, params: dict, max_setup: int) -> list[ArgumentP
     its body knows (n_informative + n_redundant <= n_features, centers as an array of points, ...). The call
     draws about ``setup(params)`` values whatever the sample count, so a spec over ``max_setup`` is refused
     before it: the API process never does a worker's work.
+
+    The answer is the arguments' (scikit-learn refuses arguments, not what it draws, and a bundled set reads
+    the same file), so arguments that are all scalars are asked about once a process: the same spec submitted
+    again, and the worker's check of it at claim, find the answer.
     """
+    if any(isinstance(value, (list, dict)) for value in params.values()):
+        return _argument_problems(name, params, max_setup)
+    # By value and type: 1 and True are different answers.
+    arguments = tuple(sorted((key, type(value).__name__, value) for key, value in params.items()))
+    return list(_argument_problems_once(name, arguments, max_setup))
+
+
+@functools.lru_cache(maxsize=256)
+def _argument_problems_once(name: str, arguments: tuple, max_setup: int) -> tuple[ArgumentProblem, ...]:
+    return tuple(_argument_problems(name, {key: value for key, _kind, value in arguments}, max_setup))
+
+
+def _argument_problems(name: str, params: dict, max_setup: int) -> list[ArgumentProblem]:
     import sklearn.datasets  # lazily: the API imports it only when a spec names a scikit-learn dataset
 
     function = getattr(sklearn.datasets, name)
@@ -138,19 +155,7 @@ def argument_problems(name: str, params: dict, max_setup: int) -> list[ArgumentP
     if cost > max_setup:
         return [(None, f"{name} with these arguments draws about {cost:,} values before its first sample, "
                        f"over the limit of {max_setup:,} (max_generator_setup)")]
-    if name.startswith("load_") and not any(isinstance(value, list) for value in params.values()):
-        # A bundled set reads the same file for the same arguments: ask once.
-        return list(_probe_bundled(name, tuple((key, type(value).__name__, value) for key, value in params.items())))
     return _probe(function, name, params)
-
-
-@functools.lru_cache(maxsize=64)
-def _probe_bundled(name: str, arguments: tuple) -> tuple[ArgumentProblem, ...]:
-    """``_probe`` of a bundled set, by its arguments (with their types: 1 and True are different answers)."""
-    import sklearn.datasets
-
-    params = {key: value for key, _kind, value in arguments}
-    return tuple(_probe(getattr(sklearn.datasets, name), name, params))
 
 
 def _constraint_problems(function, params: dict) -> list[ArgumentProblem]:

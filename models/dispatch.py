@@ -23,19 +23,21 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import Row, func, or_, select
+from sqlalchemy import CompoundSelect, Row, bindparam, func, literal, null, or_, select, union_all
 from sqlalchemy.orm import Session
 
 from models import lifecycle, quotas
-from models.liveness import live_workers
+from models.liveness import is_live, live_after
 from models.queues import queue_gpus
 from models.services import Services
-from models.tables import Job, User, utcnow
+from models.settings import Settings
+from models.tables import Job, User, Worker, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +120,15 @@ def dispatch_soon(services: Services, queues: Iterable[str], session: Session | 
         log.exception("dispatch of %s failed; the maintenance loop will retry", ", ".join(queues))
 
 
-def admits_at_once(session: Session, services: Services, queue: str, user: User) -> bool:
+def admits_at_once(session: Session, services: Services, queue: str, user: User, load: Load | None = None) -> bool:
     """Whether a job ``user`` is submitting to ``queue`` may go to the broker with its insert: a slot of the
     queue is free beyond the jobs released to it, no other job of it waits held (so fair share and
     priority have nothing to choose), and the user is within the running-jobs and GPU quotas. It decides
-    only the case whose answer ``dispatch`` would surely give, in two statements (an idle cluster's
-    submit); in any other case the caller dispatches after its commit."""
-    load = _load(session, user.id)
-    state = _states(live_workers(session, services.settings), load, {queue}).get(queue)
+    only the case whose answer ``dispatch`` would surely give, from one read (``read_load``; a submit hands
+    in the one that counted its quotas); in any other case the caller dispatches after its commit."""
+    if load is None:
+        load = read_load(session, services.settings, user.id)
+    state = _states(load, {queue}).get(queue)
     if state is None or state.held or state.free <= state.released:
         return False
     mine = UserState(share=user.share, active=load.mine, gpus=load.my_gpus,
@@ -135,44 +138,83 @@ def admits_at_once(session: Session, services: Services, queue: str, user: User)
 
 def queue_states(session: Session, services: Services, queues: set[str]) -> dict[str, QueueState]:
     """Slots and free slots of live workers per queue, and its jobs released but not yet claimed, and held."""
-    return _states(live_workers(session, services.settings), _load(session), queues)
+    return _states(read_load(session, services.settings), queues)
 
 
 @dataclass
-class _Load:
-    """What the jobs hold, counted in one statement (it runs on every submit)."""
+class Load:
+    """What the cluster holds, read in one statement (it runs on every submit)."""
 
+    workers: list[LiveWorker] = field(default_factory=list)
     busy: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # running jobs by worker
     released: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # unclaimed, by queue
     held: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # waiting in the database, by queue
     mine: int = 0  # one user's running or released jobs
     my_gpus: int = 0  # and their GPUs
+    uses: dict[str, int] = field(default_factory=dict)  # the user's use of the quotas asked for
 
 
-def _load(session: Session, user_id: str | None = None) -> _Load:
-    """Running jobs by worker, released and held jobs by queue, and ``user_id``'s running or released jobs."""
-    is_released = Job.released_at.is_not(None)
-    counts = session.execute(select(Job.status, Job.worker_id, Job.queue, is_released, Job.user_id, func.count())
-                             .where(Job.status.in_(("running", "queued")))
-                             .group_by(Job.status, Job.worker_id, Job.queue, is_released, Job.user_id)).all()
-    load = _Load()
-    for status, worker_id, queue, released, owner, count in counts:
-        if status == "running":
-            load.busy[worker_id] += count
-        elif released:
-            load.released[queue] += count
+@dataclass(frozen=True)
+class LiveWorker:
+    """A live worker as the dispatcher counts it: its queues (comma-separated) and slots."""
+
+    id: str
+    queues: str
+    slots: int
+
+
+def read_load(session: Session, settings: Settings, user_id: str | None = None,
+              quota_uses: tuple[str, ...] = ()) -> Load:
+    """Running jobs by worker, released and held jobs by queue, ``user_id``'s running or released jobs, the live
+    workers (``liveness``'s rule) and the user's use of each quota of ``quota_uses`` (``quotas.use_counts``),
+    in one round trip."""
+    rows = session.execute(_load_statement(quota_uses), {"user_id": user_id, "live_after": live_after(settings)})
+    load = Load()
+    for kind, *row in rows.all():
+        if kind == "job":
+            _count_jobs(load, user_id, *row)
+        elif kind == "worker":
+            worker_id, queues, *_nulls, slots = row
+            load.workers.append(LiveWorker(worker_id, queues, int(slots)))
         else:
-            load.held[queue] += count
-        if owner == user_id and (status == "running" or released):
-            load.mine += count
-            load.my_gpus += count * queue_gpus(queue)
+            name, *_nulls, value = row
+            load.uses[name] = int(value or 0)
     return load
 
 
-def _states(workers: list, load: _Load, queues: set[str]) -> dict[str, QueueState]:
+@functools.lru_cache(maxsize=8)
+def _load_statement(quota_uses: tuple[str, ...]) -> CompoundSelect:
+    """``read_load``'s statement, built once, its values bound parameters: building a statement this size and
+    computing its cache key costs several times more than running it. The rows of one UNION ALL, told apart
+    by their first column."""
+    is_released = Job.released_at.is_not(None)
+    jobs = (select(literal("job"), Job.status, Job.worker_id, Job.queue, is_released, Job.user_id, func.count())
+            .where(Job.status.in_(("running", "queued")))
+            .group_by(Job.status, Job.worker_id, Job.queue, is_released, Job.user_id))
+    workers = (select(literal("worker"), Worker.id, Worker.queues, null(), null(), null(), Worker.slots)
+               .where(is_live(bindparam("live_after"))))
+    uses = [select(literal("use"), literal(name), null(), null(), null(), null(), count)
+            for name, count in quotas.use_counts(bindparam("user_id"), quota_uses).items()]
+    return union_all(jobs, workers, *uses)
+
+
+def _count_jobs(load: Load, user_id: str | None, status: str, worker_id: str | None, queue: str, released: bool,
+                owner: str, count: int) -> None:
+    if status == "running":
+        load.busy[worker_id] += count
+    elif released:
+        load.released[queue] += count
+    else:
+        load.held[queue] += count
+    if owner == user_id and (status == "running" or released):
+        load.mine += count
+        load.my_gpus += count * queue_gpus(queue)
+
+
+def _states(load: Load, queues: set[str]) -> dict[str, QueueState]:
     """Each queue of ``queues`` that a live worker serves or that holds released jobs: its state."""
     states: dict[str, QueueState] = {}
-    for worker in workers:
+    for worker in load.workers:
         free = max(worker.slots - load.busy.get(worker.id, 0), 0)
         for queue in set(worker.queues.split(",")) & queues:
             state = states.setdefault(queue, QueueState())

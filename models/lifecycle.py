@@ -31,12 +31,14 @@ queued job is never claimed; a running job is never claimed again, nor finished 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, Update, bindparam, case, select, update
 from sqlalchemy.orm import Session
 
-from models.tables import FINISHED_STATUSES, Job, utcnow
+from models.tables import FINISHED_STATUSES, Job, new_id, utcnow
 
 # What a running attempt may record besides its lease: its progress, and how the run ended.
 PROGRESS_FIELDS = frozenset({"epoch", "best_metric", "best_value", "best_epoch"})
@@ -81,26 +83,41 @@ def is_finished(status: str) -> bool:
 
 
 def submit(session: Session, **fields: Any) -> Job:
-    """Add a new queued job (the caller commits, then publishes its id)."""
-    job = Job(status="queued", **fields)
+    """Add a new queued job, its id given now so that the caller can name it before the flush (the caller
+    commits, then publishes the id)."""
+    job = Job(id=new_id("job"), status="queued", **fields)
     session.add(job)
     return job
 
 
-def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> Job | None:
-    """queued -> running as the next attempt, with a lease; None if the job isn't this worker's to run
-    (a duplicate or stale message, a job the dispatcher holds back, a cancelled job, or one out of
+def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float,
+          devices: Mapping[str, str | None] | None = None) -> Job | None:
+    """queued -> running as the next attempt, with a lease, on the device ``devices`` names for the one the
+    job's spec asks for (``resources.device``; none if not named); None if the job isn't this worker's to
+    run (a duplicate or stale message, a job the dispatcher holds back, a cancelled job, or one out of
     attempts)."""
     now = utcnow()
-    statement = (
-        _queued(job_id)
-        .where(Job.released_at.is_not(None), Job.cancel_requested.is_(False), Job.attempts < Job.max_attempts)
-        .values(status="running", attempts=Job.attempts + 1, worker_id=worker_id, started_at=now,
-                pending_reason=None, lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+    statement = _claim_statement(tuple(sorted((devices or {}).items())))
+    return session.scalar(statement, {"job_id": job_id, "claimed_by": worker_id, "claimed_at": now,
+                                      "lease_until": now + dt.timedelta(seconds=lease_seconds)})
+
+
+@functools.lru_cache(maxsize=16)
+def _claim_statement(devices: tuple[tuple[str, str | None], ...]) -> Update:
+    """``claim``'s UPDATE for one mapping of devices, built once, its values bound parameters: building a
+    statement this size and computing its cache key cost more than running it, on every job's way to its
+    first epoch."""
+    asked = Job.spec[("resources", "device")].as_string()
+    return (
+        update(Job)
+        .where(Job.id == bindparam("job_id"), Job.status == "queued", Job.released_at.is_not(None),
+               Job.cancel_requested.is_(False), Job.attempts < Job.max_attempts)
+        .values(status="running", attempts=Job.attempts + 1, worker_id=bindparam("claimed_by"),
+                started_at=bindparam("claimed_at"), pending_reason=None, lease_expires_at=bindparam("lease_until"),
+                device=case(dict(devices), value=asked, else_=None) if devices else None)
         .returning(Job)
         .execution_options(synchronize_session=False)
     )
-    return session.scalar(statement)
 
 
 def give_up(session: Session, job_id: str) -> bool:

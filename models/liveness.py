@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from models.queues import CPU, who_serves
@@ -31,8 +31,13 @@ def live_after(settings: Settings) -> dt.datetime:
 
 def live_workers(session: Session, settings: Settings) -> list:
     """(id, queues, slots) of each live worker."""
-    return session.execute(select(Worker.id, Worker.queues, Worker.slots)
-                           .where(Worker.last_heartbeat_at >= live_after(settings))).all()
+    return session.execute(select(Worker.id, Worker.queues, Worker.slots).where(is_live(live_after(settings)))).all()
+
+
+def is_live(after) -> ColumnElement[bool]:
+    """The condition on a worker's row that it is alive: its last heartbeat at or after ``after``, the time
+    ``live_after`` gives (or a bound parameter that will hold it, in a statement built once)."""
+    return Worker.last_heartbeat_at >= after
 
 
 def served_queues(session: Session, settings: Settings) -> set[str]:

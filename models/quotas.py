@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import Label, func, select
 from sqlalchemy.orm import Session
 
 from models.db import locked_row
@@ -79,7 +79,7 @@ def uses(session: Session, user_id: str, names) -> dict[str, int]:
     counted = [name for name in names if name != "gpus"]
     found = {}
     if counted:
-        row = session.execute(select(*(_use_of(user_id, name).scalar_subquery().label(name) for name in counted)))
+        row = session.execute(select(*use_counts(user_id, counted).values()))
         found = {name: int(value or 0) for name, value in row.one()._mapping.items()}
     if "gpus" in names:
         running = session.execute(select(Job.queue, func.count()).where(Job.user_id == user_id,
@@ -89,7 +89,14 @@ def uses(session: Session, user_id: str, names) -> dict[str, int]:
     return found
 
 
-def _use_of(user_id: str, name: str):
+def use_counts(user_id, names) -> dict[str, Label]:
+    """For each quota of ``names`` (not ``gpus``), the scalar subquery that counts the use of the user
+    ``user_id`` (an id, or a bound parameter that will hold it), labelled by the quota: for a caller that
+    reads them in a statement of its own (``uses`` does; a submit's, in the dispatcher's read)."""
+    return {name: _use_of(user_id, name).scalar_subquery().label(name) for name in names}
+
+
+def _use_of(user_id, name: str):
     """The statement that counts one quota's use (not ``gpus``: a queue's GPUs are read from its name)."""
     if name == "queued_jobs":
         return select(func.count()).where(Job.user_id == user_id, Job.status == "queued")
@@ -117,9 +124,14 @@ def require(session: Session, settings: Settings, user: User, name: str, adding:
     """Raise QuotaExceeded when taking ``adding`` more would pass the user's quota ``name`` (or, for each
     quota named in ``also``, that much more; 0: refused only when already past it)."""
     wanted = {name: adding, **also}
-    used = uses(session, user.id, list(wanted))
-    for quota_name, more in wanted.items():
-        current = Quota(quota_name, limit(settings, user, quota_name), used[quota_name])
+    check(settings, user, wanted, uses(session, user.id, list(wanted)))
+
+
+def check(settings: Settings, user: User, wanted: dict[str, int], used: dict[str, int]) -> None:
+    """Raise QuotaExceeded when taking ``wanted[name]`` more of a quota would pass it, the user using
+    ``used[name]`` now (``require``'s rule, for a caller that counted the uses in a read of its own)."""
+    for name, more in wanted.items():
+        current = Quota(name, limit(settings, user, name), used[name])
         if current.use + more > current.limit:
             raise QuotaExceeded(current, more)
 
@@ -129,6 +141,13 @@ def require_locked(session: Session, settings: Settings, user_id: str, name: str
     """``require``, holding the user's row locked until the transaction ends: the caller stores what it adds in
     the same transaction, so one user's concurrent requests take turns (each sees what the one before it
     committed) and can't all pass; other users' requests don't wait. Returns the user, read afresh."""
-    user = locked_row(session, select(User).where(User.id == user_id))
+    user = lock_user(session, user_id)
     require(session, settings, user, name, adding, **also)
     return user
+
+
+def lock_user(session: Session, user_id: str) -> User:
+    """The user's row, read afresh and locked until the transaction ends (``require_locked``'s lock, for a
+    caller that counts the uses itself: in a statement after this one, which then sees what every request
+    that held the lock before it committed)."""
+    return locked_row(session, select(User).where(User.id == user_id))

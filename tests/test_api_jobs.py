@@ -6,7 +6,7 @@ import logging
 
 import pytest
 from private_servers import free_port
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from models.tables import EpochMetrics, Job
 
@@ -53,6 +53,25 @@ def test_submit_stores_the_job_then_rings_its_queue(client, alice, spec, publish
     assert job["links"]["weights"] == f"{JOBS}/{job['id']}/weights"
     assert published == [(job["id"], "cpu")]
     assert client.get(f"{JOBS}/{job['id']}", headers=alice).json == job
+
+
+def test_a_submit_counts_its_quotas_and_finds_its_slot_in_one_read_after_the_lock(app, client, alice, spec, published,
+                                                                                  live_worker):
+    statements = []
+    engine = app.extensions["torchyard"].engine
+
+    def record(_conn, _cursor, statement, *_args):
+        statements.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        job = submit(client, alice, spec).json
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert published == [(job["id"], "cpu")]  # the free slot was found: it went with its insert
+    lock = next(i for i, text in enumerate(statements) if text.startswith("SELECT users.id"))
+    first_write = next(i for i, text in enumerate(statements) if text.startswith("INSERT"))
+    assert len(statements[lock + 1:first_write]) == 1
 
 
 def test_a_cuda_job_goes_to_the_gpu_queue(client, alice, spec, published, live_worker):

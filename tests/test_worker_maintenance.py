@@ -9,13 +9,14 @@ import json
 import threading
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from api.schemas import as_utc
 from models import lifecycle
 from models.tables import AuditEvent, EpochMetrics, Job, User, Worker, utcnow
+from models.validation import parse_service_spec
 from worker import maintenance, runner
-from worker.engine import RunState
+from worker.engine import RunState, pick_device
 from worker.job_callbacks import DatabaseMetrics, Fence, LeaseLost
 
 SPEC = {"task": "regression",
@@ -33,7 +34,8 @@ def add_job(ctx, **columns) -> str:
         user = session.query(User).filter_by(name="alice").one_or_none() or User(name="alice")
         session.add(user)
         session.flush()
-        job = Job(user_id=user.id, name="j", spec=SPEC, epochs=2, **columns)
+        columns.setdefault("spec", SPEC)
+        job = Job(user_id=user.id, name="j", epochs=2, **columns)
         session.add(job)
         session.commit()
         return job.id
@@ -164,6 +166,37 @@ def test_a_job_is_claimed_by_one_message_only(worker_context):
     row = job(worker_context, job_id)
     assert (row.status, row.attempts, row.device) == ("running", 1, "cpu")
     assert row.lease_expires_at is not None
+
+
+def test_the_claim_records_the_device_the_spec_asks_for_and_none_for_one_this_machine_lacks(worker_context):
+    def claimed_on(device: str) -> str | None:
+        spec = parse_service_spec({**SPEC, "resources": {"device": device}}).model_dump(mode="json")
+        job_id = add_job(worker_context, spec=spec)
+        claim(worker_context, job_id)
+        return job(worker_context, job_id).device
+
+    assert claimed_on("cpu") == "cpu"
+    assert claimed_on("auto") == str(pick_device("auto"))
+    assert claimed_on("mps") is None  # no MPS on this machine: the job fails saying so, on no device
+
+
+def test_a_claim_writes_the_job_row_once_with_its_device_and_reads_nothing_first(worker_context):
+    spec = parse_service_spec(SPEC).model_dump(mode="json")
+    job_id = add_job(worker_context, spec=spec)
+    statements = []
+    listen = (worker_context.engine, "before_cursor_execute")
+
+    def record(_conn, _cursor, statement, *_args):
+        statements.append(" ".join(statement.split()[:3]))
+
+    event.listen(*listen, record)
+    try:
+        assert claim(worker_context, job_id) == 1
+    finally:
+        event.remove(*listen, record)
+    assert statements[0] == "UPDATE jobs SET"  # the claim, with its lease and its device
+    assert statements.count("UPDATE jobs SET") == 1
+    assert job(worker_context, job_id).device == "cpu"
 
 
 def test_a_cancelled_or_exhausted_queued_job_is_not_claimed(worker_context):

@@ -10,6 +10,7 @@ import logging
 import shutil
 import threading
 from pathlib import Path
+from typing import get_args
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session
 from models import lifecycle
 from models.dispatch import dispatch_soon
 from models.services import Services
-from models.spec import JobSpec, Problem, SpecError
+from models.spec import JobSpec, Problem, Resources, SpecError
 from models.storage import job_prefix
 from models.tables import Artifact, Dataset, Job
 from models.validation import parse_service_spec
@@ -104,20 +105,34 @@ def claim(ctx: Services, job_id: str) -> tuple[Job, JobSpec | None, SpecError | 
     """Take the job (``lifecycle.claim``); return it with ``prepare_spec``'s result and the attempt's log, None
     if it isn't ours.
 
-    The device it will run on (the torch device, and the GPUs of a GPU worker's slot) is recorded in the
-    same transaction, as is the log's first line: the claim returns the spec that decides it, so no read
-    comes before the claim.
+    The device it will run on (the torch device, and the GPUs of a GPU worker's slot) is recorded by the
+    claim's own UPDATE, from the device the row's spec asks for, so no read comes before the claim and no
+    second write follows it (a spec that can't run here has it corrected to ``prepare_spec``'s); the log's
+    first line is in the same transaction.
     """
     with ctx.sessions() as session:
-        job = lifecycle.claim(session, job_id, worker_id(), ctx.settings.lease_seconds)
+        job = lifecycle.claim(session, job_id, worker_id(), ctx.settings.lease_seconds, devices=device_labels())
         if job is None:
             return None
         spec, problem, device = prepare_spec(ctx, job)
-        job.device = gpus.device_label(device)
+        if job.device != gpus.device_label(device):
+            job.device = gpus.device_label(device)
         job_log = start_log(session, job, ctx.settings)
         session.commit()
     job_log.written(session)
     return job, spec, problem, device, job_log
+
+
+def device_labels() -> dict[str, str | None]:
+    """The device label a job's row gets here for each device a spec may ask for: what ``prepare_spec`` makes
+    of it in this process (None for one this machine lacks)."""
+    labels = {}
+    for requested in get_args(Resources.model_fields["device"].annotation):
+        try:
+            labels[requested] = gpus.device_label(str(pick_device(requested)))
+        except SpecError:
+            labels[requested] = gpus.device_label(None)
+    return labels
 
 
 def give_up_if_exhausted(ctx: Services, job_id: str) -> str:
@@ -130,8 +145,9 @@ def give_up_if_exhausted(ctx: Services, job_id: str) -> str:
 
 def execute(ctx: Services, fence: Fence, job: Job, spec: JobSpec, device: str, scratch: Path) -> str:
     """Fetch the files, train, upload the outputs and record the outcome."""
-    for earlier in scratch.parent.glob(f"{job.id}.*"):  # left by attempts that lost the job (killed ones)
-        shutil.rmtree(earlier, ignore_errors=True)
+    if not fence.first:  # a first attempt follows none (and the glob compiles a pattern: 0.5 ms a job)
+        for earlier in scratch.parent.glob(f"{job.id}.*"):  # left by attempts that lost the job (killed ones)
+            shutil.rmtree(earlier, ignore_errors=True)
     out_dir = scratch / "out"
     # Downloads and loading the data may take longer than a lease: renew it from a thread until the
     # training loop starts renewing it at batch ends.
