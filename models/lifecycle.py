@@ -10,7 +10,6 @@ transition              from         to                           who, and the c
 ======================  ===========  ===========================  =====================================
 ``submit``              (new row)    queued                       API
 ``claim``               queued       running                      worker; released, no cancel, attempts left
-``record_device``       running      running                      the attempt, in its claim's transaction
 ``give_up``             queued       failed                       worker; attempts used up
 ``cancel``              queued       cancelled                    API, at once
 ``cancel``              running      running, cancel requested    API; the attempt stops at a batch end
@@ -92,40 +91,33 @@ def submit(session: Session, **fields: Any) -> Job:
 
 
 def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float,
-          devices: Mapping[str, str | None] | None = None) -> Row | None:
+          devices: Mapping[str, str | None] | None = None) -> Job | None:
     """queued -> running as the next attempt, with a lease, on the device ``devices`` names for the one the
-    job's spec asks for (``resources.device``; none if not named). Returns the job's row as the claim left
-    it (every column), None if the job isn't this worker's to run (a duplicate or stale message, a job the
-    dispatcher holds back, a cancelled job, or one out of attempts)."""
+    job's spec asks for (``resources.device``; none if not named); None if the job isn't this worker's to
+    run (a duplicate or stale message, a job the dispatcher holds back, a cancelled job, or one out of
+    attempts)."""
     now = utcnow()
     statement = _claim_statement(tuple(sorted((devices or {}).items())))
-    return session.execute(statement, {"job_id": job_id, "claimed_by": worker_id, "claimed_at": now,
-                                       "lease_until": now + dt.timedelta(seconds=lease_seconds)}).first()
+    return session.scalar(statement, {"job_id": job_id, "claimed_by": worker_id, "claimed_at": now,
+                                      "lease_until": now + dt.timedelta(seconds=lease_seconds)})
 
 
 @functools.lru_cache(maxsize=16)
 def _claim_statement(devices: tuple[tuple[str, str | None], ...]) -> Update:
-    """``claim``'s UPDATE for one mapping of devices, built once, its values bound parameters, on the table
-    and returning a row rather than an ORM object: on every job's way to its first epoch, building a
-    statement this size (and its cache key) and the ORM's handling of the row cost more than the statement."""
-    jobs = Job.__table__
-    asked = jobs.c.spec[("resources", "device")].as_string()
+    """``claim``'s UPDATE for one mapping of devices, built once, its values bound parameters: building a
+    statement this size and computing its cache key cost more than running it, on every job's way to its
+    first epoch."""
+    asked = Job.spec[("resources", "device")].as_string()
     return (
-        update(jobs)
-        .where(jobs.c.id == bindparam("job_id"), jobs.c.status == "queued", jobs.c.released_at.is_not(None),
-               jobs.c.cancel_requested.is_(False), jobs.c.attempts < jobs.c.max_attempts)
-        .values(status="running", attempts=jobs.c.attempts + 1, worker_id=bindparam("claimed_by"),
+        update(Job)
+        .where(Job.id == bindparam("job_id"), Job.status == "queued", Job.released_at.is_not(None),
+               Job.cancel_requested.is_(False), Job.attempts < Job.max_attempts)
+        .values(status="running", attempts=Job.attempts + 1, worker_id=bindparam("claimed_by"),
                 started_at=bindparam("claimed_at"), pending_reason=None, lease_expires_at=bindparam("lease_until"),
                 device=case(dict(devices), value=asked, else_=None) if devices else None)
-        .returning(*jobs.c)
+        .returning(Job)
+        .execution_options(synchronize_session=False)
     )
-
-
-def record_device(session: Session, job_id: str, attempt: int, device: str | None) -> Row | None:
-    """Correct the device the attempt's ``claim`` recorded (a spec that can't run here runs on none); the
-    job's row as it is now, None if the attempt lost the job."""
-    statement = _running(job_id, attempt).values(device=device).returning(*Job.__table__.c)
-    return session.execute(statement.execution_options(synchronize_session=False)).first()
 
 
 def give_up(session: Session, job_id: str) -> bool:

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import get_args
 
-from sqlalchemy import Row, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import lifecycle
@@ -20,7 +20,7 @@ from models.dispatch import dispatch_soon
 from models.services import Services
 from models.spec import JobSpec, Problem, Resources, SpecError
 from models.storage import job_prefix
-from models.tables import Artifact, Dataset
+from models.tables import Artifact, Dataset, Job
 from models.validation import parse_service_spec
 from worker import gpus
 from worker.context import context, draining, worker_id
@@ -82,7 +82,7 @@ def run_job(job_id: str) -> str:
                          daemon=True).start()
 
 
-def prepare_spec(ctx: Services, job: Row) -> tuple[JobSpec | None, SpecError | None, str | None]:
+def prepare_spec(ctx: Services, job: Job) -> tuple[JobSpec | None, SpecError | None, str | None]:
     """The parsed spec and its device, or the SpecError that will fail the job once claimed."""
     try:
         spec = parse_service_spec(job.spec, ctx.settings.limits)
@@ -101,7 +101,7 @@ def check_slot_holds(spec: JobSpec) -> None:
                                                    f"{len(pinned)} ({gpus.VISIBLE}={','.join(pinned)})")])
 
 
-def claim(ctx: Services, job_id: str) -> tuple[Row, JobSpec | None, SpecError | None, str | None, JobLog] | None:
+def claim(ctx: Services, job_id: str) -> tuple[Job, JobSpec | None, SpecError | None, str | None, JobLog] | None:
     """Take the job (``lifecycle.claim``); return it with ``prepare_spec``'s result and the attempt's log, None
     if it isn't ours.
 
@@ -116,7 +116,7 @@ def claim(ctx: Services, job_id: str) -> tuple[Row, JobSpec | None, SpecError | 
             return None
         spec, problem, device = prepare_spec(ctx, job)
         if job.device != gpus.device_label(device):
-            job = lifecycle.record_device(session, job.id, job.attempts, gpus.device_label(device))
+            job.device = gpus.device_label(device)
         job_log = start_log(session, job, ctx.settings)
         session.commit()
     job_log.written(session)
@@ -143,7 +143,7 @@ def give_up_if_exhausted(ctx: Services, job_id: str) -> str:
     return "gave up" if gave_up else "skipped"
 
 
-def execute(ctx: Services, fence: Fence, job: Row, spec: JobSpec, device: str, scratch: Path) -> str:
+def execute(ctx: Services, fence: Fence, job: Job, spec: JobSpec, device: str, scratch: Path) -> str:
     """Fetch the files, train, upload the outputs and record the outcome."""
     if not fence.first:  # a first attempt follows none (and the glob compiles a pattern: 0.5 ms a job)
         for earlier in scratch.parent.glob(f"{job.id}.*"):  # left by attempts that lost the job (killed ones)
@@ -165,7 +165,7 @@ def execute(ctx: Services, fence: Fence, job: Row, spec: JobSpec, device: str, s
         return record_result(fence, result)
 
 
-def fetch_dataset(ctx: Services, job: Row, spec: JobSpec, scratch: Path) -> Path:
+def fetch_dataset(ctx: Services, job: Job, spec: JobSpec, scratch: Path) -> Path:
     """Download the job's uploaded dataset into its scratch folder."""
     with ctx.sessions() as session:
         dataset = session.scalar(select(Dataset).where(Dataset.id == spec.data.dataset_id,
