@@ -85,22 +85,25 @@ def _param(name: str, where: str, schema: dict, description: str = "") -> dict:
     return {"name": name, "in": where, "required": where == "path", "schema": schema, "description": description}
 
 
-# One event of the metrics stream, as OpenAPI 3.1 describes a text/event-stream item (3.2's itemSchema).
-SSE_EVENT = {
-    "type": "object",
-    "required": ["event", "data"],
-    "properties": {
-        "event": {"enum": ["metrics", "status"]},
-        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the epoch of a metrics event"},
-        "data": {
-            "type": "string",
-            "contentMediaType": "application/json",
-            "description": 'metrics: one epoch\'s row, {"epoch": 3, "loss": 0.4, ...}; '
-            "status: the finished job (as JobOut), after which the stream ends",
+def sse_event(events: list[str], id_description: str, data_description: str) -> dict:
+    """One event of a job's stream, as OpenAPI 3.1 describes a text/event-stream item (3.2's itemSchema)."""
+    return {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"enum": events},
+            "id": {"type": "string", "pattern": "^[0-9]+$", "description": id_description},
+            "data": {"type": "string", "contentMediaType": "application/json", "description": data_description},
+            "retry": {"type": "integer"},
         },
-        "retry": {"type": "integer"},
-    },
-}
+    }
+
+
+SSE_EVENT = sse_event(
+    ["metrics", "status"], "the epoch of a metrics event",
+    'metrics: one epoch\'s row, {"epoch": 3, "loss": 0.4, ...}; '
+    "status: the finished job (as JobOut), after which the stream ends",
+)
 METRICS = {
     "description": "metrics in epoch order (application/json); or, when asked for with Accept: "
     "text/event-stream or stream=true, a Server-Sent Events stream: one `metrics` event per new epoch (`id` "
@@ -112,21 +115,11 @@ METRICS = {
         "text/event-stream": {"schema": SSE_EVENT},
     },
 }
-LOG_EVENT = {
-    "type": "object",
-    "required": ["event", "data"],
-    "properties": {
-        "event": {"enum": ["log", "end"]},
-        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the seq of a log event's line"},
-        "data": {
-            "type": "string",
-            "contentMediaType": "application/json",
-            "description": 'log: one line, {"seq": 7, "time": "…", "attempt": 1, "level": "INFO", "text": "…"}; '
-            'end: {"status": "succeeded"} once the job has finished and every line was sent; the stream ends',
-        },
-        "retry": {"type": "integer"},
-    },
-}
+LOG_EVENT = sse_event(
+    ["log", "end"], "the seq of a log event's line",
+    'log: one line, {"seq": 7, "time": "…", "attempt": 1, "level": "INFO", "text": "…"}; '
+    'end: {"status": "succeeded"} once the job has finished and every line was sent; the stream ends',
+)
 LOGS = {
     "description": "the log's lines in seq order (application/json); with format=text the log as text/plain, a "
     "line a line (time, level, attempt, text); or, asked for with Accept: text/event-stream or stream=true, a "
