@@ -92,13 +92,16 @@ def test_three_users_bursting_into_one_slot_each_get_a_third_of_its_starts(one_s
 
 
 def test_a_high_job_preempts_a_low_one_which_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
-    low_spec = {**long_spec(30, n_samples=600, batch_size=10, name="low"), "priority": "low"}
+    # Long enough that the low job is still running a few seconds after the high one arrives (the request is
+    # seen at a batch end within a second); 30 epochs once ended before it on a quick machine.
+    low_spec = {**long_spec(200, n_samples=600, batch_size=10, name="low"), "priority": "low"}
     reference = uninterrupted_weights(tmp_path / "reference", low_spec)
     settings = worker_settings(tmp_path / "home", preemption=True)
     with running_service(settings) as service:
         low = submit(service, service.headers, low_spec)
         service.wait_for(lambda: service.job(low)["progress"]["epoch"] >= 2, 120, "the low job's epoch 2")
         high = submit(service, key_of(service, "bob"), {**TINY, "name": "urgent", "priority": "high"})
+        assert service.job(low)["progress"]["epoch"] < 100, "too quick to preempt; make the low job longer"
 
         handed_back = service.wait_for(
             lambda: (lambda job: job if job["status"] == "queued" else None)(service.job(low)), 60,
