@@ -147,6 +147,19 @@ def test_an_idempotency_key_returns_the_first_job(client, alice, bob, spec, sess
     assert count_jobs(sessions) == 2
 
 
+def test_an_idempotency_key_matches_a_job_stored_before_a_spec_field_was_added(client, alice, spec, sessions):
+    first = submit(client, {**alice, "Idempotency-Key": "before-upgrade"}, spec)
+    with sessions() as session:  # as an older release stored it: without the fields added since
+        job = session.get(Job, first.json["id"])
+        job.spec = {name: value for name, value in job.spec.items() if name not in ("tags", "experiment")}
+        session.commit()
+    again = submit(client, {**alice, "Idempotency-Key": "before-upgrade"}, spec)
+    assert (again.status_code, again.json["id"]) == (200, first.json["id"])
+    changed = submit(client, {**alice, "Idempotency-Key": "before-upgrade"}, {**spec, "seed": 99})
+    assert changed.status_code == 422
+    assert count_jobs(sessions) == 1
+
+
 def test_listing_pages_newest_first_with_a_cursor(client, alice, bob, spec):
     made = [submit(client, alice, {**spec, "name": f"job-{i}"}).json["id"] for i in range(7)]
     submit(client, bob, spec)
