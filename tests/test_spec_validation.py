@@ -317,9 +317,9 @@ UNRUNNABLE = [
      "scheduler.type", "OneCycleLR cycles the optimizer's momentum, which Adagrad has not"),
     # 10 epochs of 5 batches (240 training rows, batch_size 50): 50 steps.
     (GOOD | {"scheduler": {"type": "OneCycleLR", "max_lr": 0.1, "pct_start": 0.02}}, "scheduler.pct_start",
-     "0.02 of 50 steps (10 epochs of 5 batches) puts a phase of OneCycleLR on a single step"),
+     "0.02 of 50 steps (10 epochs of 5 steps) puts a phase of OneCycleLR on a single step"),
     (GOOD | {"scheduler": {"type": "OneCycleLR", "max_lr": 0.1, "pct_start": 0.51, "three_phase": True}},
-     "scheduler.pct_start", "0.51 of 50 steps (10 epochs of 5 batches) puts a phase of OneCycleLR on a single step"),
+     "scheduler.pct_start", "0.51 of 50 steps (10 epochs of 5 steps) puts a phase of OneCycleLR on a single step"),
 ]
 
 
