@@ -80,6 +80,7 @@ class Trainer:
         self.losses: list[torch.Tensor] = []
         self.sizes: list[int] = []
         self.resume_batch = 0
+        self.epoch_lr = 0.0  # the learning rate the epoch started with (its metrics row reports it)
         self.pending_gradient = False  # batches backpropagated since the last optimizer step
 
     # --- the loop -------------------------------------------------------------------------------
@@ -101,12 +102,12 @@ class Trainer:
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training data, then evaluation; returns the epoch's metrics row."""
         started = time.perf_counter()
-        lr = self.optimizer.param_groups[0]["lr"]
         self.model.train()
         if self.resume_batch:  # continuing a preempted epoch: the same order, the batches not yet done
             self.shuffle_generator.set_state(self.order_state)
         else:
             self.order_state = self.shuffle_generator.get_state()
+            self.epoch_lr = self.optimizer.param_groups[0]["lr"]  # a per-batch scheduler moves it in the epoch
             self.outputs, self.losses, self.sizes = [], [], []
         x, y = self.shuffled()
         outputs, losses = self.outputs, self.losses
@@ -136,7 +137,7 @@ class Trainer:
         if self.data.n_val:
             metrics.update({f"val_{k}": v for k, v in self.evaluate(self.data.x_val, self.data.y_val).items()})
         seconds = time.perf_counter() - started
-        metrics.update(lr=lr, epoch_seconds=seconds, samples_per_second=self.n_used / seconds)
+        metrics.update(lr=self.epoch_lr, epoch_seconds=seconds, samples_per_second=self.n_used / seconds)
         if not math.isfinite(metrics["loss"]):
             raise TrainingFailed(f"loss became {metrics['loss']} at epoch {epoch}; lower the learning rate "
                                  "or standardize the data")
@@ -305,6 +306,7 @@ class Trainer:
         if mid_epoch:
             state["partial"] = {"batch": self.state.batch, "order_state": self.order_state,
                                 "outputs": self.outputs, "losses": self.losses, "sizes": self.sizes,
+                                "lr": self.epoch_lr,
                                 # Stopped inside an accumulation group: its gradient so far, not yet applied.
                                 "gradient": self.gradient() if self.pending_gradient else None}
         path = checkpoints.checkpoint_path(self.checkpoint_dir, *position)
@@ -355,6 +357,8 @@ class Trainer:
             self.order_state = partial["order_state"].cpu()
             self.outputs, self.losses = list(partial["outputs"]), list(partial["losses"])
             self.sizes = list(partial["sizes"])
+            # Checkpoints from before "lr" was kept: the learning rate now (right unless it moves per batch).
+            self.epoch_lr = partial.get("lr", self.optimizer.param_groups[0]["lr"])
             if partial.get("gradient") is not None:
                 self.set_gradient(partial["gradient"])
 
