@@ -278,3 +278,22 @@ def test_float16_s_gradient_scaler_is_kept_through_a_resume(tmp_path, monkeypatc
     assert resumed.status == "succeeded"
     assert (tmp_path / "parts/weights.safetensors").read_bytes() == whole.weights_path.read_bytes()
     assert metrics_without_timing(resumed.metrics_path) == metrics_without_timing(whole.metrics_path)
+
+
+# --- data parallel ------------------------------------------------------------------------------
+
+
+def test_two_gloo_processes_with_accumulation_and_clipping_follow_one_process(tmp_path):
+    # Each rank accumulates its shards' gradients (DDP averages them at every backward); the group's step is
+    # the same step one process takes on the whole group, to float32 rounding.
+    def spec(processes):
+        spec = classification_spec({"type": "CrossEntropyLoss"}, epochs=3, batch_size=32, accumulate_batches=3,
+                                    gradient_clip_norm=0.5)
+        spec["data"]["params"]["n_samples"] = 2 * N
+        spec["resources"] = {"device": "cpu", **({"processes": processes} if processes else {})}
+        return parse_spec(spec)
+
+    single = train(spec(None), tmp_path / "single")
+    double = train(spec(2), tmp_path / "ddp")
+    assert double.status == "succeeded", double.error
+    assert losses_of(double) == pytest.approx(losses_of(single), rel=1e-4, abs=1e-4)
