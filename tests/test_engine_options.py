@@ -203,7 +203,7 @@ def test_float16_on_a_device_chosen_at_run_time_that_is_not_cuda_fails_naming_th
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: 'auto' picks it and float16 trains")
     with pytest.raises(SpecError) as refused:
-        train(spec, tmp_path, device="cpu")
+        train(spec, tmp_path)  # "auto" picks this machine's device
     assert [p.path for p in refused.value.problems] == ["training.precision"]
     assert "needs CUDA" in str(refused.value)
 
