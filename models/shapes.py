@@ -256,11 +256,21 @@ def infer_shapes(spec: JobSpec, input_shape: Shape, n_outputs: int, limits: Limi
                "multiclass": "one per class"}[spec.task]
         report.problems.append(Problem(last, f"the network ends with {shape[0]} outputs but task {spec.task!r} "
                                              f"on this data needs {n_outputs} ({why})"))
+    else:
+        report.problems += class_weight_problems(spec, n_outputs)
     limits = limits or Limits()
     if report.total_parameters > limits.max_parameters:
         report.problems.append(Problem("model", f"{report.total_parameters:,} parameters exceed the limit of "
                                                 f"{limits.max_parameters:,} (max_parameters)"))
     return report
+
+
+def class_weight_problems(spec: JobSpec, n_classes: int) -> list[Problem]:
+    """The loss's class weights against the classes (the network's outputs): one weight per class."""
+    weight = getattr(spec.loss, "weight", None)
+    if weight is None or len(weight) == n_classes:
+        return []
+    return [Problem("loss.weight", f"{len(weight)} class weights for {n_classes} classes; give one per class")]
 
 
 # --- rows: enough for the split, the processes, the classes and the batches ---------------------
@@ -348,7 +358,7 @@ def schedule_problems(spec: JobSpec, n_train: int) -> list[Problem]:
     pct = scheduler.pct_start
     if float(pct * steps) - 1 == 0 or scheduler.three_phase and float(2 * pct * steps) - 2 == steps - 1:
         return [Problem("scheduler.pct_start", f"{pct} of {steps} steps ({spec.training.epochs} epochs of "
-                                               f"{steps_per_epoch(spec, n_train)} batches) puts a phase of OneCycleLR "
+                                               f"{steps_per_epoch(spec, n_train)} steps) puts a phase of OneCycleLR "
                                                "on a single step, which PyTorch divides by zero on; change pct_start")]
     return []
 
@@ -358,7 +368,12 @@ def steps_per_epoch(spec: JobSpec, n_train: int) -> int:
     world = spec.resources.world_size
     batch = min(spec.training.batch_size, n_train)
     used = n_train - (n_train % batch if n_train % batch < world else 0)
-    return math.ceil(used / batch)
+    return optimizer_steps(math.ceil(used / batch), spec.training.accumulate_batches)
+
+
+def optimizer_steps(batches: int, accumulate: int) -> int:
+    """Optimizer steps in an epoch of ``batches``: one per ``accumulate`` batches, and one for the rest."""
+    return math.ceil(batches / accumulate)
 
 
 def training_batches(spec: JobSpec, n_train: int) -> set[int]:

@@ -279,15 +279,23 @@ class BCEWithLogitsLoss(Strict):
     pos_weight: PositiveFloat | None = None
 
 
+# One positive weight per class (PyTorch's ``weight``), for imbalanced classes; how many classes the data has is
+# known where the data is (models.shapes.infer_shapes checks the length against the network's outputs).
+MAX_CLASS_WEIGHTS = 10_000
+ClassWeights = Annotated[list[PositiveFloat], Field(min_length=2, max_length=MAX_CLASS_WEIGHTS)]
+
+
 class CrossEntropyLoss(Strict):
     type: Literal["CrossEntropyLoss"]
     label_smoothing: Annotated[float, Field(ge=0, le=1)] = 0.0
+    weight: ClassWeights | None = None
 
 
 class NLLLoss(Strict):
     """Expects log-probabilities: end the model with a LogSoftmax."""
 
     type: Literal["NLLLoss"]
+    weight: ClassWeights | None = None
 
 
 Loss = Annotated[
@@ -509,11 +517,37 @@ class ModelSpec(Strict):
     layers: Annotated[list[Layer], Field(min_length=1)]
 
 
+# The most batches one optimizer step may accumulate: the gradient of up to this many batches is held and, on a
+# preemption mid-group, checkpointed; more is a batch size in disguise (training.batch_size is the knob).
+MAX_ACCUMULATE_BATCHES = 1024
+# Mixed precision, Lightning's names: "32" (float32, the default), "bf16" (autocast to bfloat16, cpu and cuda),
+# "16" (autocast to float16 with a gradient scaler: CUDA only).
+_PRECISION_DEVICES = {"32": {"cpu", "cuda", "mps"}, "bf16": {"cpu", "cuda"}, "16": {"cuda"}}
+
+
+def precision_problem(precision: str, device: str) -> str | None:
+    """Why ``precision`` can't train on ``device`` (a device type: cpu, cuda, mps), or None if it can.
+
+    The one rule: the spec's check (a fixed device) and the engine's (the device "auto" picked) both ask it.
+    """
+    if device in _PRECISION_DEVICES[precision]:
+        return None
+    if precision == "16":
+        return (f"'16' (float16 with a gradient scaler) needs CUDA, and this run's device is {device!r}; "
+                "use 'bf16' or set resources.device to 'cuda'")
+    return f"{precision!r} is not supported on {device!r}; use '32'"
+
+
 class Training(Strict):
     epochs: PositiveInt = 10
     batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 32
     shuffle: bool = True
     max_runtime_seconds: PositiveInt | None = None
+    # Clip the gradient's global L2 norm to this before each optimizer step (torch.nn.utils.clip_grad_norm_).
+    gradient_clip_norm: PositiveFloat | None = None
+    # Step the optimizer once every this many batches (and at the end of each epoch), on their summed gradient.
+    accumulate_batches: Annotated[int, Field(ge=1, le=MAX_ACCUMULATE_BATCHES)] = 1
+    precision: Literal["32", "bf16", "16"] = "32"
 
 
 class EarlyStopping(Strict):
@@ -575,6 +609,15 @@ class JobSpec(Strict):
     early_stopping: EarlyStopping | None = None
     checkpoint: Checkpoint = Field(default_factory=Checkpoint)
     resources: Resources = Field(default_factory=Resources)
+
+    @model_validator(mode="after")
+    def _precision_fits_device(self) -> JobSpec:
+        # A fixed device is checked here; "auto" is checked by the engine once it picked one.
+        device = "cuda" if self.resources.gpus else self.resources.device
+        problem = None if device == "auto" else precision_problem(self.training.precision, device)
+        if problem:
+            raise SpecProblem("training.precision", problem)
+        return self
 
     @field_validator("tags")
     @classmethod

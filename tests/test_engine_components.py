@@ -199,8 +199,10 @@ LOSS_CASES = [
     ("binary", {"type": "BCELoss"}, {}),
     ("binary", {"type": "BCEWithLogitsLoss", "pos_weight": 3.0}, {"pos_weight": [3.0]}),
     ("binary", {"type": "BCEWithLogitsLoss"}, {"pos_weight": None}),
-    ("multiclass", {"type": "CrossEntropyLoss", "label_smoothing": 0.1}, {"label_smoothing": 0.1}),
-    ("multiclass", {"type": "NLLLoss"}, {}),
+    ("multiclass", {"type": "CrossEntropyLoss", "label_smoothing": 0.1, "weight": [1.0, 2.0, 0.5]},
+     {"label_smoothing": 0.1, "weight": [1.0, 2.0, 0.5]}),
+    ("multiclass", {"type": "NLLLoss", "weight": [0.25, 1.0, 4.0]}, {"weight": [0.25, 1.0, 4.0]}),
+    ("multiclass", {"type": "NLLLoss"}, {"weight": None}),
 ]
 
 

@@ -86,6 +86,18 @@ BAD_SPECS = [
     (mutate("data.validation_split", 0), "early_stopping.monitor", "'val_loss' is not a metric"),
     (mutate("training.epochs", 0), "training.epochs", "greater than or equal to 1"),
     (mutate("training.batch_size", "big"), "training.batch_size", "valid integer"),
+    (mutate("training.accumulate_batches", 0), "training.accumulate_batches", "greater than or equal to 1"),
+    (mutate("training.accumulate_batches", 1025), "training.accumulate_batches", "less than or equal to 1024"),
+    (mutate("training.gradient_clip_norm", 0), "training.gradient_clip_norm", "greater than 0"),
+    (mutate("training.gradient_clip_norm", 1e39), "training.gradient_clip_norm", "float32"),
+    (mutate("training.precision", 16), "training.precision", "'32', 'bf16' or '16'"),
+    (mutate("training.precision", "16-mixed"), "training.precision", "'32', 'bf16' or '16'"),
+    (mutate("training.precision", "16") | {"resources": {"device": "cpu"}}, "training.precision",
+     "'16' (float16 with a gradient scaler) needs CUDA, and this run's device is 'cpu'; use 'bf16' or set "
+     "resources.device to 'cuda'"),
+    (mutate("training.precision", "bf16") | {"resources": {"device": "mps"}}, "training.precision",
+     "'bf16' is not supported on 'mps'; use '32'"),
+    (mutate("loss", {"type": "BCEWithLogitsLoss", "weight": [1.0, 2.0]}), "loss.weight", "unknown field"),
     ({**GOOD, "resources": {"device": "tpu"}}, "resources.device", "'auto', 'cpu', 'cuda' or 'mps'"),
     ({**GOOD, "python": "import os"}, "python", "unknown field"),
     # A value that fits no member of a union: one problem, at the deepest path a member reached.
@@ -249,6 +261,17 @@ def refused(spec: dict, limits: Limits | None = None) -> dict[str, str]:
 
 
 UNRUNNABLE = [
+    # Class weights: one per class, each positive.
+    (blobs() | {"loss": {"type": "CrossEntropyLoss", "weight": [1.0, 2.0]}}, "loss.weight",
+     "2 class weights for 3 classes; give one per class"),
+    (blobs() | {"loss": {"type": "NLLLoss", "weight": [1.0, 2.0, 3.0, 4.0]}}, "loss.weight",
+     "4 class weights for 3 classes; give one per class"),
+    (blobs() | {"loss": {"type": "CrossEntropyLoss", "weight": [1.0, -2.0, 3.0]}}, "loss.weight[1]",
+     "greater than 0"),
+    # 10 epochs of 5 batches, 3 to an optimizer step: 10 epochs of 2 steps.
+    (GOOD | {"training": {"epochs": 10, "batch_size": 50, "accumulate_batches": 3},
+             "scheduler": {"type": "OneCycleLR", "max_lr": 0.1, "pct_start": 0.05}}, "scheduler.pct_start",
+     "0.05 of 20 steps (10 epochs of 2 steps) puts a phase of OneCycleLR on a single step"),
     # Flatten's dims count the batch: an input of 64 features has dims -2..1.
     (mutate("model.layers.0", {"type": "Flatten", "start_dim": 5}), "model.layers[0].start_dim",
      "5 is out of range for an input of 2 dimensions with the batch (shape [batch, 2]): use -2 to 1"),
@@ -317,9 +340,9 @@ UNRUNNABLE = [
      "scheduler.type", "OneCycleLR cycles the optimizer's momentum, which Adagrad has not"),
     # 10 epochs of 5 batches (240 training rows, batch_size 50): 50 steps.
     (GOOD | {"scheduler": {"type": "OneCycleLR", "max_lr": 0.1, "pct_start": 0.02}}, "scheduler.pct_start",
-     "0.02 of 50 steps (10 epochs of 5 batches) puts a phase of OneCycleLR on a single step"),
+     "0.02 of 50 steps (10 epochs of 5 steps) puts a phase of OneCycleLR on a single step"),
     (GOOD | {"scheduler": {"type": "OneCycleLR", "max_lr": 0.1, "pct_start": 0.51, "three_phase": True}},
-     "scheduler.pct_start", "0.51 of 50 steps (10 epochs of 5 batches) puts a phase of OneCycleLR on a single step"),
+     "scheduler.pct_start", "0.51 of 50 steps (10 epochs of 5 steps) puts a phase of OneCycleLR on a single step"),
 ]
 
 
@@ -342,8 +365,16 @@ def test_a_spec_that_could_not_run_is_refused_naming_the_field(spec, path, messa
     mutate("loss", {"type": "BCELoss"}) | {"model": {"layers": [*GOOD["model"]["layers"], {"type": "Sigmoid"}]}},
     blobs(n_samples=5, centers=5) | {"data": {"source": "sklearn", "name": "make_blobs", "validation_split": 0.2,
                                               "params": {"n_samples": 5, "centers": 5, "random_state": 0}}},
+    blobs() | {"loss": {"type": "CrossEntropyLoss", "weight": [1.0, 2.0, 0.5]}},
+    # float16 needs CUDA: asked of a spec whose device is, or may be ("auto": the engine checks it), CUDA.
+    mutate("training.precision", "16") | {"resources": {"device": "cuda"}},
+    mutate("training.precision", "16") | {"resources": {"gpus": 2}},
+    mutate("training.precision", "16"),
+    mutate("training.precision", "bf16") | {"resources": {"device": "cpu"}},
+    mutate("training", {"epochs": 10, "batch_size": 50, "accumulate_batches": 1024, "gradient_clip_norm": 1.0}),
 ], ids=["reflect-below-length", "circular-at-length", "same-circular", "flatten-all", "batchnorm-even",
-        "bce-after-sigmoid", "a-row-a-class"])
+        "bce-after-sigmoid", "a-row-a-class", "class-weights", "fp16-cuda", "fp16-gpus", "fp16-auto", "bf16-cpu",
+        "accumulate-most"])
 def test_the_edges_that_run_are_accepted(spec):
     assert isinstance(parse_spec(with_early_stopping_off(spec)), JobSpec)
 

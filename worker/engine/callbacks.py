@@ -58,7 +58,8 @@ class Callback:
         """Before the first epoch of this run (also after a resume)."""
 
     def on_batch_end(self, state: RunState) -> None:
-        """After each optimizer step; raise StopTraining to stop at this batch boundary."""
+        """After each batch (its optimizer step, unless it is inside an accumulation group); raise StopTraining
+        to stop at this batch boundary (a checkpoint then holds the group's gradient not yet applied)."""
 
     def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
         """After each epoch with its metrics row (``epoch`` is 1-based); set state.stop_reason to stop."""

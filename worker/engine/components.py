@@ -21,10 +21,11 @@ def make_loss(spec: JobSpec, device: torch.device) -> nn.Module:
     if spec.loss is None:
         return getattr(nn, spec.loss_type)()
     kwargs = _kwargs(spec.loss)
-    if spec.loss.type == "BCEWithLogitsLoss":
-        pos_weight = kwargs.pop("pos_weight")
-        if pos_weight is not None:
-            kwargs["pos_weight"] = torch.tensor([pos_weight], device=device)
+    # Weights are tensors on the run's device (the spec holds them as numbers).
+    if kwargs.get("pos_weight") is not None:
+        kwargs["pos_weight"] = torch.tensor([kwargs["pos_weight"]], device=device)
+    if kwargs.get("weight") is not None:
+        kwargs["weight"] = torch.tensor(kwargs["weight"], dtype=torch.float32, device=device)
     return getattr(nn, spec.loss.type)(**kwargs)
 
 

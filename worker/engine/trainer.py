@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.shapes import EVAL_CHUNK
+from models.shapes import EVAL_CHUNK, optimizer_steps
 from models.spec import JobSpec, Limits
 from worker.engine import checkpoints
 from worker.engine.callbacks import Best, Callback, RunState, StopTraining, TrainingFailed
@@ -19,6 +19,7 @@ from worker.engine.components import BATCH_SCHEDULERS, make_loss, make_optimizer
 from worker.engine.data import TensorData
 from worker.engine.early_stopping import EarlyStopping
 from worker.engine.group import Single
+from worker.engine.precision import Precision
 
 CHECKPOINT_FORMAT = 1
 
@@ -54,10 +55,12 @@ class Trainer:
         self.n_used = data.n_train
         if data.n_train % self.batch_size and data.n_train % self.batch_size < self.dist.world_size:
             self.n_used -= data.n_train % self.batch_size  # a last batch too small to share is dropped
-        self.steps_per_epoch = math.ceil(self.n_used / self.batch_size)
+        self.steps_per_epoch = math.ceil(self.n_used / self.batch_size)  # batches
+        self.accumulate = spec.training.accumulate_batches
+        self.precision = Precision(spec.training.precision, device)
         self.loss_fn = make_loss(spec, device)
         self.optimizer = make_optimizer(spec, self.module)
-        self.scheduler = make_scheduler(spec, self.optimizer, self.steps_per_epoch)
+        self.scheduler = make_scheduler(spec, self.optimizer, optimizer_steps(self.steps_per_epoch, self.accumulate))
         self.shuffle_generator = torch.Generator().manual_seed(spec.seed)
         self.early_stopping = EarlyStopping(**spec.early_stopping.model_dump()) if spec.early_stopping else None
         # With early stopping, its best epoch is the best one (the weights it restores); one rule for both.
@@ -77,6 +80,8 @@ class Trainer:
         self.losses: list[torch.Tensor] = []
         self.sizes: list[int] = []
         self.resume_batch = 0
+        self.epoch_lr = 0.0  # the learning rate the epoch started with (its metrics row reports it)
+        self.pending_gradient = False  # batches backpropagated since the last optimizer step
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -97,12 +102,12 @@ class Trainer:
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training data, then evaluation; returns the epoch's metrics row."""
         started = time.perf_counter()
-        lr = self.optimizer.param_groups[0]["lr"]
         self.model.train()
         if self.resume_batch:  # continuing a preempted epoch: the same order, the batches not yet done
             self.shuffle_generator.set_state(self.order_state)
         else:
             self.order_state = self.shuffle_generator.get_state()
+            self.epoch_lr = self.optimizer.param_groups[0]["lr"]  # a per-batch scheduler moves it in the epoch
             self.outputs, self.losses, self.sizes = [], [], []
         x, y = self.shuffled()
         outputs, losses = self.outputs, self.losses
@@ -110,13 +115,16 @@ class Trainer:
         for start in range(self.state.batch * self.batch_size, self.n_used, self.batch_size):
             xb, yb = x[start:start + self.batch_size], y[start:start + self.batch_size]
             xb, yb = self.dist.shard(xb), self.dist.shard(yb)
-            out = self.model(xb)
+            group_start, group_end = self.group_of(self.state.batch)
+            out = self.precision.forward(self.model, xb)
             loss = self.loss_fn(out, yb)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            if self.scheduler is not None and self.spec.scheduler.type in BATCH_SCHEDULERS:
-                self.scheduler.step()
+            if self.state.batch == group_start:
+                self.optimizer.zero_grad(set_to_none=True)
+            share = self.group_share(start, group_start, group_end)
+            self.precision.backward(loss if share == 1.0 else loss * share)
+            self.pending_gradient = True
+            if self.state.batch + 1 == group_end:
+                self.optimizer_step()
             # Keep results on the device; reading them every batch would force a sync.
             outputs.append(out.detach())
             losses.append(loss.detach())
@@ -129,11 +137,37 @@ class Trainer:
         if self.data.n_val:
             metrics.update({f"val_{k}": v for k, v in self.evaluate(self.data.x_val, self.data.y_val).items()})
         seconds = time.perf_counter() - started
-        metrics.update(lr=lr, epoch_seconds=seconds, samples_per_second=self.n_used / seconds)
+        metrics.update(lr=self.epoch_lr, epoch_seconds=seconds, samples_per_second=self.n_used / seconds)
         if not math.isfinite(metrics["loss"]):
             raise TrainingFailed(f"loss became {metrics['loss']} at epoch {epoch}; lower the learning rate "
                                  "or standardize the data")
         return metrics
+
+    def group_of(self, batch: int) -> tuple[int, int]:
+        """The accumulation group of a batch of this epoch: [first batch, last batch + 1). Groups start at each
+        epoch's first batch; the last one ends with the epoch, shorter if the batches don't divide evenly."""
+        first = batch - batch % self.accumulate
+        return first, min(first + self.accumulate, self.steps_per_epoch)
+
+    def group_share(self, start: int, group_start: int, group_end: int) -> float:
+        """What a batch's mean loss weighs in its group's gradient: its share of the group's samples, so a
+        group's gradient is that of one batch of all its samples (the batches of the whole group, across
+        ranks). 1 without accumulation, and 1/k for k batches of one size."""
+        if group_end - group_start == 1:
+            return 1.0
+        group_samples = min(group_end * self.batch_size, self.n_used) - group_start * self.batch_size
+        return (min(start + self.batch_size, self.n_used) - start) / group_samples
+
+    def optimizer_step(self) -> None:
+        """Apply the group's gradient: unscale (float16), clip, step, then a per-batch scheduler's step."""
+        clip = self.spec.training.gradient_clip_norm
+        if clip is not None:
+            self.precision.unscale(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+        self.precision.step(self.optimizer)
+        self.pending_gradient = False
+        if self.scheduler is not None and self.spec.scheduler.type in BATCH_SCHEDULERS:
+            self.scheduler.step()
 
     def local_targets(self, y: torch.Tensor) -> torch.Tensor:
         """The targets this process trained on this epoch, in the order of its outputs."""
@@ -208,7 +242,7 @@ class Trainer:
         self.dist.sync_buffers(self.module)
         self.module.eval()
         chunk = max(self.batch_size, EVAL_CHUNK)
-        outputs = torch.cat([self.module(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+        outputs = torch.cat([self.precision.forward(self.module, x[i:i + chunk]) for i in range(0, len(x), chunk)])
         self.module.train()
         return self.summarize(outputs, y, self.loss_fn(outputs, y) * len(y), across_ranks=False)
 
@@ -247,6 +281,7 @@ class Trainer:
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "precision": self.precision.state_dict(),
             "callbacks": {name: cb.state_dict() for name, cb in self.internal.items()},
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -270,7 +305,10 @@ class Trainer:
         state = self.checkpoint_state()
         if mid_epoch:
             state["partial"] = {"batch": self.state.batch, "order_state": self.order_state,
-                                "outputs": self.outputs, "losses": self.losses, "sizes": self.sizes}
+                                "outputs": self.outputs, "losses": self.losses, "sizes": self.sizes,
+                                "lr": self.epoch_lr,
+                                # Stopped inside an accumulation group: its gradient so far, not yet applied.
+                                "gradient": self.gradient() if self.pending_gradient else None}
         path = checkpoints.checkpoint_path(self.checkpoint_dir, *position)
         checkpoints.save_atomically(state, path)
         for callback in self.callbacks:
@@ -298,6 +336,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.load_state_dict(state.get("precision", {}))
         for name, callback_state in state["callbacks"].items():
             self.internal[name].load_state_dict(callback_state)
         torch.set_rng_state(state["rng"]["torch"].cpu())
@@ -318,6 +357,20 @@ class Trainer:
             self.order_state = partial["order_state"].cpu()
             self.outputs, self.losses = list(partial["outputs"]), list(partial["losses"])
             self.sizes = list(partial["sizes"])
+            # Checkpoints from before "lr" was kept: the learning rate now (right unless it moves per batch).
+            self.epoch_lr = partial.get("lr", self.optimizer.param_groups[0]["lr"])
+            if partial.get("gradient") is not None:
+                self.set_gradient(partial["gradient"])
+
+    def gradient(self) -> list[torch.Tensor | None]:
+        """The parameters' gradients, in parameter order (None where a parameter has none)."""
+        return [None if p.grad is None else p.grad.detach().clone() for p in self.module.parameters()]
+
+    def set_gradient(self, gradient: list[torch.Tensor | None]) -> None:
+        """Put back what gradient() returned, so the group in progress goes on exactly."""
+        self.pending_gradient = True
+        for parameter, grad in zip(self.module.parameters(), gradient, strict=True):
+            parameter.grad = None if grad is None else grad.to(parameter.device)
 
 
 __all__ = ["Trainer", "StopTraining", "TrainingFailed"]
