@@ -342,3 +342,10 @@ def test_a_job_naming_another_target_of_a_text_labelled_upload_is_refused(http_c
     assert refused.value.status == 422
     assert "'species'" in refused.value.problem["errors"][0]["message"]
     assert "features must be numbers" in refused.value.problem["errors"][0]["message"]
+
+
+def test_the_bundle_reader_knows_the_files_the_engine_writes():
+    # torchyard.bundle is standard library only (the client uses it), so it names the files itself.
+    import torchyard.bundle
+
+    assert (torchyard.bundle.WEIGHTS, torchyard.bundle.CARD, torchyard.bundle.METRICS) == (WEIGHTS, CARD, METRICS)
