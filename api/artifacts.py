@@ -152,13 +152,14 @@ def open_stored(artifact: Artifact) -> IO[bytes]:
 
 
 def bundle(job: Job, members: list[Artifact]) -> Response:
-    """A .tar.gz with ``<job id>/weights.safetensors``, ``model.json`` and ``metrics.jsonl``."""
+    """A .tar.gz with ``weights.safetensors``, ``model.json`` and ``metrics.jsonl`` at its top: unpacked
+    into a folder (``tar xzf JOB.tar.gz -C model/``), or as it is, ``torchyard.load_model`` reads it."""
     # Small bundles stay in memory; large ones spill to a temporary file, never the whole weights in RAM.
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 closed by the response
     try:
         with tarfile.open(fileobj=spool, mode="w:gz") as tar:
             for artifact in members:
-                info = tarfile.TarInfo(f"{job.id}/{artifact.name}")
+                info = tarfile.TarInfo(artifact.name)
                 info.size, info.mode = artifact.size, 0o644
                 info.mtime = int(as_utc(artifact.created_at).timestamp())
                 with open_stored(artifact) as source:

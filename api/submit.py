@@ -159,6 +159,8 @@ def check_dataset(session: Session, user: User, spec: JobSpec, limits: Limits) -
             "Invalid job spec",
         )
     target, shape, problems = dataset_shape(dataset, data.target)
+    if not problems:
+        problems = text_problems(dataset, target, spec.task)
     if not problems and shape.n_samples > limits.max_samples:
         problems.append(
             Problem(
@@ -196,3 +198,18 @@ def dataset_shape(dataset: Dataset, target: str | None) -> tuple[str | None, Dat
         )
     n_classes = columns.get("n_classes", {}).get(target)
     return target, DataShape(dataset.n_rows, len(names) - 1, 1, n_classes), []
+
+
+def text_problems(dataset: Dataset, target: str | None, task: str) -> list[Problem]:
+    """A column of text labels (the upload's target) is a classification target only: as a regression
+    target or as a feature (when the job names another target) it is refused, named."""
+    text = (dataset.columns or {}).get("text", [])
+    if target in text and task == "regression":
+        return [Problem("data.target", f"column {target!r} of {dataset.id} holds text (class labels); task "
+                                       "'regression' needs a numeric target: use 'binary' or 'multiclass'")]
+    features = [name for name in text if name != target]
+    if features:
+        return [Problem("data.target", f"with target {target!r}, the column(s) {', '.join(map(repr, features))} "
+                                       f"of {dataset.id} would be features, but they hold text; features must "
+                                       "be numbers")]
+    return []

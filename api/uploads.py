@@ -12,10 +12,14 @@ import math
 from dataclasses import dataclass, field
 
 from models.tabular import (
+    MAX_CLASSES,
     ColumnStats,
+    LabelSet,
     TableError,
+    TextLabels,
     csv_blocks,
     csv_header,
+    csv_labelled_blocks,
     npy_blocks,
     npz_members,
     open_csv,
@@ -24,8 +28,6 @@ from models.tabular import (
 )
 from models.text import quoted
 
-# A target with labels past this is a continuous one, not class labels.
-MAX_CLASSES = 1000
 # An NPZ is compressed; its arrays may unpack to at most this many times the upload limit.
 MAX_UNPACK_RATIO = 20
 
@@ -57,28 +59,47 @@ def _classes(stats: ColumnStats, column: int) -> int | None:
 
 
 def read_csv(path: str, target: str | None, max_rows: int, max_columns: int) -> DatasetInfo:
-    """A CSV file with a header row and numeric columns; ``target`` names the default target column
-    (the last column when not given, as the engine reads it)."""
+    """A CSV file with a header row and numeric columns, but for the target column, which may hold class
+    labels as text; ``target`` names the default target column (the last column when not given, as the
+    engine reads it). ``columns["text"]`` names the column of text labels, if there is one."""
     try:
         with open_csv(path) as handle:
             names = csv_header(handle, max_columns)
             target = target or names[-1]
             if target not in names:
                 raise UploadError("target", f"no column {quoted(target)}; columns: {some_names(names)}")
-            stats = ColumnStats(len(names))
-            for block in csv_blocks(handle, names, max_rows):
-                stats.add(block)
+            try:
+                stats = ColumnStats(len(names))
+                for block in csv_blocks(handle, names, max_rows, label=names.index(target)):
+                    stats.add(block)
+                classes, text = {name: _classes(stats, i) for i, name in enumerate(names)}, []
+            except TextLabels:
+                stats, classes = _read_labelled(path, names, target, max_rows)
+                text = [target]
     except TableError as exc:
         raise UploadError(exc.path, str(exc)) from None
-    classes = {name: _classes(stats, i) for i, name in enumerate(names)}
     return DatasetInfo(
         "csv",
         n_rows=stats.rows,
         n_features=len(names) - 1,
         target=target,
         n_classes=classes[target],
-        columns={"names": names, "n_classes": classes},
+        columns={"names": names, "n_classes": classes, "text": text},
     )
+
+
+def _read_labelled(path: str, names: list[str], target: str, max_rows: int) -> tuple[ColumnStats, dict]:
+    """The file read again, its target as text labels: the feature columns' stats, and each column's classes
+    (the target's: its count of distinct labels, at most MAX_CLASSES)."""
+    features = [name for name in names if name != target]
+    stats, labels = ColumnStats(len(features)), LabelSet(target)
+    with open_csv(path) as handle:
+        csv_header(handle)
+        for block, text in csv_labelled_blocks(handle, names, names.index(target), max_rows):
+            stats.add(block)
+            labels.add(text)
+    classes = {name: _classes(stats, i) for i, name in enumerate(features)}
+    return stats, {name: len(labels.labels) if name == target else classes[name] for name in names}
 
 
 def read_npz(path: str, max_rows: int, max_bytes: int) -> DatasetInfo:

@@ -6,7 +6,9 @@ on, with the same columns:
 - CSV: the first line names the columns, each stripped of the spaces around it (``a, b, label`` names
   ``a``, ``b`` and ``label``); names are checked as client text (models.text). Every later line that is
   not blank holds one number per column, as NumPy reads numbers, finite and within float32's range
-  (models.numbers). Lines are read with a length bound,
+  (models.numbers); only the label column may hold text instead (class labels such as ``setosa``): a
+  reader that names it raises TextLabels at its first word, and the file is read again by
+  ``csv_labelled_blocks``, which takes every label as text, stripped. Lines are read with a length bound,
   so a line of a million values can't become a million Python strings.
 - NPZ: exactly two members, ``X.npy`` and ``y.npy``, numeric (nothing is ever unpickled). Their headers are
   checked first (dtype, shape, unpacked size), then their data is read from those very zip entries, never
@@ -34,6 +36,10 @@ import numpy as np
 from models.numbers import IN_RANGE, out_of_range, values_problem
 from models.text import MAX_NAME_LENGTH, quoted, text_problem
 
+# The most classes a target may have: the one limit for numeric labels (past it, a target is continuous) and
+# for text labels (past it, the column is refused), at upload and in the engine.
+MAX_CLASSES = 1000
+
 # Characters of CSV text parsed at a time: a block's lines and floats stay a few MB whatever the file.
 BLOCK_CHARACTERS = 1024 * 1024
 # A data line may hold this many characters per column (a float's longest repr is 24).
@@ -55,6 +61,11 @@ class TableError(ValueError):
     def __init__(self, path: str, message: str):
         self.path = path
         super().__init__(message)
+
+
+class TextLabels(Exception):
+    """The label column holds text: read the file again with ``csv_labelled_blocks``. Not a TableError:
+    it is no fault of the file, and only a reader that named a label column ever sees it."""
 
 
 def some_names(names: list[str], shown: int = 10) -> str:
@@ -94,10 +105,28 @@ def csv_header(handle: IO[str], max_columns: int | None = None) -> list[str]:
     return names
 
 
-def csv_blocks(handle: IO[str], names: list[str], max_rows: int | None = None) -> Iterator[np.ndarray]:
+def csv_blocks(
+    handle: IO[str], names: list[str], max_rows: int | None = None, label: int | None = None
+) -> Iterator[np.ndarray]:
     """The rows after the header as float64 blocks (rows × columns), parsed about a megabyte of text at a
     time and each checked: one number per column, by models.numbers' rule. Blank lines are skipped; no rows
-    is an error."""
+    is an error. A word in column ``label`` (and in no other) raises TextLabels."""
+    for numbers, lines in _data_lines(handle, names, max_rows):
+        yield _parse_block(lines, numbers, names, label)
+
+
+def csv_labelled_blocks(
+    handle: IO[str], names: list[str], label: int, max_rows: int | None = None
+) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """``csv_blocks`` of a file whose column ``label`` holds text: each block as its other columns (float64,
+    rows × columns - 1) and its labels, stripped and checked as client text."""
+    for numbers, lines in _data_lines(handle, names, max_rows):
+        yield _parse_labelled_block(lines, numbers, names, label)
+
+
+def _data_lines(handle: IO[str], names: list[str], max_rows: int | None) -> Iterator[tuple[list[int], list[str]]]:
+    """The lines after the header that are not blank, in batches, with their line numbers; rows past
+    ``max_rows`` and a file of no rows are errors."""
     rows = 0
     for numbers, lines in _line_batches(handle, len(names) * MAX_CHARACTERS_PER_VALUE):
         if not all(map(str.strip, lines)):
@@ -107,7 +136,7 @@ def csv_blocks(handle: IO[str], names: list[str], max_rows: int | None = None) -
         if max_rows is not None and rows > max_rows:
             raise TableError("file", f"more than {max_rows} rows (max_samples)")
         if lines:
-            yield _parse_block(lines, numbers, names)
+            yield list(numbers), lines
     if rows == 0:
         raise TableError("file", "the file has a header but no rows")
 
@@ -148,6 +177,64 @@ def read_csv_table(
     return names, np.concatenate(blocks)
 
 
+@dataclass
+class LabelledTable:
+    """A CSV file read for training: its feature columns and its label column. ``classes`` is None when
+    the labels are numbers (``y`` as read); for text labels it is their sorted set and ``y`` their codes
+    0..K-1 in that order."""
+
+    features: list[str]
+    X: np.ndarray
+    y: np.ndarray
+    classes: list[str] | None = None
+
+
+def read_labelled_csv(path, target: str | None, max_rows: int | None = None) -> LabelledTable:
+    """The whole file, split into features and the ``target`` column (default: the last one); a target
+    holding text is read as class labels."""
+    with open_csv(path) as handle:
+        names = csv_header(handle)
+        target = target or names[-1]
+        if target not in names:
+            raise TableError("target", f"{quoted(target)} is not a column; columns: {some_names(names)}")
+        label = names.index(target)
+        features = [name for name in names if name != target]
+        try:
+            table = np.concatenate(list(csv_blocks(handle, names, max_rows, label)))
+            return LabelledTable(features, np.delete(table, label, axis=1), table[:, label])
+        except TextLabels:
+            pass
+    with open_csv(path) as handle:
+        csv_header(handle)
+        blocks, labels, seen = [], [], LabelSet(target)
+        for block, text in csv_labelled_blocks(handle, names, label, max_rows):
+            seen.add(text)
+            blocks.append(block)
+            labels += text
+    classes = seen.classes()
+    index = {name: code for code, name in enumerate(classes)}
+    codes = np.fromiter((index[text] for text in labels), dtype=np.int64, count=len(labels))
+    return LabelledTable(features, np.concatenate(blocks), codes, classes)
+
+
+class LabelSet:
+    """The distinct text labels of a column, at most MAX_CLASSES of them (more is an error naming it)."""
+
+    def __init__(self, column: str):
+        self.column = column
+        self.labels: set[str] = set()
+
+    def add(self, labels: list[str]) -> None:
+        self.labels.update(labels)
+        if len(self.labels) > MAX_CLASSES:
+            raise TableError("file", f"column {self.column!r} holds more than {MAX_CLASSES} distinct class labels "
+                                     f"(at most {MAX_CLASSES} classes)")
+
+    def classes(self) -> list[str]:
+        """The labels sorted (by code point): class i is the i-th, the same order for every run."""
+        return sorted(self.labels)
+
+
 def _read_line(handle: IO[str], limit: int | None, line_number: int) -> str:
     """The next line (with its newline), or "" at the end; refused past ``limit`` characters."""
     try:
@@ -167,46 +254,109 @@ def _read_text(handle: IO[str], size: int) -> str:
         raise TableError("file", "the file is not UTF-8 text; a CSV file must be text") from None
 
 
-def _parse_block(lines: list[str], numbers: list[int], names: list[str]) -> np.ndarray:
+def _parse_block(lines: list[str], numbers: list[int], names: list[str], label: int | None) -> np.ndarray:
     """Lines of numbers as a float64 block; the first bad line named by its number and column."""
     try:
         block = _numbers(lines)
     except ValueError:
         block = None
     if block is None or block.shape[1] != len(names):
-        raise _explain(lines, numbers, names)
+        error = _explain(lines, numbers, names, label)
+        if error is None:
+            raise TextLabels()
+        raise error
+    _check_range(block, numbers, names)
+    return block
+
+
+def _parse_labelled_block(
+    lines: list[str], numbers: list[int], names: list[str], label: int
+) -> tuple[np.ndarray, list[str]]:
+    """Lines whose column ``label`` is text: the other columns as a float64 block, and the labels."""
+    try:
+        rows = list(csv.reader(lines))
+    except csv.Error as exc:
+        raise TableError("file", f"lines {numbers[0]} to {numbers[-1]} are not readable CSV: {exc}") from None
+    for row, number in zip(rows, numbers, strict=True):
+        if len(row) != len(names):
+            raise TableError("file", f"line {number} has {len(row)} values but the header names {len(names)} columns")
+    features = [column for column in range(len(names)) if column != label]
+    try:
+        block = _numbers(lines, features)
+    except ValueError:
+        block = None
+    if block is None or block.shape != (len(lines), len(features)):
+        raise _explain(lines, numbers, names, label) or TableError(
+            "file", f"lines {numbers[0]} to {numbers[-1]} are not rows of numbers and a label")
+    _check_range(block, numbers, [names[column] for column in features])
+    labels = [row[label].strip() for row in rows]
+    for number, text in zip(numbers, labels, strict=True):
+        problem = "an empty class label" if not text else text_problem(text)
+        if problem:
+            raise TableError("file", f"line {number}, column {names[label]!r}: {problem}")
+    return block, labels
+
+
+def _check_range(block: np.ndarray, numbers: list[int], names: list[str]) -> None:
     bad = out_of_range(block)
     if bad.any():
         row, column = np.argwhere(bad)[0]
         raise TableError("file", f"line {numbers[row]}, column {names[column]!r}: {block[row, column]:.4g} is not "
                                  f"a finite number {IN_RANGE}")
-    return block
 
 
-def _numbers(lines: list[str]) -> np.ndarray:
+def _numbers(lines: list[str], columns: list[int] | None = None) -> np.ndarray:
     # NumPy's C reader is the one rule for what a number is: '"1.5"' and ' 2 ' are numbers, '1_000' is not.
-    return np.loadtxt(lines, delimiter=",", quotechar='"', comments=None, dtype=np.float64, ndmin=2)
+    return np.loadtxt(lines, delimiter=",", quotechar='"', comments=None, dtype=np.float64, ndmin=2,
+                      usecols=columns)
 
 
-def _explain(lines: list[str], numbers: list[int], names: list[str]) -> TableError:
-    """Why a block didn't parse: the first line with the wrong count of values, or a value that's no number."""
+def _explain(lines: list[str], numbers: list[int], names: list[str], label: int | None) -> TableError | None:
+    """Why a block didn't parse: the first line with the wrong count of values, or the first value that's no
+    number outside column ``label`` (with every column of the block holding text named). None when only
+    column ``label`` holds words: they are class labels."""
+    first, text_columns, labels_are_text = None, {}, False
     for line, number in zip(lines, numbers, strict=True):
         cells = next(csv.reader([line]), [])
         if len(cells) != len(names):
-            return TableError(
-                "file", f"line {number} has {len(cells)} values but the header names {len(names)} columns"
-            )
-        for name, cell in zip(names, cells, strict=True):
-            if not _is_number(cell):
+            if first is None:
                 return TableError(
-                    "file",
-                    f"line {number}, column {name!r}: {quoted(cell, 40)} is not a number; only numeric columns "
-                    "are allowed",
+                    "file", f"line {number} has {len(cells)} values but the header names {len(names)} columns"
                 )
-    return TableError("file", f"lines {numbers[0]} to {numbers[-1]} are not rows of {len(names)} numbers")
+            break
+        for column, (name, cell) in enumerate(zip(names, cells, strict=True)):
+            if column == label:
+                labels_are_text = labels_are_text or not _is_number(cell)
+                continue
+            if column in text_columns:
+                continue
+            if first is None:
+                if not _is_number(cell):
+                    first, text_columns[column] = (number, name, cell), name
+            elif not _looks_numeric(cell):  # the first error is exact; the others only named
+                text_columns[column] = name
+    if first is None:
+        return None if labels_are_text else TableError(
+            "file", f"lines {numbers[0]} to {numbers[-1]} are not rows of {len(names)} numbers")
+    number, name, cell = first
+    message = f"line {number}, column {name!r}: {quoted(cell, 40)} is not a number; only numeric columns are allowed"
+    if label is not None:
+        message += (f" as features (feature columns holding text: {some_names(list(text_columns.values()))}); only "
+                    f"the target column, {names[label]!r}, may hold class labels as text")
+    return TableError("file", message)
+
+
+def _looks_numeric(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_number(cell: str) -> bool:
+    if not cell.strip():
+        return False  # (NumPy warns of a line without data)
     try:
         return _numbers([cell]).shape == (1, 1)
     except ValueError:

@@ -39,7 +39,7 @@ def test_weights_stream_as_safetensors(client, alice, job_id, add_artifact, set_
     assert response.data == WEIGHTS
 
 
-def test_a_bundle_holds_weights_card_and_metrics_in_one_folder(client, alice, job_id, add_artifact):
+def test_a_bundle_holds_weights_card_and_metrics_at_its_top(client, alice, job_id, add_artifact):
     add_artifact(job_id, "weights", "weights.safetensors", WEIGHTS)
     assert client.get(f"{JOBS}/{job_id}/weights?format=bundle", headers=alice).status_code == 409  # no card
     add_artifact(job_id, "model_card", "model.json", CARD)
@@ -50,8 +50,8 @@ def test_a_bundle_holds_weights_card_and_metrics_in_one_folder(client, alice, jo
     assert response.headers["Content-Disposition"] == f'attachment; filename="{job_id}.tar.gz"'
     with tarfile.open(fileobj=io.BytesIO(response.data), mode="r:gz") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-    assert members == {f"{job_id}/weights.safetensors": WEIGHTS, f"{job_id}/model.json": CARD,
-                       f"{job_id}/metrics.jsonl": METRICS}
+    # At the top: unpacked into a folder, they are the folder load_model reads.
+    assert members == {"weights.safetensors": WEIGHTS, "model.json": CARD, "metrics.jsonl": METRICS}
     unknown = client.get(f"{JOBS}/{job_id}/weights", query_string={"format": "onnx"}, headers=alice)
     assert unknown.status_code == 422
     assert unknown.json["errors"][0]["path"] == "format"

@@ -481,5 +481,27 @@ def upload(path: Path, target: str | None) -> None:
     _echo_json(_call(_client().upload_dataset, path, target=target))
 
 
+@main.command()
+@click.argument("model")
+@click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A CSV file of rows of features (a header naming the columns is allowed; a target column in "
+                   "it is left out).")
+@click.option("--output", "output_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the predictions to this CSV file instead of printing them.")
+@click.option("--proba", is_flag=True, help="Class probabilities instead of labels (classifiers).")
+def predict(model: str, input_path: Path, output_path: Path | None, proba: bool) -> None:
+    """Predict with MODEL (a job id, a model folder or a bundle .tar.gz) for each row of --input."""
+    from torchyard.predict import load_for_prediction, predict_csv
+
+    try:
+        lines = predict_csv(_call(load_for_prediction, model, _client), input_path, output_path, proba)
+    except ValueError as error:  # a model, bundle or input that can't be used: said plainly
+        raise click.ClickException(str(error)) from None
+    for line in lines:
+        click.echo(line)
+    if output_path is not None:
+        click.echo(f"saved to {output_path}", err=True)
+
+
 if __name__ == "__main__":
     main()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import time
 import urllib.error
 import urllib.parse
@@ -21,6 +20,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from torchyard.bundle import read_bundle, write_bundle_files
 
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -154,16 +155,11 @@ class Client:
 
     def download_bundle(self, job_id: str, directory: str | Path) -> Path:
         """Weights, model card and metrics into ``directory``, ready for ``torchyard.load_model``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         request = self._request("GET", f"/jobs/{job_id}/weights", query={"format": "bundle"})
-        with self._open(request) as response, tarfile.open(fileobj=io.BytesIO(response.read())) as archive:
-            for member in archive.getmembers():
-                # Only plain files, flattened into the folder: a hostile archive can't write elsewhere.
-                if member.isfile():
-                    source = archive.extractfile(member)
-                    (directory / Path(member.name).name).write_bytes(source.read())
-        return directory
+        with self._open(request) as response:
+            # Read by allow-list (torchyard.bundle): a hostile archive can't write anything but these files.
+            files = read_bundle(io.BytesIO(response.read()))
+        return write_bundle_files(files, directory)
 
     # --- datasets and the rest ------------------------------------------------------------------
 

@@ -8,12 +8,12 @@ from worker.engine.callbacks import Best, Callback, RunState, StopTraining, Trai
 from worker.engine.checkpoints import position
 from worker.engine.device import pick_device
 from worker.engine.memory import check_memory
-from worker.engine.network import build_network, plan_network
+from worker.engine.network import Network, build_network, plan_network
 from worker.engine.outputs import CARD, CARD_FORMAT, WEIGHTS
 from worker.engine.run import TrainResult, finish, prepare_run, train
 
 __all__ = [
-    "CARD", "CARD_FORMAT", "WEIGHTS", "Best", "Callback", "RunState", "StopTraining", "TrainingFailed",
+    "CARD", "CARD_FORMAT", "WEIGHTS", "Best", "Callback", "Network", "RunState", "StopTraining", "TrainingFailed",
     "TrainResult", "build_network", "check_memory", "finish", "pick_device", "plan_network", "position",
     "prepare_run", "train",
 ]

@@ -19,8 +19,7 @@ from models.catalog import SKLEARN_DATASETS, DataShape
 from models.numbers import FLOAT32_MAX
 from models.shapes import DataReport, describe_data
 from models.spec import JobSpec, Problem, SpecError
-from models.tabular import TableError, class_count, read_csv_table, read_npz_arrays, some_names
-from models.text import quoted
+from models.tabular import TableError, class_count, read_labelled_csv, read_npz_arrays
 
 
 @dataclass
@@ -30,6 +29,7 @@ class Arrays:
     X: np.ndarray
     y: np.ndarray
     feature_names: list[str] | None = None
+    classes: list[str] | None = None  # text labels, sorted: y holds their codes 0..K-1
 
 
 @dataclass
@@ -43,6 +43,8 @@ class TensorData:
     report: DataReport
     mean: torch.Tensor | None = None  # standardization fitted on the training part
     std: torch.Tensor | None = None
+    classes: list | None = None  # what each class index stands for (classification): labels as in the data
+    feature_names: list[str] | None = None
 
     @property
     def n_train(self) -> int:
@@ -75,19 +77,13 @@ def seeded_params(spec: JobSpec) -> dict:
 
 
 def read_csv(path: Path, target: str | None) -> Arrays:
-    """A numeric CSV with a header row, read as the API checked it (models.tabular); ``target`` names the
-    label column (default: the last one)."""
+    """A CSV with a header row, read as the API checked it (models.tabular); ``target`` names the label
+    column (default: the last one), which may hold class labels as text."""
     try:
-        header, table = read_csv_table(path)
+        table = read_labelled_csv(path, target)
     except TableError as exc:
-        raise SpecError([Problem("data", f"{path.name}: {exc}")]) from None
-    target = target or header[-1]
-    if target not in header:
-        raise SpecError([Problem("data.target", f"{quoted(target)} is not a column of {path.name}; "
-                                                f"columns: {some_names(header)}")])
-    column = header.index(target)
-    features = [name for i, name in enumerate(header) if i != column]
-    return Arrays(np.delete(table, column, axis=1), table[:, column], features)
+        raise SpecError([Problem("data.target" if exc.path == "target" else "data", f"{path.name}: {exc}")]) from None
+    return Arrays(table.X, table.y, table.features, table.classes)
 
 
 def read_npz(path: Path) -> Arrays:
@@ -120,13 +116,27 @@ def shape_of(arrays: Arrays, task: str) -> DataShape:
     n_features = int(np.prod(arrays.X.shape[1:])) if arrays.X.ndim > 1 else 1
     n_targets = arrays.y.shape[1] if arrays.y.ndim > 1 else 1
     n_classes = None
-    if task != "regression":
+    if arrays.classes is not None:
+        if task == "regression":
+            raise SpecError([Problem("data.target", f"the target holds text (class labels such as "
+                                                    f"{arrays.classes[:3]}); task 'regression' needs numbers: "
+                                                    "use 'binary' or 'multiclass'")])
+        n_classes = len(arrays.classes)  # at most MAX_CLASSES: models.tabular counted them
+    elif task != "regression":
         labels = np.unique(arrays.y)
         n_classes = class_count(labels.min(), labels.max(), bool(np.all(labels == np.round(labels))))
         if n_classes is None:
             raise SpecError([Problem("task", f"{task!r} needs integer class labels 0..k-1 in the target, "
                                              f"found values such as {labels[:5].tolist()}")])
     return DataShape(len(arrays.X), n_features, n_targets, n_classes)
+
+
+def class_labels(arrays: Arrays, shape: DataShape) -> list | None:
+    """What each class index stands for, as the model card records it: the text labels, or the numbers
+    0..k-1 (None for regression)."""
+    if shape.n_classes is None:
+        return None
+    return arrays.classes if arrays.classes is not None else list(range(shape.n_classes))
 
 
 def split_indices(n: int, validation_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +179,8 @@ def prepare(spec: JobSpec, arrays: Arrays, device: torch.device) -> TensorData:
     return TensorData(
         x_train=x_train.to(device), y_train=y_train.to(device),
         x_val=X[val_idx].to(device) if has_val else None, y_val=y[val_idx].to(device) if has_val else None,
-        report=report, mean=mean, std=std,
+        report=report, mean=mean, std=std, classes=class_labels(arrays, shape),
+        feature_names=arrays.feature_names or None,
     )
 
 

@@ -129,6 +129,9 @@ def write_outputs(trainer: Trainer, prepared: Prepared, spec: JobSpec, out_dir: 
         "restored_best_weights": restored,
         "standardize": spec.data.standardize,
         "device": result.device,
+        # What predictions mean: class index i is classes[i] (labels as in the data); the columns, in order.
+        "classes": prepared.data.classes,
+        "features": prepared.data.feature_names,
     }
     report = prepared.data.report
     card = outputs.model_card(spec, prepared.plan, report.input_shape, report.n_outputs, summary)
