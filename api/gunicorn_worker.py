@@ -10,6 +10,7 @@ import logging
 import socket
 import ssl
 import struct
+from collections.abc import Sequence
 from http import HTTPStatus
 
 from gunicorn import util
@@ -32,12 +33,21 @@ from models.settings import Settings, get_settings
 FRAMING_HEADERS = ("CONTENT-LENGTH", "TRANSFER-ENCODING")
 
 
-def gunicorn_argv(settings: Settings, bind: str, workers: int) -> list[str]:
+def gunicorn_argv(settings: Settings, bind: str, workers: int, options: Sequence[str] = ("--access-logfile", "-"),
+                  ) -> list[str]:
     """The gunicorn command line serving the API (``python -m`` it): this module's worker class, the limits,
-    and the hooks that keep the metric files of its processes (api/gunicorn_hooks.py)."""
+    and the hooks that keep the metric files of its processes (api/gunicorn_hooks.py); then ``options``
+    (``torchyard api``: an access log on stdout; ``torchyard serve`` picks its own).
+
+    ValueError when the settings would let metrics streams take every thread of a process."""
+    # Each open metrics stream (SSE) holds a thread; the stream limit keeps some for every other request.
+    if settings.max_streams_per_process >= settings.api_threads:
+        raise ValueError(
+            f"TORCHYARD_MAX_STREAMS_PER_PROCESS ({settings.max_streams_per_process}) must be below "
+            f"TORCHYARD_API_THREADS ({settings.api_threads}), so that streams leave threads for other requests")
     return ["gunicorn", "--bind", bind, "--workers", str(workers), "--config", "python:api.gunicorn_hooks",
             "--worker-class", f"{__name__}.ProblemWorker", "--threads", str(settings.api_threads),
-            *gunicorn_limit_options(), "--access-logfile", "-", "api:create_app()"]
+            *gunicorn_limit_options(), *options, "api:create_app()"]
 
 
 class ProblemWorker(ThreadWorker):

@@ -1,7 +1,7 @@
-"""What the HTTP servers refuse before the app sees a request, alike under ``torchyard serve`` (werkzeug's
-server, api/http_server.py) and ``torchyard api`` (gunicorn, api/gunicorn_worker.py): a request line or
-headers past their limits, and a body whose length is ambiguous. Each refusal is a problem naming its limit
-by gunicorn's name for it; the server writes it with api.errors.raw_problem and closes the connection.
+"""What the HTTP server refuses before the app sees a request, under ``torchyard api`` and ``torchyard serve``
+alike (both run gunicorn with api/gunicorn_worker.py): a request line or headers past their limits, and a body
+whose length is ambiguous. Each refusal is a problem naming its limit by gunicorn's name for it; the server
+writes it with api.errors.raw_problem and closes the connection.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""What the HTTP servers answer themselves, before or beside the app, is problem+json naming its limit, under
-both: ``torchyard serve``'s werkzeug server (its request handler) and ``torchyard api``'s gunicorn. Real servers,
-real sockets: each request is written byte by byte (http.client won't send a bad one) and its answer parsed.
+"""What the HTTP server answers itself, before or beside the app, is problem+json naming its limit: gunicorn with
+api/gunicorn_worker.py, as ``torchyard api`` and ``torchyard serve`` both run it. A real server, real sockets:
+each request is written byte by byte (http.client won't send a bad one) and its answer parsed.
 
 A stalled request must end within the read timeout (READ_TIMEOUT here); no test measures time: a server that
 never answers fails on the client's socket timeout (ANSWER_SECONDS), far above it.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import threading
 import uuid
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ from api.http_limits import MAX_HEADER_FIELD_BYTES, MAX_HEADER_FIELDS, MAX_REQUE
 
 API = "/api/v1"
 MAX_UPLOAD = 50_000
-READ_TIMEOUT = 2  # seconds: request_read_timeout_seconds of both servers
+READ_TIMEOUT = 2  # seconds: request_read_timeout_seconds of the server
 ANSWER_SECONDS = 30  # the client's own timeout on every socket
 CSV = b"a,b\n1,0\n0,1\n"
 PROBLEM = "application/problem+json"
@@ -30,7 +29,6 @@ PROBLEM = "application/problem+json"
 
 @dataclass
 class Server:
-    name: str
     port: int
     token: str
 
@@ -54,39 +52,14 @@ def deployment(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def serve_server(deployment):
-    """The app under werkzeug's server with ``torchyard serve``'s request handler, in a thread."""
-    from werkzeug.serving import make_server
-
-    from api import create_app
-    from api.http_server import request_handler
-
-    settings, token = deployment
-    app = create_app(settings.model_dump())
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=request_handler(settings))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield Server("serve", server.server_port, token)
-    server.shutdown()
-    thread.join(timeout=10)
-    app.extensions["torchyard"].engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def api_server(deployment):
-    """``torchyard api`` (gunicorn, one process) over the same database."""
+def server(deployment) -> Server:
+    """``torchyard api`` (gunicorn, one process) over the deployment's database: what ``torchyard serve`` runs too."""
     from private_servers import ApiServer
 
     settings, token = deployment
     server = ApiServer(settings_env(settings), settings.home / "api.log", workers=1)
-    yield Server("api", server.port, token)
+    yield Server(server.port, token)
     server.stop()
-
-
-@pytest.fixture(params=["serve", "api"])
-def server(request) -> Server:
-    """Each test runs under both servers."""
-    return request.getfixturevalue(f"{request.param}_server")
 
 
 @dataclass

@@ -1,9 +1,11 @@
-"""``serve()`` is the whole service on one machine: it migrates, prints a token, trains jobs submitted
-over real HTTP, and on Ctrl-C or SIGTERM stops its worker cleanly."""
+"""``torchyard serve`` is the whole service on one machine: it migrates, saves a token, serves the API under
+gunicorn, trains jobs submitted over real HTTP, says where everything is in one quiet banner, and on Ctrl-C or
+SIGTERM stops its API and worker cleanly, leaving no process behind."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 import urllib.request
 
 import pytest
+from conftest import wait_for
 from sqlalchemy import select
 
 from models.db import make_engine, make_sessionmaker
@@ -68,9 +71,81 @@ def test_serve_trains_a_job_over_http_and_stops_its_worker_on_ctrl_c_or_sigterm(
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, output
-    assert token in output and base in output
-    assert f"http://127.0.0.1:{settings.port}/ " in output  # the dashboard's URL, printed first
+    assert base in output and str(token_file) in output
+    assert token not in output  # a secret stays out of logs: the banner names its file
+    assert f"dashboard:  http://127.0.0.1:{settings.port}/\n" in output  # the URL to open, printed first
     engine = make_engine(settings.database_url)
     with make_sessionmaker(engine)() as session:
         assert session.scalars(select(Worker)).all() == []  # the worker shut down and left the registry
     engine.dispose()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, from /proc (Linux)."""
+    parents = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                with open(f"/proc/{stat}/stat") as file:
+                    parents[int(stat)] = int(file.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                pass
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has ended: only its exit status waits to be read)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_serve_prints_one_quiet_banner_answers_and_ends_on_sigterm_with_0_and_no_process_left(serve_deployment,
+                                                                                             tmp_path):
+    settings, env = serve_deployment
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:  # not a terminal: what a log file, systemd or docker records
+        process = subprocess.Popen([sys.executable, "-m", "torchyard.cli", "serve"], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{settings.port}"
+
+    def output() -> str:
+        assert process.poll() is None, f"serve exited:\n{log_path.read_text()}"
+        return log_path.read_text()
+
+    try:
+        # Up: the banner (once the API answers) and the worker's own "ready." line.
+        wait_for(lambda: "torchyard serve is ready" in output() and " ready.\n" in output(), 90, "serve", output)
+        with urllib.request.urlopen(f"{url}/", timeout=10) as page:  # the URL the banner says to open
+            assert (page.status, page.headers.get_content_type()) == (200, "text/html")
+        with urllib.request.urlopen(f"{url}/api/v1", timeout=10) as index:
+            assert (index.status, json.loads(index.read())["name"]) == (200, "torchyard")
+        processes = descendants(process.pid)
+        assert len(processes) >= 4, processes  # gunicorn's master and worker, Celery's worker and its pool child
+
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log_path.read_text()
+    assert code == 0, text
+    assert [pid for pid in processes if alive(pid)] == [], text
+    home = settings.home
+    banner = text[text.index("torchyard serve is ready"):].split("Ctrl-C stops it", 1)[0]
+    for line in (f"dashboard:  {url}/\n", f"API:        {url}/api/v1", f"token:      {home / 'token'}",
+                 f"database:   {settings.database_url}\n", f"artifacts:  {settings.artifacts_url}\n",
+                 f"broker:     filesystem:// (folders under {home / 'broker'})"):
+        assert line in banner, banner
+    assert text.count("torchyard serve is ready") == 1
+    assert "development server" not in text.lower()  # werkzeug's, with its colours: gunicorn serves the API
+    assert "\x1b[" not in text  # no colour codes in a file
+    assert "SecurityWarning" not in text  # Celery's warning to root, which these tests may run as
+    assert " -------------- " not in text  # Celery's banner: serve prints its own
+    assert "Warm shutdown" in text  # the worker checkpointed and requeued what it ran

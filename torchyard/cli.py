@@ -86,11 +86,12 @@ def train(spec_file: Path, out_dir: Path, resume: bool, device: str | None) -> N
 @main.command()
 @click.option("--host", default=None, help="Address to listen on (TORCHYARD_HOST, default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (TORCHYARD_PORT, default 8000).")
-def serve(host: str | None, port: int | None) -> None:
-    """The whole service on this machine: migrations, the API and one worker."""
+@click.option("--access-log", is_flag=True, help="Log every request (off by default: serve keeps its output quiet).")
+def serve(host: str | None, port: int | None, access_log: bool) -> None:
+    """The whole service on this machine: migrations, the API (gunicorn) and one worker."""
     from torchyard.serve import serve as run
 
-    run(host, port)
+    run(host, port, access_log)
 
 
 @main.command()
