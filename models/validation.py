@@ -44,8 +44,9 @@ def parse_spec(data: Any, limits: Limits | None = None) -> JobSpec:
 
 LOCAL_FILE_REFUSED = Problem(
     "data.source",
-    "'file' reads a path on the machine that trains; the service refuses it: upload the file "
-    "(POST /api/v1/datasets) and use source 'dataset'",
+    "'file' reads a path on the machine that trains; the service refuses it: upload the file with "
+    "`torchyard upload FILE` (or POST /api/v1/datasets) and use source 'dataset' with its dataset_id; "
+    "`torchyard submit` uploads it for you",
 )
 
 

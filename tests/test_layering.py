@@ -23,7 +23,7 @@ def imported_after(statement: str) -> set[str]:
     ("import worker.engine, worker.engine.distributed, worker.engine.rank", {"flask", "celery", "sqlalchemy", "api"}),
     ("import models.spec, models.shapes, models.validation", {"torch", "sqlalchemy", "flask", "celery"}),
     ("import worker.celery_app", {"torch"}),
-    ("import torchyard, torchyard.client", {"torch", "flask", "sqlalchemy", "celery"}),
+    ("import torchyard, torchyard.client, torchyard.show", {"torch", "flask", "sqlalchemy", "celery"}),
     # The API publishes through models.broker; an app made and asked for a page still needs no worker.
     (f"import api; api.create_app({APP_CONFIG}).test_client().get('/api/v1/openapi.json')", {"torch", "worker"}),
     ("import models.lifecycle, models.services", {"torch", "worker", "api", "flask", "migrations"}),

@@ -48,9 +48,10 @@ def main() -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for weights.safetensors, model.json, metrics.jsonl and checkpoints/.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+@click.option("--force", is_flag=True, help="Train afresh into a non-empty --out, replacing its run.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=None,
               help="Override resources.device of the spec.")
-def train(spec_file: Path, out_dir: Path, resume: bool, device: str | None) -> None:
+def train(spec_file: Path, out_dir: Path, resume: bool, force: bool, device: str | None) -> None:
     """Train SPEC_FILE on this machine."""
     from models.settings import get_settings
     from models.spec import SpecError
@@ -58,10 +59,16 @@ def train(spec_file: Path, out_dir: Path, resume: bool, device: str | None) -> N
     from torchyard.progress import ProgressPrinter, network_table, summary_line
     from worker.engine import finish, prepare_run
 
+    if resume and force:
+        raise click.UsageError("--resume continues the run in --out and --force replaces it: give one of them")
+    if not (resume or force) and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise click.UsageError(f"{out_dir} is not empty: --resume continues the run in it, --force trains "
+                               "afresh over it, or name another --out")
     limits = get_settings().limits
+    printer = ProgressPrinter()
     try:
         spec = parse_spec(_read_spec_file(spec_file), limits)
-        prepared = prepare_run(spec, out_dir, resume=resume, callbacks=[ProgressPrinter()],
+        prepared = prepare_run(spec, out_dir, resume=resume, callbacks=[printer],
                                data_path=_local_data_path(spec, spec_file), device=device, limits=limits)
     except SpecError as error:
         _print_problems(error)
@@ -73,7 +80,10 @@ def train(spec_file: Path, out_dir: Path, resume: bool, device: str | None) -> N
     if prepared.resumed_from is not None:
         click.echo(f"resuming after epoch {prepared.resumed_from}")
     started = time.monotonic()
-    result = finish(prepared, spec, out_dir)
+    try:
+        result = finish(prepared, spec, out_dir)
+    finally:
+        printer.close()
     click.echo(summary_line(result, time.monotonic() - started))
     if result.status != "succeeded":
         sys.exit(1)
@@ -336,46 +346,73 @@ def _client():
     return Client(settings.url, token_value)
 
 
-def _call(function, *args, **kwargs):
+@contextlib.contextmanager
+def _api_errors():
+    """An API error or an unreachable API becomes one message on stderr and exit 1: the problem's title,
+    detail and field errors, each once, never a traceback."""
     from torchyard.client import ApiError
 
     try:
-        return function(*args, **kwargs)
+        yield
     except ApiError as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:
         raise click.ClickException(f"can't reach the torchyard API: {error}") from None
 
 
+def _call(function, *args, **kwargs):
+    with _api_errors():
+        return function(*args, **kwargs)
+
+
 def _echo_json(value) -> None:
     click.echo(json.dumps(value, indent=2))
 
 
-def _reason(job: dict) -> str:
-    """Why the job is where it is: its error, pending reason or stop reason ('' for none)."""
-    return job.get("error") or job.get("pending_reason") or job.get("stop_reason") or ""
+def _now():
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc)
 
 
-def _status_line(job: dict) -> str:
-    progress = job["progress"]
-    return f"{job['id']}  {job['status']:<9}  epoch {progress['epoch']}/{progress['epochs']}  {_reason(job)}".rstrip()
+def _follow(client, job: dict) -> dict:
+    """The job's epochs as they end, from the metrics stream (a live bar on a terminal, a line an epoch
+    elsewhere), then how it ended and, after a success, how to download it; returns the finished job."""
+    import shlex
+
+    from torchyard import show
+
+    if job["status"] == "queued":
+        click.echo(f"{job['id']} queued" + (f": {job['pending_reason']}" if job.get("pending_reason") else ""))
+    finished = job
+    with _api_errors(), show.EpochDisplay(job["progress"]["epochs"]) as display:
+        for event, data in client.stream_metrics(job["id"]):
+            if event == "metrics":
+                display.epoch(data)
+            else:
+                finished = data
+    click.echo(show.job_ending(finished))
+    if finished["status"] == "succeeded":
+        out = shlex.quote(f"runs/{finished['name']}")
+        click.echo(f"download it: torchyard download {finished['id']} --out {out}")
+    return finished
 
 
-def _follow(client, job_id: str) -> dict:
-    """A live line per epoch while the job runs; returns the finished job."""
-    from torchyard.progress import epoch_line
-
-    state = {"status": None}
-
-    def show(job, rows):
-        for row in rows:
-            remaining = job["progress"]["epochs"] - row["epoch"]
-            click.echo(epoch_line(row, job["progress"]["epochs"], row.get("epoch_seconds", 0) * remaining))
-        if job["status"] != state["status"]:
-            state["status"] = job["status"]
-            click.echo(_status_line(job))
-
-    return _call(client.wait, job_id, timeout=float("inf"), on_update=show)
+def _file_data_uploaded(client, spec, spec_file: Path):
+    """A spec whose data is a local file (data.source "file"), with the file uploaded (as `torchyard upload`
+    does) and the spec pointing at it (source "dataset"); any other spec as it is."""
+    data = spec.get("data") if isinstance(spec, dict) else None
+    if not (isinstance(data, dict) and data.get("source") == "file" and isinstance(data.get("path"), str)):
+        return spec  # not a local file (or a malformed one, which the API names)
+    path = spec_file.parent / data["path"]  # relative to the spec file, as `torchyard train` reads it
+    if not path.is_file():
+        raise click.UsageError(f"data.path: {data['path']} is not a file (read as {path})")
+    target = data.get("target") if isinstance(data.get("target"), str) else None
+    dataset = _call(client.upload_dataset, path, target=target)
+    click.echo(f"uploaded {data['path']} as dataset {dataset['id']}; submitting with "
+               f"data.dataset_id={dataset['id']}", err=True)
+    moved = {key: value for key, value in data.items() if key != "path"}
+    return {**spec, "data": {**moved, "source": "dataset", "dataset_id": dataset["id"]}}
 
 
 @main.command()
@@ -384,14 +421,17 @@ def _follow(client, job_id: str) -> dict:
 @click.option("--experiment", default=None, help="The job's experiment, in place of the spec's.")
 @click.option("--follow", is_flag=True, help="Show progress until the job finishes.")
 def submit(spec_file: Path, tags: tuple[str, ...], experiment: str | None, follow: bool) -> None:
-    """Submit SPEC_FILE to the service and print the job id."""
+    """Submit SPEC_FILE to the service and print the job id.
+
+    A spec whose data is a local file (data.source "file") has the file uploaded first, and goes as
+    data.source "dataset" with the uploaded dataset's id.
+    """
     client = _client()
-    job = _call(client.submit, _labelled(_read_spec_file(spec_file), tags, experiment))
+    spec = _file_data_uploaded(client, _read_spec_file(spec_file), spec_file)
+    job = _call(client.submit, _labelled(spec, tags, experiment))
     click.echo(job["id"])
-    if follow:
-        job = _follow(client, job["id"])
-        if job["status"] != "succeeded":
-            sys.exit(1)
+    if follow and _follow(client, job)["status"] != "succeeded":
+        sys.exit(1)
 
 
 def _labelled(spec, tags: tuple[str, ...], experiment: str | None):
@@ -411,13 +451,20 @@ def _labelled(spec, tags: tuple[str, ...], experiment: str | None):
 @main.command()
 @click.argument("job_id")
 @click.option("--follow", is_flag=True, help="Show progress until the job finishes.")
-def status(job_id: str, follow: bool) -> None:
-    """A job's state as JSON (with --follow: live progress)."""
+@click.option("--json", "as_json", is_flag=True, help="The job as the API's JSON document.")
+def status(job_id: str, follow: bool, as_json: bool) -> None:
+    """A job's state: status, progress, best metric, device, why it waits or failed, its times."""
+    from torchyard import show
+
     client = _client()
-    if follow:
-        _follow(client, job_id)
+    job = _call(client.job, job_id)
+    if as_json:
+        _echo_json(job)
+    elif follow:
+        if _follow(client, job)["status"] != "succeeded":
+            sys.exit(1)
     else:
-        _echo_json(_call(client.job, job_id))
+        show.echo(show.job_summary(job, _now()))
 
 
 @main.command("list")
@@ -426,11 +473,11 @@ def status(job_id: str, follow: bool) -> None:
 @click.option("--experiment", default=None, help="Only the jobs of this experiment.")
 @click.option("--limit", type=int, default=20)
 def list_jobs(status_filter: str | None, tags: tuple[str, ...], experiment: str | None, limit: int) -> None:
-    """Your newest jobs, one a line, with their experiment and tags."""
+    """Your newest jobs: id, name, status, progress, best metric, age; tags and experiment when any has them."""
+    from torchyard import show
+
     jobs = _call(_client().jobs, status=status_filter, limit=limit, tags=tags, experiment=experiment)["jobs"]
-    rows = [[job["id"], job["status"], f"{job['progress']['epoch']}/{job['progress']['epochs']}", job["name"],
-             job["experiment"] or "-", ",".join(job["tags"]) or "-", _reason(job)] for job in jobs]
-    click.echo(_table(["ID", "STATUS", "EPOCH", "NAME", "EXPERIMENT", "TAGS", "REASON"], rows))
+    show.echo(show.jobs_table(jobs, _now()))
 
 
 @main.command()
@@ -470,8 +517,51 @@ def download(job_id: str, out_dir: Path) -> None:
 @main.command()
 @click.argument("job_id")
 def cancel(job_id: str) -> None:
-    """Cancel a queued or running job."""
-    click.echo(_status_line(_call(_client().cancel, job_id)))
+    """Cancel a queued job (at once) or a running one (it stops at its next batch). Cancelling a job that
+    is cancelled or stopping already is no error."""
+    from torchyard.client import ApiError
+
+    client = _client()
+    with _api_errors():
+        try:
+            job = client.cancel(job_id)
+        except ApiError as error:
+            if error.status != 409:
+                raise
+            job = client.job(job_id)  # ended already: cancelled is what was asked; anything else says why not
+            if job["status"] != "cancelled":
+                raise error from None
+            click.echo(f"{job['id']} was cancelled already")
+            return
+    if job["status"] == "cancelled":
+        click.echo(f"{job['id']} cancelled")
+    else:
+        click.echo(f"{job['id']} cancel requested: it stops at the end of its current batch")
+
+
+@main.command()
+@click.argument("job_id")
+def delete(job_id: str) -> None:
+    """Delete a finished job: its row, metrics, log, checkpoints and weights."""
+    _call(_client().delete, job_id)
+    click.echo(f"deleted {job_id}")
+
+
+@main.command()
+@click.argument("job_id")
+def checkpoints(job_id: str) -> None:
+    """The checkpoints a job keeps: epoch, file, size, age and where to download each."""
+    from torchyard import show
+
+    show.echo(show.checkpoints_table(job_id, _call(_client().checkpoints, job_id), _now()))
+
+
+@main.command()
+def workers() -> None:
+    """Live workers: each queue's workers, slots and devices (an admin also sees each worker)."""
+    from torchyard import show
+
+    show.echo(show.workers_table(_call(_client().workers), _now()))
 
 
 @main.command()
@@ -480,6 +570,34 @@ def cancel(job_id: str) -> None:
 def upload(path: Path, target: str | None) -> None:
     """Upload a CSV or NPZ dataset; use its id as data.dataset_id in a spec."""
     _echo_json(_call(_client().upload_dataset, path, target=target))
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def datasets(context: click.Context) -> None:
+    """Your uploaded datasets (`torchyard datasets delete ID` deletes one)."""
+    if context.invoked_subcommand is None:
+        context.invoke(datasets_list)
+
+
+@datasets.command("list")
+@click.option("--limit", type=int, default=50, show_default=True)
+def datasets_list(limit: int = 50) -> None:
+    """Your datasets, newest first: id, name, format, rows, features, target, size, age."""
+    from torchyard import show
+
+    page = _call(_client().datasets, limit=limit)
+    show.echo(show.datasets_table(page["datasets"], _now()))
+    if page["next_cursor"]:
+        click.echo(f"(the newest {limit}; --limit shows more)", err=True)
+
+
+@datasets.command("delete")
+@click.argument("dataset_id")
+def datasets_delete(dataset_id: str) -> None:
+    """Delete a dataset that no queued or running job uses."""
+    _call(_client().delete_dataset, dataset_id)
+    click.echo(f"deleted {dataset_id}")
 
 
 @main.command()

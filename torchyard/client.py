@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import time
@@ -29,11 +30,15 @@ FINISHED = ("succeeded", "failed", "cancelled")
 class ApiError(Exception):
     """An error response; ``problem`` is the RFC 9457 body (title, detail, errors by field path)."""
 
-    def __init__(self, status: int, problem: dict[str, Any]):
+    def __init__(self, status: int, problem: dict[str, Any], retry_after: str | None = None):
         self.status = status
         self.problem = problem
-        lines = [f"{status} {problem.get('title', '')}: {problem.get('detail', '')}".rstrip(": ")]
-        lines += [f"  {e.get('path')}: {e.get('message')}" for e in problem.get("errors", [])]
+        self.retry_after = retry_after  # the Retry-After header of a 429 or 503, as sent
+        errors = problem.get("errors") or []
+        # With field errors, the detail only repeats the first of them: each is said once, under the title.
+        head = f"{status} {problem.get('title', '')}" if errors else \
+            f"{status} {problem.get('title', '')}: {problem.get('detail', '')}"
+        lines = [head.rstrip(": ")] + [f"  {e.get('path')}: {e.get('message')}" for e in errors]
         super().__init__("\n".join(lines))
 
 
@@ -69,7 +74,7 @@ class Client:
                 problem = json.loads(raw)
             except ValueError:
                 problem = {"title": error.reason, "detail": raw.decode(errors="replace")[:500]}
-            raise ApiError(error.code, problem) from None
+            raise ApiError(error.code, problem, error.headers.get("Retry-After")) from None
 
     def _json(self, method: str, path: str, **kwargs) -> Any:
         with self._open(self._request(method, path, **kwargs)) as response:
@@ -115,11 +120,50 @@ class Client:
                         since_seq = data["seq"]
                         yield data
 
+    def stream_metrics(self, job_id: str, since_epoch: int = 0, retries: int = 5) -> Iterator[tuple[str, dict]]:
+        """Yield ("metrics", row) for each epoch after ``since_epoch`` as the job ends it, over Server-Sent Events,
+        then ("status", job) once the job has finished. A stream that ends early or drops is opened again with
+        Last-Event-ID (the last epoch received), so no epoch comes twice; ``retries`` failed reconnects in a
+        row (the server unreachable) raise the last error."""
+        failures = 0
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if since_epoch:
+                headers["Last-Event-ID"] = str(since_epoch)
+            request = self._request("GET", f"/jobs/{job_id}/metrics", query={"since_epoch": since_epoch},
+                                    headers=headers)
+            try:
+                with self._open(request) as response:
+                    failures = 0
+                    for event, data in _events(response):
+                        if event == "metrics":
+                            since_epoch = data["epoch"]
+                            yield event, data
+                        elif event == "status":
+                            yield event, data
+                            return
+            except ApiError as error:
+                if error.status != 429:  # too many streams open: wait as told, like a dropped stream
+                    raise
+                failures += 1
+                if failures > retries:
+                    raise
+                time.sleep(_retry_after(error))
+            except (OSError, http.client.HTTPException):
+                failures += 1
+                if failures > retries:
+                    raise
+                time.sleep(min(2.0 ** failures / 4, 5.0))  # 0.5, 1, 2, 4, 5 s
+
     def cancel(self, job_id: str) -> dict:
         return self._json("POST", f"/jobs/{job_id}/cancel")
 
     def delete(self, job_id: str) -> None:
         self._json("DELETE", f"/jobs/{job_id}")
+
+    def checkpoints(self, job_id: str) -> list[dict]:
+        """The checkpoints the job keeps, oldest first (epoch, name, size, sha256, created_at, download)."""
+        return self._json("GET", f"/jobs/{job_id}/checkpoints")["checkpoints"]
 
     def follow(self, job_id: str, interval: float = 1.0) -> Iterator[tuple[dict, list[dict]]]:
         """Yield (job, new metric rows) on each poll until the job has finished."""
@@ -178,14 +222,26 @@ class Client:
         with self._open(request) as response:
             return json.loads(response.read())
 
-    def datasets(self) -> dict:
-        return self._json("GET", "/datasets")
+    def datasets(self, limit: int = 50, cursor: str | None = None) -> dict:
+        """One page of the caller's datasets, newest first: {"datasets": [...], "next_cursor": ...}."""
+        return self._json("GET", "/datasets", query={"limit": limit, "cursor": cursor})
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._json("DELETE", f"/datasets/{dataset_id}")
 
     def workers(self) -> dict:
         return self._json("GET", "/workers")
 
     def health(self) -> dict:
         return self._json("GET", "/health")
+
+
+def _retry_after(error: ApiError) -> float:
+    """The seconds a 429 asks to wait (its Retry-After), within 1 to 30."""
+    try:
+        return min(max(float(error.retry_after or 1), 1.0), 30.0)
+    except (TypeError, ValueError):
+        return 1.0
 
 
 def _events(response) -> Iterator[tuple[str, Any]]:

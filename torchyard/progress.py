@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any, TextIO
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from torchyard.show import Eta, ending, epoch_line, is_plain
 from worker.engine import Callback, RunState
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
 def network_table(plan, input_shape) -> str:
@@ -31,54 +27,50 @@ def network_table(plan, input_shape) -> str:
     return "\n".join(body + [f"Total parameters: {plan.total_parameters:,}"])
 
 
-def epoch_line(metrics: dict[str, Any], epochs: int, eta_seconds: float) -> str:
-    """``epoch  3/10  loss 0.4121  val_loss 0.3982  val_accuracy 0.8833  0.21s  ETA 0:02``."""
-    width = len(str(epochs))
-    shown = [f"{name} {metrics[name]:.4f}" for name in
-             ("loss", "accuracy", "mae", "r2", "val_loss", "val_accuracy", "val_mae", "val_r2") if name in metrics]
-    return (f"epoch {metrics['epoch']:>{width}}/{epochs}  " + "  ".join(shown)
-            + f"  {metrics['epoch_seconds']:.2f}s  ETA {format_duration(eta_seconds)}")
-
-
 class ProgressPrinter(Callback):
-    """One line an epoch; on a terminal, a live batch counter within long epochs."""
+    """A line an epoch; on a terminal, a live bar of the epoch's batches below those lines (rich's, which
+    leaves no bar behind in a pipe or a log)."""
 
-    def __init__(self, stream: TextIO = sys.stdout, batch_refresh_seconds: float = 0.5):
-        self.stream = stream
-        self.live = stream.isatty()
-        self.refresh = batch_refresh_seconds
-        self.last_draw = 0.0
-        self.epoch_seconds: list[float] = []
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream or sys.stdout
+        self.eta = Eta()
+        self.bar: Progress | None = None
+        if not is_plain(self.stream):
+            self.bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("batches"), console=Console(file=self.stream, highlight=False),
+                                transient=True)
+            self.task = self.bar.add_task("epoch", total=None, epoch="")
+
+    def on_train_begin(self, state: RunState) -> None:
+        if self.bar is not None:
+            self.bar.start()
 
     def on_batch_end(self, state: RunState) -> None:
-        if not self.live:
-            return
-        now = time.monotonic()
-        if now - self.last_draw < self.refresh:
-            return
-        self.last_draw = now
-        done = state.batch / state.batches_per_epoch
-        bar = ("=" * int(done * 20)).ljust(20)
-        self.stream.write(f"\repoch {state.epoch + 1}/{state.epochs} [{bar}] {state.batch}/{state.batches_per_epoch}")
-        self.stream.flush()
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.batch, total=state.batches_per_epoch or None,
+                            epoch=f"{state.epoch + 1}/{state.epochs}")
 
     def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
-        self.epoch_seconds.append(metrics["epoch_seconds"])
-        recent = self.epoch_seconds[-5:]
-        eta = sum(recent) / len(recent) * (state.epochs - metrics["epoch"])
-        clear = "\r\033[K" if self.live else ""
-        self.stream.write(clear + epoch_line(metrics, state.epochs, eta) + "\n")
-        self.stream.flush()
+        line = epoch_line(metrics, state.epochs, self.eta.after(metrics, state.epochs))
+        if self.bar is None:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        else:
+            self.bar.console.print(line, markup=False, highlight=False, soft_wrap=True)  # above the bar
+            self.bar.reset(self.task, total=state.batches_per_epoch or None)
+
+    def on_train_end(self, state: RunState, result: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Take the bar off the terminal (also when training raised)."""
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def summary_line(result, seconds: float) -> str:
-    """How the run ended, in one line."""
-    if result.status == "failed":
-        return f"failed after {result.epochs_completed} epochs: {result.error}"
-    if result.status == "stopped":
-        return f"stopped ({result.stop_reason}) after {result.epochs_completed} epochs"
-    best = ""
+    """How the run ended, in one line (a followed job of the service ends with the same)."""
+    best = None
     if result.best_metric:
-        best = f"; best {result.best_metric} {result.best_value:.4f} at epoch {result.best_epoch}"
-    return (f"succeeded ({result.stop_reason}) after {result.epochs_completed} epochs in "
-            f"{format_duration(seconds)}{best}")
+        best = {"metric": result.best_metric, "value": result.best_value, "epoch": result.best_epoch}
+    return ending(result.status, result.epochs_completed, seconds, result.stop_reason, result.error, best)
