@@ -121,7 +121,8 @@ def test_the_cli_submits_follows_and_downloads(http_service, tmp_path):
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job_id = submitted.stdout.splitlines()[0]
     assert "epoch   1/100  loss" in submitted.stdout
-    assert f"{job_id}  succeeded" in submitted.stdout
+    assert submitted.stdout.splitlines()[-2].startswith("succeeded (early_stopping) after ")
+    assert submitted.stdout.splitlines()[-1] == f"download it: torchyard download {job_id} --out runs/circles-mlp"
 
     assert job_id in cli("list").stdout
     downloaded = cli("download", job_id, "--out", str(tmp_path / "model"))

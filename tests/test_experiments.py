@@ -225,14 +225,16 @@ def test_the_cli_lists_jobs_with_their_experiment_and_tags_and_filters_by_them(l
         return [line.split() for line in run.stdout.splitlines()]
 
     everything = cli()
-    assert everything[0] == ["ID", "STATUS", "EPOCH", "NAME", "EXPERIMENT", "TAGS", "REASON"]
-    # The reason column (no worker serves the queue here) is the rest of each line.
-    assert [row[:6] for row in everything[2:]] == [[second, "queued", "0/5", "second-run", "-", "small"],
-                                                   [first, "queued", "0/5", "first-run", "circles", "baseline,small"]]
-    assert [row[0] for row in cli("--tag", "small")[2:]] == [second, first]
-    assert [row[0] for row in cli("--tag", "small", "--tag", "baseline")[2:]] == [first]
-    assert [row[0] for row in cli("--experiment", "circles")[2:]] == [first]
-    assert cli("--tag", "nothing-has-it")[2:] == []
+    assert everything[0] == ["ID", "NAME", "STATUS", "PROGRESS", "BEST", "AGE", "TAGS", "EXPERIMENT"]
+    # The age ("4s ago") is two words.
+    assert [row[:5] + row[7:] for row in everything[1:]] == [
+        [second, "second-run", "queued", "0/5", "-", "small", "-"],
+        [first, "first-run", "queued", "0/5", "-", "baseline,small", "circles"]]
+    assert all(row[5].endswith("s") and row[6] == "ago" for row in everything[1:])
+    assert [row[0] for row in cli("--tag", "small")[1:]] == [second, first]
+    assert [row[0] for row in cli("--tag", "small", "--tag", "baseline")[1:]] == [first]
+    assert [row[0] for row in cli("--experiment", "circles")[1:]] == [first]
+    assert cli("--tag", "nothing-has-it") == [["no", "jobs"]]
 
 
 def test_the_cli_submits_with_tags_added_to_the_spec_s_and_an_experiment_in_place_of_its_own(
@@ -268,4 +270,4 @@ def test_the_cli_submits_with_tags_added_to_the_spec_s_and_an_experiment_in_plac
     example = cli("submit", str(Path(__file__).parent.parent / "examples" / "circles-mlp.json"))
     assert example.returncode == 0, example.stderr
     listed = cli("list", "--tag", "baseline", "--experiment", "circles")
-    assert [line.split()[0] for line in listed.stdout.splitlines()[2:]] == [example.stdout.strip()]
+    assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == [example.stdout.strip()]
