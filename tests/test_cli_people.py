@@ -340,3 +340,39 @@ def test_train_refuses_a_non_empty_out_unless_resume_or_force(tmp_path):
     assert forced.returncode == 0, forced.stderr
     assert forced.stdout.splitlines()[-2].startswith("succeeded (completed) after 2 epochs")
     assert (out / "weights.safetensors").is_file() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_the_client_reopens_a_stream_cut_mid_event_after_the_last_epoch_it_received():
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    def event(name, data, event_id=None):
+        return (f"id: {event_id}\n" if event_id else "") + f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+    opened: list[str | None] = []
+
+    class CutOnce(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            opened.append(self.headers.get("Last-Event-ID"))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            if len(opened) == 1:  # epoch 1, then the connection goes in the middle of epoch 2's event
+                self.wfile.write((event("metrics", {"epoch": 1}, "1") + "id: 2\nevent: metr").encode())
+            else:
+                self.wfile.write((event("metrics", {"epoch": 2}, "2") + event("status", {"status": "succeeded"}))
+                                 .encode())
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CutOnce)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        events = list(Client(f"http://127.0.0.1:{server.server_port}", "t").stream_metrics("job_x"))
+    finally:
+        server.shutdown()
+        thread.join()
+    assert events == [("metrics", {"epoch": 1}), ("metrics", {"epoch": 2}), ("status", {"status": "succeeded"})]
+    assert opened == [None, "1"]

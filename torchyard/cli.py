@@ -350,14 +350,19 @@ def _client():
 def _api_errors():
     """An API error or an unreachable API becomes one message on stderr and exit 1: the problem's title,
     detail and field errors, each once, never a traceback."""
+    import http.client
+    import urllib.error
+
     from torchyard.client import ApiError
 
     try:
         yield
     except ApiError as error:
         raise click.ClickException(str(error)) from None
-    except OSError as error:
+    except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as error:
         raise click.ClickException(f"can't reach the torchyard API: {error}") from None
+    except OSError as error:  # a local file: the one to upload, or the folder to download into
+        raise click.ClickException(str(error)) from None
 
 
 def _call(function, *args, **kwargs):
