@@ -5,6 +5,7 @@ metrics stream, cancel, delete, datasets, workers, checkpoints, and `train` into
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import os
 import re
@@ -299,6 +300,9 @@ def test_submit_follow_reads_the_metrics_stream_reconnecting_with_last_event_id_
             token = service.headers["Authorization"].removeprefix("Bearer ")
             env = cli_env(f"http://127.0.0.1:{server.server_port}", token, tmp_path)
             followed = torchyard("submit", str(spec_file), "--follow", env=env)
+            asked_by_submit = list(asked)
+            # Following a finished job shows its every epoch and how it ended, at once.
+            again = torchyard("status", followed.stdout.split()[0], "--follow", env=env)
         finally:
             server.shutdown()
             thread.join()
@@ -310,7 +314,9 @@ def test_submit_follow_reads_the_metrics_stream_reconnecting_with_last_event_id_
     assert re.fullmatch(r"succeeded \(completed\) after 12 epochs in 0:\d\d; best val_loss \d\.\d{4} at epoch \d+",
                         lines[-2]), lines[-2]
     assert lines[-1] == f"download it: torchyard download {job_id} --out runs/follow-moons"
-    metrics = [(last, accept) for path, last, accept in asked if path == f"{JOBS}/{job_id}/metrics"]
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines() == [line for line in lines[1:] if not line.endswith(" queued")]
+    metrics = [(last, accept) for path, last, accept in asked_by_submit if path == f"{JOBS}/{job_id}/metrics"]
     assert all(accept == "text/event-stream" for _, accept in metrics)  # the stream, never a poll
     resumed = [int(last) for last, _ in metrics if last is not None]
     assert resumed and resumed == sorted(resumed) and 0 < resumed[-1] <= 12
@@ -376,3 +382,23 @@ def test_the_client_reopens_a_stream_cut_mid_event_after_the_last_epoch_it_recei
         thread.join()
     assert events == [("metrics", {"epoch": 1}), ("metrics", {"epoch": 2}), ("status", {"status": "succeeded"})]
     assert opened == [None, "1"]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_colour_unless_no_color_is_set(monkeypatch):
+    job = {"id": "job_1", "name": "n", "status": "failed", "cancel_requested": False, "tags": [], "experiment": None,
+           "progress": {"epoch": 1, "epochs": 2}, "best": None, "created_at": "2026-03-04T11:00:00Z"}
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    coloured = Terminal()
+    show.echo(show.jobs_table([job], NOW), coloured)
+    assert "\x1b[" in coloured.getvalue()
+    monkeypatch.setenv("NO_COLOR", "1")
+    plain = Terminal()
+    show.echo(show.jobs_table([job], NOW), plain)
+    assert plain.getvalue() == show.plain_text(show.jobs_table([job], NOW)) + "\n" and "\x1b" not in plain.getvalue()
