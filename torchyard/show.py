@@ -114,11 +114,6 @@ def progress_text(job: dict) -> str:
     return f"{job['progress']['epoch']}/{job['progress']['epochs']}"
 
 
-def reason(job: dict) -> str:
-    """Why the job is where it is: its error, pending reason or stop reason ('' for none)."""
-    return job.get("error") or job.get("pending_reason") or job.get("stop_reason") or ""
-
-
 def size_text(size: int) -> str:
     """``812 B``, ``14.2 kB``, ``3.1 MB`` (powers of 1000, as disks are sold)."""
     value = float(size)
