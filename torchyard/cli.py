@@ -117,12 +117,10 @@ def api(bind: str | None, workers: int | None) -> None:
 
     settings = get_settings()
     bind = bind or f"{settings.host}:{settings.port}"
-    # Each open metrics stream (SSE) holds a thread; the stream limit keeps some for every other request.
-    if settings.max_streams_per_process >= settings.api_threads:
-        raise click.UsageError(
-            f"TORCHYARD_MAX_STREAMS_PER_PROCESS ({settings.max_streams_per_process}) must be below "
-            f"TORCHYARD_API_THREADS ({settings.api_threads}), so that streams leave threads for other requests")
-    argv = gunicorn_argv(settings, bind, workers or settings.api_workers)
+    try:
+        argv = gunicorn_argv(settings, bind, workers or settings.api_workers)
+    except ValueError as error:  # settings that can't serve (streams that would take every thread)
+        raise click.UsageError(str(error)) from None
     # Every gunicorn process writes its request metrics there, and /metrics sums them (api/metrics.py).
     os.environ[VARIABLE] = metrics_directory()
     os.execvp(sys.executable, [sys.executable, "-m", *argv])
