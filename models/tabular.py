@@ -42,7 +42,8 @@ MAX_CLASSES = 1000
 
 # Characters of CSV text parsed at a time: a block's lines and floats stay a few MB whatever the file.
 BLOCK_CHARACTERS = 1024 * 1024
-# A data line may hold this many characters per column (a float's longest repr is 24).
+# A data line may hold this many characters per column (a float's longest repr is 24), and room for one text
+# class label of up to MAX_NAME_LENGTH (the client text rule labels are held to): see ``line_limit``.
 MAX_CHARACTERS_PER_VALUE = 100
 # Bytes of an NPZ member read (and decompressed) at a time.
 CHUNK_BYTES = 1024 * 1024
@@ -128,7 +129,7 @@ def _data_lines(handle: IO[str], names: list[str], max_rows: int | None) -> Iter
     """The lines after the header that are not blank, in batches, with their line numbers; rows past
     ``max_rows`` and a file of no rows are errors."""
     rows = 0
-    for numbers, lines in _line_batches(handle, len(names) * MAX_CHARACTERS_PER_VALUE):
+    for numbers, lines in _line_batches(handle, line_limit(len(names))):
         if not all(map(str.strip, lines)):
             kept = [(number, line) for number, line in zip(numbers, lines, strict=True) if line.strip()]
             numbers, lines = [number for number, _ in kept], [line for _, line in kept]
@@ -139,6 +140,17 @@ def _data_lines(handle: IO[str], names: list[str], max_rows: int | None) -> Iter
             yield list(numbers), lines
     if rows == 0:
         raise TableError("file", "the file has a header but no rows")
+
+
+def line_limit(n_columns: int) -> int:
+    """The most characters a data line of ``n_columns`` may hold: MAX_CHARACTERS_PER_VALUE a column, plus
+    room for a text label of the longest allowed."""
+    return n_columns * MAX_CHARACTERS_PER_VALUE + MAX_NAME_LENGTH
+
+
+def _too_long(line_number: int, limit: int) -> TableError:
+    return TableError("file", f"line {line_number} is longer than {limit} characters (at most "
+                              f"{MAX_CHARACTERS_PER_VALUE} a column, plus {MAX_NAME_LENGTH} for a text label)")
 
 
 def _line_batches(handle: IO[str], limit: int) -> Iterator[tuple[range, list[str]]]:
@@ -158,9 +170,9 @@ def _line_batches(handle: IO[str], limit: int) -> Iterator[tuple[range, list[str
         first += len(lines)
         if lines and max(map(len, lines)) > limit:
             long = next(number for number, line in zip(numbers, lines, strict=True) if len(line) > limit)
-            raise TableError("file", f"line {long} is longer than {limit} characters")
+            raise _too_long(long, limit)
         if len(carry) > limit:
-            raise TableError("file", f"line {first} is longer than {limit} characters")
+            raise _too_long(first, limit)
         if lines:
             yield numbers, lines
         if not read:

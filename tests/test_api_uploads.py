@@ -107,8 +107,8 @@ HOSTILE = [
     ("column name with an escape", b"a,b\x1b[31m\n1,0\n", "d.csv", {}, "file", "column 2 of the header"),
     ("columns past max_columns", (",".join(f"c{i}" for i in range(WIDE)) + "\n" + ",".join(["0"] * WIDE))
      .encode(), "d.csv", {}, "file", f"{WIDE} columns; at most 10000 (max_columns)"),
-    ("a line past its length bound", b"a,b\n1," + b"1" * 300 + b"\n", "d.csv", {}, "file",
-     "line 2 is longer than 200 characters"),
+    ("a line past its length bound", b"a,b\n1," + b"1" * 500 + b"\n", "d.csv", {}, "file",
+     "line 2 is longer than 400 characters (at most 100 a column, plus 200 for a text label)"),
     ("not UTF-8", b"a,b\n\xff\xfe,1\n", "d.csv", {}, "file", "UTF-8"),
     ("a number with an underscore", b"a,b\n1_000,1\n", "d.csv", {}, "file", "'1_000' is not a number"),
     ("infinity", b"a,b\n1e400,1\n", "d.csv", {}, "file", "finite"),
@@ -158,6 +158,13 @@ def test_arrays_that_unpack_past_their_limit_are_refused_before_they_are_read(ma
 def test_a_csv_header_with_spaces_names_the_columns_without_them(client, alice):
     dataset = upload(client, alice, b"a, b, label\n1, 2, 0\n3, 4, 1\n", "d.csv", target="label").json
     assert (dataset["columns"], dataset["target"], dataset["n_classes"]) == (["a", "b", "label"], "label", 2)
+
+
+def test_a_text_label_of_the_longest_allowed_fits_a_line_of_one_feature(client, alice):
+    label = "l" * 200  # client text's longest: the line bound leaves room for it whatever the columns
+    dataset = upload(client, alice, f"a,label\n1,{label}\n2,other\n".encode(), "d.csv", target="label")
+    assert dataset.status_code == 201, dataset.json
+    assert dataset.json["n_classes"] == 2
 
 
 # --- one reader: what the API accepts, the engine reads with the same columns and values ---------------
