@@ -274,15 +274,21 @@ class BCELoss(Strict):
     type: Literal["BCELoss"]
 
 
+# A class weight (and BCEWithLogitsLoss's pos_weight) weighs a class's samples in the loss: an imbalance of a
+# million to one is past any real data, and bigger weights overflow float32's sums (1e38 made the first loss nan).
+MAX_CLASS_WEIGHT = 1e6
+ClassWeight = Annotated[float, Field(gt=0, le=MAX_CLASS_WEIGHT)]
+
+
 class BCEWithLogitsLoss(Strict):
     type: Literal["BCEWithLogitsLoss"]
-    pos_weight: PositiveFloat | None = None
+    pos_weight: ClassWeight | None = None
 
 
 # One positive weight per class (PyTorch's ``weight``), for imbalanced classes; how many classes the data has is
 # known where the data is (models.shapes.infer_shapes checks the length against the network's outputs).
 MAX_CLASS_WEIGHTS = 10_000
-ClassWeights = Annotated[list[PositiveFloat], Field(min_length=2, max_length=MAX_CLASS_WEIGHTS)]
+ClassWeights = Annotated[list[ClassWeight], Field(min_length=2, max_length=MAX_CLASS_WEIGHTS)]
 
 
 class CrossEntropyLoss(Strict):

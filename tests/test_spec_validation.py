@@ -268,6 +268,10 @@ UNRUNNABLE = [
      "4 class weights for 3 classes; give one per class"),
     (blobs() | {"loss": {"type": "CrossEntropyLoss", "weight": [1.0, -2.0, 3.0]}}, "loss.weight[1]",
      "greater than 0"),
+    (blobs() | {"loss": {"type": "CrossEntropyLoss", "weight": [1e38] * 3}}, "loss.weight[0]",
+     "less than or equal to 1000000"),
+    (GOOD | {"loss": {"type": "BCEWithLogitsLoss", "pos_weight": 1e7}}, "loss.pos_weight",
+     "less than or equal to 1000000"),
     # 10 epochs of 5 batches, 3 to an optimizer step: 10 epochs of 2 steps.
     (GOOD | {"training": {"epochs": 10, "batch_size": 50, "accumulate_batches": 3},
              "scheduler": {"type": "OneCycleLR", "max_lr": 0.1, "pct_start": 0.05}}, "scheduler.pct_start",
