@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery import shared_task
 from celery.exceptions import Reject
 
@@ -11,6 +13,21 @@ from worker import runner
 from worker.context import draining
 
 
+class _NoTracebackForShutdownRejects(logging.Filter):
+    """Celery logs every Reject as a warning with its traceback; ours is the plan of a stopping worker, not a
+    fault, so its line stays and its traceback goes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        data = getattr(record, "data", None)
+        if isinstance(data, dict) and data.get("description") == "rejected" and SHUTDOWN_REJECT in data["exc"]:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+SHUTDOWN_REJECT = "worker shutting down"
+logging.getLogger("celery.app.trace").addFilter(_NoTracebackForShutdownRejects())
+
+
 # JobRequest (worker.signals) puts the job of a pool process that died back in the queue at once.
 @shared_task(name=RUN_JOB, Request="worker.signals:JobRequest")
 def run_job(job_id: str) -> str:
@@ -18,5 +35,5 @@ def run_job(job_id: str) -> str:
     if draining():
         # A stopping worker can still be handed a message (even the one it just rang for the job it
         # handed back): return it to the broker for another worker instead of starting the job here.
-        raise Reject("worker shutting down", requeue=True)
+        raise Reject(SHUTDOWN_REJECT, requeue=True)
     return runner.run_job(job_id)
