@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -117,3 +120,29 @@ def test_an_unknown_setting_is_an_error_not_ignored(tmp_path):
     run = torchyard("db", "upgrade", env=cli_env(tmp_path, TORCHYARD_DATABSE_URL="sqlite://"))
     assert run.returncode != 0
     assert "unknown setting TORCHYARD_DATABSE_URL" in run.stderr
+
+
+def test_a_server_that_cuts_an_upload_off_without_an_answer_is_said_plainly_with_the_size_sent(tmp_path):
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def cut_off():  # reads the start of the request, then resets the connection: no answer at all
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()
+
+    thread = threading.Thread(target=cut_off, daemon=True)
+    thread.start()
+    big_csv = tmp_path / "big.csv"
+    big_csv.write_text("a,b,label\n" + "0.5,0.25,1\n" * 2_000_000)
+    env = cli_env(tmp_path, TORCHYARD_URL=f"http://127.0.0.1:{listener.getsockname()[1]}", TORCHYARD_TOKEN="ty_x")
+    try:
+        uploaded = torchyard("upload", str(big_csv), env=env)
+    finally:
+        thread.join(timeout=30)
+        listener.close()
+    assert uploaded.returncode == 1 and "Traceback" not in uploaded.stderr
+    said = re.fullmatch(r"Error: the server closed the connection while the request's body \(([\d,]+) bytes\) was "
+                        r"being sent, likely because it is larger than the server's limit \(max_spec_bytes for a "
+                        r"spec, max_upload_bytes for an upload\)\n", uploaded.stderr)
+    assert said and int(said[1].replace(",", "")) > big_csv.stat().st_size, uploaded.stderr
