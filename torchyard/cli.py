@@ -68,8 +68,8 @@ def train(spec_file: Path, out_dir: Path, resume: bool, force: bool, device: str
     if not (resume or force) and out_dir.is_dir() and any(out_dir.iterdir()):
         raise click.UsageError(f"{out_dir} is not empty: --resume continues the run in it, --force trains "
                                "afresh over it, or name another --out")
-    if resume:
-        _check_resumable(out_dir)
+    # Read before the run is prepared: whether the folder held files of its own, besides a run's.
+    foreign = _not_a_run_s(out_dir) if resume else []
     limits = get_settings().limits
     printer = ProgressPrinter()
     try:
@@ -79,14 +79,19 @@ def train(spec_file: Path, out_dir: Path, resume: bool, force: bool, device: str
     except SpecError as error:
         _print_problems(error)
         sys.exit(2)
+    if resume and prepared.resumed_from is None:
+        if foreign:  # training there would mix a new run into files of another kind: said, not done
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise click.UsageError(f"nothing to resume in {out_dir}: it holds no checkpoint, and files that are "
+                                   f"not a torchyard run's ({shown}); --force trains afresh there (keeping them), "
+                                   "or name another --out")
+        click.echo(f"nothing to resume in {out_dir} (no checkpoint): starting fresh")
     data = prepared.data
     click.echo(f"{spec.name}: task {spec.task}, {data.n_train} training / {data.n_val} validation samples, "
                f"device {prepared.trainer.device}")
     click.echo(network_table(prepared.plan, data.report.input_shape))
     if prepared.resumed_from is not None:
         click.echo(f"resuming after epoch {prepared.resumed_from}")
-    elif resume:
-        click.echo(f"nothing to resume in {out_dir} (no checkpoint): starting fresh")
     started = time.monotonic()
     try:
         result = finish(prepared, spec, out_dir)
@@ -98,20 +103,15 @@ def train(spec_file: Path, out_dir: Path, resume: bool, force: bool, device: str
     click.echo(f"outputs in {out_dir}")
 
 
-def _check_resumable(out_dir: Path) -> None:
-    """Refuse --resume into a folder with no checkpoint but files that aren't a torchyard run's: training
-    there would mix a new run into someone else's files. A missing, empty or run-only folder starts fresh."""
-    from worker.engine import checkpoints, outputs
+def _not_a_run_s(out_dir: Path) -> list[str]:
+    """What in ``out_dir`` isn't a torchyard run's: anything but a model folder's files (weights, card,
+    metrics) and folders (checkpoints/; an empty one is nothing either way)."""
+    from torchyard.bundle import CARD, METRICS, WEIGHTS
 
-    if not out_dir.is_dir() or checkpoints.list_all(out_dir / outputs.CHECKPOINTS):
-        return
-    run_files = {outputs.WEIGHTS, outputs.CARD, outputs.METRICS, outputs.CHECKPOINTS}
-    foreign = sorted(path.name for path in out_dir.iterdir() if path.name not in run_files)
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise click.UsageError(f"nothing to resume in {out_dir}: it holds no checkpoint, and files that are not a "
-                               f"torchyard run's ({shown}); --force trains afresh there (keeping them), or name "
-                               "another --out")
+    if not out_dir.is_dir():
+        return []
+    return sorted(path.name for path in out_dir.iterdir()
+                  if path.name not in (WEIGHTS, CARD, METRICS) and not (path.is_dir() and not any(path.iterdir())))
 
 
 # --- running the service ---------------------------------------------------------------------
