@@ -62,12 +62,11 @@ def no_weights(job: Job) -> ApiError:
         return conflict(f"job {job.id} has no weights yet: it is {job.status}, and they are stored when it "
                         "succeeds")
     reason = job.error or job.stop_reason
-    return ApiError(
-        404,
-        "No weights",
-        f"job {job.id} {job.status} without weights" + (f": {reason}" if reason else ""),
-        kind="no-weights",
-    )
+    said = f"job {job.id} was cancelled before it stored weights" if job.status == "cancelled" else \
+        f"job {job.id} {job.status} without weights"
+    # A cancelled job's stop reason is "cancelled": said once, not as its own reason.
+    return ApiError(404, "No weights", said + (f": {reason}" if reason and reason != job.status else ""),
+                    kind="no-weights")
 
 
 @bp.get("/<job_id>/checkpoints")

@@ -31,8 +31,9 @@ def index():
     Needs no API key and tells nothing of anyone's data: a newcomer's first request."""
     return json_response(IndexOut(
         name="torchyard", version=torchyard_version(), api_version="v1",
-        authentication="Authorization: Bearer <API key> (torchyard token create, or the one serve prints), on "
-                       "every path but this index, health, openapi.json, the dashboard and docs",
+        authentication="Authorization: Bearer <API key> (torchyard token create, or the one serve saves in "
+                       "TORCHYARD_HOME/token, by default ~/.torchyard/token), on every path but this index, "
+                       "health, openapi.json, the dashboard and docs",
         links=IndexLinks(**{name: url_for(endpoint) for name, endpoint in LINKS.items()})))
 
 

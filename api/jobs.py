@@ -30,6 +30,9 @@ bp = Blueprint("jobs", __name__, url_prefix=f"{API_PREFIX}/jobs")
 bp.before_request(require_user)
 
 DEFAULT_LIMIT = 20
+# How a job that ended is said in a refusal to cancel it.
+ENDED_ALREADY = {"succeeded": "has already succeeded", "failed": "has already failed",
+                 "cancelled": "has already been cancelled"}
 
 
 @bp.post("")
@@ -119,7 +122,8 @@ def cancel(job_id: str):
     if job is None:  # deleted meanwhile (a cancel racing a delete of the cancelled job)
         raise not_found("job", job_id)
     if outcome is None:
-        raise conflict(f"job {job.id} is {job.status} already; only queued or running jobs can be cancelled")
+        raise conflict(f"job {job.id} {ENDED_ALREADY.get(job.status, f'is {job.status} already')}; only queued or "
+                       "running jobs can be cancelled")
     return json_response(job_out(job, owner_name(session, job)), status=200 if outcome == "cancelled" else 202)
 
 

@@ -13,10 +13,10 @@ from werkzeug.datastructures import MultiDict
 
 from api.errors import validation_error
 from api.gate import JsonRefused, loads
+from models.paging import MAX_LIMIT as MAX_LIMIT  # re-exported: the routes' bound, owned by models.paging
 from models.spec import Problem
 from models.text import quoted, text_problem
 
-MAX_LIMIT = 100
 # The largest whole number a query argument may carry: an INTEGER column's range on every backend.
 MAX_INT = 2**31 - 1
 # ASCII digits only: int() would also take "1_000", " 7 " and other scripts' digits, and spend quadratic

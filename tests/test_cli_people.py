@@ -134,6 +134,20 @@ started   2026-03-01 12:01:00 UTC (2d ago)
 finished  2026-03-01 12:02:00 UTC (2d ago)"""
 
 
+def test_list_and_datasets_say_a_limit_outside_the_api_s_bounds_before_asking(cli):
+    for command in (("list",), ("datasets", "list")):
+        for limit in ("0", "-1", "100000"):
+            refused = cli(*command, "--limit", limit)
+            assert refused.returncode == 2, refused.stderr
+            assert f"Invalid value for '--limit': {limit} is not in the range 1<=x<=100." in refused.stderr
+    assert cli("list", "--limit", "100").returncode == 0
+
+
+def test_the_api_index_says_where_serve_keeps_its_key(client):
+    authentication = client.get("/api/v1").get_json()["authentication"]
+    assert "the one serve saves in TORCHYARD_HOME/token, by default ~/.torchyard/token" in authentication
+
+
 def test_list_and_status_commands_print_that_text_plain_and_status_json_the_document(cli, fixed_jobs):
     queued, running, failed = fixed_jobs
     listed = cli("list")
@@ -185,6 +199,38 @@ def test_submit_uploads_a_spec_s_local_data_file_and_submits_it_as_that_dataset(
         (notice[1], "moons.csv", len((EXAMPLES / "data/moons.csv").read_text().splitlines()) - 1)
 
 
+def test_submit_deletes_the_dataset_it_uploaded_when_the_spec_is_refused_and_reuses_one_holding_the_file(
+        cli, live_server, tokens, tmp_path):
+    spec = json.loads((EXAMPLES / "csv-moons.json").read_text())
+    spec["data"]["path"] = str(EXAMPLES / "data/moons.csv")
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(spec))
+    bad.write_text(json.dumps({**spec, "training": {**spec["training"], "epochs": 0}}))
+    client = Client(live_server, tokens["alice"])
+
+    refused = cli("submit", str(bad))
+    assert refused.returncode == 1 and "training.epochs" in refused.stderr
+    uploaded = re.search(r"as dataset (ds_\w+);", refused.stderr)[1]
+    assert f"deleted dataset {uploaded} again, uploaded for this submit, which failed" in refused.stderr
+    assert client.datasets()["datasets"] == []
+
+    first = cli("submit", str(good))
+    assert first.returncode == 0, first.stderr
+    dataset = re.search(r"as dataset (ds_\w+);", first.stderr)[1]
+    second = cli("submit", str(good))
+    assert second.returncode == 0, second.stderr
+    assert second.stderr == (f"{spec['data']['path']} is dataset {dataset} already (the same SHA-256); submitting "
+                             f"with data.dataset_id={dataset}\n")
+    assert client.job(second.stdout.strip())["spec"]["data"]["dataset_id"] == dataset
+    again = cli("submit", str(bad))  # refused, but the dataset it used was there before: kept
+    assert again.returncode == 1 and f"is dataset {dataset} already" in again.stderr and "deleted" not in again.stderr
+    assert [d["id"] for d in client.datasets()["datasets"]] == [dataset]
+
+    other_target = tmp_path / "other.json"  # the same file with another target column is another dataset
+    other_target.write_text(json.dumps({**spec, "data": {**spec["data"], "target": "x1"}}))
+    assert "uploaded " in cli("submit", str(other_target)).stderr
+
+
 def test_the_service_s_refusal_of_a_local_file_names_torchyard_upload_and_the_endpoint(client, alice):
     spec = json.loads((EXAMPLES / "csv-moons.json").read_text())
     problem = client.post(JOBS, json=spec, headers=alice).get_json()
@@ -233,8 +279,13 @@ def test_cancel_says_what_it_did_and_a_second_cancel_is_no_error(cli, client, al
     set_job(running, status="succeeded")
     finished = cli("cancel", running)
     assert finished.returncode == 1
-    assert finished.stderr == (f"Error: 409 Conflict: job {running} is succeeded already; only queued or running "
-                               "jobs can be cancelled\n")
+    assert finished.stderr == (f"Error: 409 Conflict: job {running} has already succeeded; only queued or "
+                               "running jobs can be cancelled\n")
+    set_job(running, status="failed")
+    assert f"job {running} has already failed;" in cli("cancel", running).stderr
+    no_weights = cli("download", queued, "--out", "unused")
+    assert (no_weights.returncode, no_weights.stderr) == (
+        1, f"Error: 404 No weights: job {queued} was cancelled before it stored weights\n")
 
 
 def test_delete_removes_a_finished_job_and_refuses_a_running_one(cli, client, alice, spec, set_job):
@@ -315,7 +366,8 @@ def test_submit_follow_reads_the_metrics_stream_reconnecting_with_last_event_id_
                         lines[-2]), lines[-2]
     assert lines[-1] == f"download it: torchyard download {job_id} --out runs/follow-moons"
     assert again.returncode == 0, again.stderr
-    assert again.stdout.splitlines() == [line for line in lines[1:] if not line.endswith(" queued")]
+    assert sum(job_id in line for line in lines[:-1]) == 1  # said once (and in the download line)
+    assert again.stdout.splitlines() == [line for line in lines[1:] if not line.startswith("queued")]
     metrics = [(last, accept) for path, last, accept in asked_by_submit if path == f"{JOBS}/{job_id}/metrics"]
     assert all(accept == "text/event-stream" for _, accept in metrics)  # the stream, never a poll
     resumed = [int(last) for last, _ in metrics if last is not None]
@@ -335,6 +387,12 @@ def test_train_refuses_a_non_empty_out_unless_resume_or_force(tmp_path):
     assert f"{out} is not empty: --resume continues the run in it, --force trains afresh over it" in refused.stderr
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
+    foreign = torchyard("train", str(EXAMPLES / "circles-mlp.json"), "--out", str(out), "--resume", env=env)
+    assert foreign.returncode == 2
+    assert (f"nothing to resume in {out}: it holds no checkpoint, and files that are not a torchyard run's "
+            "(notes.txt)") in foreign.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
     both = torchyard("train", str(EXAMPLES / "circles-mlp.json"), "--out", str(out), "--resume", "--force", env=env)
     assert both.returncode == 2 and "give one of them" in both.stderr
 
@@ -346,6 +404,13 @@ def test_train_refuses_a_non_empty_out_unless_resume_or_force(tmp_path):
     assert forced.returncode == 0, forced.stderr
     assert forced.stdout.splitlines()[-2].startswith("succeeded (completed) after 2 epochs")
     assert (out / "weights.safetensors").is_file() and (out / "notes.txt").read_text() == "mine"
+
+    fresh = tmp_path / "fresh"
+    (fresh / "checkpoints").mkdir(parents=True)  # a run's folder, with nothing to resume from
+    started = torchyard("train", str(spec_file), "--out", str(fresh), "--resume", env=env)
+    assert started.returncode == 0, started.stderr
+    assert f"nothing to resume in {fresh} (no checkpoint): starting fresh" in started.stdout.splitlines()
+    assert (fresh / "weights.safetensors").is_file()
 
 
 def test_the_client_reopens_a_stream_cut_mid_event_after_the_last_epoch_it_received():

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -53,9 +57,9 @@ def test_db_upgrade_creates_the_schema_and_token_create_prints_a_working_key(tmp
         assert get_session().scalars(select(User.name)).all() == ["carol"]  # nothing stored for the refusal
 
 
-def test_torchyard_api_serves_under_gunicorn(tmp_path):
-    env = cli_env(tmp_path)
-    assert torchyard("db", "upgrade", env=env).returncode == 0
+@contextlib.contextmanager
+def served_api(env):
+    """``torchyard api`` (gunicorn, one process) on a free port; yields its base URL once /health answers."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -71,9 +75,39 @@ def test_torchyard_api_serves_under_gunicorn(tmp_path):
                 time.sleep(0.2)
         assert health is not None, server.stdout.read1().decode() if server.poll() is not None else "no answer"
         assert health["status"] == "ok"
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_torchyard_api_serves_under_gunicorn(tmp_path):
+    env = cli_env(tmp_path)
+    assert torchyard("db", "upgrade", env=env).returncode == 0
+    with served_api(env) as url:  # it waits for /health to say ok
+        assert url.startswith("http://127.0.0.1:")
+
+
+def test_a_spec_or_an_upload_over_the_server_s_limit_is_said_as_its_413_not_as_a_connection_error(tmp_path):
+    # The server answers 413 before reading the body and closes, so the CLI's send breaks midway (a body
+    # far larger than the socket buffers): it must still read and print that answer.
+    env = cli_env(tmp_path, TORCHYARD_MAX_UPLOAD_BYTES=str(1024 * 1024))
+    assert torchyard("db", "upgrade", env=env).returncode == 0
+    key = torchyard("token", "create", "laptop", "--user", "carol", env=env).stdout.strip()
+    big_spec = tmp_path / "big.json"
+    big_spec.write_text(json.dumps({"name": "big", "notes": "x" * 8_000_000}))
+    big_csv = tmp_path / "big.csv"
+    big_csv.write_text("a,b,label\n" + "0.5,0.25,1\n" * 2_000_000)
+    with served_api(env) as url:
+        client_env = {**env, "TORCHYARD_URL": url, "TORCHYARD_TOKEN": key}
+        submitted = torchyard("submit", str(big_spec), env=client_env)
+        uploaded = torchyard("upload", str(big_csv), env=client_env)
+    assert (submitted.returncode, submitted.stdout) == (1, "")
+    assert submitted.stderr == ("Error: 413 Content Too Large: the spec is larger than 1048576 bytes "
+                                "(max_spec_bytes)\n")
+    assert (uploaded.returncode, uploaded.stdout) == (1, "")
+    assert uploaded.stderr == ("Error: 413 Content Too Large: the request body is larger than 1048576 bytes "
+                               "(max_upload_bytes)\n")
 
 
 def test_worker_refuses_an_unknown_queue(tmp_path):
@@ -86,3 +120,29 @@ def test_an_unknown_setting_is_an_error_not_ignored(tmp_path):
     run = torchyard("db", "upgrade", env=cli_env(tmp_path, TORCHYARD_DATABSE_URL="sqlite://"))
     assert run.returncode != 0
     assert "unknown setting TORCHYARD_DATABSE_URL" in run.stderr
+
+
+def test_a_server_that_cuts_an_upload_off_without_an_answer_is_said_plainly_with_the_size_sent(tmp_path):
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def cut_off():  # reads the start of the request, then resets the connection: no answer at all
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()
+
+    thread = threading.Thread(target=cut_off, daemon=True)
+    thread.start()
+    big_csv = tmp_path / "big.csv"
+    big_csv.write_text("a,b,label\n" + "0.5,0.25,1\n" * 2_000_000)
+    env = cli_env(tmp_path, TORCHYARD_URL=f"http://127.0.0.1:{listener.getsockname()[1]}", TORCHYARD_TOKEN="ty_x")
+    try:
+        uploaded = torchyard("upload", str(big_csv), env=env)
+    finally:
+        thread.join(timeout=30)
+        listener.close()
+    assert uploaded.returncode == 1 and "Traceback" not in uploaded.stderr
+    said = re.fullmatch(r"Error: the server closed the connection while the request's body \(([\d,]+) bytes\) was "
+                        r"being sent, likely because it is larger than the server's limit \(max_spec_bytes for a "
+                        r"spec, max_upload_bytes for an upload\)\n", uploaded.stderr)
+    assert said and int(said[1].replace(",", "")) > big_csv.stat().st_size, uploaded.stderr

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import click
 
+from models.paging import MAX_LIMIT
+
+LIMIT = click.IntRange(1, MAX_LIMIT)  # the API's bounds on a page
+
 
 def _read_spec_file(path: Path) -> dict:
     try:
@@ -64,6 +68,8 @@ def train(spec_file: Path, out_dir: Path, resume: bool, force: bool, device: str
     if not (resume or force) and out_dir.is_dir() and any(out_dir.iterdir()):
         raise click.UsageError(f"{out_dir} is not empty: --resume continues the run in it, --force trains "
                                "afresh over it, or name another --out")
+    # Read before the run is prepared: whether the folder held files of its own, besides a run's.
+    foreign = _not_a_run_s(out_dir) if resume else []
     limits = get_settings().limits
     printer = ProgressPrinter()
     try:
@@ -73,6 +79,13 @@ def train(spec_file: Path, out_dir: Path, resume: bool, force: bool, device: str
     except SpecError as error:
         _print_problems(error)
         sys.exit(2)
+    if resume and prepared.resumed_from is None:
+        if foreign:  # training there would mix a new run into files of another kind: said, not done
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise click.UsageError(f"nothing to resume in {out_dir}: it holds no checkpoint, and files that are "
+                                   f"not a torchyard run's ({shown}); --force trains afresh there (keeping them), "
+                                   "or name another --out")
+        click.echo(f"nothing to resume in {out_dir} (no checkpoint): starting fresh")
     data = prepared.data
     click.echo(f"{spec.name}: task {spec.task}, {data.n_train} training / {data.n_val} validation samples, "
                f"device {prepared.trainer.device}")
@@ -88,6 +101,17 @@ def train(spec_file: Path, out_dir: Path, resume: bool, force: bool, device: str
     if result.status != "succeeded":
         sys.exit(1)
     click.echo(f"outputs in {out_dir}")
+
+
+def _not_a_run_s(out_dir: Path) -> list[str]:
+    """What in ``out_dir`` isn't a torchyard run's: anything but a model folder's files (weights, card,
+    metrics) and folders (checkpoints/; an empty one is nothing either way)."""
+    from torchyard.bundle import CARD, METRICS, WEIGHTS
+
+    if not out_dir.is_dir():
+        return []
+    return sorted(path.name for path in out_dir.iterdir()
+                  if path.name not in (WEIGHTS, CARD, METRICS) and not (path.is_dir() and not any(path.iterdir())))
 
 
 # --- running the service ---------------------------------------------------------------------
@@ -351,11 +375,11 @@ def _api_errors():
     import http.client
     import urllib.error
 
-    from torchyard.client import ApiError
+    from torchyard.client import ApiError, SendCutOff
 
     try:
         yield
-    except ApiError as error:
+    except (ApiError, SendCutOff) as error:  # SendCutOff: it reached the API, which cut the upload off
         raise click.ClickException(str(error)) from None
     except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as error:
         raise click.ClickException(f"can't reach the torchyard API: {error}") from None
@@ -385,8 +409,8 @@ def _follow(client, job: dict) -> dict:
 
     from torchyard import show
 
-    if job["status"] == "queued":
-        click.echo(f"{job['id']} queued" + (f": {job['pending_reason']}" if job.get("pending_reason") else ""))
+    if job["status"] == "queued":  # the id was said already: by `submit`, or by whoever asked for its status
+        click.echo("queued" + (f": {job['pending_reason']}" if job.get("pending_reason") else ""))
     finished = job
     with _api_errors(), show.EpochDisplay(job["progress"]["epochs"]) as display:
         for event, data in client.stream_metrics(job["id"]):
@@ -401,21 +425,55 @@ def _follow(client, job: dict) -> dict:
     return finished
 
 
-def _file_data_uploaded(client, spec, spec_file: Path):
-    """A spec whose data is a local file (data.source "file"), with the file uploaded (as `torchyard upload`
-    does) and the spec pointing at it (source "dataset"); any other spec as it is."""
+def _file_data_uploaded(client, spec, spec_file: Path) -> tuple[object, str | None]:
+    """A spec whose data is a local file (data.source "file") pointing at that file as a dataset of the
+    service (source "dataset"), and the id of the dataset uploaded for it (None when one of the caller's
+    datasets holds the same file already, and is used instead); any other spec as it is, and None."""
     data = spec.get("data") if isinstance(spec, dict) else None
     if not (isinstance(data, dict) and data.get("source") == "file" and isinstance(data.get("path"), str)):
-        return spec  # not a local file (or a malformed one, which the API names)
+        return spec, None  # not a local file (or a malformed one, which the API names)
     path = spec_file.parent / data["path"]  # relative to the spec file, as `torchyard train` reads it
     if not path.is_file():
         raise click.UsageError(f"data.path: {data['path']} is not a file (read as {path})")
     target = data.get("target") if isinstance(data.get("target"), str) else None
-    dataset = _call(client.upload_dataset, path, target=target)
-    click.echo(f"uploaded {data['path']} as dataset {dataset['id']}; submitting with "
-               f"data.dataset_id={dataset['id']}", err=True)
+    dataset, uploaded = _call(_same_dataset, client, path, target), None
+    if dataset is not None:
+        click.echo(f"{data['path']} is dataset {dataset['id']} already (the same SHA-256); submitting with "
+                   f"data.dataset_id={dataset['id']}", err=True)
+    else:
+        dataset = _call(client.upload_dataset, path, target=target)
+        uploaded = dataset["id"]
+        click.echo(f"uploaded {data['path']} as dataset {dataset['id']}; submitting with "
+                   f"data.dataset_id={dataset['id']}", err=True)
     moved = {key: value for key, value in data.items() if key != "path"}
-    return {**spec, "data": {**moved, "source": "dataset", "dataset_id": dataset["id"]}}
+    return {**spec, "data": {**moved, "source": "dataset", "dataset_id": dataset["id"]}}, uploaded
+
+
+def _same_dataset(client, path: Path, target: str | None) -> dict | None:
+    """The caller's dataset that holds this very file (its SHA-256) with the same target column, if any."""
+    import hashlib
+
+    from models.tabular import TableError, csv_header, open_csv
+
+    if path.suffix.lower() == ".csv" and target is None:
+        try:  # the service's default target: the last column of the header
+            with open_csv(path) as handle:
+                target = csv_header(handle)[-1]
+        except (TableError, UnicodeDecodeError):
+            return None  # not a CSV file the service takes: the upload says why
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    cursor = None
+    while True:
+        page = client.datasets(limit=MAX_LIMIT, cursor=cursor)
+        for dataset in page["datasets"]:
+            if dataset["sha256"] == digest.hexdigest() and dataset["target"] == target:
+                return dataset
+        cursor = page["next_cursor"]
+        if not cursor:
+            return None
 
 
 @main.command()
@@ -426,15 +484,32 @@ def _file_data_uploaded(client, spec, spec_file: Path):
 def submit(spec_file: Path, tags: tuple[str, ...], experiment: str | None, follow: bool) -> None:
     """Submit SPEC_FILE to the service and print the job id.
 
-    A spec whose data is a local file (data.source "file") has the file uploaded first, and goes as
-    data.source "dataset" with the uploaded dataset's id.
+    A spec whose data is a local file (data.source "file") goes as data.source "dataset": with the id of
+    your dataset that holds that file already (the same SHA-256 and target), or else the file is uploaded
+    first, and that upload deleted again if the service refuses the spec.
     """
     client = _client()
-    spec = _file_data_uploaded(client, _read_spec_file(spec_file), spec_file)
-    job = _call(client.submit, _labelled(spec, tags, experiment))
+    spec, uploaded = _file_data_uploaded(client, _read_spec_file(spec_file), spec_file)
+    try:
+        job = _call(client.submit, _labelled(spec, tags, experiment))
+    except click.ClickException:
+        if uploaded is not None:
+            _forget_upload(client, uploaded)
+        raise
     click.echo(job["id"])
     if follow and _follow(client, job)["status"] != "succeeded":
         sys.exit(1)
+
+
+def _forget_upload(client, dataset_id: str) -> None:
+    """Delete the dataset a submit uploaded once the submit failed: it would only count against the quota."""
+    try:
+        _call(client.delete_dataset, dataset_id)
+    except click.ClickException as error:
+        click.echo(f"the submit failed, and so did deleting dataset {dataset_id}, uploaded for it ({error.message}): "
+                   f"`torchyard datasets delete {dataset_id}` deletes it", err=True)
+    else:
+        click.echo(f"deleted dataset {dataset_id} again, uploaded for this submit, which failed", err=True)
 
 
 def _labelled(spec, tags: tuple[str, ...], experiment: str | None):
@@ -474,7 +549,7 @@ def status(job_id: str, follow: bool, as_json: bool) -> None:
 @click.option("--status", "status_filter", default=None, help="Only jobs in this status.")
 @click.option("--tag", "tags", multiple=True, help="Only jobs carrying this tag (repeat it: jobs carrying each).")
 @click.option("--experiment", default=None, help="Only the jobs of this experiment.")
-@click.option("--limit", type=int, default=20)
+@click.option("--limit", type=LIMIT, default=20, show_default=True, help="How many jobs, newest first.")
 def list_jobs(status_filter: str | None, tags: tuple[str, ...], experiment: str | None, limit: int) -> None:
     """Your newest jobs: id, name, status, progress, best metric, age; tags and experiment when any has them."""
     from torchyard import show
@@ -584,7 +659,7 @@ def datasets(context: click.Context) -> None:
 
 
 @datasets.command("list")
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=LIMIT, default=50, show_default=True, help="How many datasets, newest first.")
 def datasets_list(limit: int = 50) -> None:
     """Your datasets, newest first: id, name, format, rows, features, target, size, age."""
     from torchyard import show

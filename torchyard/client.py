@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -42,6 +43,28 @@ class ApiError(Exception):
         super().__init__("\n".join(lines))
 
 
+class SendCutOff(ConnectionError):
+    """The server closed the connection while the request's body was still being sent, and sent no answer
+    that could be read: most often a body over the server's limit, refused before it was read."""
+
+    def __init__(self, sent: int):
+        self.sent = sent
+        super().__init__(f"the server closed the connection while the request's body ({sent:,} bytes) was being "
+                         "sent, likely because it is larger than the server's limit (max_spec_bytes for a spec, "
+                         "max_upload_bytes for an upload)")
+
+
+def _api_error(status: int, reason: str, raw: bytes, headers) -> ApiError:
+    """The ApiError of an error response: its problem+json body, or its reason and text when it isn't one."""
+    try:
+        problem = json.loads(raw)
+    except ValueError:
+        problem = None
+    if not isinstance(problem, dict):
+        problem = {"title": reason, "detail": raw.decode(errors="replace")[:500]}
+    return ApiError(status, problem, headers.get("Retry-After"))
+
+
 class Client:
     """One API server and one token."""
 
@@ -69,12 +92,33 @@ class Client:
         try:
             return urllib.request.urlopen(request, timeout=self.timeout)
         except urllib.error.HTTPError as error:
-            raw = error.read()
+            raise _api_error(error.code, error.reason, error.read(), error.headers) from None
+
+    def _send(self, request: urllib.request.Request) -> Any:
+        """The JSON answer to a request that carries a body (a spec, an upload).
+
+        Sent with http.client, not urlopen: a server that refuses a body too large (413) answers before
+        reading it and closes, so the send breaks (broken pipe, reset) while the answer waits unread, and
+        urlopen would report only the broken pipe. Here the answer is read after such a break; when none
+        can be, SendCutOff says what most likely happened."""
+        parts = urllib.parse.urlsplit(request.full_url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = kind(parts.hostname, parts.port, timeout=self.timeout)
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        try:
+            # The server may have answered already, without reading the rest of the body: read that answer.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                connection.request(request.get_method(), path, body=request.data, headers=request.headers)
             try:
-                problem = json.loads(raw)
-            except ValueError:
-                problem = {"title": error.reason, "detail": raw.decode(errors="replace")[:500]}
-            raise ApiError(error.code, problem, error.headers.get("Retry-After")) from None
+                response = connection.getresponse()
+                raw = response.read()
+            except (OSError, http.client.HTTPException):
+                raise SendCutOff(len(request.data or b"")) from None
+        finally:
+            connection.close()
+        if response.status >= 400:
+            raise _api_error(response.status, response.reason, raw, response.headers)
+        return json.loads(raw) if raw else None
 
     def _json(self, method: str, path: str, **kwargs) -> Any:
         with self._open(self._request(method, path, **kwargs)) as response:
@@ -86,7 +130,7 @@ class Client:
     def submit(self, spec: dict, idempotency_key: str | None = None) -> dict:
         """Submit a spec; retried submits with the same key return the same job."""
         key = idempotency_key or str(uuid.uuid4())
-        return self._json("POST", "/jobs", body=spec, headers={"Idempotency-Key": key})
+        return self._send(self._request("POST", "/jobs", body=spec, headers={"Idempotency-Key": key}))
 
     def job(self, job_id: str) -> dict:
         return self._json("GET", f"/jobs/{job_id}")
@@ -219,8 +263,7 @@ class Client:
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
         request = urllib.request.Request(self.base + "/datasets", data=body, method="POST", headers={
             "Authorization": f"Bearer {self.token}", "Content-Type": f"multipart/form-data; boundary={boundary}"})
-        with self._open(request) as response:
-            return json.loads(response.read())
+        return self._send(request)
 
     def datasets(self, limit: int = 50, cursor: str | None = None) -> dict:
         """One page of the caller's datasets, newest first: {"datasets": [...], "next_cursor": ...}."""
