@@ -38,16 +38,14 @@ def read_bundle(source: str | Path | IO[bytes], weights_limit: Callable[[bytes],
     ``weights_limit(card)``, when given, says from the model card how many bytes the weights may be; the
     weights member's size, as its tar header declares it, is checked against it before a byte of it is read
     (whatever the members' order), so a small archive can't unpack into gigabytes."""
+    prefix = f"{source}: " if isinstance(source, (str, Path)) else ""  # a file is named; a download isn't
     try:
-        if isinstance(source, (str, Path)):
-            with tarfile.open(source, mode="r:*") as archive:
-                files = _members(archive, weights_limit)
-        else:
-            with tarfile.open(fileobj=source, mode="r:*") as archive:
-                files = _members(archive, weights_limit)
+        with tarfile.open(source, mode="r:*") if prefix else tarfile.open(fileobj=source, mode="r:*") as archive:
+            return _members(archive, weights_limit)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise BundleError(f"not a readable .tar.gz bundle: {exc}") from None
-    return files
+        raise BundleError(f"{prefix}not a readable .tar.gz bundle: {exc}") from None
+    except BundleError as exc:
+        raise BundleError(f"{prefix}{exc}") from None
 
 
 def _members(archive: tarfile.TarFile, weights_limit: Callable[[bytes], int] | None) -> dict[str, bytes]:
@@ -75,21 +73,22 @@ def _members(archive: tarfile.TarFile, weights_limit: Callable[[bytes], int] | N
         if name == WEIGHTS:
             weights = member  # read after the card, which says how big the weights may be
             if CARD in files and weights_limit is not None:  # known now: checked before skipping past it
-                _check_size(member, weights_limit(files[CARD]))
+                _check_size(member, weights_limit(files[CARD]), f"what the network of {CARD} needs")
         else:
             files[name] = _read(archive, member)
     missing = [name for name, there in ((CARD, CARD in files), (WEIGHTS, weights is not None)) if not there]
     if missing:
         raise BundleError(f"the bundle lacks {', '.join(missing)}")
     if weights_limit is not None:
-        _check_size(weights, weights_limit(files[CARD]))  # (a second call costs nothing: the card is small)
+        _check_size(weights, weights_limit(files[CARD]), f"what the network of {CARD} needs")
     files[WEIGHTS] = _read(archive, weights)
     return files
 
 
-def _check_size(member: tarfile.TarInfo, limit: int) -> None:
+def _check_size(member: tarfile.TarInfo, limit: int, what: str = "") -> None:
+    """Refuses a member by the size its tar header declares, before it is read."""
     if member.size > limit:
-        raise BundleError(f"{member.name!r} is {member.size} bytes; at most {limit}")
+        raise BundleError(f"{member.name!r} is {member.size} bytes; at most {limit}{f' ({what})' if what else ''}")
 
 
 def _read(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
