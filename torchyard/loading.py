@@ -168,15 +168,15 @@ def _read_card(text: bytes, name) -> tuple[dict, dict[str, tuple[str, tuple[int,
     network on the meta device: no memory spent, however large a card claims the network is."""
     try:
         card = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # (a UnicodeDecodeError is a ValueError)
         raise ModelError(f"{name}: not JSON ({exc})") from None
     if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
         raise ModelError(f"{name}: not a torchyard model card (its format is not {CARD_FORMAT!r})")
     try:
         spec = JobSpec.model_validate(card["spec"])
         shape = tuple(card["input_shape"])
-        mean, std = (torch.zeros(shape), torch.ones(shape)) if card["standardize"] else (None, None)
-        with torch.device("meta"):
+        with torch.device("meta"):  # even the placeholders: a card may claim any input shape
+            mean, std = (torch.zeros(shape), torch.ones(shape)) if card["standardize"] else (None, None)
             network = build_network(spec, _plan(card, name), mean, std)
         TrainedModel(card, network.body)  # the card's other fields, checked once here
     except ModelError:
