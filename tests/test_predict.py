@@ -154,6 +154,8 @@ def test_flat_rows_are_reshaped_to_the_image_shape_of_a_cnn(tmp_path):
     with torch.no_grad():
         assert (flat == model(images).argmax(dim=1).numpy()).all()
     assert (model.predict(X.reshape(-1, 1, 8, 8)) == flat).all()  # already shaped: taken as it is
+    assert (model.predict(X.reshape(-1, 8, 8)) == flat).all()  # images without their one channel
+    assert (model.predict(X[0].reshape(8, 8)) == flat[:1]).all()  # one of them
     assert (flat == y).mean() > 0.8
     with pytest.raises(ValueError, match=r"each row needs 64 features \(reshaped to \[1, 8, 8\]\).*got rows of 63"):
         model.predict(X[:, :63])
@@ -349,3 +351,167 @@ def test_the_bundle_reader_knows_the_files_the_engine_writes():
     import torchyard.bundle
 
     assert (torchyard.bundle.WEIGHTS, torchyard.bundle.CARD, torchyard.bundle.METRICS) == (WEIGHTS, CARD, METRICS)
+
+
+# --- what a cold tester found: every data source, clean errors, hostile files, non-finite input ----------
+
+
+@pytest.fixture(scope="module")
+def circles_model(tmp_path_factory) -> Path:
+    """A binary model trained on scikit-learn data, whose spec names no target column."""
+    out = tmp_path_factory.mktemp("circles")
+    spec = parse_spec({"seed": 0, "task": "binary",
+                       "data": {"source": "sklearn", "name": "make_circles", "params": {"n_samples": 200}},
+                       "model": {"layers": [{"type": "Linear", "out_features": 1}]},
+                       "optimizer": {"type": "Adam", "lr": 0.05}, "training": {"epochs": 2, "batch_size": 64}})
+    assert train(spec, out).status == "succeeded"
+    return out
+
+
+def one_error_line(result) -> str:
+    """The CLI's message for a refused command: exit 1, one line `Error: ...`, no traceback."""
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+def test_a_model_of_scikit_learn_data_predicts_a_csv_with_a_header(circles_model, tmp_path):
+    rows = tmp_path / "c.csv"
+    rows.write_text("x1,x2\n0.1,-0.2\n1.0,0.5\n")
+    printed = cli("predict", str(circles_model), "--input", str(rows))
+    assert printed.returncode == 0, printed.stderr
+    expected = torchyard.load_model(circles_model).predict([[0.1, -0.2], [1.0, 0.5]])
+    assert printed.stdout.splitlines() == [str(label) for label in expected]
+
+
+def test_probabilities_printed_to_the_terminal_have_the_classes_as_a_header(circles_model, tmp_path):
+    rows = tmp_path / "c.csv"
+    rows.write_text("0.1,-0.2\n")
+    printed = cli("predict", str(circles_model), "--input", str(rows), "--proba")
+    assert printed.returncode == 0, printed.stderr
+    lines = printed.stdout.splitlines()
+    assert lines[0] == "0,1" and len(lines) == 2
+    np.testing.assert_allclose(sum(map(float, lines[1].split(","))), 1.0)
+
+
+def test_an_output_that_cant_be_written_is_one_error_line(iris_model, tmp_path):
+    missing = tmp_path / "no" / "such" / "p.csv"
+    line = one_error_line(cli("predict", str(iris_model), "--input", str(IRIS_CSV), "--output", str(missing)))
+    assert f"can't write {missing}" in line and "No such file or directory" in line
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("sepal_length,sepal_width,petal_length,petal_width\n5.1,3.5,1.4,nan\n",
+     "line 2, column 'petal_width': nan is not a finite number"),
+    ("5.1,3.5,1.4,0.2\n\n5.1,1e999,1.4,0.2\n", "line 3, column 2: inf is not a finite number"),
+    ("sepal_length,sepal_width,petal_length,petal_width\n5.1,3.5,abc,0.2\n",
+     "line 2, column 'petal_length': 'abc' is not a number"),
+    ("species,sepal_length,sepal_width,petal_length,petal_width\nx,5.1,3.5,1.4,0.2\nx,5.1,1_0,1.4,0.2\n",
+     "line 3, column 'sepal_width': '1_0' is not a number"),
+])
+def test_a_cell_that_isnt_a_finite_number_is_named_by_line_and_column(iris_model, tmp_path, text, message):
+    rows = tmp_path / "rows.csv"
+    rows.write_text(text)
+    assert message in one_error_line(cli("predict", str(iris_model), "--input", str(rows)))
+
+
+def test_input_that_isnt_utf8_is_said_to_be_so(iris_model, tmp_path):
+    rows = tmp_path / "latin.csv"
+    rows.write_bytes("caf\u00e9,b,c,d\n1,2,3,4\n".encode("latin-1"))
+    assert f"{rows} isn't UTF-8 text" in one_error_line(cli("predict", str(iris_model), "--input", str(rows)))
+
+
+@pytest.mark.parametrize("source", ["/nonexistent", "runs/iris", "model.tar.gz", "iris"])
+def test_a_missing_path_is_said_missing_not_asked_of_the_service(iris_model, source, tmp_path):
+    # No TORCHYARD_URL: asking the service would be a different error (no service, or 404).
+    env = {**os.environ, "TORCHYARD_URL": "http://127.0.0.1:9", "TORCHYARD_HOME": str(tmp_path)}
+    line = one_error_line(cli("predict", source, "--input", str(IRIS_CSV), env=env))
+    assert f"no model folder or bundle file at {source}" in line
+
+
+def test_non_finite_rows_are_refused_by_the_python_api_naming_row_and_column(iris_model):
+    model = torchyard.load_model(iris_model)
+    with pytest.raises(ValueError, match="X row 0, column 3 is nan"):
+        model.predict([[1, 2, 3, float("nan")]])
+    with pytest.raises(ValueError, match="X row 1, column 0 is inf"):
+        model.predict_proba([[1, 2, 3, 4], [float("inf"), 2, 3, 4]])
+
+
+@pytest.mark.parametrize("X", [None, 3.0, "abc"])
+def test_x_that_isnt_rows_is_said_to_need_rows_of_numbers(iris_model, X):
+    with pytest.raises(ValueError, match="X must be rows of 4 numbers"):
+        torchyard.load_model(iris_model).predict(X)
+
+
+def test_a_one_feature_model_says_feature_in_the_singular(tmp_path):
+    spec = parse_spec({"seed": 0, "task": "regression",
+                       "data": {"source": "sklearn", "name": "make_regression",
+                                "params": {"n_samples": 50, "n_features": 1}},
+                       "model": {"layers": [{"type": "Linear", "out_features": 1}]},
+                       "optimizer": {"type": "SGD", "lr": 0.01}, "training": {"epochs": 1, "batch_size": 50}})
+    assert train(spec, tmp_path).status == "succeeded"
+    with pytest.raises(ValueError, match="each row needs 1 feature, as the model was trained on; got rows of 2"):
+        torchyard.load_model(tmp_path).predict([[1.0, 2.0]])
+
+
+def broken_bundle(iris_model: Path, tmp_path: Path, **changes: bytes) -> Path:
+    return tarball(tmp_path / "broken.tar.gz", {**model_files(iris_model), **changes})
+
+
+def test_weights_larger_than_the_card_s_network_are_refused_before_they_are_read(iris_model, tmp_path):
+    # The weights member first, 20 MB of zeros (20 kB packed): refused by its declared size, whatever the order.
+    zeros = tarball(tmp_path / "zeros.tar.gz", {WEIGHTS: bytes(20_000_000), CARD: (iris_model / CARD).read_bytes()})
+    with pytest.raises(BundleError, match=r"^\S+zeros.tar.gz: 'weights.safetensors' is 20000000 bytes; at most "
+                                          r"\d{5,6} \(what the network of model.json needs\)$"):
+        torchyard.load_model(zeros)
+    # A header that declares 2 GiB and no body at all: refused from the header, never read.
+    bomb = tmp_path / "bomb.tar.gz"
+    with tarfile.open(bomb, "w:gz") as tar:
+        card = (iris_model / CARD).read_bytes()
+        info = tarfile.TarInfo(CARD)
+        info.size = len(card)
+        tar.addfile(info, io.BytesIO(card))
+        info = tarfile.TarInfo(WEIGHTS)
+        info.size = 2 * 1024**3
+        tar.fileobj.write(info.tobuf())
+    with pytest.raises(BundleError, match="'weights.safetensors' is 2147483648 bytes; at most"):
+        torchyard.load_model(bomb)
+    # In a folder, the file's size on disk.
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / CARD).write_bytes(card)
+    (tmp_path / "folder" / WEIGHTS).write_bytes(bytes(20_000_000))
+    with pytest.raises(ValueError, match="weights.safetensors: 20000000 bytes, more than the"):
+        torchyard.load_model(tmp_path / "folder")
+
+
+def test_a_card_that_doesnt_match_its_weights_is_a_clear_error(iris_model, tmp_path):
+    card = json.loads((iris_model / CARD).read_text())
+    card["spec"]["model"]["layers"][0]["out_features"] = 8
+    bundle = broken_bundle(iris_model, tmp_path, **{CARD: json.dumps(card).encode()})
+    with pytest.raises(ValueError, match=r"weights.safetensors doesn't match the network of model.json: "
+                                         r"'body.0.weight' is F32 \[16, 4\]; the card's network has F32 \[8, 4\]"):
+        torchyard.load_model(bundle)
+    line = one_error_line(cli("predict", str(bundle), "--input", str(IRIS_CSV)))
+    assert f"{bundle}: weights.safetensors doesn't match" in line
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({CARD: b"{not json"}, "model.json: not JSON"),
+    ({CARD: b'{"format": "other"}'}, "model.json: not a torchyard model card"),
+    ({WEIGHTS: b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}"}, "weights.safetensors: not a safetensors file "
+                                                                      r"\(its header isn't JSON\)"),
+    ({WEIGHTS: b"\xff" * 8 + b"{}"}, r"weights.safetensors: not a safetensors file \(its header claims"),
+    ({WEIGHTS: b"abc"}, r"weights.safetensors: not a safetensors file \(3 bytes\)"),
+])
+def test_a_corrupt_card_or_weights_is_an_error_naming_the_file(iris_model, tmp_path, changes, message):
+    bundle = broken_bundle(iris_model, tmp_path, **changes)
+    with pytest.raises(ValueError, match=f"^{bundle}: {message}"):
+        torchyard.load_model(bundle)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, data in {**model_files(iris_model), **changes}.items():
+        (folder / name).write_bytes(data)
+    with pytest.raises(ValueError, match=f"^{folder}/{message}"):
+        torchyard.load_model(folder)

@@ -11,6 +11,8 @@ refused, so a hostile archive can't write, read or fill anything. Standard libra
 from __future__ import annotations
 
 import tarfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -28,26 +30,28 @@ class BundleError(ValueError):
     """An archive that isn't a bundle of a torchyard model, with what is wrong with it."""
 
 
-def read_bundle(source: str | Path | IO[bytes]) -> dict[str, bytes]:
+def read_bundle(source: str | Path | IO[bytes], weights_limit: Callable[[bytes], int] | None = None
+                ) -> dict[str, bytes]:
     """The bundle's files by name (``model.json`` and ``weights.safetensors`` at least), from a path or a
-    binary file object; BundleError for anything that isn't a bundle."""
+    seekable binary file object; BundleError for anything that isn't a bundle.
+
+    ``weights_limit(card)``, when given, says from the model card how many bytes the weights may be; the
+    weights member's size, as its tar header declares it, is checked against it before a byte of it is read
+    (whatever the members' order), so a small archive can't unpack into gigabytes."""
+    prefix = f"{source}: " if isinstance(source, (str, Path)) else ""  # a file is named; a download isn't
     try:
-        if isinstance(source, (str, Path)):
-            with tarfile.open(source, mode="r:*") as archive:
-                files = _members(archive)
-        else:
-            with tarfile.open(fileobj=source, mode="r:*") as archive:
-                files = _members(archive)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise BundleError(f"not a readable .tar.gz bundle: {exc}") from None
-    missing = [name for name in (CARD, WEIGHTS) if name not in files]
-    if missing:
-        raise BundleError(f"the bundle lacks {', '.join(missing)}")
-    return files
+        with tarfile.open(source, mode="r:*") if prefix else tarfile.open(fileobj=source, mode="r:*") as archive:
+            return _members(archive, weights_limit)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise BundleError(f"{prefix}not a readable .tar.gz bundle: {exc}") from None
+    except BundleError as exc:
+        raise BundleError(f"{prefix}{exc}") from None
 
 
-def _members(archive: tarfile.TarFile) -> dict[str, bytes]:
+def _members(archive: tarfile.TarFile, weights_limit: Callable[[bytes], int] | None) -> dict[str, bytes]:
+    """The allowed members' contents; the weights read last, once the card has bounded their size."""
     files: dict[str, bytes] = {}
+    weights: tarfile.TarInfo | None = None
     folders: set[str] = set()
     for count, member in enumerate(archive, start=1):
         if count > MAX_MEMBERS:
@@ -63,13 +67,36 @@ def _members(archive: tarfile.TarFile) -> dict[str, bytes]:
         folders.update(parts[:-1])
         if len(folders) > 1:
             raise BundleError(f"members in more than one folder ({', '.join(sorted(map(repr, folders)))})")
-        if name in files:
+        if name in files or (name == WEIGHTS and weights is not None):
             raise BundleError(f"{name} appears twice")
-        if member.size > MAX_BYTES[name]:
-            raise BundleError(f"{member.name!r} is {member.size} bytes; at most {MAX_BYTES[name]}")
-        with archive.extractfile(member) as stream:
-            files[name] = stream.read(member.size)
+        _check_size(member, MAX_BYTES[name])
+        if name == WEIGHTS:
+            weights = member  # read after the card, which says how big the weights may be
+            if CARD in files and weights_limit is not None:  # known now: checked before skipping past it
+                _check_size(member, weights_limit(files[CARD]), f"what the network of {CARD} needs")
+        else:
+            files[name] = _read(archive, member)
+    missing = [name for name, there in ((CARD, CARD in files), (WEIGHTS, weights is not None)) if not there]
+    if missing:
+        raise BundleError(f"the bundle lacks {', '.join(missing)}")
+    if weights_limit is not None:
+        _check_size(weights, weights_limit(files[CARD]), f"what the network of {CARD} needs")
+    files[WEIGHTS] = _read(archive, weights)
     return files
+
+
+def _check_size(member: tarfile.TarInfo, limit: int, what: str = "") -> None:
+    """Refuses a member by the size its tar header declares, before it is read."""
+    if member.size > limit:
+        raise BundleError(f"{member.name!r} is {member.size} bytes; at most {limit}{f' ({what})' if what else ''}")
+
+
+def _read(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    with archive.extractfile(member) as stream:
+        data = stream.read(member.size)
+    if len(data) != member.size:
+        raise BundleError(f"{member.name!r} is cut short: {len(data)} of its {member.size} bytes")
+    return data
 
 
 def _parts(name: str) -> list[str]:

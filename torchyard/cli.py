@@ -692,7 +692,7 @@ def predict(model: str, input_path: Path, output_path: Path | None, proba: bool)
 
     try:
         lines = predict_csv(_call(load_for_prediction, model, _client), input_path, output_path, proba)
-    except ValueError as error:  # a model, bundle or input that can't be used: said plainly
+    except (ValueError, OSError) as error:  # a model, bundle or file that can't be used: said plainly
         raise click.ClickException(str(error)) from None
     for line in lines:
         click.echo(line)
