@@ -1,15 +1,18 @@
-"""gunicorn's server hooks for ``torchyard api`` (``--config python:api.gunicorn_hooks``): the files in which
-prometheus-client's multiprocess mode keeps each API process's metrics, so that a scrape sums them all.
+"""gunicorn's server hooks for ``torchyard api`` and ``serve`` (``--config python:api.gunicorn_hooks``): the
+files in which prometheus-client's multiprocess mode keeps each API process's metrics, so that a scrape sums
+them all; and a worker's warm-up.
 
 ``torchyard api`` names the folder in PROMETHEUS_MULTIPROC_DIR before gunicorn starts (``metrics_directory``):
-prometheus-client reads that variable when it is imported, in every process gunicorn forks. Only gunicorn's
-master runs the hooks; every module-level name here that gunicorn knows as a setting is one.
+prometheus-client reads that variable when it is imported, in every process gunicorn forks. gunicorn's master
+runs the hooks but ``post_worker_init``, which each worker runs; every module-level name here that gunicorn
+knows as a setting is one.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -27,6 +30,17 @@ def on_starting(server) -> None:
     directory = _delete_files()
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
+
+
+def post_worker_init(worker) -> None:
+    """Import scikit-learn in the background as the worker starts: its first spec naming a scikit-learn
+    dataset took 1.5 s for the import (bench/queue_latency.py's max), and the worker answers meanwhile."""
+    from models.catalog import warm_up
+
+    threading.Thread(target=warm_up, name=WARM_UP_THREAD, daemon=True).start()
+
+
+WARM_UP_THREAD = "torchyard-warm-up"
 
 
 def child_exit(server, worker) -> None:

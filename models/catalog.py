@@ -143,8 +143,15 @@ def _argument_problems_once(name: str, arguments: tuple, max_setup: int) -> tupl
     return tuple(_argument_problems(name, {key: value for key, _kind, value in arguments}, max_setup))
 
 
+def warm_up() -> None:
+    """Import what ``argument_problems`` needs now: scikit-learn takes over a second to import (scipy's
+    docstrings), which the first spec naming one of its datasets would otherwise wait for."""
+    import sklearn.datasets  # noqa: F401
+    import sklearn.utils._param_validation  # noqa: F401
+
+
 def _argument_problems(name: str, params: dict, max_setup: int) -> list[ArgumentProblem]:
-    import sklearn.datasets  # lazily: the API imports it only when a spec names a scikit-learn dataset
+    import sklearn.datasets  # lazily: a process that never checks one (the CLI, a test) doesn't pay for it
 
     function = getattr(sklearn.datasets, name)
     problems = _constraint_problems(function, params)

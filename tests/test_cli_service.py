@@ -13,7 +13,9 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
+from conftest import wait_for
 from sqlalchemy import create_engine, inspect, select
 
 from api.db import get_session
@@ -58,8 +60,9 @@ def test_db_upgrade_creates_the_schema_and_token_create_prints_a_working_key(tmp
 
 
 @contextlib.contextmanager
-def served_api(env):
-    """``torchyard api`` (gunicorn, one process) on a free port; yields its base URL once /health answers."""
+def served_api(env, on_start=None):
+    """``torchyard api`` (gunicorn, one process) on a free port; yields its base URL once /health answers
+    (having called ``on_start`` with the gunicorn master's pid)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -75,17 +78,34 @@ def served_api(env):
                 time.sleep(0.2)
         assert health is not None, server.stdout.read1().decode() if server.poll() is not None else "no answer"
         assert health["status"] == "ok"
+        if on_start is not None:
+            on_start(server.pid)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
-def test_torchyard_api_serves_under_gunicorn(tmp_path):
+def test_torchyard_api_serves_under_gunicorn_and_its_worker_imports_scikit_learn_before_a_spec_needs_it(tmp_path):
     env = cli_env(tmp_path)
     assert torchyard("db", "upgrade", env=env).returncode == 0
-    with served_api(env) as url:  # it waits for /health to say ok
+    masters = []
+    with served_api(env, on_start=masters.append) as url:  # it waits for /health to say ok
         assert url.startswith("http://127.0.0.1:")
+        (worker,) = children(masters[0])
+        # No spec was submitted: only the warm-up (api.gunicorn_hooks.post_worker_init) loads scikit-learn.
+        wait_for(lambda: "/sklearn/" in Path(f"/proc/{worker}/maps").read_text(), 60,
+                 "the API worker to import scikit-learn")
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 def test_a_spec_or_an_upload_over_the_server_s_limit_is_said_as_its_413_not_as_a_connection_error(tmp_path):
