@@ -195,17 +195,26 @@ def bob(tokens) -> dict[str, str]:
     return {"Authorization": f"Bearer {tokens['bob']}"}
 
 
-@pytest.fixture
-def live_server(app):
-    """The app served over real HTTP by werkzeug in a thread; yields its base URL."""
+@contextlib.contextmanager
+def served(app):
+    """``app`` served over real HTTP by werkzeug's threaded server, in a thread; yields its base URL."""
     from werkzeug.serving import make_server
 
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_server(app):
+    """The app served over real HTTP by werkzeug in a thread; yields its base URL."""
+    with served(app) as url:
+        yield url
 
 
 @pytest.fixture

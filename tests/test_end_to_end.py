@@ -10,12 +10,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-from werkzeug.serving import make_server
+from conftest import served
 
 import torchyard
 from models.validation import parse_spec
@@ -44,15 +43,9 @@ SPEC = {
 def http_service(request):
     """A deployment (one real worker) with its API served over real HTTP; yields (service, client)."""
     service = request.getfixturevalue(f"{request.param}_service")
-    server = make_server("127.0.0.1", 0, service.app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     token = service.headers["Authorization"].removeprefix("Bearer ")
-    try:
-        yield service, Client(f"http://127.0.0.1:{server.server_port}", token)
-    finally:
-        server.shutdown()
-        thread.join()
+    with served(service.app) as url:
+        yield service, Client(url, token)
 
 
 def without_timing(rows):

@@ -10,14 +10,13 @@ import os
 import subprocess
 import sys
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import served
 from sklearn.datasets import load_digits, load_iris
-from werkzeug.serving import make_server
 
 import torchyard
 from models.spec import SpecError
@@ -286,15 +285,9 @@ def test_the_cli_predicts_from_a_folder_and_a_bundle_with_a_header_and_without(i
 @pytest.fixture
 def http_client(embedded_service):
     """The embedded deployment (one real worker) served over real HTTP; yields (service, client)."""
-    server = make_server("127.0.0.1", 0, embedded_service.app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     token = embedded_service.headers["Authorization"].removeprefix("Bearer ")
-    try:
-        yield embedded_service, Client(f"http://127.0.0.1:{server.server_port}", token)
-    finally:
-        server.shutdown()
-        thread.join()
+    with served(embedded_service.app) as url:
+        yield embedded_service, Client(url, token)
 
 
 def test_string_labels_end_to_end_upload_train_download_predict(http_client, tmp_path):
