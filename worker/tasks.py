@@ -13,19 +13,20 @@ from worker import runner
 from worker.context import draining
 
 
-class _NoTracebackForShutdownRejects(logging.Filter):
+class _ShutdownRejectsAreInfo(logging.Filter):
     """Celery logs every Reject as a warning with its traceback; ours is the plan of a stopping worker, not a
-    fault, so its line stays and its traceback goes."""
+    fault: its line stays, as INFO, and its traceback goes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         data = getattr(record, "data", None)
         if isinstance(data, dict) and data.get("description") == "rejected" and SHUTDOWN_REJECT in data["exc"]:
             record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
         return True
 
 
 SHUTDOWN_REJECT = "worker shutting down"
-logging.getLogger("celery.app.trace").addFilter(_NoTracebackForShutdownRejects())
+logging.getLogger("celery.app.trace").addFilter(_ShutdownRejectsAreInfo())
 
 
 # JobRequest (worker.signals) puts the job of a pool process that died back in the queue at once.
