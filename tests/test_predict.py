@@ -276,7 +276,8 @@ def test_the_cli_predicts_from_a_folder_and_a_bundle_with_a_header_and_without(i
         f"?,{r[3]!r},{r[0]!r},{r[2]!r},{r[1]!r}\n" for r in IRIS.data.tolist()))
     assert cli("predict", str(iris_model), "--input", str(shuffled)).stdout.splitlines() == lines
     wrong = cli("predict", str(iris_model), "--input", str(EXAMPLES / "data" / "moons.csv"))
-    assert wrong.returncode == 1 and "each row needs 4 features" in wrong.stderr
+    assert wrong.returncode == 1 and "the header lacks 'sepal_length'" in wrong.stderr
+    assert "the model takes 4 features" in wrong.stderr
 
 
 # --- over the service --------------------------------------------------------------------------------
@@ -377,6 +378,14 @@ def test_a_model_of_scikit_learn_data_predicts_a_csv_with_a_header(circles_model
     assert printed.returncode == 0, printed.stderr
     expected = torchyard.load_model(circles_model).predict([[0.1, -0.2], [1.0, 0.5]])
     assert printed.stdout.splitlines() == [str(label) for label in expected]
+
+
+def test_a_header_with_a_label_column_a_model_of_scikit_learn_data_cant_name_is_said_plainly(circles_model, tmp_path):
+    rows = tmp_path / "c.csv"
+    rows.write_text("x0,x1,target\n0.1,-0.2,1\n")
+    line = one_error_line(cli("predict", str(circles_model), "--input", str(rows)))
+    assert "the header names 3 columns besides any label; the model takes 2 features" in line
+    assert "no column names to pick them by" in line
 
 
 def test_probabilities_printed_to_the_terminal_have_the_classes_as_a_header(circles_model, tmp_path):

@@ -103,7 +103,16 @@ def _feature_columns(header: list[str], model: TrainedModel) -> list[int]:
     if names and set(names) <= set(header):
         return [header.index(name) for name in names]
     target = getattr(model.spec.data, "target", None)
-    return [i for i, name in enumerate(header) if name != target]
+    columns = [i for i, name in enumerate(header) if name != target]
+    if len(columns) != model.n_features:
+        if names:
+            missing = ", ".join(repr(name) for name in names if name not in header)
+            raise PredictError(f"the header lacks {missing}: the model takes {model.n_features} features, "
+                               f"{', '.join(map(repr, names))}")
+        raise PredictError(f"the header names {len(columns)} columns besides any label; the model takes "
+                           f"{model.n_features} features and has no column names to pick them by (its data "
+                           "named none): give the features only, in training order")
+    return columns
 
 
 def _is_number(cell: str) -> bool:
