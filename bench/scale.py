@@ -11,6 +11,10 @@ The workers start and register first; then the jobs are submitted through the AP
 this process) as fast as it takes them, and the clock runs from the first submit until the last job has
 finished. Prints jobs/s and the ratio to one process. Needs PostgreSQL at 127.0.0.1:5432 (user postgres)
 and Redis at 127.0.0.1:6379.
+
+First (and alone with ``--mode memory``) it prints the resident memory (VmRSS) of each process, idle: one
+worker of concurrency 1 (its main process and its pool process, once that has imported the engine) and the
+API as ``torchyard api`` runs it (gunicorn's master and its workers, once they have imported scikit-learn).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import psycopg  # noqa: E402
 import redis  # noqa: E402
+from private_servers import ApiServer  # noqa: E402
+from proc_info import children, has_torch, maps_any, pss_mb, rss_mb  # noqa: E402
 from specs import blobs_spec  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
@@ -119,6 +125,53 @@ class Deployment:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
 
 
+def wait_until(predicate, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def settled(pids: list[int], seconds: float = 1.0) -> bool:
+    """Whether none of ``pids`` grows by more than 1 MB within ``seconds``."""
+    before = [rss_mb(pid) for pid in pids]
+    time.sleep(seconds)
+    return all(rss_mb(pid) - mb < 1 for pid, mb in zip(pids, before, strict=True))
+
+
+def measure_memory(slots: int) -> list[tuple[str, float, float]]:
+    """Each process's resident memory and PSS in MB, idle: one worker of ``slots`` and the API (gunicorn)."""
+    with tempfile.TemporaryDirectory(prefix="torchyard-bench-") as home:
+        deployment = Deployment(Path(home))
+        api = None
+        try:
+            deployment.start()
+            env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHYARD_")}
+            env.update({f"TORCHYARD_{k.upper()}": str(v) for k, v in deployment.settings.model_dump().items()})
+            api = ApiServer(env, Path(home) / "api.log")
+            deployment.start_workers(1, concurrency=slots)
+            main = deployment.workers[0].pid
+            # The pool process is forked with the engine imported (the main process imports it with the task),
+            # the gunicorn workers import scikit-learn in the background (api/gunicorn_hooks): wait for both,
+            # then for no more growth.
+            wait_until(lambda: children(main) and all(has_torch(pid) and maps_any(pid, ("/sklearn/",))
+                                                      for pid in children(main)), "the worker's pool process")
+            wait_until(lambda: children(api.process.pid) and all(
+                maps_any(pid, ("/sklearn/",)) for pid in children(api.process.pid)), "the API workers to start")
+            wait_until(lambda: settled([main, *children(main), api.process.pid, *children(api.process.pid)]),
+                       "the processes' memory to settle")
+            named = [("worker main process", main)]
+            named += [(f"worker pool process {n}", pid) for n, pid in enumerate(children(main), 1)]
+            named.append(("API gunicorn master", api.process.pid))
+            named += [(f"API gunicorn worker {n}", pid) for n, pid in enumerate(children(api.process.pid), 1)]
+            return [(label, rss_mb(pid), pss_mb(pid)) for label, pid in named]
+        finally:
+            if api is not None:
+                api.stop()
+            deployment.close()
+
+
 def measure(jobs: int, processes: int, mode: str) -> float:
     with tempfile.TemporaryDirectory(prefix="torchyard-bench-") as home:
         deployment = Deployment(Path(home))
@@ -137,10 +190,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--processes", default="1,2,4")
-    parser.add_argument("--mode", choices=["both", "workers", "concurrency"], default="both")
+    parser.add_argument("--mode", choices=["both", "workers", "concurrency", "memory"], default="both")
     args = parser.parse_args()
     counts = [int(n) for n in args.processes.split(",")]
-    modes = ["workers", "concurrency"] if args.mode == "both" else [args.mode]
+    modes = {"both": ["workers", "concurrency"], "memory": []}.get(args.mode, [args.mode])
 
     import torch
 
@@ -148,6 +201,17 @@ def main() -> None:
           f"PostgreSQL + Redis, local artifact folder; {os.cpu_count()} cores, torch {torch.__version__}")
     print("load average before: {:.2f} {:.2f} {:.2f} (other processes on this machine skew the figures)"
           .format(*os.getloadavg()))
+    if args.mode in ("both", "memory"):
+        for slots in (1, 2):
+            print(f"memory, idle: one worker of {slots} slot(s) and the API (torchyard api); VmRSS counts the "
+                  f"pages a process shares in full, PSS shares them out")
+            rows = measure_memory(slots)
+            for label, rss, pss in rows:
+                print(f"  {label:<24}VmRSS {rss:>5.0f} MB   PSS {pss:>5.0f} MB", flush=True)
+            worker = [pss for label, _rss, pss in rows if label.startswith("worker")]
+            print(f"  {'the worker, all told':<24}{'':>18}PSS {sum(worker):>5.0f} MB", flush=True)
+    if not modes:
+        return
     print(f"{'mode':<13}{'processes':>10}{'seconds':>10}{'jobs/s':>10}{'vs 1':>8}")
     for mode in modes:
         base = None

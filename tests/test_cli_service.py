@@ -13,9 +13,9 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 from conftest import wait_for
+from proc_info import children, maps_any
 from sqlalchemy import create_engine, inspect, select
 
 from api.db import get_session
@@ -94,18 +94,9 @@ def test_torchyard_api_serves_under_gunicorn_and_its_worker_imports_scikit_learn
         assert url.startswith("http://127.0.0.1:")
         (worker,) = children(masters[0])
         # No spec was submitted: only the warm-up (api.gunicorn_hooks.post_worker_init) loads scikit-learn.
-        wait_for(lambda: "/sklearn/" in Path(f"/proc/{worker}/maps").read_text(), 60,
+        wait_for(lambda: maps_any(worker, ("/sklearn/",)), 60,
                  "the API worker to import scikit-learn")
 
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (from /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-    return found
 
 
 def test_a_spec_or_an_upload_over_the_server_s_limit_is_said_as_its_413_not_as_a_connection_error(tmp_path):
