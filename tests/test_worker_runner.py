@@ -133,3 +133,49 @@ def test_an_attempt_that_loses_its_job_mid_upload_overwrites_nothing_and_leaves_
     with ctx.store.open(winner["uri"]) as stored:
         assert stored.read() == b"the winner's"
     assert ctx.store.list_uris(f"jobs/{job_id}") == sorted(rows.values())  # the lost attempt's upload is gone
+
+
+@pytest.fixture
+def stopping():
+    """This process as a pool process of a worker that is shutting down (the drain flag set)."""
+    from worker import context
+
+    context.start_draining()
+    yield
+    context._drain_flag[0] = 0  # the flag is the process's: leave it as the next test expects it
+
+
+def claimed_by_a_live_worker(ctx) -> Fence:
+    """A running job of alice's, claimed by this process as a registered worker of one slot."""
+    from worker.context import worker_id
+
+    with ctx.sessions() as session:
+        session.add(Worker(id=worker_id(), hostname="here", queues="cpu", slots=1, last_heartbeat_at=utcnow()))
+        session.commit()
+    job_id = add_job(ctx, MOONS)
+    claimed, _spec, _problem, _device, job_log = runner.claim(ctx, job_id)
+    fence = Fence(ctx, job_id, claimed.attempts, claimed.queue, job_log)
+    fence.hand_back_reason = "requeued: its worker shut down"
+    return fence
+
+
+def test_a_stopping_worker_that_hands_its_job_back_offers_no_slot_so_the_job_waits_for_another(ctx, stopping):
+    from models.dispatch import dispatch
+
+    fence = claimed_by_a_live_worker(ctx)
+    assert runner.hand_back(fence) == "requeued"
+    with ctx.sessions() as session:
+        assert session.scalar(select(Worker.slots)) == 0
+    assert dispatch(ctx, ["cpu"]) == []  # not rung to the stopping worker, which would only reject it
+    assert job(ctx, fence.job_id).released_at is None
+
+
+def test_a_worker_that_goes_on_keeps_its_slot_after_a_hand_back(ctx):
+    from models.dispatch import dispatch
+
+    fence = claimed_by_a_live_worker(ctx)
+    fence.hand_back_reason = "requeued: preempted by a high-priority job (it ran at low)"
+    assert runner.hand_back(fence) == "requeued"
+    with ctx.sessions() as session:
+        assert session.scalar(select(Worker.slots)) == 1
+    assert dispatch(ctx, ["cpu"]) == [fence.job_id]

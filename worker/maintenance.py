@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
 
 from models import audit, lifecycle
 from models.dispatch import dispatch
@@ -51,6 +52,12 @@ def heartbeat_worker(ctx: Services, worker_id: str) -> bool:
                                .values(last_heartbeat_at=utcnow())).rowcount
         session.commit()
     return rows == 1
+
+
+def withdraw_slots(session: Session, worker_id: str) -> None:
+    """A stopping worker's row offers no slot from now on: no dispatcher releases a job to it (it would only
+    reject the message, and get it again, until it exits)."""
+    session.execute(update(Worker).where(Worker.id == worker_id).values(slots=0))
 
 
 def unregister_worker(ctx: Services, worker_id: str) -> None:

@@ -38,6 +38,7 @@ from worker.job_callbacks import (
     remove_unreferenced,
 )
 from worker.job_log import JobLog, start_log
+from worker.maintenance import withdraw_slots
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,8 @@ def hand_back(fence: Fence) -> str:
     def write(session: Session) -> str:
         status = lifecycle.hand_back(session, fence.job_id, fence.attempt, fence.hand_back_reason)
         fence.require(session, status is not None)
+        if draining():  # handed back because this worker stops: the job must go to another one
+            withdraw_slots(session, worker_id())
         why = fence.hand_back_reason.removeprefix("requeued: ")
         if status == "queued":
             fence.log.close(session, "INFO", f"handed back to the queue ({why}); the next attempt resumes from "
