@@ -308,7 +308,7 @@ def without_params(groups: list[dict]) -> list[dict]:
 def test_each_scheduler_is_the_torch_class_of_that_name_with_the_spec_arguments(tmp_path, scheduler, kwargs):
     trainer = prepared_run(tmp_path, scheduler=scheduler, optimizer={"type": "SGD", "lr": 0.1, "momentum": 0.9}).trainer
     torch_class = getattr(lr_scheduler, scheduler["type"])
-    reference_optimizer = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1, momentum=0.9)
+    reference_optimizer = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1, momentum=0.9, fused=True)
     reference = torch_class(reference_optimizer, **kwargs)
 
     assert type(trainer.scheduler) is torch_class

@@ -101,7 +101,7 @@ def hand_regression(**options) -> list[float]:
     X, y = regression_data()
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)  # the engine's CPU kernel
     return hand_loop(X, y, model, optimizer, nn.MSELoss(), seed=3, epochs=4, batch_size=32, **options)
 
 
@@ -167,7 +167,7 @@ def test_class_weights_equal_a_hand_loop_with_the_weighted_loss(tmp_path, loss_t
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3),
                           *([nn.LogSoftmax(dim=1)] if layers_end else []))
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)  # the engine's CPU kernel
     loss_fn = getattr(nn, loss_type)(weight=torch.tensor(weight))
     hand = hand_loop(X, y, model, optimizer, loss_fn, seed=5, epochs=3, batch_size=40)
     assert losses_of(weighted) == pytest.approx(hand, abs=1e-6, rel=1e-6)
