@@ -208,6 +208,29 @@ def test_float16_on_a_device_chosen_at_run_time_that_is_not_cuda_fails_naming_th
     assert "needs CUDA" in str(refused.value)
 
 
+# --- optimizer kernels --------------------------------------------------------------------------
+
+
+def test_a_fused_adam_run_equals_a_hand_loop_with_fused_adam_and_its_card_says_fused(tmp_path):
+    spec = {**regression_spec(), "optimizer": {"type": "Adam", "lr": 0.01}}
+    result = train(parse_spec(spec), tmp_path / "adam")
+    card = json.loads(result.card_path.read_text())
+    assert card["optimizer_implementation"] == "fused"
+
+    X, y = regression_data()
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
+    hand = hand_loop(X, y, model, optimizer, nn.MSELoss(), seed=3, epochs=4, batch_size=32)
+    assert losses_of(result) == pytest.approx(hand, abs=1e-6, rel=1e-6)
+
+
+def test_an_optimizer_without_a_fused_kernel_keeps_the_for_loop_on_the_cpu(tmp_path):
+    spec = {**regression_spec(epochs=1), "optimizer": {"type": "RMSprop", "lr": 0.01}}
+    card = json.loads(train(parse_spec(spec), tmp_path / "rmsprop").card_path.read_text())
+    assert card["optimizer_implementation"] == "for-loop"
+
+
 # --- resume -------------------------------------------------------------------------------------
 
 
