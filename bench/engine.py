@@ -6,12 +6,15 @@ For each workload it times the training loop only (data already in memory, model
   engine      torchyard's Trainer.fit() (metrics, callbacks, checkpoint at the end included)
   hand        randperm + slicing over tensors: the fastest plain loop, the limit
   dataloader  the tutorial loop: DataLoader(TensorDataset(X, y), shuffle=True)
-and prints medians and the ratios engine/hand (goal <= 1.05) and engine/dataloader (goal <= 0.8).
+  for-loop    the engine again, with torch's for-loop optimizer kernels instead of the ones it picks
+and prints medians and the ratios engine/hand (goal <= 1.05), engine/dataloader (goal <= 0.8) and
+engine/for-loop (what the engine's choice of kernels saves). The plain loops use the engine's kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -25,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.validation import parse_spec  # noqa: E402
-from worker.engine import prepare_run  # noqa: E402
+from worker.engine import components, prepare_run  # noqa: E402
 
 WORKLOADS = {
     "mlp": {
@@ -59,6 +62,27 @@ def engine_seconds(spec, out_dir: Path) -> float:
     return time.perf_counter() - started
 
 
+@contextlib.contextmanager
+def for_loop_kernels():
+    """The engine builds its optimizers with torch's for-loop kernels while this is open."""
+    chosen = components.optimizer_kernels
+    components.optimizer_kernels = lambda optimizer_type, device: {"foreach": False}
+    try:
+        yield
+    finally:
+        components.optimizer_kernels = chosen
+
+
+def for_loop_engine_seconds(spec, out_dir: Path) -> float:
+    with for_loop_kernels():
+        return engine_seconds(spec, out_dir)
+
+
+def adam(model) -> torch.optim.Adam:
+    """The workloads' optimizer with the kernels the engine picks for it on the CPU."""
+    return torch.optim.Adam(model.parameters(), lr=0.001, **components.optimizer_kernels("Adam", torch.device("cpu")))
+
+
 def fresh_copy(prepared, seed: int):
     """The same network, freshly initialized with the same seed, for a plain loop."""
     torch.manual_seed(seed)
@@ -78,7 +102,7 @@ def _init_args(module: nn.Module) -> dict:
 
 
 def hand_seconds(model, loss_fn, x, y, epochs, batch_size, seed) -> float:
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    optimizer = adam(model)
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     for _epoch in range(epochs):
@@ -93,7 +117,7 @@ def hand_seconds(model, loss_fn, x, y, epochs, batch_size, seed) -> float:
 
 
 def dataloader_seconds(model, loss_fn, x, y, epochs, batch_size, seed) -> float:
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    optimizer = adam(model)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     started = time.perf_counter()
@@ -109,15 +133,16 @@ def dataloader_seconds(model, loss_fn, x, y, epochs, batch_size, seed) -> float:
 def bench(name: str, raw: dict, epochs: int, repeats: int) -> dict:
     spec = parse_spec({**raw, "name": name, "training": {**raw["training"], "epochs": epochs},
                        "checkpoint": {"every_n_epochs": epochs, "keep_last": 1}})
-    times = {"engine": [], "hand": [], "dataloader": []}
+    times = {"engine": [], "hand": [], "dataloader": [], "for-loop": []}
     with tempfile.TemporaryDirectory() as tmp:
         prepared = prepare_run(spec, Path(tmp) / "setup")
         data, loss_fn = prepared.data, prepared.trainer.loss_fn
-        for repeat in range(repeats):  # interleaved, order rotated, so drifting load hits all three alike
-            runs = [("engine", None), ("hand", hand_seconds), ("dataloader", dataloader_seconds)]
-            for kind, loop in runs[repeat % 3:] + runs[:repeat % 3]:
-                if loop is None:
-                    times[kind].append(engine_seconds(spec, Path(tmp) / f"run{repeat}"))
+        for repeat in range(repeats):  # interleaved, order rotated, so drifting load hits all four alike
+            runs = [("engine", engine_seconds), ("hand", hand_seconds), ("dataloader", dataloader_seconds),
+                    ("for-loop", for_loop_engine_seconds)]
+            for kind, loop in runs[repeat % 4:] + runs[:repeat % 4]:
+                if kind in ("engine", "for-loop"):
+                    times[kind].append(loop(spec, Path(tmp) / f"{kind}{repeat}"))
                 else:
                     times[kind].append(loop(fresh_copy(prepared, spec.seed), loss_fn, data.x_train,
                                             data.y_train, epochs, spec.training.batch_size, spec.seed))
@@ -129,13 +154,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    kernels = components.implementation(adam(nn.Linear(1, 1)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} epochs, "
-          f"median of {args.repeats}")
-    print(f"{'workload':<10}{'engine s':>10}{'hand s':>10}{'loader s':>10}{'engine/hand':>13}{'engine/loader':>15}")
+          f"median of {args.repeats}; Adam's kernels: {kernels} (for-loop: torch's for-loop kernels)")
+    print(f"{'workload':<10}{'engine s':>10}{'hand s':>10}{'loader s':>10}{'for-loop s':>12}"
+          f"{'engine/hand':>13}{'engine/loader':>15}{'engine/for-loop':>17}")
     for name, raw in WORKLOADS.items():
         t = bench(name, raw, args.epochs, args.repeats)
-        print(f"{name:<10}{t['engine']:>10.3f}{t['hand']:>10.3f}{t['dataloader']:>10.3f}"
-              f"{t['engine'] / t['hand']:>13.3f}{t['engine'] / t['dataloader']:>15.3f}")
+        print(f"{name:<10}{t['engine']:>10.3f}{t['hand']:>10.3f}{t['dataloader']:>10.3f}{t['for-loop']:>12.3f}"
+              f"{t['engine'] / t['hand']:>13.3f}{t['engine'] / t['dataloader']:>15.3f}"
+              f"{t['engine'] / t['for-loop']:>17.3f}")
 
 
 if __name__ == "__main__":

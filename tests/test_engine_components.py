@@ -8,6 +8,7 @@ engine drops on the way to torch, fails.
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 
 import pytest
@@ -18,6 +19,7 @@ from torch.optim import lr_scheduler
 from models.spec import LAYER_TYPES, LOSS_TYPES, OPTIMIZER_TYPES, SCHEDULER_TYPES, SpecError
 from models.validation import parse_spec
 from worker.engine import prepare_run
+from worker.engine.components import optimizer_kernels
 
 # One sample has 24 features, seen flat, as a sequence (channels x length) or as an image.
 FLAT, SEQUENCE, IMAGE = None, [2, 12], [2, 3, 4]
@@ -272,6 +274,24 @@ def test_each_optimizer_is_the_torch_class_of_that_name_with_the_spec_hyperparam
     assert [id(p) for p in param_group["params"]] == [id(p) for p in trainer.module.parameters()]
 
 
+@pytest.mark.parametrize("optimizer_type", sorted(OPTIMIZER_TYPES))
+def test_each_optimizer_uses_fused_kernels_on_the_cpu_where_torch_has_them_and_the_for_loop_elsewhere(
+        tmp_path, optimizer_type):
+    trainer = prepared_run(tmp_path, optimizer={"type": optimizer_type}).trainer
+    [param_group] = trainer.optimizer.param_groups
+    has_fused = "fused" in inspect.signature(getattr(torch.optim, optimizer_type)).parameters
+    assert (param_group.get("fused") is True) == has_fused  # every optimizer torch fuses on the CPU is fused
+    assert param_group["foreach"] in (None, False)
+    trainer.fit()  # and the kernel runs
+    assert trainer.state.epoch == EPOCHS
+
+
+def test_on_cuda_optimizers_without_a_fused_kernel_use_foreach_and_on_mps_the_for_loop():
+    assert optimizer_kernels("Adam", torch.device("cuda")) == {"fused": True}
+    assert optimizer_kernels("RMSprop", torch.device("cuda")) == {"foreach": True}
+    assert optimizer_kernels("Adam", torch.device("mps")) == {"foreach": False}  # MPS's fused Adam: a prototype
+
+
 # --- schedulers ---------------------------------------------------------------------------------
 
 # (spec scheduler, the torch keyword arguments it must come to)
@@ -308,7 +328,7 @@ def without_params(groups: list[dict]) -> list[dict]:
 def test_each_scheduler_is_the_torch_class_of_that_name_with_the_spec_arguments(tmp_path, scheduler, kwargs):
     trainer = prepared_run(tmp_path, scheduler=scheduler, optimizer={"type": "SGD", "lr": 0.1, "momentum": 0.9}).trainer
     torch_class = getattr(lr_scheduler, scheduler["type"])
-    reference_optimizer = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1, momentum=0.9)
+    reference_optimizer = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1, momentum=0.9, fused=True)
     reference = torch_class(reference_optimizer, **kwargs)
 
     assert type(trainer.scheduler) is torch_class

@@ -101,7 +101,7 @@ def hand_regression(**options) -> list[float]:
     X, y = regression_data()
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)  # the engine's CPU kernel
     return hand_loop(X, y, model, optimizer, nn.MSELoss(), seed=3, epochs=4, batch_size=32, **options)
 
 
@@ -167,7 +167,7 @@ def test_class_weights_equal_a_hand_loop_with_the_weighted_loss(tmp_path, loss_t
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3),
                           *([nn.LogSoftmax(dim=1)] if layers_end else []))
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)  # the engine's CPU kernel
     loss_fn = getattr(nn, loss_type)(weight=torch.tensor(weight))
     hand = hand_loop(X, y, model, optimizer, loss_fn, seed=5, epochs=3, batch_size=40)
     assert losses_of(weighted) == pytest.approx(hand, abs=1e-6, rel=1e-6)
@@ -206,6 +206,29 @@ def test_float16_on_a_device_chosen_at_run_time_that_is_not_cuda_fails_naming_th
         train(spec, tmp_path)  # "auto" picks this machine's device
     assert [p.path for p in refused.value.problems] == ["training.precision"]
     assert "needs CUDA" in str(refused.value)
+
+
+# --- optimizer kernels --------------------------------------------------------------------------
+
+
+def test_a_fused_adam_run_equals_a_hand_loop_with_fused_adam_and_its_card_says_fused(tmp_path):
+    spec = {**regression_spec(), "optimizer": {"type": "Adam", "lr": 0.01}}
+    result = train(parse_spec(spec), tmp_path / "adam")
+    card = json.loads(result.card_path.read_text())
+    assert card["optimizer_implementation"] == "fused"
+
+    X, y = regression_data()
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
+    hand = hand_loop(X, y, model, optimizer, nn.MSELoss(), seed=3, epochs=4, batch_size=32)
+    assert losses_of(result) == pytest.approx(hand, abs=1e-6, rel=1e-6)
+
+
+def test_an_optimizer_without_a_fused_kernel_keeps_the_for_loop_on_the_cpu(tmp_path):
+    spec = {**regression_spec(epochs=1), "optimizer": {"type": "RMSprop", "lr": 0.01}}
+    card = json.loads(train(parse_spec(spec), tmp_path / "rmsprop").card_path.read_text())
+    assert card["optimizer_implementation"] == "for-loop"
 
 
 # --- resume -------------------------------------------------------------------------------------

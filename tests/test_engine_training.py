@@ -48,7 +48,8 @@ def test_per_epoch_losses_equal_a_hand_written_pytorch_loop(tmp_path):
     X, y = torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.float32).reshape(-1, 1)
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.001)
+    # fused=True: the kernel the engine uses for SGD on the CPU (components.optimizer_kernels)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.001, fused=True)
     generator = torch.Generator().manual_seed(3)
     hand_losses = []
     for _epoch in range(4):

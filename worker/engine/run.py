@@ -12,6 +12,7 @@ import torch.distributed as torch_dist
 from models.spec import JobSpec, Limits, Problem, SpecError
 from worker.engine import checkpoints, distributed, outputs
 from worker.engine.callbacks import Callback, StopTraining, TrainingFailed
+from worker.engine.components import implementation
 from worker.engine.data import load_arrays, prepare
 from worker.engine.device import pick_device, seed
 from worker.engine.group import Single, init_group
@@ -129,6 +130,7 @@ def write_outputs(trainer: Trainer, prepared: Prepared, spec: JobSpec, out_dir: 
         "restored_best_weights": restored,
         "standardize": spec.data.standardize,
         "device": result.device,
+        "optimizer_implementation": implementation(trainer.optimizer),  # fused, foreach or for-loop kernels
         # What predictions mean: class index i is classes[i] (labels as in the data); the columns, in order.
         "classes": prepared.data.classes,
         "features": prepared.data.feature_names,

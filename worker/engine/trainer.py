@@ -59,7 +59,7 @@ class Trainer:
         self.accumulate = spec.training.accumulate_batches
         self.precision = Precision(spec.training.precision, device)
         self.loss_fn = make_loss(spec, device)
-        self.optimizer = make_optimizer(spec, self.module)
+        self.optimizer = make_optimizer(spec, self.module, device)
         self.scheduler = make_scheduler(spec, self.optimizer, optimizer_steps(self.steps_per_epoch, self.accumulate))
         self.shuffle_generator = torch.Generator().manual_seed(spec.seed)
         self.early_stopping = EarlyStopping(**spec.early_stopping.model_dump()) if spec.early_stopping else None
