@@ -25,7 +25,7 @@ from models import lifecycle
 from models.services import Services
 from models.storage import job_prefix
 from models.tables import Artifact, EpochMetrics, Job, utcnow
-from worker.engine import Callback, RunState, StopTraining
+from worker.engine import PAUSED, Callback, RunState, StopTraining
 from worker.job_log import JobLog
 
 CANCEL_CHECK_SECONDS = 1.0  # a cancel is seen within a second, without a query every batch
@@ -286,6 +286,19 @@ class ArtifactUploader(Callback):
         # Rows first, files second: the API never lists a checkpoint whose file is gone.
         for uri in self.fence.transaction(write):
             self.fence.ctx.store.delete(uri)
+
+
+class PauseAt(Callback):
+    """Pauses the run after epoch ``stop_at_epoch`` (the job row's: a sweep's rung): the run ends there as a
+    stop at an epoch end does (checkpoint, weights, card, metrics), and a resume from that checkpoint goes
+    on. A run resumed past that epoch pauses after its first epoch; an earlier stop (early stopping) wins."""
+
+    def __init__(self, stop_at_epoch: int):
+        self.stop_at_epoch = stop_at_epoch
+
+    def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
+        if state.stop_reason is None and self.stop_at_epoch <= metrics["epoch"] < state.epochs:
+            state.stop_reason = PAUSED
 
 
 class LeaseKeeper(Callback):
