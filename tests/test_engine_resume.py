@@ -121,6 +121,24 @@ def test_a_paused_run_writes_its_outputs_and_resumes_as_if_it_had_never_stopped(
     assert metrics_without_timing(last.metrics_path) == metrics_without_timing(whole.metrics_path)
 
 
+def test_a_run_resumed_at_its_pause_epoch_pauses_again_without_training(tmp_path):
+    # Its attempt died while recording the pause: the next one, still asked to pause at 2, trains nothing.
+    from worker.job_callbacks import PauseAt
+
+    spec = parse_spec(resumable_spec())
+    first = train(spec, tmp_path, callbacks=[PauseAt(2)])
+    paused_weights = first.weights_path.read_bytes()
+    epochs_trained = []
+
+    class Count(Callback):
+        def on_epoch_end(self, state, metrics):
+            epochs_trained.append(metrics["epoch"])
+
+    again = train(spec, tmp_path, resume=True, callbacks=[PauseAt(2), Count()])
+    assert (again.status, again.stop_reason, again.epochs_completed, epochs_trained) == ("succeeded", PAUSED, 2, [])
+    assert again.weights_path.read_bytes() == paused_weights
+
+
 def test_a_run_that_stopped_early_stays_stopped_on_resume(tmp_path):
     spec = resumable_spec()
     spec["early_stopping"].update(patience=0, min_delta=10.0)  # epoch 2 does not improve enough: it stops there

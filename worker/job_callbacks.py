@@ -289,15 +289,23 @@ class ArtifactUploader(Callback):
 
 
 class PauseAt(Callback):
-    """Pauses the run after epoch ``stop_at_epoch`` (the job row's: a sweep's rung): the run ends there as a
-    stop at an epoch end does (checkpoint, weights, card, metrics), and a resume from that checkpoint goes
-    on. A run resumed past that epoch pauses after its first epoch; an earlier stop (early stopping) wins."""
+    """Pauses the run once it completed epoch ``stop_at_epoch`` (the job row's: a sweep's rung): the run ends
+    there as a stop at an epoch end does (checkpoint, weights, card, metrics), and a resume from that
+    checkpoint goes on. An earlier stop (early stopping) wins; the last epoch is an end, not a pause."""
 
     def __init__(self, stop_at_epoch: int):
         self.stop_at_epoch = stop_at_epoch
 
+    def on_train_begin(self, state: RunState) -> None:
+        # Resumed at or past it already (its attempt died while recording the pause): pause again at once,
+        # training nothing, so the pause lands on the epoch asked for.
+        self.pause_after(state, state.epoch)
+
     def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
-        if state.stop_reason is None and self.stop_at_epoch <= metrics["epoch"] < state.epochs:
+        self.pause_after(state, metrics["epoch"])
+
+    def pause_after(self, state: RunState, epoch: int) -> None:
+        if state.stop_reason is None and self.stop_at_epoch <= epoch < state.epochs:
             state.stop_reason = PAUSED
 
 

@@ -60,7 +60,7 @@ class Callback:
     """Base class: override the hooks you need."""
 
     def on_train_begin(self, state: RunState) -> None:
-        """Before the first epoch of this run (also after a resume)."""
+        """Before the first epoch of this run (also after a resume); set state.stop_reason to train no epoch."""
 
     def on_batch_end(self, state: RunState) -> None:
         """After each batch (its optimizer step, unless it is inside an accumulation group); raise StopTraining

@@ -89,6 +89,8 @@ class Trainer:
         """Train until the last epoch, a stop decision, StopTraining or TrainingFailed."""
         for callback in self.callbacks:
             callback.on_train_begin(self.state)
+        # The callbacks run on rank 0 alone: a stop they decide holds for every rank.
+        self.state.stop_reason = self.dist.from_main(self.state.stop_reason)
         try:
             while self.state.epoch < self.spec.training.epochs and self.state.stop_reason is None:
                 metrics = self.run_epoch(self.state.epoch + 1)
@@ -198,7 +200,6 @@ class Trainer:
         self.publish_best()
         for callback in self.callbacks:
             callback.on_epoch_end(self.state, metrics)
-        # The callbacks run on rank 0 alone: every rank must stop after this epoch if one of them said so.
         self.state.stop_reason = self.dist.from_main(self.state.stop_reason)
         last = self.state.epoch == self.spec.training.epochs or self.state.stop_reason is not None
         if self.scheduler is not None:
