@@ -323,13 +323,19 @@ def _inside(path: str, parent: str) -> bool:
 
 
 def sample_trials(space: dict[str, Domain], method: str, trials: int, seed: int) -> list[dict]:
-    """Each trial's params: grid, the cartesian product (space's key order, then each choice's order); random,
-    ``trials`` draws from ``random.Random(seed)`` (path by path in key order, trial after trial)."""
+    """Each trial's params: grid, the cartesian product, in an order shuffled by ``random.Random(seed)``;
+    random, ``trials`` draws from ``random.Random(seed)`` (path by path in key order, trial after trial).
+
+    The grid is shuffled because trials start in their order and ASHA promotes by what has reached a rung so
+    far: in the product's order the trials of one value come together (all the small learning rates first),
+    and each better one that follows is promoted over those before it, so nearly all would be."""
+    rng = random.Random(seed)
     if method == "grid":
         paths = list(space)
-        return [dict(zip(paths, copy.deepcopy(values), strict=True))
+        grid = [dict(zip(paths, copy.deepcopy(values), strict=True))
                 for values in itertools.product(*(space[path].values for path in paths))]
-    rng = random.Random(seed)
+        rng.shuffle(grid)
+        return grid
     return [{path: domain.sample(rng) for path, domain in space.items()} for _ in range(trials)]
 
 

@@ -115,18 +115,20 @@ def test_each_domain_samples_within_its_bounds():
     assert planned.rungs == [] and planned.base["training"]["epochs"] == 10
 
 
-def test_grid_is_the_cartesian_product_in_key_then_value_order():
-    planned = parse_sweep(request(method="grid", trials=None, space={
-        "training.batch_size": {"choice": [32, 64]},
-        "model.layers[1]": {"choice": [{"type": "ReLU"}, {"type": "Tanh"}, {"type": "GELU"}]},
-    }), LIMITS)
+def test_grid_is_the_cartesian_product_in_an_order_shuffled_by_the_seed():
+    space = {"training.batch_size": {"choice": [32, 64]},
+             "model.layers[1]": {"choice": [{"type": "ReLU"}, {"type": "Tanh"}, {"type": "GELU"}]}}
+    planned = parse_sweep(request(method="grid", trials=None, space=space), LIMITS)
 
-    assert planned.trials == [
-        {"training.batch_size": batch, "model.layers[1]": {"type": act}}
-        for batch in (32, 64) for act in ("ReLU", "Tanh", "GELU")
-    ]
+    product = [{"training.batch_size": batch, "model.layers[1]": {"type": act}}
+               for batch in (32, 64) for act in ("ReLU", "Tanh", "GELU")]
+    assert sorted(map(repr, planned.trials)) == sorted(map(repr, product))
+    assert planned.trials != product  # shuffled (for seed 0), so ASHA's first rung sees a fair sample
+    assert planned.trials == parse_sweep(request(method="grid", trials=None, space=space), LIMITS).trials
+    assert planned.trials != parse_sweep(request(method="grid", trials=None, space=space, seed=1), LIMITS).trials
     assert planned.request["trials"] == 6  # filled in
-    assert trial_spec(planned.base, planned.trials[4])["model"]["layers"][1] == {"type": "Tanh"}
+    tanh = planned.trials.index({"training.batch_size": 64, "model.layers[1]": {"type": "Tanh"}})
+    assert trial_spec(planned.base, planned.trials[tanh])["model"]["layers"][1] == {"type": "Tanh"}
 
 
 def test_grid_takes_only_choices_its_own_size_and_at_most_max_trials():
@@ -136,8 +138,8 @@ def test_grid_takes_only_choices_its_own_size_and_at_most_max_trials():
     choices = {"model.layers[0].out_features": {"choice": [16, 32, 64]}}
     assert problems_of(request(method="grid", trials=9, space=choices)) == {
         "trials": "the grid has 3 combinations; give trials 3 or leave it out"}
-    assert parse_sweep(request(method="grid", trials=3, space=choices), LIMITS).trials[2] == {
-        "model.layers[0].out_features": 64}
+    assert {"model.layers[0].out_features": 64} in parse_sweep(request(method="grid", trials=3, space=choices),
+                                                               LIMITS).trials
     wide = {"model.layers[0].out_features": {"choice": list(range(1, 101))},
             "training.batch_size": {"choice": [16, 32, 64]}}
     assert problems_of(request(method="grid", trials=None, space=wide)) == {
@@ -181,9 +183,14 @@ def test_paths_resolve_against_the_base_with_its_defaults_filled_in():
 def test_a_trial_the_job_gate_refuses_names_the_trial_the_path_and_the_value():
     space = {"training.batch_size": {"choice": [32, 64]}, "model.layers[0].out_features": {"choice": [16, 0]}}
 
-    assert problems_of(request(method="grid", trials=None, space=space)) == {
-        "space.model.layers[0].out_features": "trial 1 with model.layers[0].out_features = 0: Input should be "
-                                              "greater than or equal to 1"}
+    refused = problems_of(request(method="grid", trials=None, space=space))
+    # The same grid with 1 for 0 is valid, and in the same order: its first trial with 1 is the one named.
+    valid = {**space, "model.layers[0].out_features": {"choice": [16, 1]}}
+    trials = parse_sweep(request(method="grid", trials=None, space=valid), LIMITS).trials
+    number = min(i for i, trial in enumerate(trials) if trial["model.layers[0].out_features"] == 1)
+    assert refused == {
+        "space.model.layers[0].out_features": f"trial {number} with model.layers[0].out_features = 0: Input should "
+                                              "be greater than or equal to 1"}
     lr = {"optimizer.lr": {"choice": [0.01, 1e300]}}
     assert problems_of(request(method="grid", trials=None, space=lr)) == {
         "space.optimizer.lr": "trial 1 with optimizer.lr = 1e+300: must be within float32's range (±3.403e+38), "
