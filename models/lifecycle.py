@@ -22,10 +22,18 @@ transition              from         to                           who, and the c
 ``unrelease``           queued       queued, held                 the dispatcher: its message is stale now
 ``request_preemption``  running      running, preemption asked    the dispatcher; the attempt hands back
 ``set_pending_reason``  queued       queued                       dispatcher, maintenance (why it waits)
+``pause``               running      queued, paused (cancelled    the attempt, after its stop_at_epoch; no
+                                     if asked)                    attempt used
+``unpause``             queued,      queued                       the sweep controller (promote); the
+                        paused                                    dispatcher then releases it
+``end_paused``          queued,      succeeded                    the sweep controller (prune)
+                        paused
 ======================  ===========  ===========================  =====================================
 
 Everything else is forbidden: nothing leaves succeeded, failed or cancelled; a cancelled or exhausted
-queued job is never claimed; a running job is never claimed again, nor finished by another attempt.
+queued job is never claimed; a running job is never claimed again, nor finished by another attempt. A
+paused job is a queued job that is never released (so never claimed) until ``unpause``; ``cancel`` ends it
+at once like any queued job.
 """
 
 from __future__ import annotations
@@ -47,7 +55,8 @@ OUTCOME_FIELDS = PROGRESS_FIELDS | {"final_metrics"}
 
 def _ended(status: str, now: dt.datetime) -> dict[str, Any]:
     """The fields every end of a job sets: its status and time; no lease, no reason to wait."""
-    ended = {"status": status, "finished_at": now, "lease_expires_at": None, "pending_reason": None}
+    ended = {"status": status, "finished_at": now, "lease_expires_at": None, "pending_reason": None,
+             "paused": False}
     if status == "cancelled":
         ended["stop_reason"] = "cancelled"
     return ended
@@ -111,7 +120,7 @@ def _claim_statement(devices: tuple[tuple[str, str | None], ...]) -> Update:
     return (
         update(Job)
         .where(Job.id == bindparam("job_id"), Job.status == "queued", Job.released_at.is_not(None),
-               Job.cancel_requested.is_(False), Job.attempts < Job.max_attempts)
+               Job.paused.is_(False), Job.cancel_requested.is_(False), Job.attempts < Job.max_attempts)
         .values(status="running", attempts=Job.attempts + 1, worker_id=bindparam("claimed_by"),
                 started_at=bindparam("claimed_at"), pending_reason=None, lease_expires_at=bindparam("lease_until"),
                 device=case(dict(devices), value=asked, else_=None) if devices else None)
@@ -163,11 +172,15 @@ def finish(session: Session, job_id: str, attempt: int, status: str, *, stop_rea
     """running -> succeeded, failed or cancelled, with how the run ended; False if the attempt lost the job."""
     if status not in FINISHED_STATUSES:
         raise ValueError(f"a run ends {', '.join(FINISHED_STATUSES)}, not {status!r}")
+    _check_outcome(outcome)
+    values = {"stop_reason": stop_reason, "error": error, **outcome, **_ended(status, utcnow())}
+    return bool(_rows(session, _running(job_id, attempt).values(**values)))
+
+
+def _check_outcome(outcome: Mapping[str, Any]) -> None:
     unknown = outcome.keys() - OUTCOME_FIELDS
     if unknown:
         raise ValueError(f"not an outcome: {sorted(unknown)}")
-    values = {"stop_reason": stop_reason, "error": error, **outcome, **_ended(status, utcnow())}
-    return bool(_rows(session, _running(job_id, attempt).values(**values)))
 
 
 def hand_back(session: Session, job_id: str, attempt: int, reason: str) -> str | None:
@@ -185,6 +198,39 @@ def hand_back(session: Session, job_id: str, attempt: int, reason: str) -> str |
         return "queued"
     cancelled = _running(job_id, attempt).where(Job.cancel_requested.is_(True)).values(**_ended("cancelled", utcnow()))
     return "cancelled" if _rows(session, cancelled) else None
+
+
+def pause(session: Session, job_id: str, attempt: int, reason: str, **outcome: Any) -> str | None:
+    """running -> queued and paused, after the run stopped at its ``stop_at_epoch`` (its outputs stored, its
+    checkpoint saved): held in the database, never released, until ``unpause`` or ``end_paused``. Uses no
+    attempt (as ``hand_back``), says ``reason`` in pending_reason and records the outcome so far (epoch,
+    final_metrics, best_*); -> cancelled when a cancel was asked meanwhile. The new status, None if the
+    attempt lost the job."""
+    _check_outcome(outcome)
+    paused = (_running(job_id, attempt).where(Job.cancel_requested.is_(False))
+              .values(max_attempts=Job.max_attempts + 1, paused=True, **outcome, **_back_in_queue(reason)))
+    if _rows(session, paused):
+        return "queued"
+    cancelled = (_running(job_id, attempt).where(Job.cancel_requested.is_(True))
+                 .values(**outcome, **_ended("cancelled", utcnow())))
+    return "cancelled" if _rows(session, cancelled) else None
+
+
+def _paused(job_id: str):
+    return _queued(job_id).where(Job.paused.is_(True))
+
+
+def unpause(session: Session, job_id: str, stop_at_epoch: int | None) -> bool:
+    """queued and paused -> queued (the dispatcher releases it like any queued job), to run until
+    ``stop_at_epoch`` (None: to the end) from the checkpoint its pause saved; False if it isn't paused."""
+    return bool(_rows(session, _paused(job_id).values(paused=False, stop_at_epoch=stop_at_epoch,
+                                                      pending_reason=None)))
+
+
+def end_paused(session: Session, job_id: str, stop_reason: str) -> bool:
+    """queued and paused -> succeeded with ``stop_reason`` (a sweep prunes it: ``"sweep_pruned"``); the
+    weights its pause stored stay its result. False if it isn't paused."""
+    return bool(_rows(session, _paused(job_id).values(stop_reason=stop_reason, **_ended("succeeded", utcnow()))))
 
 
 def expired(session: Session, now: dt.datetime) -> list[Row]:
@@ -234,7 +280,9 @@ def release(session: Session, job_id: str, again_before: dt.datetime | None = No
     values: dict[str, Any] = {"released_at": utcnow(), "updated_at": Job.updated_at}
     if clear_reason:
         values["pending_reason"] = None
-    return bool(_rows(session, _queued(job_id).where(held, Job.cancel_requested.is_(False)).values(**values)))
+    # A paused job waits for its sweep, not for a slot: never released (``unpause`` first).
+    releasable = _queued(job_id).where(held, Job.paused.is_(False), Job.cancel_requested.is_(False))
+    return bool(_rows(session, releasable.values(**values)))
 
 
 def unrelease(session: Session, job_id: str) -> bool:

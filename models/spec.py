@@ -655,6 +655,17 @@ class JobSpec(Strict):
         return names + ["lr", "epoch_seconds", "samples_per_second"]
 
 
+# Which way is better for each metric a job records, for mode "auto" (early stopping, a sweep's default mode).
+HIGHER_IS_BETTER = {"accuracy", "r2", "samples_per_second"}
+
+
+def higher_is_better(monitor: str, mode: str) -> bool:
+    """Resolve mode 'auto' the way Keras does: from the metric's name."""
+    if mode != "auto":
+        return mode == "max"
+    return monitor.removeprefix("val_") in HIGHER_IS_BETTER
+
+
 # --- problems, limits, and pydantic's errors as problems ----------------------------------------
 
 

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, WriteOnlyMapped, mapped_column, relationship
 
@@ -34,6 +35,7 @@ NAMING_CONVENTION = {
 }
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+SWEEP_STATUSES = ("running", "succeeded", "cancelled", "failed")
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
 LOG_LEVELS = ("INFO", "WARNING", "ERROR")
 
@@ -85,6 +87,31 @@ class ApiKey(Base):
     user: Mapped[User] = relationship()
 
 
+class Sweep(Base):
+    """A hyperparameter sweep: its trials are ordinary jobs (``Job.sweep_id``), its controller decides which
+    of them run longer (models.sweep_control)."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (Index("ix_sweeps_user_id_created_at", "user_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("swp"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    request: Mapped[dict[str, Any]]  # the normalized request (models.sweep_spec.PlannedSweep.request)
+    base: Mapped[dict[str, Any]]  # the normalized base spec every trial starts from
+    trials: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # each trial's params {path: value}, by number
+    rungs: Mapped[list[int]] = mapped_column(JSON)  # ASHA's pause epochs; [] without a scheduler
+    metric: Mapped[str] = mapped_column(String(100))
+    mode: Mapped[str] = mapped_column(String(10))  # min | max
+    status: Mapped[str] = mapped_column(String(20), default="running")  # one of SWEEP_STATUSES
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    best_job_id: Mapped[Optional[str]] = mapped_column(String(40))
+    best_value: Mapped[Optional[float]] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[Optional[dt.datetime]]
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 class Job(Base):
     """One training run. The row is the job: status, progress, reasons and lease all live here."""
 
@@ -112,6 +139,13 @@ class Job(Base):
     experiment: Mapped[Optional[str]] = mapped_column(String(MAX_NAME_LENGTH))
     # Written with the job, never loaded with it (GET /jobs?tag= reads job_tags in its query).
     tag_rows: WriteOnlyMapped[JobTag] = relationship(cascade="all, delete-orphan", passive_deletes=True)
+    # A sweep's trial (None for an ordinary job): its sweep and trial number.
+    sweep_id: Mapped[Optional[str]] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    sweep_trial: Mapped[Optional[int]] = mapped_column(Integer)
+    # Pausing (models.lifecycle.pause): the run pauses after this epoch (None: it runs to the end); a paused
+    # job is queued but held: the dispatcher never releases it until ``unpause``.
+    stop_at_epoch: Mapped[Optional[int]] = mapped_column(Integer)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     # Progress.
     epoch: Mapped[int] = mapped_column(Integer, default=0)

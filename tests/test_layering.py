@@ -21,7 +21,8 @@ def imported_after(statement: str) -> set[str]:
 
 @pytest.mark.parametrize("statement, forbidden", [
     ("import worker.engine, worker.engine.distributed, worker.engine.rank", {"flask", "celery", "sqlalchemy", "api"}),
-    ("import models.spec, models.shapes, models.validation", {"torch", "sqlalchemy", "flask", "celery"}),
+    ("import models.spec, models.shapes, models.validation, models.sweep_spec, models.asha",
+     {"torch", "sqlalchemy", "flask", "celery"}),
     ("import worker.celery_app", {"torch"}),
     ("import torchyard, torchyard.client, torchyard.show", {"torch", "flask", "sqlalchemy", "celery"}),
     # The API publishes through models.broker; an app made and asked for a page still needs no worker.

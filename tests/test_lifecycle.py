@@ -90,6 +90,9 @@ TRANSITIONS = {
         session, job_id, attempt, "preempted by a high-priority job"),
     "set_pending_reason": lambda session, job_id, _user, _attempt: lifecycle.set_pending_reason(session, job_id,
                                                                                                  "waiting"),
+    "pause": lambda session, job_id, _user, attempt: lifecycle.pause(session, job_id, attempt, "paused", epoch=1),
+    "unpause": lambda session, job_id, _user, _attempt: lifecycle.unpause(session, job_id, 2),
+    "end_paused": lambda session, job_id, _user, _attempt: lifecycle.end_paused(session, job_id, "sweep_pruned"),
 }
 
 
@@ -102,7 +105,9 @@ def make_state(sessions, state: str) -> tuple[str, str, int]:
         write(sessions, lambda s: lifecycle.release(s, job_id))
         return job_id, user, 0
     write(sessions, lambda s: release_and_claim(s, job_id, user, 0))
-    if state == "running, cancel requested":
+    if state == "queued, paused":
+        write(sessions, lambda s: lifecycle.pause(s, job_id, 1, "paused after epoch 1", epoch=1))
+    elif state == "running, cancel requested":
         write(sessions, lambda s: lifecycle.cancel(s, job_id, user))
     elif state == "running, lease expired":
         expire_lease(sessions, job_id)
@@ -141,9 +146,17 @@ ALLOWED = {
     ("running, cancel requested", "lose"): "cancelled",
     ("running", "request_preemption"): "running",
     ("running, lease expired", "request_preemption"): "running",
+    ("running", "pause"): "queued",
+    ("running, lease expired", "pause"): "queued",
+    ("running, cancel requested", "pause"): "cancelled",
+    # Paused: held for its sweep. Never released (so never claimed); a cancel ends it as any queued job.
+    ("queued, paused", "cancel"): "cancelled",
+    ("queued, paused", "set_pending_reason"): "queued",
+    ("queued, paused", "unpause"): "queued",
+    ("queued, paused", "end_paused"): "succeeded",
 }
-STATES = ("queued, held", "queued", "queued, attempts used up", "running", "running, cancel requested",
-          "running, lease expired", "succeeded", "failed", "cancelled")
+STATES = ("queued, held", "queued", "queued, attempts used up", "queued, paused", "running",
+          "running, cancel requested", "running, lease expired", "succeeded", "failed", "cancelled")
 
 
 def snapshot(sessions, job_id: str) -> dict:
@@ -240,6 +253,48 @@ def test_an_attempt_that_lost_its_job_can_no_longer_write_it(sessions):
     for name in ("renew", "finish", "hand_back"):
         assert not write(sessions, lambda s, name=name: TRANSITIONS[name](s, job_id, user, first)), name
     assert snapshot(sessions, job_id) == before and (first, second) == (1, 2)
+
+
+def test_a_pause_uses_no_attempt_holds_the_job_and_records_its_outcome(sessions):
+    job_id, user, attempt = make_state(sessions, "running")
+    outcome = {"epoch": 2, "best_metric": "val_loss", "best_value": 0.5, "best_epoch": 1,
+               "final_metrics": {"val_loss": 0.6}}
+    assert write(sessions, lambda s: lifecycle.pause(s, job_id, attempt, "paused after epoch 2", **outcome)) == "queued"
+    job = snapshot(sessions, job_id)
+    assert job["paused"] is True and (job["attempts"], job["max_attempts"]) == (1, 4)
+    assert job["released_at"] is job["worker_id"] is job["lease_expires_at"] is job["finished_at"] is None
+    assert job["pending_reason"] == "paused after epoch 2"
+    assert {name: job[name] for name in outcome} == outcome
+    with pytest.raises(ValueError, match="not an outcome"):
+        write(sessions, lambda s: lifecycle.pause(s, job_id, attempt, "paused", status="succeeded"))
+
+
+def test_an_unpaused_job_is_released_and_claimed_like_any_queued_job(sessions):
+    job_id, user, _ = make_state(sessions, "queued, paused")
+    assert write(sessions, lambda s: lifecycle.unpause(s, job_id, 6))
+    job = snapshot(sessions, job_id)
+    assert job["paused"] is False and job["stop_at_epoch"] == 6 and job["pending_reason"] is None
+    claimed = write(sessions, lambda s: release_and_claim(s, job_id, user, 1))
+    assert claimed.attempts == 2 and claimed.stop_at_epoch == 6
+    assert write(sessions, lambda s: lifecycle.unpause(s, job_id, None)) is False
+
+
+def test_a_pruned_or_cancelled_paused_job_ends_no_longer_paused(sessions):
+    pruned, _user, _ = make_state(sessions, "queued, paused")
+    assert write(sessions, lambda s: lifecycle.end_paused(s, pruned, "sweep_pruned"))
+    cancelled, user, _ = make_state(sessions, "queued, paused")
+    assert write(sessions, lambda s: lifecycle.cancel(s, cancelled, user)) == "cancelled"
+    for job_id, status, stop_reason in ((pruned, "succeeded", "sweep_pruned"), (cancelled, "cancelled", "cancelled")):
+        job = snapshot(sessions, job_id)
+        assert (job["status"], job["stop_reason"], job["paused"]) == (status, stop_reason, False)
+        assert job["finished_at"] is not None and job["pending_reason"] is None and job["epoch"] == 1
+
+
+def test_a_pause_asked_to_cancel_ends_the_job_cancelled_with_its_outcome(sessions):
+    job_id, user, attempt = make_state(sessions, "running, cancel requested")
+    assert write(sessions, lambda s: lifecycle.pause(s, job_id, attempt, "paused", epoch=2)) == "cancelled"
+    job = snapshot(sessions, job_id)
+    assert (job["status"], job["paused"], job["epoch"], job["stop_reason"]) == ("cancelled", False, 2, "cancelled")
 
 
 def test_only_the_owner_can_cancel(sessions):

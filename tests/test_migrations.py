@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from migrations.apply import downgrade, upgrade
 from models.db import make_engine
@@ -55,3 +55,26 @@ def test_upgrade_creates_the_folder_of_a_new_sqlite_file(tmp_path):
     upgrade(url)
     assert (tmp_path / "home" / "nested" / "torchyard.db").exists()
     assert schema_diff(url) == []
+
+
+def test_jobs_stored_before_sweeps_existed_upgrade_as_ordinary_unpaused_jobs_and_downgrade_back(empty_url):
+    upgrade(empty_url, "0005_experiments_and_logs")
+    engine = make_engine(empty_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO users (id, name, created_at, role, share) "
+                                    "VALUES ('usr_1', 'ada', CURRENT_TIMESTAMP, 'user', 1)"))
+            connection.execute(text("INSERT INTO jobs (id, user_id, name, status, spec, queue, priority, epoch, "
+                                    "epochs, cancel_requested, attempts, max_attempts, created_at, updated_at) VALUES "
+                                    "('job_1', 'usr_1', 'j', 'queued', '{}', 'cpu', 1, 0, 2, false, 0, 3, "
+                                    "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+        upgrade(empty_url)
+        with engine.connect() as connection:
+            row = connection.execute(text("SELECT sweep_id, sweep_trial, stop_at_epoch, paused FROM jobs")).one()
+        assert tuple(row) == (None, None, None, False)
+        downgrade(empty_url, "0005_experiments_and_logs")
+        assert "sweeps" not in table_names(empty_url)
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT id FROM jobs")).scalar_one() == "job_1"
+    finally:
+        engine.dispose()

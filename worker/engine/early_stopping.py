@@ -5,17 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from models.spec import higher_is_better
 from worker.engine.callbacks import Callback, RunState
-
-# Which way is better for each metric we record, for mode "auto".
-_HIGHER_IS_BETTER = {"accuracy", "r2", "samples_per_second"}
-
-
-def higher_is_better(monitor: str, mode: str) -> bool:
-    """Resolve mode 'auto' the way Keras does: from the metric's name."""
-    if mode != "auto":
-        return mode == "max"
-    return monitor.removeprefix("val_") in _HIGHER_IS_BETTER
 
 
 class EarlyStopping(Callback):
