@@ -37,6 +37,7 @@ def create_app(test_config: Mapping[str, Any] | None = None, publisher: Publishe
         logs,
         me,
         network,
+        sweeps,
         tags,
         workers,
     )
@@ -59,7 +60,8 @@ def create_app(test_config: Mapping[str, Any] | None = None, publisher: Publishe
     init_rate_limits(app, settings)
     init_metrics(app)  # GET /metrics, and the latency of every request
     dashboard.init_security_headers(app)
-    for module in (jobs, logs, network, artifacts, datasets, workers, me, audit, tags, health, dashboard):
+    for module in (jobs, sweeps, logs, network, artifacts, datasets, workers, me, audit, tags, health,
+                   dashboard):
         app.register_blueprint(module.bp)
     return app
 

@@ -22,7 +22,7 @@ from models import audit, lifecycle
 from models.experiments import labelled
 from models.spec import Problem, unknown_name_message
 from models.storage import job_prefix
-from models.tables import JOB_STATUSES, Artifact, EpochMetrics, Job, User
+from models.tables import JOB_STATUSES, Artifact, EpochMetrics, Job, Sweep, User
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,18 @@ def delete_job(job_id: str):
     job = owned(session, Job, job_id, "job")
     if not lifecycle.is_finished(job.status):
         raise conflict(f"job {job.id} is {job.status}; cancel it and delete it once it has stopped")
+    if job.sweep_id is not None and session.get(Sweep, job.sweep_id).status == "running":
+        # The controller counts the sweep's trials by their rows: a deleted one would be started again.
+        raise conflict(f"job {job.id} is a trial of the running sweep {job.sweep_id}; delete it once the sweep "
+                       "has ended (or delete the whole sweep)")
+    delete_finished_job(session, job)
+    audit.record(session, current_user(), "delete", job.id, name=job.name)
+    session.commit()
+    return no_content()
+
+
+def delete_finished_job(session: Session, job: Job) -> None:
+    """Delete a finished job: its artifact files first (so a failure can be retried), then its rows."""
     store = services().store
     for artifact in session.scalars(select(Artifact).where(Artifact.job_id == job.id)):
         store.delete(artifact.uri)
@@ -141,9 +153,6 @@ def delete_job(job_id: str):
     session.execute(delete(EpochMetrics).where(EpochMetrics.job_id == job.id))
     session.execute(delete(Artifact).where(Artifact.job_id == job.id))
     session.execute(delete(Job).where(Job.id == job.id))
-    audit.record(session, current_user(), "delete", job.id, name=job.name)
-    session.commit()
-    return no_content()
 
 
 def owner_name(session: Session, job: Job) -> str:

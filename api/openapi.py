@@ -33,7 +33,10 @@ from api.schemas import (
     MetricsOut,
     NetworkOut,
     ProblemOut,
+    SweepList,
+    SweepOut,
     TagList,
+    TrialList,
     WorkerList,
 )
 from api.tags import MAX_LIMIT as TAGS_MAX_LIMIT
@@ -45,6 +48,9 @@ from models.text import MAX_NAME_LENGTH, MAX_TAG_LENGTH
 RESPONSE_MODELS = (
     JobOut,
     JobList,
+    SweepOut,
+    SweepList,
+    TrialList,
     MetricsOut,
     LogsOut,
     NetworkOut,
@@ -160,6 +166,33 @@ UPLOAD_BODY = {
         }
     },
 }
+SWEEP_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["name", "base", "space"],
+                "description": "a base job spec, a search space over its paths, a method and a scheduler; see the "
+                "README's Sweeps section",
+                "properties": {
+                    "name": {"type": "string", "maxLength": MAX_NAME_LENGTH},
+                    "base": _ref("JobSpec"),
+                    "space": {"type": "object", "description": 'spec path -> domain: {"choice": [...]}, '
+                              '{"uniform": [lo, hi]}, {"log_uniform": [lo, hi]} or {"int_uniform": [lo, hi]}'},
+                    "method": {"enum": ["grid", "random"]},
+                    "trials": {"type": "integer", "minimum": 1},
+                    "parallelism": {"type": "integer", "minimum": 1},
+                    "metric": {"type": "string"},
+                    "mode": {"enum": ["min", "max"]},
+                    "seed": {"type": "integer"},
+                    "scheduler": {"type": ["object", "null"], "description": '{"type": "asha", "min_epochs": 2, '
+                                  '"max_epochs": 18, "reduction_factor": 3}'},
+                },
+            }
+        }
+    },
+}
 DELETED = {204: {"description": "deleted"}}
 PROBLEM_STATUSES = {
     400: "malformed request",
@@ -266,6 +299,21 @@ DETAILS = {
         },
         errors=(409,),
     ),
+    "sweeps.submit": Details({201: _json("SweepOut", "the new sweep, its first trials queued")},
+                             errors=(400, 403, 413, 415, 422, 429), body=SWEEP_BODY),
+    "sweeps.list_sweeps": Details(
+        {200: _json("SweepList", "a page of sweeps")},
+        errors=(422,),
+        params=(
+            _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+            _param("cursor", "query", {"type": "string"}, "next_cursor of the previous page"),
+        ),
+    ),
+    "sweeps.get_sweep": Details({200: _json("SweepOut", "the sweep")}),
+    "sweeps.trials": Details({200: _json("TrialList", "the trials started so far, by number")}),
+    "sweeps.cancel": Details({202: _json("SweepOut", "the sweep, cancelled; its running trials stop at their "
+                                                     "next batch")}, errors=(409,)),
+    "sweeps.delete_sweep": Details(DELETED, errors=(409,)),
     "network.network": Details({200: _json("NetworkOut", "the layers")}),
     "artifacts.weights": Details(
         {200: WEIGHTS}, errors=(409, 422), params=(_param("format", "query", {"enum": list(WEIGHT_FORMATS)}),)

@@ -1,6 +1,6 @@
 """Rate limits per API key, with Flask-Limiter: the one owner of who counts against which budget.
 
-Three budgets, each a setting in Flask-Limiter's notation: submissions (``rate_limit_submit``: POST /jobs),
+Three budgets, each a setting in Flask-Limiter's notation: submissions (``rate_limit_submit``: POST /jobs and /sweeps),
 uploads (``rate_limit_upload``: POST /datasets) and every other request (``rate_limit_read``: reads, mostly).
 They are counted per API key, not per address (many users share a NAT); a request without a valid key
 counts against its address's read budget. ``/health`` counts against none: a probe is never refused.
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 EXTENSION = "torchyard.rate_limits"
 BUDGETS = ("submit", "upload", "read")
 # The requests of the budgets other than read, by method and endpoint.
-WRITES = {("POST", "jobs.submit"): "submit", ("POST", "datasets.upload"): "upload"}
+WRITES = {("POST", "jobs.submit"): "submit", ("POST", "sweeps.submit"): "submit", ("POST", "datasets.upload"): "upload"}
 EXEMPT = frozenset({"health.health"})
 # A Redis that doesn't answer within this is down for the limiter, which falls back rather than hang (as long
 # as /health waits for the broker).

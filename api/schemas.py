@@ -160,6 +160,77 @@ class TagList(Out):
     tags: list[TagCount] = Field(description="the most used first")
 
 
+# --- sweeps -------------------------------------------------------------------------------------
+
+TrialStateName = Literal["queued", "running", "paused", "succeeded", "pruned", "failed", "cancelled"]
+
+
+class SweepBest(Out):
+    job_id: str
+    metric: str
+    value: float
+    params: dict[str, Any] = Field(description="the trial's values of the space's paths")
+
+
+class SweepLinks(Out):
+    self: str
+    trials: str
+    cancel: str
+
+
+class SweepSummary(Out):
+    """A sweep as listed: everything but its request."""
+
+    id: str
+    name: str
+    owner: str
+    status: Literal["running", "succeeded", "cancelled", "failed"]
+    method: Literal["grid", "random"]
+    metric: str
+    mode: Literal["min", "max"]
+    trials: int = Field(description="trials the sweep runs in all")
+    created: int = Field(description="trials started so far (as jobs)")
+    parallelism: int
+    rungs: list[int] = Field(description="ASHA's rung epochs, the last one max_epochs; empty without ASHA")
+    counts: dict[TrialStateName, int] = Field(description="trials by state (paused: waiting at a rung; pruned: "
+                                                          "stopped by ASHA, its weights kept)")
+    best: SweepBest | None
+    error: str | None
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+    links: SweepLinks
+
+
+class SweepOut(SweepSummary):
+    """One sweep with its normalized request (defaults filled in)."""
+
+    request: dict[str, Any]
+
+
+class SweepList(Out):
+    sweeps: list[SweepSummary]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
+
+
+class TrialOut(Out):
+    number: int
+    job_id: str
+    state: TrialStateName
+    status: JobStatus
+    params: dict[str, Any]
+    epoch: int = Field(description="epochs completed")
+    epochs: int
+    rung: int | None = Field(description="index of the highest rung the trial completed")
+    value: float | None = Field(description="the sweep's metric at the trial's last epoch")
+    best_value: float | None = Field(description="the best value of the job's monitored metric")
+    stop_reason: str | None
+    pending_reason: str | None
+
+
+class TrialList(Out):
+    trials: list[TrialOut]
+
+
 # --- datasets -----------------------------------------------------------------------------------
 
 

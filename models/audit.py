@@ -17,9 +17,9 @@ from models.tables import AuditEvent, utcnow
 
 # What an event's action may be, and what its target names.
 ACTIONS = {
-    "submit": "a job submitted (target: the job)",
-    "cancel": "a job cancelled, or asked to stop (target: the job)",
-    "delete": "a job or a dataset deleted (target: its id)",
+    "submit": "a job or a sweep submitted (target: its id)",
+    "cancel": "a job or a sweep cancelled, or asked to stop (target: its id)",
+    "delete": "a job, a sweep or a dataset deleted (target: its id)",
     "download": "weights, a bundle or a checkpoint downloaded (target: the job)",
     "upload": "a dataset uploaded (target: the dataset)",
     "user_create": "a user created (target: the user)",

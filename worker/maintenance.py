@@ -20,7 +20,7 @@ from collections.abc import Callable
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from models import audit, lifecycle
+from models import audit, lifecycle, sweep_control
 from models.dispatch import dispatch
 from models.liveness import NO_WORKER, live_after, no_worker_reason, served_queues
 from models.services import Services
@@ -135,9 +135,11 @@ def prune(ctx: Services) -> None:
 
 
 def sweep(ctx: Services) -> None:
-    """One round of keeping the queue honest, worker or not: reap, explain, dispatch, prune."""
+    """One round of keeping the queue honest, worker or not: reap, explain, advance the running sweeps,
+    dispatch, prune."""
     reap(ctx)
     reconcile(ctx)
+    sweep_control.advance(ctx)
     dispatch(ctx)
     prune(ctx)
 

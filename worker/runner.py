@@ -20,6 +20,7 @@ from models.dispatch import dispatch_soon
 from models.services import Services
 from models.spec import JobSpec, Problem, Resources, SpecError
 from models.storage import job_prefix
+from models.sweep_control import advance_soon
 from models.tables import Artifact, Dataset, Job
 from models.validation import parse_service_spec
 from worker import gpus
@@ -79,8 +80,14 @@ def run_job(job_id: str) -> str:
         shutil.rmtree(scratch, ignore_errors=True)
         # Its slot is free again, or the job went back: dispatch from a thread, so that this process
         # returns (and Celery acks and hands it the next message) without waiting for it.
-        threading.Thread(target=dispatch_soon, args=(ctx, [job.queue]), name="torchyard-dispatch",
-                         daemon=True).start()
+        threading.Thread(target=after_run, args=(ctx, job), name="torchyard-dispatch", daemon=True).start()
+
+
+def after_run(ctx: Services, job: Job) -> None:
+    """What an attempt's end may start: its sweep's next decision (a trial paused or ended), then dispatch."""
+    if job.sweep_id is not None:
+        advance_soon(ctx, [job.sweep_id])
+    dispatch_soon(ctx, [job.queue])
 
 
 def prepare_spec(ctx: Services, job: Job) -> tuple[JobSpec | None, SpecError | None, str | None]:

@@ -1,0 +1,208 @@
+"""The sweeps resource: submit a search, follow it, list its trials, cancel it, delete it.
+
+A sweep's trials are ordinary jobs (GET /jobs/{id} and its metrics, weights and logs serve them); this
+resource shows them together. ``models.sweep_control`` decides what runs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from flask import Blueprint, request
+from sqlalchemy import and_, delete, or_, select
+from sqlalchemy.orm import Session
+
+from api.auth import current_user, owned, require_user, visible
+from api.db import get_session, services
+from api.errors import ApiError, conflict, validation_error
+from api.jobs import DEFAULT_LIMIT, delete_finished_job
+from api.pagination import MAX_LIMIT, decode_cursor, encode_cursor, int_arg, one_arg
+from api.schemas import (
+    API_PREFIX,
+    SweepBest,
+    SweepLinks,
+    SweepList,
+    SweepOut,
+    SweepSummary,
+    TrialList,
+    TrialOut,
+    as_utc,
+    json_response,
+    no_content,
+)
+from api.submit import check_dataset, spec_body
+from models import audit, quotas, sweep_control
+from models.dispatch import dispatch_soon, read_load
+from models.spec import Problem, SpecError
+from models.sweep_spec import PlannedSweep, parse_sweep, trial_spec
+from models.tables import Job, Sweep, User
+from models.validation import parse_service_spec
+
+bp = Blueprint("sweeps", __name__, url_prefix=f"{API_PREFIX}/sweeps")
+bp.before_request(require_user)
+
+
+@bp.post("")
+def submit():
+    """Submit a sweep: 201 with the sweep, its first trials queued as jobs."""
+    session, user, settings = get_session(), current_user(), services().settings
+    try:
+        planned = parse_sweep(spec_body(request, settings), settings.limits)
+    except SpecError as exc:
+        raise validation_error(exc.problems, "Invalid sweep") from None
+    if planned.base.get("data", {}).get("source") == "dataset":
+        check_trials_against_dataset(session, user, planned)
+    first = min(planned.request["parallelism"], len(planned.trials))
+    # The sweep's first trials are queued with it, as that many submits would be: held to the same quotas.
+    locked = quotas.lock_user(session, user.id)
+    wanted = {"queued_jobs": first, "storage_bytes": 0}
+    quotas.check(settings, locked, wanted, read_load(session, settings, user.id, tuple(wanted)).uses)
+    sweep = Sweep(user_id=user.id, name=planned.request["name"], request=planned.request, base=planned.base,
+                  trials=planned.trials, rungs=planned.rungs, metric=planned.metric, mode=planned.mode,
+                  status="running")
+    session.add(sweep)
+    session.flush()
+    touched = sweep_control.step(session, sweep, settings)
+    audit.record(session, user, "submit", sweep.id, name=sweep.name, trials=len(planned.trials))
+    session.commit()
+    dispatch_soon(services(), sorted(touched), session)
+    return json_response(sweep_out(session, sweep, user.name), status=201,
+                         headers={"Location": f"{API_PREFIX}/sweeps/{sweep.id}"})
+
+
+def check_trials_against_dataset(session: Session, user: User, planned: PlannedSweep) -> None:
+    """Check every trial against the caller's uploaded dataset, as a submit of each would (422 naming the
+    first trial that doesn't fit it)."""
+    limits = services().settings.limits
+    for number, params in enumerate(planned.trials):
+        try:
+            check_dataset(session, user, parse_service_spec(trial_spec(planned.base, params), limits), limits)
+        except ApiError as refused:  # a submit's 422, its problems said of the trial
+            raise validation_error([Problem(f"base.{problem.path}" if not params else "space",
+                                            f"trial {number} ({describe(params)}): {problem.message}")
+                                    for problem in refused.errors], "Invalid sweep") from None
+
+
+def describe(params: dict) -> str:
+    """A trial's parameters in one line: ``optimizer.lr = 0.01, training.batch_size = 32``."""
+    return ", ".join(f"{path} = {value!r}" for path, value in params.items()) or "the base spec"
+
+
+@bp.get("")
+def list_sweeps():
+    """The caller's sweeps (an admin's: every user's), newest first, a page at a time."""
+    limit = int_arg(request.args, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    query = select(Sweep, User.name).join(User, User.id == Sweep.user_id).where(visible(Sweep))
+    cursor = one_arg(request.args, "cursor")
+    if cursor:
+        created, ident = decode_cursor(cursor)
+        query = query.where(or_(Sweep.created_at < created, and_(Sweep.created_at == created, Sweep.id < ident)))
+    session = get_session()
+    rows = session.execute(query.order_by(Sweep.created_at.desc(), Sweep.id.desc()).limit(limit + 1)).all()
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1].Sweep.created_at, page[-1].Sweep.id) if len(rows) > limit else None
+    jobs = trial_jobs(session, [sweep.id for sweep, _ in page])
+    return json_response(SweepList(sweeps=[sweep_summary(sweep, owner, jobs.get(sweep.id, []))
+                                           for sweep, owner in page], next_cursor=next_cursor))
+
+
+@bp.get("/<sweep_id>")
+def get_sweep(sweep_id: str):
+    """One sweep: status, counts of trials by state, the best trial so far, its request."""
+    session = get_session()
+    sweep = owned(session, Sweep, sweep_id, "sweep")
+    return json_response(sweep_out(session, sweep, owner_name(session, sweep)))
+
+
+@bp.get("/<sweep_id>/trials")
+def trials(sweep_id: str):
+    """The sweep's trials started so far, by number: parameters, state, progress and result."""
+    session = get_session()
+    sweep = owned(session, Sweep, sweep_id, "sweep")
+    read = sweep_control.read_trials(session, sweep)
+    return json_response(TrialList(trials=[trial_out(sweep, number, job, read.rung_values.get(number, {}))
+                                           for number, job in sorted(read.jobs.items())]))
+
+
+@bp.post("/<sweep_id>/cancel")
+def cancel(sweep_id: str):
+    """Cancel a running sweep: 202, its queued and paused trials cancelled, its running ones asked to stop."""
+    session = get_session()
+    sweep = owned(session, Sweep, sweep_id, "sweep")
+    sweep = sweep_control.lock(session, sweep.id)
+    if sweep is None or not sweep_control.cancel(session, sweep):
+        session.rollback()
+        raise conflict(f"sweep {sweep_id} has ended already; only a running sweep can be cancelled")
+    audit.record(session, current_user(), "cancel", sweep.id, name=sweep.name)
+    session.commit()
+    return json_response(sweep_out(session, sweep, owner_name(session, sweep)), status=202)
+
+
+@bp.delete("/<sweep_id>")
+def delete_sweep(sweep_id: str):
+    """Delete an ended sweep with its trial jobs and their files."""
+    session = get_session()
+    sweep = owned(session, Sweep, sweep_id, "sweep")
+    if sweep.status == "running":
+        raise conflict(f"sweep {sweep.id} is running; cancel it and delete it once it has ended")
+    jobs = session.scalars(select(Job).where(Job.sweep_id == sweep.id)).all()
+    unfinished = [job.id for job in jobs if job.status in ("queued", "running")]
+    if unfinished:
+        raise conflict(f"sweep {sweep.id} still has trials stopping ({', '.join(unfinished)}); try again once "
+                       "they have ended")
+    for job in jobs:
+        delete_finished_job(session, job)
+    session.execute(delete(Sweep).where(Sweep.id == sweep.id))
+    audit.record(session, current_user(), "delete", sweep.id, name=sweep.name)
+    session.commit()
+    return no_content()
+
+
+# --- presenting --------------------------------------------------------------------------------------------
+
+
+def owner_name(session: Session, sweep: Sweep) -> str:
+    return session.get(User, sweep.user_id).name
+
+
+def trial_jobs(session: Session, sweep_ids: list[str]) -> dict[str, list[Job]]:
+    """The trial jobs of each of ``sweep_ids``."""
+    jobs: dict[str, list[Job]] = {}
+    if sweep_ids:
+        for job in session.scalars(select(Job).where(Job.sweep_id.in_(sweep_ids))):
+            jobs.setdefault(job.sweep_id, []).append(job)
+    return jobs
+
+
+def sweep_out(session: Session, sweep: Sweep, owner: str) -> SweepOut:
+    """A sweep with its counts, best trial so far and request."""
+    summary = sweep_summary(sweep, owner, trial_jobs(session, [sweep.id]).get(sweep.id, []))
+    return SweepOut(**summary.model_dump(), request=sweep.request)
+
+
+def sweep_summary(sweep: Sweep, owner: str, jobs: list[Job]) -> SweepSummary:
+    """A sweep as lists show it: counts of its trials (``jobs``) by state, and the best one so far."""
+    base = f"{API_PREFIX}/sweeps/{sweep.id}"
+    states = Counter(sweep_control.trial_state(job) for job in jobs)
+    best = sweep_control.best_trial(sweep, jobs)
+    best_out = None if best is None else SweepBest(
+        job_id=best.id, metric=sweep.metric, value=sweep_control.trial_value(sweep, best),
+        params=sweep.trials[best.sweep_trial])
+    return SweepSummary(
+        id=sweep.id, name=sweep.name, owner=owner, status=sweep.status, method=sweep.request["method"],
+        metric=sweep.metric, mode=sweep.mode, trials=len(sweep.trials), created=len(jobs),
+        parallelism=sweep.request["parallelism"], rungs=list(sweep.rungs or []),
+        counts={state: states.get(state, 0) for state in sweep_control.TRIAL_STATES}, best=best_out,
+        error=sweep.error, created_at=as_utc(sweep.created_at), finished_at=as_utc(sweep.finished_at),
+        links=SweepLinks(self=base, trials=f"{base}/trials", cancel=f"{base}/cancel"),
+    )
+
+
+def trial_out(sweep: Sweep, number: int, job: Job, rung_values: dict[int, float | None]) -> TrialOut:
+    """One trial: its parameters, its job's state and progress, and its result so far."""
+    return TrialOut(
+        number=number, job_id=job.id, state=sweep_control.trial_state(job), status=job.status,
+        params=sweep.trials[number], epoch=job.epoch, epochs=job.epochs,
+        rung=max(rung_values) if rung_values else None, value=sweep_control.trial_value(sweep, job),
+        best_value=job.best_value, stop_reason=job.stop_reason, pending_reason=job.pending_reason,
+    )

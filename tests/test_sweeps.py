@@ -1,0 +1,144 @@
+"""Sweeps over HTTP: a sweep's request is checked like its trials' jobs, its first trials are queued with it,
+it is its owner's alone, it cancels and deletes whole; and with real workers an ASHA sweep runs to its end,
+on SQLite with the filesystem broker and on PostgreSQL with Redis."""
+
+from __future__ import annotations
+
+import pytest
+from specs import blobs_spec
+from sqlalchemy import select
+
+from models.tables import Artifact, Job, Sweep
+
+SWEEPS = "/api/v1/sweeps"
+
+
+def sweep_request(**changes) -> dict:
+    """Four trials of the blobs MLP over lr and width; ASHA with rungs at epochs 1, 2 and 4."""
+    request = {
+        "name": "blobs-search",
+        "base": blobs_spec("base", epochs=4, n_samples=120),
+        "space": {"optimizer.lr": {"log_uniform": [0.001, 0.3]},
+                  "model.layers[0].out_features": {"choice": [4, 16]}},
+        "method": "random",
+        "trials": 4,
+        "parallelism": 2,
+        "metric": "val_loss",
+        "mode": "min",
+        "scheduler": {"type": "asha", "min_epochs": 1, "max_epochs": 4, "reduction_factor": 2},
+    }
+    return {**request, **changes}
+
+
+def post(client, headers, body) -> dict:
+    response = client.post(SWEEPS, json=body, headers=headers)
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()
+
+
+def trial_rows(sessions, sweep_id: str) -> list[Job]:
+    with sessions() as session:
+        return list(session.scalars(select(Job).where(Job.sweep_id == sweep_id).order_by(Job.sweep_trial)))
+
+
+def test_a_sweep_queues_its_first_trials_as_jobs_of_the_caller(client, alice, sessions, published):
+    sweep = post(client, alice, sweep_request())
+    assert sweep["status"] == "running" and sweep["rungs"] == [1, 2, 4]
+    assert (sweep["trials"], sweep["created"], sweep["counts"]["queued"]) == (4, 2, 2)
+    jobs = trial_rows(sessions, sweep["id"])
+    assert [job.sweep_trial for job in jobs] == [0, 1]
+    assert all(job.stop_at_epoch == 1 and job.spec["training"]["epochs"] == 4 for job in jobs)
+    trials = client.get(f"{SWEEPS}/{sweep['id']}/trials", headers=alice).get_json()["trials"]
+    for trial, job in zip(trials, jobs, strict=True):
+        assert trial["job_id"] == job.id and trial["state"] == "queued"
+        assert job.spec["optimizer"]["lr"] == trial["params"]["optimizer.lr"]
+        assert job.spec["model"]["layers"][0]["out_features"] == trial["params"]["model.layers[0].out_features"]
+    # A trial is an ordinary job of the caller's.
+    assert client.get(f"/api/v1/jobs/{jobs[0].id}", headers=alice).get_json()["sweep_id"] == sweep["id"]
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"space": {"optimizer.nonsense": {"choice": [1, 2]}}}, "space.optimizer.nonsense"),
+    ({"space": {"optimizer.lr": {"choice": [0.1, -5.0]}}}, "space.optimizer.lr"),
+    ({"trials": 0}, "trials"),
+    ({"metric": "val_r2"}, "metric"),
+    ({"base": {**blobs_spec(), "model": {"layers": []}}}, "base.model.layers"),
+])
+def test_a_bad_sweep_is_refused_naming_the_field_and_stores_nothing(client, alice, sessions, change, field):
+    response = client.post(SWEEPS, json=sweep_request(**change), headers=alice)
+    assert response.status_code == 422, response.get_json()
+    paths = [error["path"] for error in response.get_json()["errors"]]
+    assert any(path.startswith(field) for path in paths), paths
+    with sessions() as session:
+        assert session.scalars(select(Sweep)).all() == [] and session.scalars(select(Job)).all() == []
+
+
+def test_another_users_sweep_is_not_found(client, alice, bob):
+    sweep = post(client, alice, sweep_request())
+    for path in ("", "/trials"):
+        assert client.get(f"{SWEEPS}/{sweep['id']}{path}", headers=bob).status_code == 404
+    assert client.post(f"{SWEEPS}/{sweep['id']}/cancel", headers=bob).status_code == 404
+    assert client.get(SWEEPS, headers=bob).get_json()["sweeps"] == []
+    assert [s["id"] for s in client.get(SWEEPS, headers=alice).get_json()["sweeps"]] == [sweep["id"]]
+
+
+def test_a_cancelled_sweep_cancels_its_trials_and_deletes_with_them(client, alice, sessions):
+    sweep = post(client, alice, sweep_request())
+    trial = trial_rows(sessions, sweep["id"])[0]
+    assert client.delete(f"{SWEEPS}/{sweep['id']}", headers=alice).status_code == 409  # running
+    response = client.post(f"{SWEEPS}/{sweep['id']}/cancel", headers=alice)
+    assert response.status_code == 202 and response.get_json()["status"] == "cancelled"
+    assert {job.status for job in trial_rows(sessions, sweep["id"])} == {"cancelled"}
+    assert client.post(f"{SWEEPS}/{sweep['id']}/cancel", headers=alice).status_code == 409
+    assert client.delete(f"{SWEEPS}/{sweep['id']}", headers=alice).status_code == 204
+    assert client.get(f"/api/v1/jobs/{trial.id}", headers=alice).status_code == 404
+    assert client.get(f"{SWEEPS}/{sweep['id']}", headers=alice).status_code == 404
+
+
+def test_a_trial_of_a_running_sweep_cannot_be_deleted_alone(client, alice, sessions):
+    sweep = post(client, alice, sweep_request())
+    trial = trial_rows(sessions, sweep["id"])[0]
+    assert client.post(f"/api/v1/jobs/{trial.id}/cancel", headers=alice).status_code == 200
+    response = client.delete(f"/api/v1/jobs/{trial.id}", headers=alice)
+    assert response.status_code == 409 and "running sweep" in response.get_json()["detail"]
+
+
+def run_sweep_to_its_end(service) -> tuple[dict, list[dict]]:
+    sweep = post(service.client, service.headers, sweep_request())
+
+    def ended():
+        body = service.client.get(f"{SWEEPS}/{sweep['id']}", headers=service.headers).get_json()
+        return body if body["status"] != "running" else None
+
+    sweep = service.wait_for(ended, 180, "the sweep to end")
+    trials = service.client.get(f"{SWEEPS}/{sweep['id']}/trials", headers=service.headers).get_json()["trials"]
+    return sweep, trials
+
+
+@pytest.mark.parametrize("deployment", ["embedded_service", "production_service"])
+def test_an_asha_sweep_runs_to_its_end_promoting_from_checkpoints_and_pruning_with_weights(request, deployment):
+    service = request.getfixturevalue(deployment)
+    sweep, trials = run_sweep_to_its_end(service)
+    assert sweep["status"] == "succeeded", sweep
+    assert len(trials) == 4 and sweep["counts"]["succeeded"] + sweep["counts"]["pruned"] == 4
+    # Each rung keeps at most the best 1/η of the one below it (η = 2, rungs at epochs 1, 2 and 4).
+    reached = [sum(trial["epoch"] >= epoch for trial in trials) for epoch in sweep["rungs"]]
+    assert reached[0] == 4 and 1 <= reached[1] <= 2 and reached[2] == 1, trials
+    finished = [trial for trial in trials if trial["state"] == "succeeded"]
+    assert [trial["epoch"] for trial in finished] == [4] and finished[0]["stop_reason"] == "completed"
+    for trial in trials:
+        if trial["state"] == "pruned":
+            assert trial["stop_reason"] == "sweep_pruned" and trial["epoch"] in (1, 2)
+    with service.sessions() as session:
+        for trial in trials:  # every trial's weights are kept, a pruned one's too
+            names = session.scalars(select(Artifact.name).where(Artifact.job_id == trial["job_id"])).all()
+            assert "model.safetensors" in names, (trial, names)
+        promoted = session.get(Job, finished[0]["job_id"])
+        assert promoted.attempts == 3  # paused at two rungs: each promotion resumed from the checkpoint
+    logs = service.client.get(f"/api/v1/jobs/{finished[0]['job_id']}/logs?format=text",
+                              headers=service.headers).get_data(as_text=True)
+    assert logs.count("resuming from") == 2, logs
+    best = sweep["best"]
+    values = [trial["value"] for trial in trials]
+    assert best["value"] == min(values) and best["metric"] == "val_loss"
+    assert best["params"] == next(t["params"] for t in trials if t["job_id"] == best["job_id"])
