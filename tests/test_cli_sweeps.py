@@ -40,14 +40,14 @@ def api(service) -> Client:
 
 
 def tiny_sweep(tmp_path, **fields) -> Path:
-    """The moons example shrunk: 3 trials of at most 3 epochs, ASHA rungs at epochs 1 and 3 (so one trial goes
-    on to epoch 3 and two are pruned at epoch 1); written beside the test, its data path made absolute."""
+    """The moons example shrunk to 3 trials of at most 3 epochs (ASHA's rungs at epochs 1 and 3), written beside
+    the test with its data path made absolute; ``fields`` replace the request's."""
     request = json.loads((EXAMPLES / "sweeps/moons-search.json").read_text())
     request["base"]["data"]["path"] = str(EXAMPLES / "data/moons.csv")
-    request.update(name="tiny-search", trials=3, parallelism=3,
-                   space={"optimizer.lr": {"log_uniform": [0.001, 0.1]},
-                          "model.layers[0].out_features": {"choice": [8, 32]}},
-                   scheduler={"type": "asha", "min_epochs": 1, "max_epochs": 3, "reduction_factor": 3}, **fields)
+    request.update({"name": "tiny-search", "trials": 3, "parallelism": 3,
+                    "space": {"optimizer.lr": {"log_uniform": [0.001, 0.1]},
+                              "model.layers[0].out_features": {"choice": [8, 32]}},
+                    "scheduler": {"type": "asha", "min_epochs": 1, "max_epochs": 3, "reduction_factor": 3}, **fields})
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(request))
     return path
@@ -65,8 +65,7 @@ def test_a_sweep_over_a_local_file_is_submitted_followed_to_its_end_listed_shown
 
     sweep = api.sweep(sweep_id)
     trials = api.sweep_trials(sweep_id)
-    assert sweep["status"] == "succeeded" and sweep["counts"]["succeeded"] == 1 and sweep["counts"]["pruned"] == 2
-    assert {trial["state"] for trial in trials} == {"succeeded", "pruned"}
+    assert sweep["status"] == "succeeded" and sweep["counts"]["succeeded"] + sweep["counts"]["pruned"] == 3
     for trial in trials:  # each trial ran on the dataset uploaded for the base
         data = api.job(trial["job_id"])["spec"]["data"]
         assert (data["source"], data["dataset_id"]) == ("dataset", uploaded[1])
@@ -74,21 +73,22 @@ def test_a_sweep_over_a_local_file_is_submitted_followed_to_its_end_listed_shown
     for trial in trials:
         said = [line for line in lines if line.startswith(f"trial {trial['number']} ")]
         assert said and said[-1].split()[2] == trial["state"], said
-    assert any(re.match(r"trial \d+  paused ", line) for line in lines)
     assert lines[-3] == f"trials 3/3 created: {show.counts_text(sweep['counts'])}; best {show.sweep_best_text(sweep)}"
     assert lines[-2] == show.sweep_ending(sweep)
     assert lines[-1] == f"download the best: torchyard download {sweep['best']['job_id']} --out runs/tiny-search"
 
     status = cli("sweep", "status", sweep_id)
     assert status.returncode == 0, status.stderr
-    assert status.stdout.splitlines()[:6] == [
+    best = sweep["best"]
+    assert status.stdout.splitlines()[:8] == [
         f"sweep      {sweep_id}  tiny-search", "status     succeeded", "method     random, 3 trials (3 created), "
         "parallelism 3", "metric     val_accuracy (max)", "scheduler  asha: rungs at epochs 1, 3, reduction factor 3",
-        "trials     succeeded 1, pruned 2"]
+        f"trials     {show.counts_text(sweep['counts'])}", f"best       val_accuracy {best['value']:.4g} by job "
+        f"{best['job_id']}", f"params     {show.params_text(best['params'])}"]
     assert json.loads(cli("sweep", "status", sweep_id, "--json").stdout) == sweep
 
     table = cli("sweep", "trials", sweep_id).stdout.splitlines()
-    assert table[0].split() == ["#", "JOB", "STATE", "EPOCH", "RUNG", "VAL_ACCURACY", "BEST", "optimizer.lr",
+    assert table[0].split() == ["#", "JOB", "STATE", "EPOCH", "RUNG", "VAL_ACCURACY", "optimizer.lr",
                                 "model.layers[0].out_features"]
     ranked = show.ranked_trials(trials, "max")
     assert [row.split()[:3] for row in table[1:]] == [[str(t["number"]), t["job_id"], t["state"]] for t in ranked]
@@ -110,13 +110,22 @@ def test_a_sweep_over_a_local_file_is_submitted_followed_to_its_end_listed_shown
 
 
 def test_a_refused_request_is_said_with_its_field_paths_and_the_dataset_uploaded_for_it_is_deleted(cli, api, tmp_path):
-    bad = tiny_sweep(tmp_path, space={"optimizer.lrr": {"log_uniform": [0.001, 0.1]}}, trials=0)
+    bad = tiny_sweep(tmp_path, space={"optimizer.lrr": {"log_uniform": [0.001, 0.1]}}, metric="val_r2")
+    request = json.loads(bad.read_text())
+    fresh = tmp_path / "moons.csv"  # a file no dataset holds yet: uploaded for the submit
+    fresh.write_text((EXAMPLES / "data/moons.csv").read_text() + "0.5,0.5,1\n")
+    request["base"]["data"]["path"] = "moons.csv"  # relative to the request's file
+    bad.write_text(json.dumps(request))
     refused = cli("sweep", "submit", str(bad))
     assert (refused.returncode, refused.stdout) == (1, "")
-    assert "space.optimizer.lrr: " in refused.stderr and "\n  trials: " in refused.stderr
-    assert "Traceback" not in refused.stderr
-    dataset = re.search(r"as dataset (ds_\w+);", refused.stderr)[1]
-    assert f"deleted dataset {dataset} again, uploaded for this submit, which failed" in refused.stderr
+    dataset = re.match(r"uploaded moons.csv as dataset (ds_\w+);", refused.stderr)[1]
+    assert refused.stderr.splitlines()[1:] == [
+        f"deleted dataset {dataset} again, uploaded for this submit, which failed",
+        "Error: 422 Invalid sweep",  # each field at fault once, by its path in the request
+        "  space.optimizer.lrr: no field 'lrr' in the base spec's optimizer (did you mean 'lr'?); it has: type, lr, "
+        "betas, eps, weight_decay, amsgrad",
+        "  metric: 'val_r2' is not a metric this job records; allowed: accuracy, epoch_seconds, loss, lr, "
+        "samples_per_second, val_accuracy, val_loss"]
     assert dataset not in [d["id"] for d in api.datasets()["datasets"]]
 
 
@@ -136,5 +145,11 @@ def test_cancel_ends_a_sweep_whose_trials_wait_and_a_second_cancel_is_no_error(c
     again = cli("sweep", "cancel", sweep_id)
     assert (again.returncode, again.stdout) == (0, f"{sweep_id} was cancelled already\n")
     followed = cli("sweep", "status", sweep_id, "--follow")  # an ended sweep: said at once, exit 1 (not succeeded)
-    assert followed.returncode == 1 and followed.stdout.splitlines()[-1].startswith("cancelled: cancelled 3")
+    assert followed.returncode == 1 and followed.stdout.splitlines()[-1] == "sweep cancelled: 3 cancelled"
     assert cli("sweep", "delete", sweep_id).returncode == 0
+
+
+def test_trials_rank_best_first_by_the_sweep_s_mode_with_no_value_last_and_ties_by_number():
+    trials = [{"number": n, "value": value} for n, value in [(0, 0.5), (1, None), (2, 0.9), (3, 0.5), (4, 0.1)]]
+    assert [t["number"] for t in show.ranked_trials(trials, "max")] == [2, 0, 3, 4, 1]
+    assert [t["number"] for t in show.ranked_trials(trials, "min")] == [4, 0, 3, 2, 1]

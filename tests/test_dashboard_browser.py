@@ -400,12 +400,15 @@ def test_a_sweep_submitted_on_the_sweeps_page_is_followed_to_its_end_with_its_tr
     base = circles_spec("sweep-trial", epochs=3)
     base["data"]["validation_split"] = 0.2
     request = {"name": "browser-search", "base": base, "method": "random", "trials": 3, "parallelism": 3,
-               "space": {"optimizer.lr": {"log_uniform": [0.003, 0.3]}, "optimizer.type": {"choice": ["Adam", "SGD"]}},
+               "space": {"optimizer.lr": {"log_uniform": [0.003, 0.3]},
+                         "model.layers[1].type": {"choice": ["ReLU", "Tanh"]}},
                "metric": "val_accuracy", "scheduler": {"type": "asha", "min_epochs": 1, "max_epochs": 3}}
     dashboard.find_element(By.CSS_SELECTOR, "nav a[data-page=sweeps]").click()
     until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, "section[data-page=sweeps] table.sweeps"))
     submit_through_form(dashboard, request)
-    until(dashboard, lambda b: "#/sweeps/swp_" in b.current_url)
+    until(dashboard, lambda b: "#/sweeps/swp_" in b.current_url
+          or b.find_elements(By.CSS_SELECTOR, "#spec-errors .problem"))
+    assert "#/sweeps/swp_" in dashboard.current_url, dashboard.find_element(By.ID, "spec-errors").text
     sweep_id = dashboard.current_url.rsplit("/", 1)[1]
     page = until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, "section[data-page=sweeps][data-status]"))
     until(dashboard, lambda b: page.get_attribute("data-status") == "succeeded")  # read on until it ended
@@ -417,8 +420,9 @@ def test_a_sweep_submitted_on_the_sweeps_page_is_followed_to_its_end_with_its_tr
 
     by_value = [t["number"] for t in sorted(trials, key=lambda t: (-t["value"], t["number"]))]
     until(dashboard, lambda b: shown() == by_value)  # the metric's best first, at first
-    assert {row.get_attribute("data-state") for row in dashboard.find_elements(By.CSS_SELECTOR, "#trials tbody tr")} \
-        == {"succeeded", "pruned"}
+    states = {int(row.get_attribute("data-trial")): row.get_attribute("data-state")
+              for row in dashboard.find_elements(By.CSS_SELECTOR, "#trials tbody tr")}
+    assert states == {trial["number"]: trial["state"] for trial in trials}  # succeeded, or pruned by ASHA
     dashboard.find_element(By.CSS_SELECTOR, "#trials button[data-sort=number]").click()
     until(dashboard, lambda b: shown() == sorted(by_value))
     dashboard.find_element(By.CSS_SELECTOR, "#trials button[data-sort=number]").click()
@@ -427,6 +431,8 @@ def test_a_sweep_submitted_on_the_sweeps_page_is_followed_to_its_end_with_its_tr
     until(dashboard, lambda b: shown() == by_value)
     dashboard.find_element(By.CSS_SELECTOR, "#trials button[data-sort=value]").click()  # worst first
     until(dashboard, lambda b: shown() == by_value[::-1])
+    dashboard.find_element(By.CSS_SELECTOR, "#trials button[data-sort=value]").click()
+    until(dashboard, lambda b: shown() == by_value)
 
     # One chart, a line a trial (3 epochs for the one promoted, 1 for the pruned two).
     curves = dashboard.find_element(By.ID, "sweep-curves")
@@ -434,11 +440,11 @@ def test_a_sweep_submitted_on_the_sweeps_page_is_followed_to_its_end_with_its_tr
     [chart] = curves.find_elements(By.CSS_SELECTOR, "figure.chart")
     assert (chart.get_attribute("data-title"), chart.get_attribute("data-points")) == ("val_accuracy", "3")
     assert chart.find_elements(By.TAG_NAME, "canvas"), "no curves drawn"
-    # A scatter plot a parameter, a dot a trial: the learning rate on a log axis, the optimizer's names as categories.
+    # A scatter plot a parameter, a dot a trial: the learning rate on a log axis, the layer's types as categories.
     scatters = {figure.get_attribute("data-param"): figure
                 for figure in dashboard.find_elements(By.CSS_SELECTOR, "#sweep-params figure.scatter")}
-    assert set(scatters) == {"optimizer.lr", "optimizer.type"}
-    scales = [scatters[path].get_attribute("data-scale") for path in ("optimizer.lr", "optimizer.type")]
+    assert set(scatters) == {"optimizer.lr", "model.layers[1].type"}
+    scales = [scatters[path].get_attribute("data-scale") for path in ("optimizer.lr", "model.layers[1].type")]
     assert scales == ["log", "categories"]
     for figure in scatters.values():
         until(dashboard, lambda b, f=figure: f.get_attribute("data-points") == "3")
@@ -447,7 +453,7 @@ def test_a_sweep_submitted_on_the_sweeps_page_is_followed_to_its_end_with_its_tr
     assert best.text == sweep["best"]["job_id"]
     shoot(dashboard, screenshots, "sweep")
 
-    worst = next(trial for trial in trials if trial["number"] == by_value[-1])  # the first row now
+    worst = next(trial for trial in trials if trial["number"] == by_value[-1])
     dashboard.find_element(By.CSS_SELECTOR, f"#trials tr[data-trial='{worst['number']}'] a").click()
     until(dashboard, lambda b: b.current_url.endswith(f"#/jobs/{worst['job_id']}"))  # a trial's link: its job's page
     until(dashboard, lambda b: b.find_element(By.ID, "job-name"))

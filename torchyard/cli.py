@@ -782,7 +782,7 @@ def sweep_list(limit: int) -> None:
     from torchyard import show
 
     page = _call(_client().sweeps, limit=limit)
-    show.echo(show.sweeps_table(page["items"], _now()))
+    show.echo(show.sweeps_table(page["sweeps"], _now()))
     if page["next_cursor"]:
         click.echo(f"(the newest {limit}; --limit shows more)", err=True)
 

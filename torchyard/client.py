@@ -261,12 +261,12 @@ class Client:
         return self._json("GET", f"/sweeps/{sweep_id}")
 
     def sweeps(self, limit: int = 20, cursor: str | None = None) -> dict:
-        """One page of the caller's sweeps, newest first: {"items": [...], "next_cursor": ...}."""
+        """One page of the caller's sweeps, newest first: {"sweeps": [...], "next_cursor": ...}."""
         return self._json("GET", "/sweeps", query={"limit": limit, "cursor": cursor})
 
     def sweep_trials(self, sweep_id: str) -> list[dict]:
         """Every trial created so far, by number: its job, state, params, epochs and metric values."""
-        return self._json("GET", f"/sweeps/{sweep_id}/trials")["items"]
+        return self._json("GET", f"/sweeps/{sweep_id}/trials")["trials"]
 
     def cancel_sweep(self, sweep_id: str) -> dict:
         """Cancel a running sweep and its unfinished trials; returns the sweep."""

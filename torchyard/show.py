@@ -344,8 +344,8 @@ def ranked_trials(trials: list[dict], mode: str) -> list[dict]:
 
 
 def counts_text(counts: dict[str, int]) -> str:
-    """``running 2, paused 1, pruned 3``: the states that have trials, in TRIAL_STATES' order."""
-    return ", ".join(f"{state} {counts[state]}" for state in TRIAL_STATES if counts.get(state)) or "none yet"
+    """``2 running, 1 paused, 3 pruned``: the states that have trials, in TRIAL_STATES' order."""
+    return ", ".join(f"{counts[state]} {state}" for state in TRIAL_STATES if counts.get(state)) or "none yet"
 
 
 def sweep_best_text(sweep: dict) -> str:
@@ -374,17 +374,17 @@ def sweep_summary(sweep: dict, now: dt.datetime) -> RenderableType:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
-    created = sweep.get("created", sweep["trials"])
+    created = sweep["created"]
     rows: list[tuple[str, str | Text]] = [
         ("sweep", f"{sweep['id']}  {sweep['name']}"),
         ("status", Text(sweep["status"], style=STATUS_STYLES.get(sweep["status"], ""))),
         ("method", f"{sweep['method']}, {sweep['trials']} trials ({created} created), parallelism "
                    f"{sweep['parallelism']}"),
         ("metric", f"{sweep['metric']} ({sweep['mode']})")]
-    scheduler = sweep.get("scheduler")
+    scheduler = sweep["request"]["scheduler"]
     if scheduler:
         rows.append(("scheduler", f"{scheduler['type']}: rungs at epochs {', '.join(map(str, sweep['rungs']))}, "
-                                  f"reduction factor {scheduler.get('reduction_factor')}"))
+                                  f"reduction factor {scheduler['reduction_factor']}"))
     rows.append(("trials", counts_text(sweep["counts"])))
     best = sweep.get("best")
     if best:
@@ -400,16 +400,16 @@ def sweep_summary(sweep: dict, now: dt.datetime) -> RenderableType:
 
 def trials_table(trials: list[dict], metric: str, mode: str) -> RenderableType:
     """The trials best first (``ranked_trials``), one a row: number, job, state, epochs, rung, the metric at
-    its last epoch and its best, then a column per parameter."""
+    its last epoch, then a column per parameter."""
     if not trials:
         return "no trials yet"
     paths = list(dict.fromkeys(path for trial in trials for path in trial["params"]))
-    table = _table("#", "JOB", "STATE", "EPOCH", "RUNG", metric.upper(), "BEST", *paths)
+    table = _table("#", "JOB", "STATE", "EPOCH", "RUNG", metric.upper(), *paths)
     for trial in ranked_trials(trials, mode):
         state = trial["state"]
         _add_row(table, str(trial["number"]), trial["job_id"], Text(state, style=STATE_STYLES.get(state, "")),
                  f"{trial['epoch']}/{trial['epochs']}", "-" if trial["rung"] is None else str(trial["rung"]),
-                 value_text(trial["value"]), value_text(trial["best_value"]),
+                 value_text(trial["value"]),
                  *(param_text(trial["params"][path]) if path in trial["params"] else "-" for path in paths))
     return table
 
@@ -423,16 +423,17 @@ def trial_line(trial: dict, metric: str) -> str:
 
 
 def sweep_progress_line(sweep: dict) -> str:
-    """A followed sweep's counts and best so far: ``trials 4/9 created: running 2, paused 1, pruned 1; best
+    """A followed sweep's counts and best so far: ``trials 4/9 created: 2 running, 1 paused, 1 pruned; best
     val_accuracy 0.9333``."""
-    created = sweep.get("created", sweep["trials"])
+    created = sweep["created"]
     best = f"; best {sweep_best_text(sweep)}" if sweep.get("best") else ""
     return f"trials {created}/{sweep['trials']} created: {counts_text(sweep['counts'])}{best}"
 
 
 def sweep_ending(sweep: dict) -> str:
-    """How a sweep ended, in one line: its status, trials by state, and the best trial with its parameters."""
-    line = f"{sweep['status']}: {counts_text(sweep['counts'])}"
+    """How a sweep ended, in one line: ``sweep succeeded: 1 succeeded, 2 pruned; best val_accuracy 0.9 by job
+    job_… (optimizer.lr=0.01)``; a failed one's error."""
+    line = f"sweep {sweep['status']}: {counts_text(sweep['counts'])}"
     if sweep.get("error"):
         line += f"; {sweep['error']}"
     best = sweep.get("best")

@@ -37,7 +37,7 @@ export function render(root, { id }) {
   let sweep = null;
   let trials = [];
   const rows = new Map(); // a trial job's id → its epoch rows read so far
-  let sort = null; // {key: "number" | "value" | "best_value", dir: 1 ascending | -1 descending}
+  let sort = null; // {key: "number" | "value", dir: 1 ascending | -1 descending}
   let curves = null; // {chart, count}: redrawn with a line more when a trial is created
   let scatters = null; // [{path, chart, x}] once the sweep's space is known
   const stops = [() => abort.abort(), () => curves?.chart.destroy(), () => scatters?.forEach(({ chart }) => chart.destroy())];
@@ -46,7 +46,7 @@ export function render(root, { id }) {
     const [next, page] = await Promise.all([api(path, { signal: abort.signal }),
       api(`${path}/trials`, { signal: abort.signal })]);
     sweep = next;
-    trials = page.items;
+    trials = page.trials;
     sort = sort || { key: "value", dir: bestFirst(sweep.mode) };
     await readCurves();
     if (abort.signal.aborted) return;
@@ -61,8 +61,8 @@ export function render(root, { id }) {
       const since = lastEpoch(rows.get(trial.job_id));
       const query = since ? `since_epoch=${since}` : `max_points=${MAX_POINTS}`;
       try {
-        const page = await api(`/jobs/${encodeURIComponent(trial.job_id)}/metrics?${query}`, { signal: abort.signal });
-        rows.set(trial.job_id, [...(rows.get(trial.job_id) || []), ...page.metrics]);
+        const history = await api(`/jobs/${encodeURIComponent(trial.job_id)}/metrics?${query}`, { signal: abort.signal });
+        rows.set(trial.job_id, [...(rows.get(trial.job_id) || []), ...history.metrics]);
       } catch (error) {
         if (!abort.signal.aborted) console.warn(error); // this trial only: asked again on the next turn
       }
@@ -103,7 +103,7 @@ export function render(root, { id }) {
 
   function drawScatters() {
     if (!scatters) {
-      scatters = parameterAxes(sweep, trials).map(({ path: param, log, categories, x }) => ({
+      scatters = parameterAxes(sweep.request.space).map(({ path: param, log, categories, x }) => ({
         path: param, x, chart: scatterChart(param, sweep.metric, { log, categories }) }));
       scatters.forEach(({ path: param, chart }) => { chart.element.dataset.param = param; });
       fill(parts.params, scatters.map(({ chart }) => chart.element));
@@ -157,12 +157,8 @@ function paramText(value) {
  * category per value for a choice of values that are not all numbers, else a linear axis; ``x(value)`` is
  * where a value goes on it (null: nowhere).
  */
-function parameterAxes(sweep, trials) {
-  const space = (sweep.request && sweep.request.space) || {};
-  const paths = Object.keys(space).length ? Object.keys(space)
-    : [...new Set(trials.flatMap((trial) => Object.keys(trial.params)))];
-  return paths.map((param) => {
-    const domain = space[param] || {};
+function parameterAxes(space) {
+  return Object.entries(space).map(([param, domain]) => {
     const choices = domain.choice;
     if (Array.isArray(choices) && !choices.every((value) => typeof value === "number")) {
       const keys = choices.map((value) => JSON.stringify(value));
@@ -204,17 +200,17 @@ function facts(pairs) {
 }
 
 function drawStatus(card, sweep) {
-  const scheduler = sweep.scheduler
-    ? `${sweep.scheduler.type}: rungs at epochs ${sweep.rungs.join(", ")}, reduction factor ${sweep.scheduler.reduction_factor}`
+  const { scheduler } = sweep.request;
+  const scheduling = scheduler
+    ? `${scheduler.type}: rungs at epochs ${sweep.rungs.join(", ")}, reduction factor ${scheduler.reduction_factor}`
     : "none (every trial runs all its epochs)";
-  const created = sweep.created ?? sweep.trials;
   fill(card, h("h2", {}, "Status"), facts([
-    ["Trials", `${created} of ${sweep.trials} created`],
+    ["Trials", `${sweep.created} of ${sweep.trials} created`],
     ["By state", h("span", { id: "sweep-counts" }, STATES.filter((state) => sweep.counts[state]).map((state) =>
       h("span", { class: "count-chip", "data-state": state }, badge(state), ` ${sweep.counts[state]}`)))],
     ["Method", `${sweep.method}, parallelism ${sweep.parallelism}`],
     ["Metric", `${sweep.metric} (${sweep.mode === "max" ? "higher" : "lower"} is better)`],
-    ["Scheduler", scheduler],
+    ["Scheduler", scheduling],
     ["Created", age(sweep.created_at)],
     ["Finished", time(sweep.finished_at)],
   ]), sweep.error ? h("div", { class: "error-box" }, h("strong", {}, "Error"), h("pre", {}, sweep.error)) : null);
@@ -252,7 +248,7 @@ function drawTrials(card, sweep, trials, sort, onSort) {
   };
   const head = h("thead", {}, h("tr", {},
     h("th", {}), sortable("#", "number", false), h("th", {}, "Job"), h("th", {}, "State"), h("th", {}, "Epochs"),
-    h("th", { class: "num" }, "Rung"), sortable(sweep.metric, "value"), sortable("Best", "best_value"),
+    h("th", { class: "num" }, "Rung"), sortable(sweep.metric, "value"),
     paths.map((param) => h("th", { class: "param" }, param))));
   const row = (trial) => h("tr", { "data-trial": trial.number, "data-job-id": trial.job_id, "data-state": trial.state },
     h("td", {}, swatch(colour.get(trial.number))),
@@ -264,10 +260,9 @@ function drawTrials(card, sweep, trials, sort, onSort) {
     h("td", { class: "num", title: trial.rung === null ? null : `epoch ${sweep.rungs[trial.rung]}` },
       trial.rung === null ? "–" : String(trial.rung)),
     h("td", { class: "num value" }, number(trial.value)),
-    h("td", { class: "num" }, number(trial.best_value)),
     paths.map((param) => h("td", { class: "param" }, param in trial.params ? paramText(trial.params[param]) : "–")));
   const body = h("tbody", {}, trials.length ? trials.map(row)
-    : h("tr", {}, h("td", { colspan: 8 + paths.length, class: "empty" }, "No trial created yet.")));
+    : h("tr", {}, h("td", { colspan: 7 + paths.length, class: "empty" }, "No trial created yet.")));
   fill(card, h("h2", {}, "Trials"), h("div", { class: "table-scroll" }, h("table", { class: "compact", id: "trials",
     "data-sort": sort.key, "data-dir": sort.dir > 0 ? "ascending" : "descending" }, head, body)));
 }

@@ -22,7 +22,7 @@ export function render(root) {
     try {
       const page = await api(`/sweeps?${query}`);
       fill(message);
-      drawRows(page.items);
+      drawRows(page.sweeps);
       drawPager(page.next_cursor);
     } catch (error) {
       fill(message, problemBox(error));
@@ -45,7 +45,7 @@ export function render(root) {
     const ended = ENDED_STATES.reduce((sum, state) => sum + (sweep.counts[state] || 0), 0);
     const actions = h("td", { class: "actions" }, FINISHED.has(sweep.status)
       ? h("button", { type: "button", class: "delete danger", onclick: () => {
-        if (window.confirm(`Delete sweep ${sweep.name}, its ${sweep.created ?? sweep.trials} trial jobs and their files?`)) {
+        if (window.confirm(`Delete sweep ${sweep.name}, its ${sweep.created} trial jobs and their files?`)) {
           act(() => api(path, { method: "DELETE" }));
         }
       } }, "Delete")
@@ -55,7 +55,7 @@ export function render(root) {
       h("td", { class: "name" }, h("a", { href: `#${path}` }, sweep.name), h("div", { class: "muted small" }, sweep.id)),
       h("td", {}, badge(sweep.status)),
       h("td", {}, progressBar(ended, sweep.trials, "trials ended")),
-      h("td", { class: "small" }, `${sweep.method}${sweep.scheduler ? ` · ${sweep.scheduler.type}` : ""}`),
+      h("td", { class: "small" }, `${sweep.method}${sweep.rungs.length ? " · asha" : ""}`),
       h("td", { class: "num" }, sweep.best ? `${sweep.best.metric} ${number(sweep.best.value)}` : "–"),
       h("td", {}, age(sweep.created_at)),
       actions);
