@@ -45,6 +45,9 @@ def _job_fields(job: Job, owner: str) -> dict:
         name=job.name,
         owner=owner,
         status=job.status,
+        paused=job.paused,
+        sweep_id=job.sweep_id,
+        sweep_trial=job.sweep_trial,
         # As the spec says them: the job's experiment column and tag rows only index them.
         experiment=job.spec.get("experiment"),
         tags=job.spec.get("tags", []),

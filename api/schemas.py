@@ -70,6 +70,10 @@ class JobSummary(Out):
     name: str
     owner: str = Field(description="the name of the user who submitted it (an admin sees every user's jobs)")
     status: JobStatus
+    paused: bool = Field(description="a queued job held until its sweep resumes or ends it: it ran to the epoch "
+                                     "its sweep asked for, and its weights so far are stored")
+    sweep_id: str | None = Field(description="the sweep whose trial it is; null for a job of its own")
+    sweep_trial: int | None = Field(description="its trial number in that sweep; null for a job of its own")
     experiment: str | None = Field(description="the spec's experiment: GET /jobs?experiment= finds its jobs")
     tags: list[str] = Field(description="the spec's tags: GET /jobs?tag= finds the jobs carrying them")
     progress: Progress

@@ -69,7 +69,8 @@ class Stalls:
 def stalls(session: Session, settings: Settings) -> Stalls:
     """What stalls right now (see ``Stalls``); two small indexed queries and the workers table."""
     served = served_queues(session, settings)
-    queued = session.execute(select(Job.queue, func.count()).where(Job.status == "queued")
+    # A paused job waits for its sweep, not for a worker: no worker would move it.
+    queued = session.execute(select(Job.queue, func.count()).where(Job.status == "queued", Job.paused.is_(False))
                              .group_by(Job.queue)).all()
     unreaped = session.scalar(select(func.count()).select_from(Job).where(
         Job.status == "running", Job.lease_expires_at < live_after(settings)))

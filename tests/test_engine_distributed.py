@@ -73,6 +73,32 @@ def test_every_rank_holds_the_job_to_the_limits_it_was_given(tmp_path):
     assert [row["epoch"] for row in read_metrics(result.metrics_path)] == [1, 2]
 
 
+def test_a_pause_that_rank_0_decides_stops_every_rank_and_the_resume_follows_the_uninterrupted_run(
+        tmp_path, monkeypatch):
+    from worker.engine import PAUSED, distributed
+    from worker.job_callbacks import PauseAt
+
+    exits = []
+    stop_ranks = distributed.stop_ranks
+
+    def recorded(ranks, timeout=30):  # a rank still training after rank 0 ended would be killed here
+        stop_ranks(ranks, timeout)
+        exits.append([rank.returncode for rank in ranks])
+
+    monkeypatch.setattr(distributed, "stop_ranks", recorded)
+    spec = parse_spec(ddp_spec(2, epochs=4, n_samples=240))
+    whole = train(spec, tmp_path / "whole")
+    paused = train(spec, tmp_path / "parts", callbacks=[PauseAt(2)])  # the callbacks run on rank 0 alone
+    assert (paused.status, paused.stop_reason, paused.epochs_completed) == ("succeeded", PAUSED, 2), paused.error
+    assert exits[-1] == [0], "rank 1 did not stop with rank 0"
+    resumed = train(spec, tmp_path / "parts", resume=True)
+    assert (resumed.status, resumed.epochs_completed) == ("succeeded", 4), resumed.error
+    one, two = read_metrics(whole.metrics_path), read_metrics(resumed.metrics_path)
+    assert [row["epoch"] for row in two] == [1, 2, 3, 4]
+    for name in ("loss", "val_loss"):
+        assert [row[name] for row in two] == pytest.approx([row[name] for row in one], rel=TOLERANCE, abs=TOLERANCE)
+
+
 def test_a_killed_data_parallel_run_resumes_and_finishes(tmp_path):
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(ddp_spec(2, epochs=6, n_samples=20_000, batch_size=128)))

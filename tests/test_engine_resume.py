@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from models.validation import parse_spec
-from worker.engine import Callback, StopTraining, train
+from worker.engine import PAUSED, Callback, StopTraining, train
 from worker.engine.checkpoints import to_remove
 
 TIMING = {"epoch_seconds", "samples_per_second"}
@@ -89,6 +89,63 @@ def test_a_preemption_checkpoints_mid_epoch_and_the_resume_loses_no_batch(tmp_pa
     # Every batch of the run was trained exactly once across the two attempts.
     assert len(batches_run) == len(set(batches_run)) == 6 * 4
     assert not (tmp_path / "parts/checkpoints/epoch-0003-batch-000002.pt").exists()
+
+
+class _PauseAfter(Callback):
+    """What a worker's PauseAt does: stop after ``epoch`` with the stop reason a resume goes on from."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, state, metrics):
+        if metrics["epoch"] == self.epoch:
+            state.stop_reason = PAUSED
+
+
+def test_a_paused_run_writes_its_outputs_and_resumes_as_if_it_had_never_stopped(tmp_path):
+    spec = parse_spec(resumable_spec())
+    whole = train(spec, tmp_path / "whole")
+
+    first = train(spec, tmp_path / "parts", callbacks=[_PauseAfter(2)])
+    assert (first.status, first.stop_reason, first.epochs_completed) == ("succeeded", PAUSED, 2)
+    assert json.loads(first.card_path.read_text())["stop_reason"] == PAUSED
+    assert torch.load(tmp_path / "parts/checkpoints/epoch-0002.pt", weights_only=True)["stop_reason"] == PAUSED
+    paused_weights = first.weights_path.read_bytes()
+    second = train(spec, tmp_path / "parts", resume=True, callbacks=[_PauseAfter(4)])
+    assert (second.stop_reason, second.epochs_completed) == (PAUSED, 4)
+    assert second.weights_path.read_bytes() != paused_weights
+    last = train(spec, tmp_path / "parts", resume=True)
+
+    assert (last.status, last.stop_reason, last.epochs_completed) == ("succeeded", "completed", 6)
+    assert last.weights_path.read_bytes() == whole.weights_path.read_bytes()
+    assert metrics_without_timing(last.metrics_path) == metrics_without_timing(whole.metrics_path)
+
+
+def test_a_run_resumed_at_its_pause_epoch_pauses_again_without_training(tmp_path):
+    # Its attempt died while recording the pause: the next one, still asked to pause at 2, trains nothing.
+    from worker.job_callbacks import PauseAt
+
+    spec = parse_spec(resumable_spec())
+    first = train(spec, tmp_path, callbacks=[PauseAt(2)])
+    paused_weights = first.weights_path.read_bytes()
+    epochs_trained = []
+
+    class Count(Callback):
+        def on_epoch_end(self, state, metrics):
+            epochs_trained.append(metrics["epoch"])
+
+    again = train(spec, tmp_path, resume=True, callbacks=[PauseAt(2), Count()])
+    assert (again.status, again.stop_reason, again.epochs_completed, epochs_trained) == ("succeeded", PAUSED, 2, [])
+    assert again.weights_path.read_bytes() == paused_weights
+
+
+def test_a_run_that_stopped_early_stays_stopped_on_resume(tmp_path):
+    spec = resumable_spec()
+    spec["early_stopping"].update(patience=0, min_delta=10.0)  # epoch 2 does not improve enough: it stops there
+    stopped = train(parse_spec(spec), tmp_path)
+    assert (stopped.stop_reason, stopped.epochs_completed) == ("early_stopping", 2)
+    resumed = train(parse_spec(spec), tmp_path, resume=True)
+    assert (resumed.stop_reason, resumed.epochs_completed) == ("early_stopping", 2)
 
 
 def test_checkpoints_hold_everything_and_load_with_weights_only(tmp_path):

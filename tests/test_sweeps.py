@@ -132,7 +132,7 @@ def test_an_asha_sweep_runs_to_its_end_promoting_from_checkpoints_and_pruning_wi
     with service.sessions() as session:
         for trial in trials:  # every trial's weights are kept, a pruned one's too
             names = session.scalars(select(Artifact.name).where(Artifact.job_id == trial["job_id"])).all()
-            assert "model.safetensors" in names, (trial, names)
+            assert "weights.safetensors" in names, (trial, names)
         promoted = session.get(Job, finished[0]["job_id"])
         assert promoted.attempts == 3  # paused at two rungs: each promotion resumed from the checkpoint
     logs = service.client.get(f"/api/v1/jobs/{finished[0]['job_id']}/logs?format=text",

@@ -25,7 +25,7 @@ from models import lifecycle
 from models.services import Services
 from models.storage import job_prefix
 from models.tables import Artifact, EpochMetrics, Job, utcnow
-from worker.engine import Callback, RunState, StopTraining
+from worker.engine import PAUSED, Callback, RunState, StopTraining
 from worker.job_log import JobLog
 
 CANCEL_CHECK_SECONDS = 1.0  # a cancel is seen within a second, without a query every batch
@@ -286,6 +286,27 @@ class ArtifactUploader(Callback):
         # Rows first, files second: the API never lists a checkpoint whose file is gone.
         for uri in self.fence.transaction(write):
             self.fence.ctx.store.delete(uri)
+
+
+class PauseAt(Callback):
+    """Pauses the run once it completed epoch ``stop_at_epoch`` (the job row's: a sweep's rung): the run ends
+    there as a stop at an epoch end does (checkpoint, weights, card, metrics), and a resume from that
+    checkpoint goes on. An earlier stop (early stopping) wins; the last epoch is an end, not a pause."""
+
+    def __init__(self, stop_at_epoch: int):
+        self.stop_at_epoch = stop_at_epoch
+
+    def on_train_begin(self, state: RunState) -> None:
+        # Resumed at or past it already (its attempt died while recording the pause): pause again at once,
+        # training nothing, so the pause lands on the epoch asked for.
+        self.pause_after(state, state.epoch)
+
+    def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
+        self.pause_after(state, metrics["epoch"])
+
+    def pause_after(self, state: RunState, epoch: int) -> None:
+        if state.stop_reason is None and self.stop_at_epoch <= epoch < state.epochs:
+            state.stop_reason = PAUSED
 
 
 class LeaseKeeper(Callback):

@@ -104,10 +104,12 @@ def reap(ctx: Services) -> list[str]:
 
 def reconcile(ctx: Services) -> None:
     """Say why queued jobs wait when no live worker serves their queue, and clear it once one does.
-    (Re-ringing jobs whose message was lost is the dispatcher's: ``models.dispatch``.)"""
+    (Re-ringing jobs whose message was lost is the dispatcher's: ``models.dispatch``.) A paused job waits
+    for its sweep, not for a worker: its reason stays the one its pause or its sweep gave."""
     with ctx.sessions() as session:
         served = served_queues(session, ctx.settings)
-        queued = session.execute(select(Job.id, Job.queue, Job.pending_reason).where(Job.status == "queued")).all()
+        queued = session.execute(select(Job.id, Job.queue, Job.pending_reason)
+                                 .where(Job.status == "queued", Job.paused.is_(False))).all()
         for job_id, queue, reason in queued:
             if queue not in served:
                 lifecycle.set_pending_reason(session, job_id, no_worker_reason(queue))

@@ -25,13 +25,14 @@ from models.tables import Artifact, Dataset, Job
 from models.validation import parse_service_spec
 from worker import gpus
 from worker.context import context, draining, worker_id
-from worker.engine import TrainResult, check_memory, pick_device, position, train
+from worker.engine import PAUSED, TrainResult, check_memory, pick_device, position, train
 from worker.job_callbacks import (
     ArtifactUploader,
     DatabaseMetrics,
     Fence,
     LeaseKeeper,
     LeaseLost,
+    PauseAt,
     database_down,
     finite,
     finite_values,
@@ -166,6 +167,8 @@ def execute(ctx: Services, fence: Fence, job: Job, spec: JobSpec, device: str, s
         if resumed:
             fence.log.event("INFO", f"resuming from {resumed}")
         callbacks = [DatabaseMetrics(fence), ArtifactUploader(fence), LeaseKeeper(fence, draining, setup_done)]
+        if job.stop_at_epoch is not None and job.stop_at_epoch < spec.training.epochs:
+            callbacks.append(PauseAt(job.stop_at_epoch))
         # The limits hold the deployment's run time limit too: the trainer enforces it, across attempts.
         result = train(spec, out_dir, resume=resumed is not None, callbacks=callbacks, data_path=data_path,
                        device=device, limits=ctx.settings.limits)
@@ -202,19 +205,21 @@ def fetch_checkpoint(ctx: Services, job_id: str, directory: Path) -> str | None:
 
 
 def record_result(fence: Fence, result: TrainResult) -> str:
-    """Write how the run ended (and, for a success, its outputs) in one fenced transaction."""
+    """Write how the run ended (and, for a success or a pause, its outputs) in one fenced transaction."""
     if result.status == "stopped" and result.stop_reason == "preempted":
         return hand_back(fence)
     outcome = {"epoch": result.epochs_completed, "final_metrics": finite_values(result.final_metrics) or None,
                "best_metric": result.best_metric, "best_value": finite(result.best_value),
                "best_epoch": result.best_epoch}
     stored = []
-    if result.status == "succeeded":
+    if result.status == "succeeded":  # a pause too: its weights are a result (a pruned trial keeps them)
         fence.renew()
         outputs = {"weights": result.weights_path, "model_card": result.card_path,
                    "metrics": result.metrics_path}
         stored = [(kind, path.name, fence.ctx.store.put_file(str(path), fence.key(path.name)))
                   for kind, path in outputs.items()]
+    if result.stop_reason == PAUSED:
+        return pause(fence, result, outcome, stored)
     status = {"succeeded": "succeeded", "failed": "failed"}.get(result.status, "cancelled")
     if result.stop_reason == "early_stopping":
         best = "" if result.best_value is None else (f": the best {result.best_metric} was {result.best_value:.6g}, "
@@ -233,6 +238,31 @@ def record_result(fence: Fence, result: TrainResult) -> str:
     if not fence.first:  # an earlier attempt may have died between an upload and its row
         remove_unreferenced(fence, job_prefix(fence.job_id))
     return status
+
+
+def pause(fence: Fence, result: TrainResult, outcome: dict, stored: list) -> str:
+    """Put a run paused at its ``stop_at_epoch`` back in the queue, held (``lifecycle.pause``), with its
+    outputs recorded as for a success; a job being cancelled ends cancelled instead."""
+    epoch = result.epochs_completed
+
+    def write(session: Session) -> str:
+        status = lifecycle.pause(session, fence.job_id, fence.attempt,
+                                 f"paused after epoch {epoch}: waiting for its sweep to promote or stop it", **outcome)
+        fence.require(session, status is not None)
+        for kind, name, info in stored:
+            record_artifact(session, fence.job_id, kind, name, info)
+        if status == "queued":
+            fence.log.close(session, "INFO", f"paused after epoch {epoch} (stop_at_epoch); the next attempt "
+                                             "resumes from the checkpoint saved now")
+        else:  # a cancel was asked meanwhile
+            fence.log.close(session, "INFO", f"cancelled after {epoch} epochs (stopped for a pause)")
+        return status
+
+    status = fence.transaction(write)
+    log.info("job %s %s after epoch %s", fence.job_id, "paused" if status == "queued" else status, epoch)
+    if not fence.first:  # the outputs of the attempt before the pause are no longer referenced
+        remove_unreferenced(fence, job_prefix(fence.job_id))
+    return "paused" if status == "queued" else status
 
 
 def closing_line(status: str, result: TrainResult) -> tuple[str, str]:

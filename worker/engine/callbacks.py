@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The stop_reason of a run stopped after an epoch to be continued later (a sweep's trial at its rung): it ends
+# like any stop at an epoch end (checkpoint, weights, card, metrics), but a resume from its checkpoint goes on
+# training as if it had never stopped.
+PAUSED = "paused"
+
 
 class StopTraining(Exception):
     """Raised by a callback to end training at once, not as a failure (``reason``: 'cancelled', 'preempted').
@@ -55,7 +60,7 @@ class Callback:
     """Base class: override the hooks you need."""
 
     def on_train_begin(self, state: RunState) -> None:
-        """Before the first epoch of this run (also after a resume)."""
+        """Before the first epoch of this run (also after a resume); set state.stop_reason to train no epoch."""
 
     def on_batch_end(self, state: RunState) -> None:
         """After each batch (its optimizer step, unless it is inside an accumulation group); raise StopTraining

@@ -17,6 +17,7 @@ from worker.engine.callbacks import StopTraining, TrainingFailed
 
 COLLECTIVE_TIMEOUT = dt.timedelta(minutes=10)
 _SIGNAL_STOP, _SIGNAL_FAIL = 1, 2
+MAX_REASON_BYTES = 100  # a stop reason's length at most (the jobs table's stop_reason column)
 
 
 class Single:
@@ -37,6 +38,10 @@ class Single:
 
     def sync_buffers(self, model: torch.nn.Module) -> None:
         pass
+
+    def from_main(self, value: str | None) -> str | None:
+        """Rank 0's ``value`` on every rank (a stop decision that rank 0's callbacks made)."""
+        return value
 
     def agreed(self, step: Callable[[], None]) -> None:
         step()
@@ -66,6 +71,17 @@ class Group(Single):
         """Give every rank rank 0's buffers (BatchNorm statistics) so all evaluate the same model."""
         for buffer in model.buffers():
             torch_dist.broadcast(buffer, src=0)
+
+    def from_main(self, value: str | None) -> str | None:
+        # A length and UTF-8 bytes in one tensor, sent as ``agreed`` sends its flag (no pickling).
+        data = torch.zeros(MAX_REASON_BYTES + 1, dtype=torch.int32)
+        if self.is_main and value is not None:
+            encoded = value.encode()[:MAX_REASON_BYTES]
+            data[0] = len(encoded) + 1  # 0: None
+            data[1:len(encoded) + 1] = torch.tensor(list(encoded), dtype=torch.int32)
+        torch_dist.broadcast(data, src=0)
+        size = int(data[0]) - 1
+        return None if size < 0 else bytes(data[1:size + 1].tolist()).decode(errors="ignore")
 
     def agreed(self, step: Callable[[], None]) -> None:
         """Run ``step`` (rank 0's callbacks); if it stops or fails, every rank stops at this same batch."""

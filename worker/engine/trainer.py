@@ -14,7 +14,7 @@ from torch import nn
 from models.shapes import EVAL_CHUNK, optimizer_steps
 from models.spec import JobSpec, Limits
 from worker.engine import checkpoints
-from worker.engine.callbacks import Best, Callback, RunState, StopTraining, TrainingFailed
+from worker.engine.callbacks import PAUSED, Best, Callback, RunState, StopTraining, TrainingFailed
 from worker.engine.components import BATCH_SCHEDULERS, make_loss, make_optimizer, make_scheduler
 from worker.engine.data import TensorData
 from worker.engine.early_stopping import EarlyStopping
@@ -89,6 +89,8 @@ class Trainer:
         """Train until the last epoch, a stop decision, StopTraining or TrainingFailed."""
         for callback in self.callbacks:
             callback.on_train_begin(self.state)
+        # The callbacks run on rank 0 alone: a stop they decide holds for every rank.
+        self.state.stop_reason = self.dist.from_main(self.state.stop_reason)
         try:
             while self.state.epoch < self.spec.training.epochs and self.state.stop_reason is None:
                 metrics = self.run_epoch(self.state.epoch + 1)
@@ -198,6 +200,7 @@ class Trainer:
         self.publish_best()
         for callback in self.callbacks:
             callback.on_epoch_end(self.state, metrics)
+        self.state.stop_reason = self.dist.from_main(self.state.stop_reason)
         last = self.state.epoch == self.spec.training.epochs or self.state.stop_reason is not None
         if self.scheduler is not None:
             self.step_scheduler(metrics)
@@ -345,7 +348,8 @@ class Trainer:
         self.shuffle_generator.set_state(state["rng"]["shuffle"].cpu())
         self.state.epoch = state["epoch"]
         self.state.history = list(state["history"])
-        self.state.stop_reason = state["stop_reason"]
+        # A pause is no end: the resumed run goes on (any other stop, e.g. early stopping, stays one).
+        self.state.stop_reason = None if state["stop_reason"] == PAUSED else state["stop_reason"]
         self.publish_best()
         self.elapsed_before = self.state.elapsed_seconds = state["elapsed_seconds"]
         self.started = time.monotonic()
