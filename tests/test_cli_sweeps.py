@@ -65,14 +65,16 @@ def test_a_sweep_over_a_local_file_is_submitted_followed_to_its_end_listed_shown
 
     sweep = api.sweep(sweep_id)
     trials = api.sweep_trials(sweep_id)
-    assert sweep["status"] == "succeeded" and sweep["counts"]["succeeded"] + sweep["counts"]["pruned"] == 3
+    # ASHA with η = 3 over 3 trials: the best at epoch 1 goes on to epoch 3, the other two are pruned there.
+    assert (sweep["status"], sweep["counts"]["succeeded"], sweep["counts"]["pruned"]) == ("succeeded", 1, 2)
     for trial in trials:  # each trial ran on the dataset uploaded for the base
         data = api.job(trial["job_id"])["spec"]["data"]
         assert (data["source"], data["dataset_id"]) == ("dataset", uploaded[1])
     # Each trial's state as it changed, the counts whenever they changed, then the ending and the download.
     for trial in trials:
         said = [line for line in lines if line.startswith(f"trial {trial['number']} ")]
-        assert said and said[-1].split()[2] == trial["state"], said
+        assert said and said[-1] == show.trial_line(trial, "val_accuracy"), said
+        assert said[-1].split()[2:4] == [trial["state"], "epoch"] and len(said) == len(set(said))
     assert lines[-3] == f"trials 3/3 created: {show.counts_text(sweep['counts'])}; best {show.sweep_best_text(sweep)}"
     assert lines[-2] == show.sweep_ending(sweep)
     assert lines[-1] == f"download the best: torchyard download {sweep['best']['job_id']} --out runs/tiny-search"

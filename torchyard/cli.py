@@ -726,9 +726,12 @@ def _follow_sweep(client, started: dict) -> dict:
     with _api_errors():
         for swept, trials in client.follow_sweep(started["id"], SWEEP_POLL_SECONDS):
             for trial in trials:
-                if states.get(trial["number"]) != trial["state"]:
+                before = states.get(trial["number"])
+                if before != trial["state"]:
                     states[trial["number"]] = trial["state"]
-                    click.echo(show.trial_line(trial, swept["metric"]))
+                    # A paused trial queued again was promoted to the next rung: said so, not as a fresh start.
+                    promoted = before == "paused" and trial["state"] in ("queued", "running")
+                    click.echo(show.trial_line(trial, swept["metric"], "promoted" if promoted else None))
             line = show.sweep_progress_line(swept)
             if line != said:
                 click.echo(line)
@@ -806,7 +809,9 @@ def sweep_cancel(sweep_id: str) -> None:
                 raise error from None
             click.echo(f"{sweep_id} was cancelled already")
             return
-    click.echo(f"{swept['id']} cancelled")
+    running = swept["counts"]["running"]
+    click.echo(f"{swept['id']} cancelled" + (f": {running} running trial{'s' if running > 1 else ''} stop at the end "
+                                             "of the current batch" if running else ""))
 
 
 @sweep.command("delete")

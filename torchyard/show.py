@@ -414,11 +414,12 @@ def trials_table(trials: list[dict], metric: str, mode: str) -> RenderableType:
     return table
 
 
-def trial_line(trial: dict, metric: str) -> str:
-    """A followed sweep's line for a trial whose state or epoch changed:
+def trial_line(trial: dict, metric: str, state: str | None = None) -> str:
+    """A followed sweep's line for a trial whose state changed (``state``, when given, said in its place):
     ``trial 3  paused     epoch  2/18  val_accuracy 0.9100  optimizer.lr=0.01``."""
     shown = f"  {metric} {trial['value']:.4f}" if trial["value"] is not None else ""
-    return (f"trial {trial['number']}  {trial['state']:<9}  epoch {trial['epoch']:>{len(str(trial['epochs']))}}/"
+    return (f"trial {trial['number']}  {state or trial['state']:<9}  epoch "
+            f"{trial['epoch']:>{len(str(trial['epochs']))}}/"
             f"{trial['epochs']}{shown}  {params_text(trial['params'])}")
 
 
