@@ -95,7 +95,7 @@ class Sweep(Base):
     __table_args__ = (Index("ix_sweeps_user_id_created_at", "user_id", "created_at"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("swp"))
-    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(200))
     request: Mapped[dict[str, Any]]  # the normalized request (models.sweep_spec.PlannedSweep.request)
     base: Mapped[dict[str, Any]]  # the normalized base spec every trial starts from
@@ -118,6 +118,8 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("user_id", "idempotency_key"),
+        # A trial number is started once: two controller rounds that raced would collide here, not run it twice.
+        UniqueConstraint("sweep_id", "sweep_trial"),
         Index("ix_jobs_user_id_created_at", "user_id", "created_at"),
         Index("ix_jobs_status_queue", "status", "queue"),
         Index("ix_jobs_user_id_experiment_created_at", "user_id", "experiment", "created_at"),
@@ -140,7 +142,7 @@ class Job(Base):
     # Written with the job, never loaded with it (GET /jobs?tag= reads job_tags in its query).
     tag_rows: WriteOnlyMapped[JobTag] = relationship(cascade="all, delete-orphan", passive_deletes=True)
     # A sweep's trial (None for an ordinary job): its sweep and trial number.
-    sweep_id: Mapped[Optional[str]] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    sweep_id: Mapped[Optional[str]] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"))
     sweep_trial: Mapped[Optional[int]] = mapped_column(Integer)
     # Pausing (models.lifecycle.pause): the run pauses after this epoch (None: it runs to the end); a paused
     # job is queued but held: the dispatcher never releases it until ``unpause``.

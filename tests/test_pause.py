@@ -104,12 +104,13 @@ def engine_weights(tmp_path_factory) -> dict[str, bytes]:
 
 def submit_trial(service, stop_at_epoch: int | None, trial: int = 0) -> str:
     """Insert a trial job of a new sweep as the sweep controller does (``stop_at_epoch`` on the row from the
-    start), then dispatch it."""
+    start), then dispatch it. The sweep is not ``running``, so the controller leaves it alone: the test
+    decides for its trial itself."""
     parsed = parse_service_spec(SPEC, service.settings.limits)
     with service.sessions() as session:
         owner = session.scalar(select(User.id).where(User.name == "alice"))
         sweep = Sweep(user_id=owner, name="s", request={}, base={}, trials=[{}], rungs=[2, 6], metric="loss",
-                      mode="min")
+                      mode="min", status="cancelled")
         session.add(sweep)
         session.flush()
         job_id = lifecycle.submit(session, user_id=owner, name=parsed.name, spec=parsed.model_dump(mode="json"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
@@ -405,3 +406,10 @@ def test_trial_spec_applies_params_to_a_copy():
     assert spec["optimizer"]["lr"] == 0.05 and spec["model"]["layers"][1] == {"type": "Tanh"}
     layer["type"] = "ReLU"
     assert spec["model"]["layers"][1] == {"type": "Tanh"}  # the value is copied, not shared
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples" / "sweeps").glob("*.json")),
+                         ids=lambda p: p.name)
+def test_every_example_sweep_is_valid(path):
+    planned = parse_sweep(json.loads(path.read_text()), Limits())
+    assert planned.trials and planned.metric

@@ -142,3 +142,37 @@ def test_an_asha_sweep_runs_to_its_end_promoting_from_checkpoints_and_pruning_wi
     values = [trial["value"] for trial in trials]
     assert best["value"] == min(values) and best["metric"] == "val_loss"
     assert best["params"] == next(t["params"] for t in trials if t["job_id"] == best["job_id"])
+
+
+def test_a_sweep_survives_the_loss_of_its_worker_and_loses_no_trial(own_embedded_service):
+    """SIGKILL the only worker while a trial runs: the trial's lease runs out, a new worker resumes it, and
+    the controller (its state all in the database) carries the sweep to the same kind of end."""
+    service = own_embedded_service
+    body = sweep_request(base=blobs_spec("base", epochs=4, n_samples=3000))
+    sweep = post(service.client, service.headers, body)
+
+    def a_trial_running():
+        return any(job.status == "running" for job in trial_rows(service.sessions, sweep["id"]))
+
+    service.wait_for(a_trial_running, 60, "a trial to run")
+    service.workers[0].kill()
+    service.start_worker(name="second")
+
+    def ended():
+        body = service.client.get(f"{SWEEPS}/{sweep['id']}", headers=service.headers).get_json()
+        return body if body["status"] != "running" else None
+
+    ended_sweep = service.wait_for(ended, 180, "the sweep to end")
+    assert ended_sweep["status"] == "succeeded" and ended_sweep["created"] == 4, ended_sweep
+    assert ended_sweep["counts"]["succeeded"] + ended_sweep["counts"]["pruned"] == 4
+    jobs = trial_rows(service.sessions, sweep["id"])
+    assert sorted(job.sweep_trial for job in jobs) == [0, 1, 2, 3]
+    assert sum(job.epoch == 4 for job in jobs) == 1
+    assert any("stopped renewing its lease" in log for log in trial_logs(service, jobs)), \
+        "no trial was running when the worker was killed"
+
+
+def trial_logs(service, jobs) -> list[str]:
+    """The text of each trial's log."""
+    return [service.client.get(f"/api/v1/jobs/{job.id}/logs?format=text", headers=service.headers)
+            .get_data(as_text=True) for job in jobs]

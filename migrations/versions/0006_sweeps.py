@@ -42,14 +42,13 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_sweeps")),
     )
     with op.batch_alter_table("sweeps") as batch:
-        batch.create_index(batch.f("ix_sweeps_user_id"), ["user_id"], unique=False)
         batch.create_index("ix_sweeps_user_id_created_at", ["user_id", "created_at"], unique=False)
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("sweep_id", sa.String(length=40), nullable=True))
         batch.add_column(sa.Column("sweep_trial", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("stop_at_epoch", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("paused", sa.Boolean(), server_default=sa.false(), nullable=False))
-        batch.create_index(batch.f("ix_jobs_sweep_id"), ["sweep_id"], unique=False)
+        batch.create_unique_constraint(batch.f("uq_jobs_sweep_id"), ["sweep_id", "sweep_trial"])
         batch.create_foreign_key(batch.f("fk_jobs_sweep_id_sweeps"), "sweeps", ["sweep_id"], ["id"],
                                  ondelete="CASCADE")
 
@@ -57,7 +56,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.drop_constraint(batch.f("fk_jobs_sweep_id_sweeps"), type_="foreignkey")
-        batch.drop_index(batch.f("ix_jobs_sweep_id"))
+        batch.drop_constraint(batch.f("uq_jobs_sweep_id"), type_="unique")
         batch.drop_column("paused")
         batch.drop_column("stop_at_epoch")
         batch.drop_column("sweep_trial")
