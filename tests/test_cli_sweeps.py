@@ -40,14 +40,15 @@ def api(service) -> Client:
 
 
 def tiny_sweep(tmp_path, **fields) -> Path:
-    """The moons example shrunk to 3 trials of at most 3 epochs (ASHA's rungs at epochs 1 and 3), written beside
-    the test with its data path made absolute; ``fields`` replace the request's."""
-    request = json.loads((EXAMPLES / "sweeps/moons-search.json").read_text())
-    request["base"]["data"]["path"] = str(EXAMPLES / "data/moons.csv")
-    request.update({"name": "tiny-search", "trials": 3, "parallelism": 3,
-                    "space": {"optimizer.lr": {"log_uniform": [0.001, 0.1]},
-                              "model.layers[0].out_features": {"choice": [8, 32]}},
-                    "scheduler": {"type": "asha", "min_epochs": 1, "max_epochs": 3, "reduction_factor": 3}, **fields})
+    """A search over the csv-moons example (its data a local CSV file, its path made absolute): 3 trials of at
+    most 3 epochs, ASHA's rungs at epochs 1 and 3; written beside the test. ``fields`` replace the request's."""
+    base = json.loads((EXAMPLES / "csv-moons.json").read_text())
+    base["data"]["path"] = str(EXAMPLES / "data/moons.csv")
+    request = {"name": "tiny-search", "base": base, "method": "random", "trials": 3, "parallelism": 3,
+               "space": {"optimizer.lr": {"log_uniform": [0.001, 0.1]},
+                         "model.layers[0].out_features": {"choice": [8, 32]}},
+               "metric": "val_accuracy", "mode": "max",
+               "scheduler": {"type": "asha", "min_epochs": 1, "max_epochs": 3, "reduction_factor": 3}, **fields}
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(request))
     return path

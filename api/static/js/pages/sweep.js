@@ -115,9 +115,15 @@ export function render(root, { id }) {
     }
   }
 
-  const stopPolling = every(POLL_MS, refresh);
+  // One read at a time: two at once would both add a trial's epochs after the same one.
+  let reading = null;
+  const readOnce = () => {
+    reading = reading || refresh().finally(() => { reading = null; });
+    return reading;
+  };
+  const stopPolling = every(POLL_MS, readOnce);
   stops.push(stopPolling);
-  refresh().catch((error) => {
+  readOnce().catch((error) => {
     if (abort.signal.aborted) return;
     if (sweep) fill(parts.message, problemBox(error));
     else {
