@@ -46,7 +46,8 @@ def _page(response: Response) -> Response:
 
 @bp.get("/")
 def index():
-    """The dashboard: one page whose views (jobs, a job, compare, workers, datasets) follow the URL's hash."""
+    """The dashboard: one page whose views (jobs, a job, compare, sweeps, a sweep, workers, datasets) follow the
+    URL's hash."""
     return bp.send_static_file("index.html")
 
 

@@ -198,3 +198,34 @@ def test_the_network_table_of_a_job_on_an_uploaded_dataset_and_after_its_deletio
     gone = client.get(f"/api/v1/jobs/{job_id}/network", headers=alice)
     assert gone.status_code == 404
     assert gone.json["type"] == "/problems/no-network"
+
+
+# --- sweeps --------------------------------------------------------------------------------------
+
+
+def test_the_nav_links_each_page_the_router_shows_sweeps_included():
+    nav = re.findall(r'<a href="#/(\w+)" data-page="(\w+)">', STATIC.joinpath("index.html").read_text())
+    assert all(href == page for href, page in nav)
+    router = STATIC.joinpath("js/main.js").read_text()
+    pages = re.search(r"const pages = \{ ([\w, ]+) \};", router)[1].split(", ")
+    assert sorted(page for _, page in nav) == sorted(pages) and "sweeps" in pages
+    assert 'parts[0] === "sweeps" && parts[1]' in router  # #/sweeps/<id>: a sweep's own page
+
+
+@pytest.mark.parametrize("module", ["sweep.js", "sweeps.js"])
+def test_the_sweep_pages_read_only_fields_the_api_s_sweep_documents_have(app, module):
+    # A field renamed in api/schemas.py would leave a page reading undefined, which no error says.
+    schemas = openapi_document(app)["components"]["schemas"]
+
+    def fields(name: str) -> set[str]:
+        return set(schemas[name]["properties"])
+
+    code = STATIC.joinpath("js/pages", module).read_text()
+    read = {kind: set(re.findall(rf"\b{kind}\.(\w+)", code)) for kind in ("sweep", "trial", "best", "page")}
+    assert read["sweep"] and read["sweep"] <= fields("SweepOut"), read["sweep"] - fields("SweepOut")
+    assert read["trial"] <= fields("TrialOut"), read["trial"] - fields("TrialOut")
+    assert read["best"] <= fields("SweepBest"), read["best"] - fields("SweepBest")
+    assert read["page"] <= fields("SweepList") | fields("TrialList")
+    if module == "sweep.js":  # the page of one sweep reads its trials, its request's space and its best trial
+        assert {"number", "job_id", "state", "params", "value", "epoch"} <= read["trial"]
+        assert {"request", "best", "counts", "metric", "mode"} <= read["sweep"]

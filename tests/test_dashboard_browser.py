@@ -393,3 +393,77 @@ def test_a_job_named_with_markup_is_shown_as_text_and_runs_nothing(dashboard, se
     with pytest.raises(NoAlertPresentException):
         dashboard.switch_to.alert.text  # noqa: B018 (reading it is the check)
     assert csp_violations(console()) == []
+
+
+def test_a_sweep_submitted_on_the_sweeps_page_is_followed_to_its_end_with_its_trials_sortable_curves_and_scatters(
+        dashboard, service, screenshots, console):
+    base = circles_spec("sweep-trial", epochs=3)
+    base["data"]["validation_split"] = 0.2
+    request = {"name": "browser-search", "base": base, "method": "random", "trials": 3, "parallelism": 3,
+               "space": {"optimizer.lr": {"log_uniform": [0.003, 0.3]},
+                         "model.layers[1].type": {"choice": ["ReLU", "Tanh"]}},
+               "metric": "val_accuracy", "scheduler": {"type": "asha", "min_epochs": 1, "max_epochs": 3}}
+    dashboard.find_element(By.CSS_SELECTOR, "nav a[data-page=sweeps]").click()
+    until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, "section[data-page=sweeps] table.sweeps"))
+    submit_through_form(dashboard, request)
+    until(dashboard, lambda b: "#/sweeps/swp_" in b.current_url
+          or b.find_elements(By.CSS_SELECTOR, "#spec-errors .problem"))
+    assert "#/sweeps/swp_" in dashboard.current_url, dashboard.find_element(By.ID, "spec-errors").text
+    sweep_id = dashboard.current_url.rsplit("/", 1)[1]
+    page = until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, "section[data-page=sweeps][data-status]"))
+    until(dashboard, lambda b: page.get_attribute("data-status") == "succeeded")  # read on until it ended
+    sweep, trials = service.http.sweep(sweep_id), service.http.sweep_trials(sweep_id)
+
+    def shown() -> list[int]:
+        rows = dashboard.find_elements(By.CSS_SELECTOR, "#trials tbody tr")
+        return [int(row.get_attribute("data-trial")) for row in rows]
+
+    by_value = [t["number"] for t in sorted(trials, key=lambda t: (-t["value"], t["number"]))]
+    until(dashboard, lambda b: shown() == by_value)  # the metric's best first, at first
+    states = {int(row.get_attribute("data-trial")): row.get_attribute("data-state")
+              for row in dashboard.find_elements(By.CSS_SELECTOR, "#trials tbody tr")}
+    assert states == {trial["number"]: trial["state"] for trial in trials}
+    assert sorted(states.values()) == ["pruned", "pruned", "succeeded"]  # η = 3: one of three goes on to epoch 3
+    dashboard.find_element(By.CSS_SELECTOR, "#trials button[data-sort=number]").click()
+    until(dashboard, lambda b: shown() == sorted(by_value))
+    dashboard.find_element(By.CSS_SELECTOR, "#trials button[data-sort=number]").click()
+    until(dashboard, lambda b: shown() == sorted(by_value, reverse=True))
+    dashboard.find_element(By.CSS_SELECTOR, "#trials button[data-sort=value]").click()
+    until(dashboard, lambda b: shown() == by_value)
+    dashboard.find_element(By.CSS_SELECTOR, "#trials button[data-sort=value]").click()  # worst first
+    until(dashboard, lambda b: shown() == by_value[::-1])
+    dashboard.find_element(By.CSS_SELECTOR, "#trials button[data-sort=value]").click()
+    until(dashboard, lambda b: shown() == by_value)
+
+    # One chart, a line a trial (3 epochs for the one promoted, 1 for the pruned two).
+    curves = dashboard.find_element(By.ID, "sweep-curves")
+    until(dashboard, lambda b: curves.get_attribute("data-lines") == "3")
+    [chart] = curves.find_elements(By.CSS_SELECTOR, "figure.chart")
+    assert (chart.get_attribute("data-title"), chart.get_attribute("data-points")) == ("val_accuracy", "3")
+    assert chart.find_elements(By.TAG_NAME, "canvas"), "no curves drawn"
+    # A scatter plot a parameter, a dot a trial: the learning rate on a log axis, the layer's types as categories.
+    scatters = {figure.get_attribute("data-param"): figure
+                for figure in dashboard.find_elements(By.CSS_SELECTOR, "#sweep-params figure.scatter")}
+    assert set(scatters) == {"optimizer.lr", "model.layers[1].type"}
+    scales = [scatters[path].get_attribute("data-scale") for path in ("optimizer.lr", "model.layers[1].type")]
+    assert scales == ["log", "categories"]
+    for figure in scatters.values():
+        until(dashboard, lambda b, f=figure: f.get_attribute("data-points") == "3")
+        assert figure.find_elements(By.TAG_NAME, "canvas"), "no dots drawn"
+    best = dashboard.find_element(By.ID, "best-job")
+    assert best.text == sweep["best"]["job_id"]
+    shoot(dashboard, screenshots, "sweep")
+
+    worst = next(trial for trial in trials if trial["number"] == by_value[-1])
+    dashboard.find_element(By.CSS_SELECTOR, f"#trials tr[data-trial='{worst['number']}'] a").click()
+    until(dashboard, lambda b: b.current_url.endswith(f"#/jobs/{worst['job_id']}"))  # a trial's link: its job's page
+    until(dashboard, lambda b: b.find_element(By.ID, "job-name"))
+    dashboard.find_element(By.CSS_SELECTOR, "nav a[data-page=sweeps]").click()
+    line = until(dashboard, lambda b: b.find_element(By.CSS_SELECTOR, f"tr[data-sweep-id='{sweep_id}']"))
+    assert line.get_attribute("data-status") == "succeeded" and "3/3" in line.text
+    line.find_element(By.CSS_SELECTOR, "a").click()
+    until(dashboard, lambda b: b.find_element(By.ID, "delete-sweep")).click()
+    dashboard.switch_to.alert.accept()
+    until(dashboard, lambda b: b.current_url.endswith("#/sweeps"))
+    until(dashboard, lambda b: not b.find_elements(By.CSS_SELECTOR, f"tr[data-sweep-id='{sweep_id}']"))
+    assert csp_violations(console()) == []

@@ -678,6 +678,150 @@ def datasets_delete(dataset_id: str) -> None:
     click.echo(f"deleted {dataset_id}")
 
 
+# --- sweeps ---------------------------------------------------------------------------------------
+
+SWEEP_POLL_SECONDS = 1.0  # two reads a poll: far inside the read budget (rate_limit_read)
+
+
+@main.group()
+def sweep() -> None:
+    """Hyperparameter sweeps: trials that are ordinary jobs, and ASHA stopping the losers early."""
+
+
+@sweep.command("submit")
+@click.argument("sweep_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--follow", is_flag=True, help="Show the trials' progress until the sweep ends (exit 1 unless it "
+                                             "succeeded).")
+def sweep_submit(sweep_file: Path, follow: bool) -> None:
+    """Submit the sweep request in SWEEP_FILE (a base spec, a space, a method, trials…) and print its id.
+
+    A base spec whose data is a local file (data.source "file") goes as a dataset of yours, uploaded first
+    when none holds that file already, as `torchyard submit` does.
+    """
+    client = _client()
+    request, uploaded = _read_spec_file(sweep_file), None
+    if isinstance(request, dict) and isinstance(request.get("base"), dict):
+        base, uploaded = _file_data_uploaded(client, request["base"], sweep_file)
+        request = {**request, "base": base}
+    try:
+        swept = _call(client.submit_sweep, request)
+    except click.ClickException:
+        if uploaded is not None:
+            _forget_upload(client, uploaded)
+        raise
+    click.echo(swept["id"])
+    if follow and _follow_sweep(client, swept)["status"] != "succeeded":
+        sys.exit(1)
+
+
+def _follow_sweep(client, started: dict) -> dict:
+    """A line for each trial whose state changed, and the counts and best so far whenever they change, until
+    the sweep ends; then how it ended and how to download its best trial. Returns the ended sweep."""
+    import shlex
+
+    from torchyard import show
+
+    states: dict[int, str] = {}
+    said, swept = None, started
+    with _api_errors():
+        for swept, trials in client.follow_sweep(started["id"], SWEEP_POLL_SECONDS):
+            for trial in trials:
+                before = states.get(trial["number"])
+                if before != trial["state"]:
+                    states[trial["number"]] = trial["state"]
+                    # A paused trial queued again was promoted to the next rung: said so, not as a fresh start.
+                    promoted = before == "paused" and trial["state"] in ("queued", "running")
+                    click.echo(show.trial_line(trial, swept["metric"], "promoted" if promoted else None))
+            line = show.sweep_progress_line(swept)
+            if line != said:
+                click.echo(line)
+                said = line
+    click.echo(show.sweep_ending(swept))
+    if swept["status"] == "succeeded" and swept.get("best"):
+        out = shlex.quote(f"runs/{swept['name']}")
+        click.echo(f"download the best: torchyard download {swept['best']['job_id']} --out {out}")
+    return swept
+
+
+@sweep.command("status")
+@click.argument("sweep_id")
+@click.option("--follow", is_flag=True, help="Show the trials' progress until the sweep ends.")
+@click.option("--json", "as_json", is_flag=True, help="The sweep as the API's JSON document.")
+def sweep_status(sweep_id: str, follow: bool, as_json: bool) -> None:
+    """A sweep's state: status, method, metric, its trials by state, the best trial and its parameters."""
+    from torchyard import show
+
+    client = _client()
+    swept = _call(client.sweep, sweep_id)
+    if as_json:
+        _echo_json(swept)
+    elif follow:
+        if _follow_sweep(client, swept)["status"] != "succeeded":
+            sys.exit(1)
+    else:
+        show.echo(show.sweep_summary(swept, _now()))
+
+
+@sweep.command("trials")
+@click.argument("sweep_id")
+@click.option("--json", "as_json", is_flag=True, help="The trials as the API's JSON documents, by number.")
+def sweep_trials(sweep_id: str, as_json: bool) -> None:
+    """A sweep's trials best first: job, state (paused at a rung, pruned…), epochs, rung, the metric, params."""
+    from torchyard import show
+
+    client = _client()
+    swept = _call(client.sweep, sweep_id)
+    trials = _call(client.sweep_trials, sweep_id)
+    if as_json:
+        _echo_json(trials)
+    else:
+        show.echo(show.trials_table(trials, swept["metric"], swept["mode"]))
+
+
+@sweep.command("list")
+@click.option("--limit", type=LIMIT, default=20, show_default=True, help="How many sweeps, newest first.")
+def sweep_list(limit: int) -> None:
+    """Your newest sweeps: id, name, status, trials ended of all, best metric, age."""
+    from torchyard import show
+
+    page = _call(_client().sweeps, limit=limit)
+    show.echo(show.sweeps_table(page["sweeps"], _now()))
+    if page["next_cursor"]:
+        click.echo(f"(the newest {limit}; --limit shows more)", err=True)
+
+
+@sweep.command("cancel")
+@click.argument("sweep_id")
+def sweep_cancel(sweep_id: str) -> None:
+    """Cancel a running sweep: no trial starts any more, and its unfinished trials are cancelled (a running one
+    stops at its next batch). Cancelling a cancelled sweep is no error."""
+    from torchyard.client import ApiError
+
+    client = _client()
+    with _api_errors():
+        try:
+            swept = client.cancel_sweep(sweep_id)
+        except ApiError as error:
+            if error.status != 409:
+                raise
+            swept = client.sweep(sweep_id)  # ended already: cancelled is what was asked; anything else says why not
+            if swept["status"] != "cancelled":
+                raise error from None
+            click.echo(f"{sweep_id} was cancelled already")
+            return
+    running = swept["counts"]["running"]
+    click.echo(f"{swept['id']} cancelled" + (f": {running} running trial{'s' if running > 1 else ''} stop at the end "
+                                             "of the current batch" if running else ""))
+
+
+@sweep.command("delete")
+@click.argument("sweep_id")
+def sweep_delete(sweep_id: str) -> None:
+    """Delete an ended sweep with its trial jobs, their metrics and their files."""
+    _call(_client().delete_sweep, sweep_id)
+    click.echo(f"deleted {sweep_id}")
+
+
 @main.command()
 @click.argument("model")
 @click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),

@@ -26,6 +26,7 @@ from typing import Any
 from torchyard.bundle import read_bundle, write_bundle_files
 
 FINISHED = ("succeeded", "failed", "cancelled")
+SWEEP_FINISHED = ("succeeded", "failed", "cancelled")  # a sweep's statuses once it has ended
 
 
 class ApiError(Exception):
@@ -248,6 +249,41 @@ class Client:
             # Read by allow-list (torchyard.bundle): a hostile archive can't write anything but these files.
             files = read_bundle(io.BytesIO(response.read()))
         return write_bundle_files(files, directory)
+
+    # --- sweeps ---------------------------------------------------------------------------------
+
+    def submit_sweep(self, request: dict) -> dict:
+        """Submit a sweep request (a base spec, a space, a method…); returns the sweep."""
+        return self._send(self._request("POST", "/sweeps", body=request))
+
+    def sweep(self, sweep_id: str) -> dict:
+        """A sweep: status, counts of its trials by state, the best trial so far."""
+        return self._json("GET", f"/sweeps/{sweep_id}")
+
+    def sweeps(self, limit: int = 20, cursor: str | None = None) -> dict:
+        """One page of the caller's sweeps, newest first: {"sweeps": [...], "next_cursor": ...}."""
+        return self._json("GET", "/sweeps", query={"limit": limit, "cursor": cursor})
+
+    def sweep_trials(self, sweep_id: str) -> list[dict]:
+        """Every trial created so far, by number: its job, state, params, epochs and metric values."""
+        return self._json("GET", f"/sweeps/{sweep_id}/trials")["trials"]
+
+    def cancel_sweep(self, sweep_id: str) -> dict:
+        """Cancel a running sweep and its unfinished trials; returns the sweep."""
+        return self._json("POST", f"/sweeps/{sweep_id}/cancel")
+
+    def delete_sweep(self, sweep_id: str) -> None:
+        """Delete an ended sweep with its trial jobs and their files."""
+        self._json("DELETE", f"/sweeps/{sweep_id}")
+
+    def follow_sweep(self, sweep_id: str, interval: float = 1.0) -> Iterator[tuple[dict, list[dict]]]:
+        """Yield (sweep, trials) on each poll until the sweep has ended."""
+        while True:
+            sweep = self.sweep(sweep_id)
+            yield sweep, self.sweep_trials(sweep_id)
+            if sweep["status"] in SWEEP_FINISHED:
+                return
+            time.sleep(interval)
 
     # --- datasets and the rest ------------------------------------------------------------------
 

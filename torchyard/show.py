@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import os
 import sys
 from collections.abc import Iterable
@@ -306,3 +307,137 @@ def _stacked(parts: Iterable[RenderableType]) -> RenderableType:
     from rich.console import Group
 
     return Group(*parts)
+
+
+# --- sweeps ---------------------------------------------------------------------------------------
+
+# A trial's state (the API's): its job's status, with "paused" (waiting at a rung for its sweep to decide)
+# and "pruned" (stopped for good at a rung, its weights kept) told apart.
+TRIAL_STATES = ("queued", "running", "paused", "succeeded", "pruned", "failed", "cancelled")
+STATE_STYLES = {**STATUS_STYLES, "paused": "magenta", "pruned": "dim"}
+
+
+def param_text(value: Any) -> str:
+    """A parameter's value as a cell shows it: ``0.01234`` (four significant digits), ``64``, ``Adam``, ``null``."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def params_text(params: dict[str, Any]) -> str:
+    """``optimizer.lr=0.01, training.batch_size=32``."""
+    return ", ".join(f"{path}={param_text(value)}" for path, value in params.items()) or "-"
+
+
+def value_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def ranked_trials(trials: list[dict], mode: str) -> list[dict]:
+    """The trials best first by their metric's value at their last epoch (``mode`` "max" or "min"); trials
+    with no value yet last; ties by trial number."""
+    sign = -1 if mode == "max" else 1
+    return sorted(trials, key=lambda t: (t["value"] is None, 0 if t["value"] is None else sign * t["value"],
+                                         t["number"]))
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    """``2 running, 1 paused, 3 pruned``: the states that have trials, in TRIAL_STATES' order."""
+    return ", ".join(f"{counts[state]} {state}" for state in TRIAL_STATES if counts.get(state)) or "none yet"
+
+
+def sweep_best_text(sweep: dict) -> str:
+    best = sweep.get("best")
+    return "-" if not best else f"{best['metric']} {best['value']:.4g}"
+
+
+def _finished_trials(sweep: dict) -> int:
+    return sum(sweep["counts"].get(state, 0) for state in ("succeeded", "pruned", "failed", "cancelled"))
+
+
+def sweeps_table(sweeps: list[dict], now: dt.datetime) -> RenderableType:
+    """The sweeps, one a row: id, name, status, trials ended of all, best metric, age."""
+    if not sweeps:
+        return "no sweeps"
+    table = _table("ID", "NAME", "STATUS", "TRIALS", "BEST", "AGE")
+    for sweep in sweeps:
+        _add_row(table, sweep["id"], sweep["name"], Text(sweep["status"], style=STATUS_STYLES.get(sweep["status"], "")),
+                 f"{_finished_trials(sweep)}/{sweep['trials']}", sweep_best_text(sweep), age(sweep["created_at"], now))
+    return table
+
+
+def sweep_summary(sweep: dict, now: dt.datetime) -> RenderableType:
+    """One sweep for a person: status, method, metric, scheduler, its trials by state, the best trial and its
+    parameters, the error of a failed one, its times."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    created = sweep["created"]
+    rows: list[tuple[str, str | Text]] = [
+        ("sweep", f"{sweep['id']}  {sweep['name']}"),
+        ("status", Text(sweep["status"], style=STATUS_STYLES.get(sweep["status"], ""))),
+        ("method", f"{sweep['method']}, {sweep['trials']} trials ({created} created), parallelism "
+                   f"{sweep['parallelism']}"),
+        ("metric", f"{sweep['metric']} ({sweep['mode']})")]
+    scheduler = sweep["request"]["scheduler"]
+    if scheduler:
+        rows.append(("scheduler", f"{scheduler['type']}: rungs at epochs {', '.join(map(str, sweep['rungs']))}, "
+                                  f"reduction factor {scheduler['reduction_factor']}"))
+    rows.append(("trials", counts_text(sweep["counts"])))
+    best = sweep.get("best")
+    if best:
+        rows += [("best", f"{sweep_best_text(sweep)} by job {best['job_id']}"), ("params", params_text(best["params"]))]
+    if sweep.get("error"):
+        rows.append(("error", sweep["error"]))
+    rows += [(label, when(sweep[field], now)) for label, field in
+             (("created", "created_at"), ("finished", "finished_at")) if sweep.get(field)]
+    for label, value in rows:
+        _add_row(grid, label, value)
+    return grid
+
+
+def trials_table(trials: list[dict], metric: str, mode: str) -> RenderableType:
+    """The trials best first (``ranked_trials``), one a row: number, job, state, epochs, rung, the metric at
+    its last epoch, then a column per parameter."""
+    if not trials:
+        return "no trials yet"
+    paths = list(dict.fromkeys(path for trial in trials for path in trial["params"]))
+    table = _table("#", "JOB", "STATE", "EPOCH", "RUNG", metric.upper(), *paths)
+    for trial in ranked_trials(trials, mode):
+        state = trial["state"]
+        _add_row(table, str(trial["number"]), trial["job_id"], Text(state, style=STATE_STYLES.get(state, "")),
+                 f"{trial['epoch']}/{trial['epochs']}", "-" if trial["rung"] is None else str(trial["rung"]),
+                 value_text(trial["value"]),
+                 *(param_text(trial["params"][path]) if path in trial["params"] else "-" for path in paths))
+    return table
+
+
+def trial_line(trial: dict, metric: str, state: str | None = None) -> str:
+    """A followed sweep's line for a trial whose state changed (``state``, when given, said in its place):
+    ``trial 3  paused     epoch  2/18  val_accuracy 0.9100  optimizer.lr=0.01``."""
+    shown = f"  {metric} {trial['value']:.4f}" if trial["value"] is not None else ""
+    return (f"trial {trial['number']}  {state or trial['state']:<9}  epoch "
+            f"{trial['epoch']:>{len(str(trial['epochs']))}}/"
+            f"{trial['epochs']}{shown}  {params_text(trial['params'])}")
+
+
+def sweep_progress_line(sweep: dict) -> str:
+    """A followed sweep's counts and best so far: ``trials 4/9 created: 2 running, 1 paused, 1 pruned; best
+    val_accuracy 0.9333``."""
+    created = sweep["created"]
+    best = f"; best {sweep_best_text(sweep)}" if sweep.get("best") else ""
+    return f"trials {created}/{sweep['trials']} created: {counts_text(sweep['counts'])}{best}"
+
+
+def sweep_ending(sweep: dict) -> str:
+    """How a sweep ended, in one line: ``sweep succeeded: 1 succeeded, 2 pruned; best val_accuracy 0.9 by job
+    job_… (optimizer.lr=0.01)``; a failed one's error."""
+    line = f"sweep {sweep['status']}: {counts_text(sweep['counts'])}"
+    if sweep.get("error"):
+        line += f"; {sweep['error']}"
+    best = sweep.get("best")
+    if best:
+        line += f"; best {sweep_best_text(sweep)} by job {best['job_id']} ({params_text(best['params'])})"
+    return line

@@ -1,5 +1,6 @@
-// Curves per epoch with the vendored uPlot (a global from its IIFE build): one chart per quantity, a series
-// per line. Each chart's element says how many epochs it draws (data-points), which the browser tests wait on.
+// Charts with the vendored uPlot (a global from its IIFE build): curves per epoch, one chart per quantity and
+// a series per line, and scatter plots (a sweep's parameter against its metric). Each chart's element says how
+// many epochs or dots it draws (data-points), which the browser tests wait on.
 import { h } from "./dom.js";
 
 export const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777",
@@ -18,39 +19,129 @@ export function dashed(i) {
   return i >= PALETTE.length;
 }
 
-/** A chart titled ``title`` with one line per name of ``names``; ``set(xs, columns)`` draws them. */
-export function lineChart(title, names, { spanGaps = false } = {}) {
+/** The mark of the ``i``th line in a table beside its chart: its colour, dashed as the line is. */
+export function swatch(i) {
+  const mark = h("span", { class: dashed(i) ? "swatch dashed" : "swatch" });
+  mark.style.color = PALETTE[i % PALETTE.length]; // CSSOM, which the style-src policy allows
+  return mark;
+}
+
+/**
+ * A chart titled ``title`` with one line per name of ``names``; ``set(xs, columns)`` draws them. ``legend``
+ * false leaves uPlot's legend out (many lines: a table beside the chart says which is which).
+ */
+export function lineChart(title, names, { spanGaps = false, legend = true } = {}) {
   const element = h("figure", { class: "chart", "data-title": title, "data-points": 0 });
-  let plot = null;
   let data = [[], ...names.map(() => [])];
   const options = (width) => ({
     title, width, height: HEIGHT,
+    legend: { show: legend },
     scales: { x: { time: false } },
     axes: [{ incrs: EPOCH_STEPS }, { size: 56, values: (_plot, ticks) => ticks.map(tick) }],
     series: [{ label: "epoch" },
       ...names.map((name, i) => ({ label: name, stroke: PALETTE[i % PALETTE.length], dash: dashed(i) ? DASH : undefined,
         width: 1.5, spanGaps }))],
   });
-  // uPlot needs a width: the chart is drawn once the element is laid out, and follows its size.
-  const observer = new ResizeObserver(([entry]) => {
-    const width = Math.floor(entry.contentRect.width);
-    if (width <= 0) return;
-    if (!plot) plot = new window.uPlot(options(width), data, element);
-    else if (width !== plot.width) plot.setSize({ width, height: HEIGHT });
-  });
-  observer.observe(element);
+  const chart = sized(element, options, () => data, HEIGHT);
   return {
     element,
     set(xs, columns) {
       data = [xs, ...columns];
       element.dataset.points = String(xs.length);
-      if (plot) plot.setData(data);
+      chart.setData(data);
+    },
+    destroy: chart.destroy,
+  };
+}
+
+/**
+ * uPlot in ``element`` once it is laid out (uPlot needs a width), following its size: ``options(width)`` and
+ * ``data()`` build it; ``setData`` redraws a chart already drawn (one not drawn yet takes ``data()`` then).
+ */
+function sized(element, options, data, height) {
+  let plot = null;
+  const observer = new ResizeObserver(([entry]) => {
+    const width = Math.floor(entry.contentRect.width);
+    if (width <= 0) return;
+    if (!plot) plot = new window.uPlot(options(width), data(), element);
+    else if (width !== plot.width) plot.setSize({ width, height });
+  });
+  observer.observe(element);
+  return {
+    setData(next) {
+      if (plot) plot.setData(next);
     },
     destroy() {
       observer.disconnect();
       if (plot) plot.destroy();
     },
   };
+}
+
+const SCATTER_HEIGHT = 180;
+export const SCATTER_GROUPS = [
+  { name: "completed", color: "#16a34a" },
+  { name: "pruned", color: "#9ca3af" },
+  { name: "running or paused", color: "#2563eb" },
+  { name: "failed or cancelled", color: "#dc2626" },
+];
+
+/**
+ * A scatter plot of a metric (y) against one parameter (x), a dot per trial, coloured by SCATTER_GROUPS:
+ * ``set(points)`` draws [{x, y, group}] (group an index of SCATTER_GROUPS). ``log``: a logarithmic x axis;
+ * ``categories``: x is an index into these labels (a choice of values that are not numbers). The element's
+ * data-points says how many dots it draws.
+ */
+export function scatterChart(title, yLabel, { log = false, categories = null } = {}) {
+  const element = h("figure", { class: "chart scatter", "data-title": title, "data-points": 0,
+    "data-scale": categories ? "categories" : log ? "log" : "linear" });
+  let data = [[], ...SCATTER_GROUPS.map(() => [])];
+  const xAxis = categories
+    ? { splits: () => categories.map((_, i) => i), values: (_plot, ticks) => ticks.map((i) => categories[i] ?? "") }
+    : { values: (_plot, ticks) => ticks.map(tick) };
+  const options = (width) => ({
+    title, width, height: SCATTER_HEIGHT,
+    legend: { show: false }, // one key for all of them: scatterKey
+    // Unset options are left out, not undefined: uPlot would take an undefined for the value.
+    scales: { x: { time: false, distr: log ? 3 : 1,
+      ...(categories ? { range: () => [-0.5, categories.length - 0.5] } : {}) } },
+    axes: [xAxis, { size: 56, values: (_plot, ticks) => ticks.map(tick) }],
+    // Dots, no lines: uPlot draws each series' points and, with paths that draw nothing, nothing between them.
+    series: [{ label: title, ...(categories ? { value: (_plot, i) => (i === null ? "–" : categories[i]) } : {}) },
+      ...SCATTER_GROUPS.map(({ name, color }) => ({ label: `${yLabel} (${name})`, stroke: color, fill: color,
+        paths: () => null, points: { show: true, size: 7, fill: color, stroke: color } }))],
+  });
+  const chart = sized(element, options, () => data, SCATTER_HEIGHT);
+  return {
+    element,
+    set(points) {
+      // uPlot's x values go in ascending order; a dot's group is the one series where it isn't null.
+      const sorted = [...points].sort((a, b) => a.x - b.x);
+      data = [sorted.map((p) => p.x), ...SCATTER_GROUPS.map((_, g) => sorted.map((p) => (p.group === g ? p.y : null)))];
+      element.dataset.points = String(sorted.length);
+      chart.setData(data);
+    },
+    destroy: chart.destroy,
+  };
+}
+
+/** The key to the scatter plots' colours: a dot and a name for each of SCATTER_GROUPS. */
+export function scatterKey() {
+  return h("div", { class: "scatter-key small muted" }, SCATTER_GROUPS.map(({ name, color }) => {
+    const dot = h("span", { class: "dot" });
+    dot.style.background = color; // CSSOM, which the style-src policy allows
+    return h("span", {}, dot, name);
+  }));
+}
+
+/** One x axis for every job (the union of their epochs) and each job's values of ``name`` on it (null where absent). */
+export function aligned(rowsPerJob, name) {
+  const xs = [...new Set(rowsPerJob.flatMap((rows) => rows.map((row) => row.epoch)))].sort((a, b) => a - b);
+  const columns = rowsPerJob.map((rows) => {
+    const byEpoch = new Map(rows.map((row) => [row.epoch, row[name]]));
+    return xs.map((epoch) => byEpoch.get(epoch) ?? null);
+  });
+  return { xs, columns };
 }
 
 /** A y tick's label: three significant digits without trailing zeros (0.00125, 0.5, 1200), thousands as k. */

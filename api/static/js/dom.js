@@ -43,12 +43,12 @@ export function badge(status) {
   return h("span", { class: `badge status-${status}` }, status);
 }
 
-/** A bar filled to ``epoch / epochs``, with the count beside it. */
-export function progressBar(epoch, epochs) {
+/** A bar filled to ``epoch / epochs``, with the count beside it (``unit`` says what it counts). */
+export function progressBar(epoch, epochs, unit = "epochs") {
   const fraction = epochs ? Math.min(epoch / epochs, 1) : 0;
   const fillBar = h("span", { class: "bar-fill" });
   fillBar.style.width = `${(fraction * 100).toFixed(1)}%`; // CSSOM, which the style-src policy allows
-  return h("span", { class: "progress", title: `${epoch} of ${epochs} epochs` },
+  return h("span", { class: "progress", title: `${epoch} of ${epochs} ${unit}` },
     h("span", { class: "bar" }, fillBar), h("span", { class: "count" }, `${epoch}/${epochs}`));
 }
 

@@ -1,11 +1,13 @@
 // The dashboard's shell: sign-in with an API key, the header, and the views that follow the URL's hash
-// (#/jobs, #/jobs/<id>, #/compare?ids=a,b or ?tag=t, #/workers, #/datasets).
+// (#/jobs, #/jobs/<id>, #/compare?ids=a,b or ?tag=t, #/sweeps, #/sweeps/<id>, #/workers, #/datasets).
 import { api, ApiError, key } from "./api.js";
 import { fill, h, problemBox } from "./dom.js";
 import * as compare from "./pages/compare.js";
 import * as datasets from "./pages/datasets.js";
 import * as job from "./pages/job.js";
 import * as jobs from "./pages/jobs.js";
+import * as sweep from "./pages/sweep.js";
+import * as sweeps from "./pages/sweeps.js";
 import * as workers from "./pages/workers.js";
 
 const main = document.getElementById("main");
@@ -20,7 +22,8 @@ function route(hash) {
   const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
   const params = new URLSearchParams(query);
   if (parts[0] === "jobs" && parts[1]) return { name: "jobs", page: job, args: { id: parts[1] }, params };
-  const pages = { jobs, compare, workers, datasets };
+  if (parts[0] === "sweeps" && parts[1]) return { name: "sweeps", page: sweep, args: { id: parts[1] }, params };
+  const pages = { jobs, compare, sweeps, workers, datasets };
   return { name: parts[0] in pages ? parts[0] : "jobs", page: pages[parts[0]] || jobs, args: {}, params };
 }
 

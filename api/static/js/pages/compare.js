@@ -2,7 +2,7 @@
 // which their specs differ. Jobs come from the list's ticks (?ids=a,b) or from a tag (?tag=t). The curves of
 // jobs still queued or running are read on every few seconds.
 import { api } from "../api.js";
-import { dashed, lineChart, NOT_DRAWN, PALETTE, rowKeys } from "../charts.js";
+import { aligned, lineChart, NOT_DRAWN, rowKeys, swatch } from "../charts.js";
 import { badge, every, fill, FINISHED, h, problemBox, thead } from "../dom.js";
 
 const MAX_POINTS = 500; // per job and curve
@@ -163,28 +163,11 @@ function compareCharts() {
   };
 }
 
-/** The mark of the ``i``th job's lines: its colour, dashed as its lines are. */
-function swatch(i) {
-  const mark = h("span", { class: dashed(i) ? "swatch dashed" : "swatch" });
-  mark.style.color = PALETTE[i % PALETTE.length]; // CSSOM, which the style-src policy allows
-  return mark;
-}
-
 const ORDER = ["loss", "val_loss"];
 const LAST = ["lr", "epoch_seconds"];
 function byQuantity(a, b) {
   const rank = (name) => (ORDER.includes(name) ? ORDER.indexOf(name) : LAST.includes(name) ? 100 + LAST.indexOf(name) : 10);
   return rank(a) - rank(b) || a.localeCompare(b);
-}
-
-/** One x axis for every job (the union of their epochs) and each job's values on it (null where absent). */
-function aligned(rowsPerJob, name) {
-  const xs = [...new Set(rowsPerJob.flatMap((rows) => rows.map((row) => row.epoch)))].sort((a, b) => a - b);
-  const columns = rowsPerJob.map((rows) => {
-    const byEpoch = new Map(rows.map((row) => [row.epoch, row[name]]));
-    return xs.map((epoch) => byEpoch.get(epoch) ?? null);
-  });
-  return { xs, columns };
 }
 
 /** A table of the spec fields (dotted paths) whose values are not the same in every spec. */

@@ -2,6 +2,7 @@
 // few seconds; cancel, delete, compare the ones ticked; submit a spec pasted or read from a file.
 import { api } from "../api.js";
 import { age, badge, every, fill, FINISHED, h, number, problemBox, progressBar, tagChips, thead } from "../dom.js";
+import { submitForm } from "../submit.js";
 
 const PAGE_SIZE = 50;
 const REFRESH_MS = 4000; // 15 reads a minute: far inside the read budget (rate_limit_read)
@@ -123,7 +124,8 @@ export function render(root, _args, params) {
   fill(root,
     h("div", { class: "page-head" }, h("h1", {}, "Jobs"),
       h("div", { class: "toolbar" }, statusSelect, tagInput, knownTags, experimentInput, compareButton)),
-    submitForm(),
+    submitForm({ what: "job", label: "Job spec (JSON)", path: "/jobs",
+      placeholder: '{"name": "circles-mlp", "task": "binary", "data": {…}, "model": {"layers": […]}, …}' }),
     message,
     h("table", { class: "jobs" },
       thead(["", "Name", "Status", "Progress", "Best", "Age", "Tags", "Owner", ""], ["Best"]),
@@ -131,32 +133,4 @@ export function render(root, _args, params) {
     pager);
   load();
   return every(REFRESH_MS, load);
-}
-
-/** The submit form: a spec pasted or read from a file; a refused spec's field errors beside the text. */
-function submitForm() {
-  const text = h("textarea", { id: "spec-text", rows: 14, spellcheck: "false",
-    placeholder: '{"name": "circles-mlp", "task": "binary", "data": {…}, "model": {"layers": […]}, …}' });
-  const file = h("input", { type: "file", id: "spec-file", accept: ".json,application/json", onchange: async (e) => {
-    const [chosen] = e.target.files;
-    if (chosen) text.value = await chosen.text();
-  } });
-  const errors = h("div", { id: "spec-errors", class: "spec-errors", "aria-live": "polite" });
-  const form = h("form", { class: "submit-form", id: "submit-form" },
-    h("div", { class: "spec-input" },
-      h("label", { for: "spec-text" }, "Job spec (JSON)"), text,
-      h("div", { class: "row" }, h("label", { class: "file" }, "or from a file ", file),
-        h("button", { type: "submit", class: "primary", id: "submit-spec" }, "Submit job"))),
-    errors);
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
-    fill(errors, h("span", { class: "muted" }, "Submitting…"));
-    try {
-      const job = await api("/jobs", { method: "POST", body: text.value });
-      window.location.hash = `#/jobs/${encodeURIComponent(job.id)}`;
-    } catch (error) {
-      fill(errors, problemBox(error));
-    }
-  });
-  return h("details", { class: "card submit", id: "submit" }, h("summary", {}, "Submit a job"), form);
 }
