@@ -225,8 +225,10 @@ class TrialOut(Out):
     epoch: int = Field(description="epochs completed")
     epochs: int
     rung: int | None = Field(description="index of the highest rung the trial completed")
-    value: float | None = Field(description="the sweep's metric at the trial's last epoch")
-    best_value: float | None = Field(description="the best value of the job's monitored metric")
+    value: float | None = Field(description="the sweep's metric at the trial's last epoch (what ASHA compares)")
+    best_metric: str | None = Field(description="the metric the job itself monitors (early stopping's, else "
+                                                "val_loss or loss)")
+    best_value: float | None = Field(description="the best value of best_metric so far")
     stop_reason: str | None
     pending_reason: str | None
 

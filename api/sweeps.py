@@ -35,7 +35,7 @@ from models import audit, quotas, sweep_control
 from models.dispatch import dispatch_soon, read_load
 from models.spec import Problem, SpecError
 from models.sweep_spec import PlannedSweep, parse_sweep, trial_spec
-from models.tables import Job, Sweep, User
+from models.tables import EpochMetrics, Job, Sweep, User
 from models.validation import parse_service_spec
 
 bp = Blueprint("sweeps", __name__, url_prefix=f"{API_PREFIX}/sweeps")
@@ -120,8 +120,20 @@ def trials(sweep_id: str):
     session = get_session()
     sweep = owned(session, Sweep, sweep_id, "sweep")
     read = sweep_control.read_trials(session, sweep)
-    return json_response(TrialList(trials=[trial_out(sweep, number, job, read.rung_values.get(number, {}))
+    latest = latest_values(session, sweep, [job for job in read.jobs.values() if job.status == "running"])
+    return json_response(TrialList(trials=[trial_out(sweep, number, job, read.rung_values.get(number, {}),
+                                                     latest.get(job.id))
                                            for number, job in sorted(read.jobs.items())]))
+
+
+def latest_values(session: Session, sweep: Sweep, jobs: list[Job]) -> dict[str, float | None]:
+    """The sweep's metric in the last metrics row of each of ``jobs`` (running trials: their recorded result,
+    if any, is their last pause's); at most ``parallelism`` of them, one query."""
+    if not jobs:
+        return {}
+    rows = session.execute(select(EpochMetrics.job_id, EpochMetrics.values).where(
+        or_(*(and_(EpochMetrics.job_id == job.id, EpochMetrics.epoch == job.epoch) for job in jobs))))
+    return {job_id: sweep_control.number_or_none((values or {}).get(sweep.metric)) for job_id, values in rows}
 
 
 @bp.post("/<sweep_id>/cancel")
@@ -198,11 +210,15 @@ def sweep_summary(sweep: Sweep, owner: str, jobs: list[Job]) -> SweepSummary:
     )
 
 
-def trial_out(sweep: Sweep, number: int, job: Job, rung_values: dict[int, float | None]) -> TrialOut:
-    """One trial: its parameters, its job's state and progress, and its result so far."""
+def trial_out(sweep: Sweep, number: int, job: Job, rung_values: dict[int, float | None],
+              latest: float | None = None) -> TrialOut:
+    """One trial: its parameters, its job's state and progress, and its result so far (``latest``: the metric
+    of a running trial's last epoch)."""
     return TrialOut(
         number=number, job_id=job.id, state=sweep_control.trial_state(job), status=job.status,
         params=sweep.trials[number], epoch=job.epoch, epochs=job.epochs,
-        rung=max(rung_values) if rung_values else None, value=sweep_control.trial_value(sweep, job),
-        best_value=job.best_value, stop_reason=job.stop_reason, pending_reason=job.pending_reason,
+        rung=max(rung_values) if rung_values else None,
+        value=latest if job.status == "running" else sweep_control.trial_value(sweep, job),
+        best_metric=job.best_metric, best_value=job.best_value, stop_reason=job.stop_reason,
+        pending_reason=job.pending_reason,
     )
