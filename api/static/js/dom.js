@@ -96,6 +96,26 @@ export function problemBox(error) {
       fields.map((item) => h("li", {}, h("code", {}, item.path || "(spec)"), " ", item.message))) : null);
 }
 
+/** Run a button's request: clear ``message`` and go on with ``after``, or show the refusal in ``message``. */
+export async function attempt(message, request, after = () => {}) {
+  try {
+    await request();
+    fill(message);
+    after();
+  } catch (error) {
+    fill(message, problemBox(error));
+  }
+}
+
+/** Newer / Older buttons under a list, over the stack of ``cursors`` of the pages shown so far. */
+export function drawPager(pager, cursors, next, load) {
+  const page = cursors.length;
+  fill(pager,
+    h("button", { type: "button", disabled: page === 1, onclick: () => { cursors.pop(); load(); } }, "← Newer"),
+    h("span", { class: "muted" }, `page ${page}`),
+    h("button", { type: "button", disabled: !next, onclick: () => { cursors.push(next); load(); } }, "Older →"));
+}
+
 export function tagChips(tags) {
   return (tags || []).map((tag) => h("span", { class: "tag" }, tag));
 }

@@ -3,7 +3,7 @@
 import { api, ApiError, download, events } from "../api.js";
 import { jobCurves } from "../charts.js";
 import {
-  age, badge, bytes, every, fill, FINISHED, h, number, problemBox, progressBar, tagChips, thead, time,
+  age, attempt, badge, bytes, every, fill, FINISHED, h, number, problemBox, progressBar, tagChips, thead, time,
 } from "../dom.js";
 
 const MAX_POINTS = 1000; // per curve; the server picks them evenly (first and last kept)
@@ -127,15 +127,7 @@ function sleep(ms, signal) {
 }
 
 function drawHead(head, job, path, message) {
-  const act = async (request, after) => {
-    try {
-      await request();
-      fill(message);
-      after();
-    } catch (error) {
-      fill(message, problemBox(error));
-    }
-  };
+  const act = (request, after) => attempt(message, request, after);
   const actions = h("div", { class: "toolbar" },
     h("a", { class: "button", href: `#/compare?ids=${encodeURIComponent(job.id)}` }, "Compare…"),
     FINISHED.has(job.status) ? null : h("button", { type: "button", id: "cancel-job", disabled: job.cancel_requested,

@@ -1,7 +1,7 @@
 // Jobs: the caller's jobs a page at a time (the API's cursors), filtered by status, tag and experiment, refreshed every
 // few seconds; cancel, delete, compare the ones ticked; submit a spec pasted or read from a file.
 import { api } from "../api.js";
-import { age, badge, every, fill, FINISHED, h, number, problemBox, progressBar, tagChips, thead } from "../dom.js";
+import { age, attempt, badge, drawPager, every, fill, FINISHED, h, number, problemBox, progressBar, tagChips, thead } from "../dom.js";
 import { submitForm } from "../submit.js";
 
 const PAGE_SIZE = 50;
@@ -48,7 +48,7 @@ export function render(root, _args, params) {
       const page = await api(`/jobs?${query}`);
       fill(message);
       drawRows(page.jobs);
-      drawPager(page.next_cursor);
+      drawPager(pager, cursors, page.next_cursor, load);
     } catch (error) {
       fill(message, problemBox(error));
     }
@@ -103,23 +103,8 @@ export function render(root, _args, params) {
       actions);
   }
 
-  async function act(request) {
-    try {
-      await request();
-      fill(message);
-    } catch (error) {
-      fill(message, problemBox(error));
-    }
-    load();
-  }
-
-  function drawPager(next) {
-    const page = cursors.length;
-    fill(pager,
-      h("button", { type: "button", disabled: page === 1, onclick: () => { cursors.pop(); load(); } }, "← Newer"),
-      h("span", { class: "muted" }, `page ${page}`),
-      h("button", { type: "button", disabled: !next, onclick: () => { cursors.push(next); load(); } }, "Older →"));
-  }
+  // Reload after the request, refused or not: the list shows what the server has now.
+  const act = (request) => attempt(message, request).then(load);
 
   fill(root,
     h("div", { class: "page-head" }, h("h1", {}, "Jobs"),

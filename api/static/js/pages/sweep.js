@@ -3,7 +3,7 @@
 // plot of each parameter against the metric. Read again every few seconds until the sweep has ended.
 import { api } from "../api.js";
 import { aligned, lineChart, scatterChart, scatterKey, swatch } from "../charts.js";
-import { age, badge, every, fill, FINISHED, h, number, problemBox, progressBar, time } from "../dom.js";
+import { age, attempt, badge, every, fill, FINISHED, h, number, problemBox, progressBar, time } from "../dom.js";
 
 const POLL_MS = 4000; // two reads, and one per trial that has new epochs: inside the read budget
 const MAX_POINTS = 500; // per trial's curve on the first read; the server picks them evenly
@@ -177,15 +177,7 @@ function parameterAxes(space) {
 }
 
 function drawHead(head, sweep, path, message) {
-  const act = async (request, after) => {
-    try {
-      await request();
-      fill(message);
-      after();
-    } catch (error) {
-      fill(message, problemBox(error));
-    }
-  };
+  const act = (request, after) => attempt(message, request, after);
   const ended = FINISHED.has(sweep.status);
   fill(head,
     h("div", {},

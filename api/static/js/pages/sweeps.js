@@ -1,7 +1,7 @@
 // Sweeps: the caller's sweeps a page at a time (the API's cursors), refreshed every few seconds: each one's
 // status, trials ended of all, best metric; cancel a running one, delete an ended one; submit a request.
 import { api } from "../api.js";
-import { age, badge, every, fill, FINISHED, h, number, problemBox, progressBar, thead } from "../dom.js";
+import { age, attempt, badge, drawPager, every, fill, FINISHED, h, number, problemBox, progressBar, thead } from "../dom.js";
 import { submitForm } from "../submit.js";
 
 const PAGE_SIZE = 50;
@@ -23,7 +23,7 @@ export function render(root) {
       const page = await api(`/sweeps?${query}`);
       fill(message);
       drawRows(page.sweeps);
-      drawPager(page.next_cursor);
+      drawPager(pager, cursors, page.next_cursor, load);
     } catch (error) {
       fill(message, problemBox(error));
     }
@@ -61,23 +61,8 @@ export function render(root) {
       actions);
   }
 
-  async function act(request) {
-    try {
-      await request();
-      fill(message);
-    } catch (error) {
-      fill(message, problemBox(error));
-    }
-    load();
-  }
-
-  function drawPager(next) {
-    const page = cursors.length;
-    fill(pager,
-      h("button", { type: "button", disabled: page === 1, onclick: () => { cursors.pop(); load(); } }, "← Newer"),
-      h("span", { class: "muted" }, `page ${page}`),
-      h("button", { type: "button", disabled: !next, onclick: () => { cursors.push(next); load(); } }, "Older →"));
-  }
+  // Reload after the request, refused or not: the list shows what the server has now.
+  const act = (request) => attempt(message, request).then(load);
 
   fill(root,
     h("div", { class: "page-head" }, h("h1", {}, "Sweeps")),
