@@ -31,7 +31,7 @@ from sqlalchemy import func, select
 
 from api import create_app
 from api.openapi import openapi_document
-from models.tables import Artifact, Dataset, EpochMetrics, Job
+from models.tables import Artifact, Dataset, EpochMetrics, Job, Sweep
 
 # The API's operations, read off an app that never opens its database, store or broker.
 DESCRIBED = create_app({"database_url": "sqlite://", "artifacts_url": "memory://fuzz", "broker_url": "redis://127.0.0.1:1/0"})
@@ -44,7 +44,7 @@ TRACE_MARKERS = ("Traceback", 'File "', '.py", line')
 # network fits its data and limits, whether a cursor is one the API made, whether an upload is a CSV, whether
 # a date-time is one Python reads (year 1 west of UTC is before year 1 in UTC).
 SEMANTIC_422 = (("POST", "/api/v1/jobs"), ("GET", "/api/v1/jobs"), ("POST", "/api/v1/datasets"),
-                ("GET", "/api/v1/audit"))
+                ("GET", "/api/v1/audit"), ("POST", "/api/v1/sweeps"), ("GET", "/api/v1/sweeps"))
 CONFIG = {
     # The API ignores query parameters it doesn't know, as most HTTP APIs do (a client's cache buster,
     # a newer client's option): an unknown parameter is not invalid data here. NUL is fair game.
@@ -87,7 +87,15 @@ def targets(live_server, tokens, spec, set_job, add_artifact, sessions) -> dict[
     set_job(finished, status="succeeded", epoch=2)
     upload = {"file": ("points.csv", io.BytesIO(b"x,y\n1,0\n2,1\n"), "text/csv")}
     dataset = requests.post(f"{live_server}/api/v1/datasets", files=upload, headers=headers, timeout=10)
-    return {"job_id": [finished, queued], "dataset_id": [dataset.json()["id"]], "epoch": [2]}
+    with sessions() as session:  # a running and an ended sweep, as rows: a POST would publish their trials
+        owner = session.get(Job, finished).user_id
+        sweeps = [Sweep(user_id=owner, name=f"s{status}", request={"method": "random", "parallelism": 1},
+                        base=spec, trials=[{}], rungs=[], metric="loss", mode="min", status=status)
+                  for status in ("running", "succeeded")]
+        session.add_all(sweeps)
+        session.commit()
+        sweep_ids = [sweep.id for sweep in sweeps]
+    return {"job_id": [finished, queued], "dataset_id": [dataset.json()["id"]], "epoch": [2], "sweep_id": sweep_ids}
 
 
 def valid_specs(spec: dict):
@@ -105,6 +113,20 @@ def valid_specs(spec: dict):
         st.floats(1e-6, 1.0),
         st.integers(1, 512),
         st.sampled_from(["auto", "cpu", "cuda"]),
+    )
+
+
+def valid_sweeps(spec: dict):
+    """Sweeps that can run: the circles spec's learning rate searched, a few trials, maybe with ASHA."""
+    return st.builds(
+        lambda low, trials, asha: {
+            "name": "fuzzed", "base": spec, "space": {"optimizer.lr": {"log_uniform": [low, low * 10]}},
+            "method": "random", "trials": trials, "parallelism": 2,
+            "scheduler": {"type": "asha", "max_epochs": 4} if asha else None,
+        },
+        st.floats(1e-6, 0.01),
+        st.integers(1, 8),
+        st.booleans(),
     )
 
 
@@ -182,7 +204,7 @@ def count_rows(sessions) -> dict[str, int]:
     with sessions() as session:
         return {
             model.__tablename__: session.scalar(select(func.count()).select_from(model))
-            for model in (Job, Dataset, Artifact, EpochMetrics)
+            for model in (Job, Dataset, Artifact, EpochMetrics, Sweep)
         }
 
 
@@ -193,6 +215,8 @@ def strategy(operation, targets: dict[str, list], spec: dict):
     if (operation.method.upper(), operation.path) == ("POST", "/api/v1/jobs"):
         # Generated specs almost never describe a network that fits its data; these do, so jobs get made.
         options.append(valid_specs(spec).flatmap(lambda body: operation.as_strategy(body=body)))
+    if (operation.method.upper(), operation.path) == ("POST", "/api/v1/sweeps"):
+        options.append(valid_sweeps(spec).flatmap(lambda body: operation.as_strategy(body=body)))
     names = {p.name for p in operation.path_parameters}
     if names:
         # The kept checkpoint's epoch, or any whole number (past what an INTEGER column holds, too).
@@ -263,6 +287,8 @@ def test_fuzzed_requests_get_documented_answers_and_refusals_write_nothing(
             case.validate_response(response)
         if label == "POST /api/v1/jobs" and response.status_code == 201:
             created.append(json.loads(response.text)["id"])
+        if label == "POST /api/v1/sweeps" and response.status_code == 201:
+            created.append(json.loads(response.text)["id"])
 
     fuzz()
 
@@ -270,6 +296,11 @@ def test_fuzzed_requests_get_documented_answers_and_refusals_write_nothing(
     if label == "POST /api/v1/jobs":
         assert count_rows(sessions)["jobs"] == start_jobs + len(set(created))
         assert [job_id for job_id, _ in published[2:]] == created
+    elif label == "POST /api/v1/sweeps":  # a new sweep's first trials are jobs, published as any job is
+        with sessions() as session:
+            trials = set(session.scalars(select(Job.id).where(Job.sweep_id.in_(created))))
+        assert created and count_rows(sessions)["jobs"] == start_jobs + len(trials)
+        assert {job_id for job_id, _ in published[2:]} <= trials
     else:
         assert len(published) == 2  # the two target jobs
     # The store holds the files of existing rows and nothing else (no upload left behind by a refusal).
