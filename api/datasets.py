@@ -22,7 +22,8 @@ from models import audit, quotas
 from models.db import locked_row
 from models.settings import Settings
 from models.spec import Problem
-from models.tables import FINISHED_STATUSES, Dataset, Job, new_id
+from models.sweep_spec import trial_spec
+from models.tables import FINISHED_STATUSES, Dataset, Job, Sweep, new_id
 from models.text import quoted, text_problem
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,10 @@ def delete_dataset(dataset_id: str):
     users = dataset_users(session, dataset)
     if users:
         raise conflict(f"dataset {dataset.id} is used by unfinished job(s) {', '.join(users)}")
+    sweeps = dataset_sweeps(session, dataset)
+    if sweeps:
+        raise conflict(f"dataset {dataset.id} is read by the trials of running sweep(s) {', '.join(sweeps)}; "
+                       "cancel them, or wait for their end")
     session.delete(dataset)
     audit.record(session, current_user(), "delete", dataset.id, name=dataset.name)
     session.commit()
@@ -192,6 +197,16 @@ def dataset_users(session: Session, dataset: Dataset) -> list[str]:
         .where(Job.user_id == dataset.user_id, Job.status.not_in(FINISHED_STATUSES), named == dataset.id)
         .order_by(Job.created_at, Job.id)
     ))
+
+
+def dataset_sweeps(session: Session, dataset: Dataset) -> list[str]:
+    """The ids of the owner's running sweeps whose trials may read the dataset (their base, or a value of their
+    space, names it): such a sweep starts new trials until it ends."""
+    running = session.execute(select(Sweep.id, Sweep.base, Sweep.trials)
+                              .where(Sweep.user_id == dataset.user_id, Sweep.status == "running")
+                              .order_by(Sweep.created_at, Sweep.id))
+    return [sweep_id for sweep_id, base, trials in running
+            if any(trial_spec(base, params).get("data", {}).get("dataset_id") == dataset.id for params in trials)]
 
 
 def _remove_file(uri: str) -> None:

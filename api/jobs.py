@@ -22,7 +22,7 @@ from models import audit, lifecycle
 from models.experiments import labelled
 from models.spec import Problem, unknown_name_message
 from models.storage import job_prefix
-from models.tables import JOB_STATUSES, Artifact, EpochMetrics, Job, Sweep, User
+from models.tables import JOB_STATUSES, Artifact, EpochMetrics, Job, User
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,11 @@ def delete_job(job_id: str):
     job = owned(session, Job, job_id, "job")
     if not lifecycle.is_finished(job.status):
         raise conflict(f"job {job.id} is {job.status}; cancel it and delete it once it has stopped")
-    if job.sweep_id is not None and session.get(Sweep, job.sweep_id).status == "running":
-        # The controller counts the sweep's trials by their rows: a deleted one would be started again.
-        raise conflict(f"job {job.id} is a trial of the running sweep {job.sweep_id}; delete it once the sweep "
-                       "has ended (or delete the whole sweep)")
+    if job.sweep_id is not None:
+        # A sweep's record is its trials' rows: a running sweep would start a deleted trial again, an ended
+        # one would lose a result (its best, its counts).
+        raise conflict(f"job {job.id} is trial {job.sweep_trial} of sweep {job.sweep_id}; delete the sweep, which "
+                       "deletes its trials")
     delete_finished_job(session, job)
     audit.record(session, current_user(), "delete", job.id, name=job.name)
     session.commit()

@@ -299,8 +299,14 @@ DETAILS = {
         },
         errors=(409,),
     ),
-    "sweeps.submit": Details({201: _json("SweepOut", "the new sweep, its first trials queued")},
-                             errors=(400, 403, 413, 415, 422, 429), body=SWEEP_BODY),
+    "sweeps.submit": Details(
+        {201: _json("SweepOut", "the new sweep, its first trials queued"),
+         200: _json("SweepOut", "the sweep an earlier request with this key made")},
+        errors=(400, 403, 413, 415, 422, 429),
+        params=(_param("Idempotency-Key", "header", {"type": "string", "maxLength": 200},
+                       "a retried request with the same key returns the first sweep"),),
+        body=SWEEP_BODY,
+    ),
     "sweeps.list_sweeps": Details(
         {200: _json("SweepList", "a page of sweeps")},
         errors=(422,),

@@ -35,9 +35,10 @@ MAX_IDEMPOTENCY_KEY = 200
 SUBMIT_QUOTAS = {"queued_jobs": 1, "storage_bytes": 0}
 
 
-def spec_body(request: Request, settings: Settings) -> Any:
-    """The request's JSON spec, through the gate for JSON bodies (size, nesting, I-JSON's rules)."""
-    return read_json(request, settings.max_spec_bytes, settings.max_json_depth)
+def spec_body(request: Request, settings: Settings, what: str = "the spec") -> Any:
+    """The request's JSON body (``what`` it holds, for the refusals), through the gate for JSON bodies (size,
+    nesting, I-JSON's rules)."""
+    return read_json(request, settings.max_spec_bytes, settings.max_json_depth, what)
 
 
 def queue_for(spec: JobSpec) -> str:
@@ -50,11 +51,7 @@ def submit_job(
 ) -> tuple[Job, bool]:
     """Validate and store a job, then publish it; return (job, created). A retried key gets the first job."""
     settings = services.settings
-    if idempotency_key is not None:
-        # Stored with the job and looked up by: stored text's rule, and not empty.
-        problem = text_problem(idempotency_key, MAX_IDEMPOTENCY_KEY) if idempotency_key else "empty"
-        if problem:
-            raise validation_error([Problem("Idempotency-Key", problem)])
+    check_idempotency_key(idempotency_key)
     spec = validate_spec(session, user, body, settings.limits)
     normalized = spec.model_dump(mode="json")
     # Counted under a lock on the user's row, held until the insert commits: concurrent submits of one user
@@ -103,6 +100,14 @@ def submit_job(
     else:  # the dispatcher releases it when its turn comes
         dispatch_soon(services, [job.queue], session)  # the request's session: no second connection
     return job, True
+
+
+def check_idempotency_key(key: str | None) -> None:
+    """422 for an Idempotency-Key that can't be stored and looked up: stored text's rule, and not empty."""
+    if key is not None:
+        problem = text_problem(key, MAX_IDEMPOTENCY_KEY) if key else "empty"
+        if problem:
+            raise validation_error([Problem("Idempotency-Key", problem)])
 
 
 def _same_key_job(session: Session, user: User, key: str | None, normalized: dict) -> Job | None:

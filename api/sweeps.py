@@ -30,12 +30,13 @@ from api.schemas import (
     json_response,
     no_content,
 )
-from api.submit import check_dataset, spec_body
+from api.submit import check_dataset, check_idempotency_key, spec_body
 from models import audit, quotas, sweep_control
 from models.dispatch import dispatch_soon, read_load
 from models.spec import Problem, SpecError
 from models.sweep_spec import PlannedSweep, parse_sweep, trial_spec
 from models.tables import EpochMetrics, Job, Sweep, User
+from models.text import quoted
 from models.validation import parse_service_spec
 
 bp = Blueprint("sweeps", __name__, url_prefix=f"{API_PREFIX}/sweeps")
@@ -44,22 +45,31 @@ bp.before_request(require_user)
 
 @bp.post("")
 def submit():
-    """Submit a sweep: 201 with the sweep, its first trials queued as jobs."""
+    """Submit a sweep: 201 with the sweep, its first trials queued as jobs; 200 with the sweep an earlier request
+    with this Idempotency-Key made."""
     session, user, settings = get_session(), current_user(), services().settings
+    key = request.headers.get("Idempotency-Key")
+    check_idempotency_key(key)
     try:
-        planned = parse_sweep(spec_body(request, settings), settings.limits)
+        planned = parse_sweep(spec_body(request, settings, "the sweep request"), settings.limits)
     except SpecError as exc:
         raise validation_error(exc.problems, "Invalid sweep") from None
     if planned.base.get("data", {}).get("source") == "dataset":
         check_trials_against_dataset(session, user, planned)
-    first = min(planned.request["parallelism"], len(planned.trials))
-    # The sweep's first trials are queued with it, as that many submits would be: held to the same quotas.
+    # Under the user's lock, held until the insert commits: concurrent requests of one user take turns, so no
+    # more than the quota get in, and a retry finds the sweep of the request it repeats.
     locked = quotas.lock_user(session, user.id)
-    wanted = {"queued_jobs": first, "storage_bytes": 0}
+    existing = same_key_sweep(session, user, key, planned.request)
+    if existing is not None:
+        session.rollback()
+        return json_response(sweep_out(session, existing, user.name), status=200,
+                             headers={"Location": f"{API_PREFIX}/sweeps/{existing.id}"})
+    # The sweep's first trials are queued with it, as that many submits would be: held to the same quotas.
+    wanted = {"queued_jobs": min(planned.request["parallelism"], len(planned.trials)), "storage_bytes": 0}
     quotas.check(settings, locked, wanted, read_load(session, settings, user.id, tuple(wanted)).uses)
-    sweep = Sweep(user_id=user.id, name=planned.request["name"], request=planned.request, base=planned.base,
-                  trials=planned.trials, rungs=planned.rungs, metric=planned.metric, mode=planned.mode,
-                  status="running")
+    sweep = Sweep(user_id=user.id, name=planned.request["name"], idempotency_key=key, request=planned.request,
+                  base=planned.base, trials=planned.trials, rungs=planned.rungs, metric=planned.metric,
+                  mode=planned.mode, status="running")
     session.add(sweep)
     session.flush()
     touched = sweep_control.step(session, sweep, settings)
@@ -70,6 +80,19 @@ def submit():
                          headers={"Location": f"{API_PREFIX}/sweeps/{sweep.id}"})
 
 
+def same_key_sweep(session: Session, user: User, key: str | None, normalized: dict) -> Sweep | None:
+    """The sweep an earlier request with this key made (None: no key, or a new one); 422 if it made it of
+    another request."""
+    if key is None:
+        return None
+    sweep = session.scalar(select(Sweep).where(Sweep.user_id == user.id, Sweep.idempotency_key == key))
+    if sweep is not None and sweep.request != normalized:
+        raise ApiError(422, "Idempotency-Key reused",
+                       f"key {quoted(key)} was used for sweep {sweep.id} with a different request; use a new key "
+                       "for a new sweep", kind="idempotency-key-reused")
+    return sweep
+
+
 def check_trials_against_dataset(session: Session, user: User, planned: PlannedSweep) -> None:
     """Check every trial against the caller's uploaded dataset, as a submit of each would (422 naming the
     first trial that doesn't fit it)."""
@@ -78,9 +101,16 @@ def check_trials_against_dataset(session: Session, user: User, planned: PlannedS
         try:
             check_dataset(session, user, parse_service_spec(trial_spec(planned.base, params), limits), limits)
         except ApiError as refused:  # a submit's 422, its problems said of the trial
-            raise validation_error([Problem(f"base.{problem.path}" if not params else "space",
+            raise validation_error([Problem(sweep_path(problem.path, params),
                                             f"trial {number} ({describe(params)}): {problem.message}")
                                     for problem in refused.errors], "Invalid sweep") from None
+
+
+def sweep_path(path: str, params: dict) -> str:
+    """Where in the sweep request a trial's problem at the job spec's ``path`` lies: the searched path it is
+    at (or under), else the base."""
+    searched = next((name for name in params if path == name or path.startswith((f"{name}.", f"{name}["))), None)
+    return f"space.{searched}" if searched else f"base.{path}"
 
 
 def describe(params: dict) -> str:

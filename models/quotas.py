@@ -99,8 +99,9 @@ def use_counts(user_id, names) -> dict[str, Label]:
 def _use_of(user_id, name: str):
     """The statement that counts one quota's use (not ``gpus``: a queue's GPUs are read from its name)."""
     if name == "queued_jobs":
-        # Paused jobs count: each is a row waiting to run again (a sweep resumes it), as any queued job is.
-        return select(func.count()).where(Job.user_id == user_id, Job.status == "queued")
+        # A paused job (a sweep's trial at a rung) doesn't count: it holds a result, not a place in the queue,
+        # and its sweep keeps no more than its parallelism of trials queued or running.
+        return select(func.count()).where(Job.user_id == user_id, Job.status == "queued", Job.paused.is_(False))
     if name == "running_jobs":
         return select(func.count()).where(Job.user_id == user_id, Job.status == "running")
     if name == "storage_bytes":

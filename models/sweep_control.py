@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -197,9 +198,11 @@ def finish(session: Session, sweep: Sweep, trials: Trials) -> None:
     best = best_trial(sweep, trials.jobs.values())
     sweep.best_job_id = best.id if best else None
     sweep.best_value = trial_value(sweep, best) if best else None
-    ended = [job for job in trials.jobs.values() if job.status != "queued"]
-    if best is None and ended and all(job.status in ("failed", "cancelled") for job in ended):
-        sweep.status, sweep.error = "failed", f"every trial failed; the first: {first_error(trials.jobs)}"
+    if best is None:  # not one trial has a result: the search found nothing
+        states = Counter(trial_state(job) for job in trials.jobs.values())
+        sweep.status = "failed"
+        sweep.error = (f"no trial has a result ({', '.join(f'{n} {state}' for state, n in sorted(states.items()))})"
+                       f"; the first error: {first_error(trials.jobs)}")
     else:
         sweep.status = "succeeded"
     sweep.finished_at = utcnow()
@@ -208,15 +211,17 @@ def finish(session: Session, sweep: Sweep, trials: Trials) -> None:
 
 
 def first_error(jobs: dict[int, Job]) -> str:
-    for _number, job in sorted(jobs.items()):
+    """The error of the lowest-numbered trial that has one, for a sweep that found nothing."""
+    for number, job in sorted(jobs.items()):
         if job.error:
-            return f"#{_number}: {job.error}"
-    return "no reason recorded"
+            return f"trial {number}: {job.error}"
+    return "none recorded (the trials were cancelled)"
 
 
 def trial_value(sweep: Sweep, job: Job | None) -> float | None:
-    """A trial's result: the sweep's metric at the last epoch it ran (what its weights hold)."""
-    if job is None:
+    """A trial's result: the sweep's metric at the last epoch it recorded (what its weights hold); None for a
+    trial that failed or was cancelled, whose last epoch is no result of the search."""
+    if job is None or job.status in ("failed", "cancelled"):
         return None
     return number_or_none((job.final_metrics or {}).get(sweep.metric))
 

@@ -44,6 +44,7 @@ MAX_TRIALS = 200  # trials of one sweep: each is a job, listed in full by GET /s
 MAX_PARALLELISM = 32  # trials in flight at once
 MAX_SPACE_PATHS = 16  # paths one space may search
 MAX_CHOICES = 100  # values of one choice domain
+MAX_SHOWN_PATH = 220  # characters of a problem's path echoed back ("space." and a path of stored text's 200)
 DEFAULT_REDUCTION_FACTOR = 3  # ASHA's η: the paper's default
 EPOCHS_PATH = "training.epochs"  # ASHA's to decide, never the space's
 DOMAIN_KINDS = ("choice", "uniform", "log_uniform", "int_uniform")
@@ -159,6 +160,12 @@ class SweepRequest(Strict):
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     scheduler: Asha | None = None
 
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _none_is_no_scheduler(cls, value: Any) -> Any:
+        # "none, or ASHA": {"type": "none"} says what leaving the scheduler out (or null) says.
+        return None if value == {"type": "none"} else value
+
     @field_validator("space")
     @classmethod
     def _some_paths(cls, space: dict) -> dict:
@@ -198,16 +205,22 @@ def parse_sweep(body: Any, limits: Limits) -> PlannedSweep:
         except SpecError as exc:
             problems += [Problem(_under("base", problem.path), problem.message) for problem in exc.problems]
     if problems:
-        raise SpecError(problems)
+        raise SpecError(shown(problems))
     base = spec.model_dump(mode="json")
     problems = request_problems(request, spec, base, limits)
     if problems:
-        raise SpecError(problems)
+        raise SpecError(shown(problems))
     planned = _planned(request, spec, base)
     problems = trial_problems(planned.base, planned.trials, limits)
     if problems:
-        raise SpecError(problems)
+        raise SpecError(shown(problems))
     return planned
+
+
+def shown(problems: list[Problem]) -> list[Problem]:
+    """``problems`` with each path cut to what a reader needs: a space key may be kilobytes of nonsense."""
+    return [problem if len(problem.path) <= MAX_SHOWN_PATH else
+            Problem(problem.path[:MAX_SHOWN_PATH] + "…", problem.message) for problem in problems]
 
 
 def _planned(request: SweepRequest, spec: JobSpec, base: dict) -> PlannedSweep:

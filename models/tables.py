@@ -92,11 +92,13 @@ class Sweep(Base):
     of them run longer (models.sweep_control)."""
 
     __tablename__ = "sweeps"
-    __table_args__ = (Index("ix_sweeps_user_id_created_at", "user_id", "created_at"),)
+    __table_args__ = (Index("ix_sweeps_user_id_created_at", "user_id", "created_at"),
+                      UniqueConstraint("user_id", "idempotency_key"))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("swp"))
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(200))
+    idempotency_key: Mapped[Optional[str]] = mapped_column(String(200))
     request: Mapped[dict[str, Any]]  # the normalized request (models.sweep_spec.PlannedSweep.request)
     base: Mapped[dict[str, Any]]  # the normalized base spec every trial starts from
     trials: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # each trial's params {path: value}, by number

@@ -76,10 +76,14 @@ def test_the_reconciler_keeps_a_paused_job_s_reason_and_no_stall_is_reported_for
         assert stalls(session, worker_context.settings).unserved == {"cpu": 1}
 
 
-def test_a_paused_job_counts_against_the_queued_jobs_quota(worker_context):
+def test_a_paused_job_does_not_count_against_the_queued_jobs_quota(worker_context):
     held = paused(worker_context)
+    waiting = queued(worker_context, "alice")
+    owner = job(worker_context, held).user_id
     with worker_context.sessions() as session:
-        assert quotas.use(session, job(worker_context, held).user_id, "queued_jobs") == 1
+        assert quotas.use(session, owner, "queued_jobs") == 1  # the waiting one: a paused one holds no place
+        load = dispatch.read_load(session, worker_context.settings, owner, ("queued_jobs",))
+        assert load.uses["queued_jobs"] == 1 and job(worker_context, waiting).user_id == owner
 
 
 # --- with a real worker ---------------------------------------------------------------------------

@@ -420,3 +420,13 @@ def test_trial_spec_applies_params_to_a_copy():
 def test_every_example_sweep_is_valid(path):
     planned = parse_sweep(json.loads(path.read_text()), Limits())
     assert planned.trials and planned.metric
+
+
+def test_a_scheduler_of_type_none_is_no_scheduler():
+    planned = parse_sweep(request(scheduler={"type": "none"}), LIMITS)
+    assert (planned.rungs, planned.request["scheduler"]) == ([], None)
+
+
+def test_a_kilobytes_long_path_is_refused_and_echoed_cut_short():
+    assert problems_of(request(space={"a" * 5000: {"choice": [1]}})) == {
+        "space." + "a" * 214 + "…": "at most 200 characters, not 5000"}

@@ -4,10 +4,13 @@ on SQLite with the filesystem broker and on PostgreSQL with Redis."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 from specs import blobs_spec
 from sqlalchemy import select, update
 
+from models import sweep_control
 from models.asha import Promote, TrialState, next_action
 from models.tables import Artifact, EpochMetrics, Job, Sweep
 
@@ -29,6 +32,12 @@ def sweep_request(**changes) -> dict:
         "scheduler": {"type": "asha", "min_epochs": 1, "max_epochs": 4, "reduction_factor": 2},
     }
     return {**request, **changes}
+
+
+@pytest.fixture
+def services(app):
+    """The app's services (database, store, publisher): what a maintenance round runs with."""
+    return app.extensions["torchyard"]
 
 
 def post(client, headers, body) -> dict:
@@ -96,12 +105,58 @@ def test_a_cancelled_sweep_cancels_its_trials_and_deletes_with_them(client, alic
     assert client.get(f"{SWEEPS}/{sweep['id']}", headers=alice).status_code == 404
 
 
-def test_a_trial_of_a_running_sweep_cannot_be_deleted_alone(client, alice, sessions):
+def test_a_trial_cannot_be_deleted_alone(client, alice, sessions):
     sweep = post(client, alice, sweep_request())
     trial = trial_rows(sessions, sweep["id"])[0]
     assert client.post(f"/api/v1/jobs/{trial.id}/cancel", headers=alice).status_code == 200
     response = client.delete(f"/api/v1/jobs/{trial.id}", headers=alice)
-    assert response.status_code == 409 and "running sweep" in response.get_json()["detail"]
+    assert response.status_code == 409 and "delete the sweep" in response.get_json()["detail"]
+    assert client.post(f"{SWEEPS}/{sweep['id']}/cancel", headers=alice).status_code == 202
+    # Ended, the sweep's record is still its trials: the one trial can't go alone either.
+    assert client.delete(f"/api/v1/jobs/{trial.id}", headers=alice).status_code == 409
+
+
+def test_a_sweep_whose_trials_all_ended_without_a_result_fails_saying_why(client, alice, sessions, services):
+    sweep = post(client, alice, sweep_request(trials=2))
+    for trial in trial_rows(sessions, sweep["id"]):
+        assert client.post(f"/api/v1/jobs/{trial.id}/cancel", headers=alice).status_code == 200
+    sweep_control.advance(services)  # a maintenance round
+    ended = client.get(f"{SWEEPS}/{sweep['id']}", headers=alice).get_json()
+    assert (ended["status"], ended["best"], ended["counts"]["cancelled"]) == ("failed", None, 2)
+    assert ended["error"].startswith("no trial has a result (2 cancelled)")
+
+
+def test_a_retried_sweep_with_its_idempotency_key_gets_the_first_sweep(client, alice, sessions):
+    key = {**alice, "Idempotency-Key": "search-1"}
+    first = client.post(SWEEPS, json=sweep_request(), headers=key)
+    again = client.post(SWEEPS, json=sweep_request(), headers=key)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.get_json()["id"] == first.get_json()["id"]
+    other = client.post(SWEEPS, json=sweep_request(trials=3), headers=key)
+    assert other.status_code == 422 and other.get_json()["type"].endswith("idempotency-key-reused")
+    with sessions() as session:
+        assert len(session.scalars(select(Sweep)).all()) == 1 and len(session.scalars(select(Job)).all()) == 2
+
+
+def test_a_dataset_a_running_sweep_reads_cannot_be_deleted(client, alice, bob, sessions):
+    upload = client.post("/api/v1/datasets", headers=alice, data={
+        "file": (io.BytesIO(b"a,b,label\n" + b"".join(b"%d,%d,%d\n" % (i, i % 7, i % 2) for i in range(60))),
+                 "points.csv")})
+    assert upload.status_code == 201, upload.get_json()
+    dataset = upload.get_json()["id"]
+    base = {**blobs_spec("base", epochs=4), "task": "binary",
+            "data": {"source": "dataset", "dataset_id": dataset, "target": "label"}}
+    base["model"]["layers"][-1]["out_features"] = 1
+    # Bob can't search over alice's dataset: the problem names where the sweep named it.
+    refused = client.post(SWEEPS, json=sweep_request(base=base), headers=bob)
+    assert refused.status_code == 422 and [e["path"] for e in refused.get_json()["errors"]] == ["base.data.dataset_id"]
+    sweep = post(client, alice, sweep_request(base=base))
+    for trial in trial_rows(sessions, sweep["id"]):
+        assert client.post(f"/api/v1/jobs/{trial.id}/cancel", headers=alice).status_code == 200
+    response = client.delete(f"/api/v1/datasets/{dataset}", headers=alice)
+    assert response.status_code == 409 and sweep["id"] in response.get_json()["detail"]
+    assert client.post(f"{SWEEPS}/{sweep['id']}/cancel", headers=alice).status_code == 202
+    assert client.delete(f"/api/v1/datasets/{dataset}", headers=alice).status_code == 204
 
 
 def run_sweep_to_its_end(service, body: dict) -> tuple[dict, list[dict]]:

@@ -729,8 +729,10 @@ def _follow_sweep(client, started: dict) -> dict:
                 before = states.get(trial["number"])
                 if before != trial["state"]:
                     states[trial["number"]] = trial["state"]
-                    # A paused trial queued again was promoted to the next rung: said so, not as a fresh start.
-                    promoted = before == "paused" and trial["state"] in ("queued", "running")
+                    # A paused trial queued again was promoted to the next rung: said so, not as a fresh start
+                    # (also when it paused and went on between two polls, or before the first: it has a rung).
+                    promoted = trial["state"] in ("queued", "running") and (
+                        before == "paused" or (before in (None, "running") and trial["rung"] is not None))
                     click.echo(show.trial_line(trial, swept["metric"], "promoted" if promoted else None))
             line = show.sweep_progress_line(swept)
             if line != said:
@@ -810,8 +812,8 @@ def sweep_cancel(sweep_id: str) -> None:
             click.echo(f"{sweep_id} was cancelled already")
             return
     running = swept["counts"]["running"]
-    click.echo(f"{swept['id']} cancelled" + (f": {running} running trial{'s' if running > 1 else ''} stop at the end "
-                                             "of the current batch" if running else ""))
+    stops = f"{running} running trial{'s stop' if running > 1 else ' stops'} at the end of the current batch"
+    click.echo(f"{swept['id']} cancelled" + (f": {stops}" if running else ""))
 
 
 @sweep.command("delete")

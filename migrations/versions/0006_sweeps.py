@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("id", sa.String(length=40), nullable=False),
         sa.Column("user_id", sa.String(length=40), nullable=False),
         sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("idempotency_key", sa.String(length=200), nullable=True),
         sa.Column("request", sa.JSON(), nullable=False),
         sa.Column("base", sa.JSON(), nullable=False),
         sa.Column("trials", sa.JSON(), nullable=False),
@@ -40,6 +41,7 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["user_id"], ["users.id"], name=op.f("fk_sweeps_user_id_users"), ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_sweeps")),
+        sa.UniqueConstraint("user_id", "idempotency_key", name=op.f("uq_sweeps_user_id")),
     )
     with op.batch_alter_table("sweeps") as batch:
         batch.create_index("ix_sweeps_user_id_created_at", ["user_id", "created_at"], unique=False)
