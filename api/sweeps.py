@@ -6,6 +6,7 @@ resource shows them together. ``models.sweep_control`` decides what runs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 from flask import Blueprint, request
@@ -55,7 +56,7 @@ def submit():
     except SpecError as exc:
         raise validation_error(exc.problems, "Invalid sweep") from None
     if planned.base.get("data", {}).get("source") == "dataset":
-        check_trials_against_dataset(session, user, planned)
+        planned = check_trials_against_dataset(session, user, planned)
     # Under the user's lock, held until the insert commits: concurrent requests of one user take turns, so no
     # more than the quota get in, and a retry finds the sweep of the request it repeats.
     locked = quotas.lock_user(session, user.id)
@@ -93,17 +94,26 @@ def same_key_sweep(session: Session, user: User, key: str | None, normalized: di
     return sweep
 
 
-def check_trials_against_dataset(session: Session, user: User, planned: PlannedSweep) -> None:
+def check_trials_against_dataset(session: Session, user: User, planned: PlannedSweep) -> PlannedSweep:
     """Check every trial against the caller's uploaded dataset, as a submit of each would (422 naming the
-    first trial that doesn't fit it)."""
+    first trial that doesn't fit it); the plan with the target column they use named in its base, as a
+    submitted job's spec names it (the worker needn't know the upload's default)."""
     limits = services().settings.limits
+    targets = set()
     for number, params in enumerate(planned.trials):
         try:
-            check_dataset(session, user, parse_service_spec(trial_spec(planned.base, params), limits), limits)
+            spec = check_dataset(session, user, parse_service_spec(trial_spec(planned.base, params), limits), limits)
         except ApiError as refused:  # a submit's 422, its problems said of the trial
             raise validation_error([Problem(sweep_path(problem.path, params),
                                             f"trial {number} ({describe(params)}): {problem.message}")
                                     for problem in refused.errors], "Invalid sweep") from None
+        targets.add(spec.data.target)
+    if len(targets) > 1:
+        raise validation_error([Problem("base.data.target", f"the trials' datasets default to different target "
+                                        f"columns ({', '.join(sorted(map(str, targets)))}); name the target")],
+                               "Invalid sweep")
+    base = {**planned.base, "data": {**planned.base["data"], "target": targets.pop()}}
+    return dataclasses.replace(planned, base=base)
 
 
 def sweep_path(path: str, params: dict) -> str:

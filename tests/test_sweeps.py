@@ -138,15 +138,26 @@ def test_a_retried_sweep_with_its_idempotency_key_gets_the_first_sweep(client, a
         assert len(session.scalars(select(Sweep)).all()) == 1 and len(session.scalars(select(Job)).all()) == 2
 
 
-def test_a_dataset_a_running_sweep_reads_cannot_be_deleted(client, alice, bob, sessions):
-    upload = client.post("/api/v1/datasets", headers=alice, data={
-        "file": (io.BytesIO(b"a,b,label\n" + b"".join(b"%d,%d,%d\n" % (i, i % 7, i % 2) for i in range(60))),
-                 "points.csv")})
+def dataset_base(client, headers) -> dict:
+    """A binary base spec over an uploaded CSV whose target is its first column, named at the upload only."""
+    rows = b"".join(b"%d,%d,%d\n" % (i % 2, i, i % 7) for i in range(60))
+    upload = client.post("/api/v1/datasets", headers=headers,
+                         data={"file": (io.BytesIO(b"label,a,b\n" + rows), "points.csv"), "target": "label"})
     assert upload.status_code == 201, upload.get_json()
-    dataset = upload.get_json()["id"]
     base = {**blobs_spec("base", epochs=4), "task": "binary",
-            "data": {"source": "dataset", "dataset_id": dataset, "target": "label"}}
+            "data": {"source": "dataset", "dataset_id": upload.get_json()["id"]}}
     base["model"]["layers"][-1]["out_features"] = 1
+    return base
+
+
+def test_a_sweep_over_a_dataset_names_the_target_its_upload_gave_in_every_trial(client, alice, sessions):
+    sweep = post(client, alice, sweep_request(base=dataset_base(client, alice)))
+    assert {job.spec["data"]["target"] for job in trial_rows(sessions, sweep["id"])} == {"label"}
+
+
+def test_a_dataset_a_running_sweep_reads_cannot_be_deleted(client, alice, bob, sessions):
+    base = dataset_base(client, alice)
+    dataset = base["data"]["dataset_id"]
     # Bob can't search over alice's dataset: the problem names where the sweep named it.
     refused = client.post(SWEEPS, json=sweep_request(base=base), headers=bob)
     assert refused.status_code == 422 and [e["path"] for e in refused.get_json()["errors"]] == ["base.data.dataset_id"]
