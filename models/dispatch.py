@@ -21,7 +21,7 @@ goes back to the queue without using an attempt and resumes later from that chec
 A paused job (``Job.paused``: a sweep's trial waiting for its controller) is queued but not waiting for a
 slot: the dispatcher never releases it (``lifecycle.release`` refuses it), never counts it as held, never
 preempts for it and never writes its ``pending_reason``; every query here over queued jobs reads
-``_waiting()``.
+``lifecycle.waiting()``.
 """
 
 from __future__ import annotations
@@ -81,11 +81,6 @@ class UserState:
     def key(self) -> tuple[float, float]:
         """Fair share's order: fewest active jobs, then least recent usage, each per unit of share."""
         return self.active / self.share, self.usage / self.share
-
-
-def _waiting():
-    """Queued jobs that wait for a slot: every queued job but a paused one."""
-    return (Job.status == "queued") & Job.paused.is_(False)
 
 
 def dispatch(services: Services, queues: Iterable[str] | None = None, session: Session | None = None) -> list[str]:
@@ -199,7 +194,7 @@ def _load_statement(quota_uses: tuple[str, ...]) -> CompoundSelect:
     by their first column."""
     is_released = Job.released_at.is_not(None)
     jobs = (select(literal("job"), Job.status, Job.worker_id, Job.queue, is_released, Job.user_id, func.count())
-            .where(or_(Job.status == "running", _waiting()))
+            .where(or_(Job.status == "running", lifecycle.waiting()))
             .group_by(Job.status, Job.worker_id, Job.queue, is_released, Job.user_id))
     workers = (select(literal("worker"), Worker.id, Worker.queues, null(), null(), null(), Worker.slots)
                .where(is_live(bindparam("live_after"))))
@@ -247,7 +242,7 @@ def user_states(session: Session, services: Services, user_ids: set[str] | None 
     counted = or_(Job.status == "running", Job.released_at.is_not(None) & (Job.status == "queued"),
                   Job.finished_at >= since)
     if user_ids is None:  # every user with a job counted, or one queued
-        user_ids = set(session.scalars(select(Job.user_id).where(or_(counted, _waiting())).distinct()))
+        user_ids = set(session.scalars(select(Job.user_id).where(or_(counted, lifecycle.waiting())).distinct()))
     # The users and their counted jobs in one statement (a user without any: one row of NULLs).
     rows = session.execute(
         select(User, Job.status, Job.queue, Job.started_at, Job.finished_at)
@@ -304,11 +299,11 @@ def _put_priority_first(session: Session, queue: str) -> int:
     """Hold back again each released, unclaimed job of ``queue`` whose user has a held job of a higher
     priority (the margin released it before that one came): the slot goes to the higher one. How many."""
     released = session.execute(select(Job.id, Job.user_id, Job.priority)
-                               .where(_waiting(), Job.queue == queue, Job.released_at.is_not(None))
+                               .where(lifecycle.waiting(), Job.queue == queue, Job.released_at.is_not(None))
                                .order_by(Job.priority)).all()
     best_held = dict(session.execute(
         select(Job.user_id, func.max(Job.priority))
-        .where(_waiting(), Job.queue == queue, Job.released_at.is_(None),
+        .where(lifecycle.waiting(), Job.queue == queue, Job.released_at.is_(None),
                Job.cancel_requested.is_(False), Job.user_id.in_({job.user_id for job in released}))
         .group_by(Job.user_id)).all())
     held_back = 0
@@ -325,7 +320,7 @@ def _held_jobs(session: Session, queue: str, room: int) -> dict[str, list[Row]]:
     rank = func.row_number().over(partition_by=Job.user_id,
                                   order_by=(Job.priority.desc(), Job.created_at, Job.id)).label("rank")
     ranked = (select(Job.id, Job.user_id, Job.priority, Job.created_at, Job.pending_reason, rank)
-              .where(_waiting(), Job.queue == queue, Job.released_at.is_(None),
+              .where(lifecycle.waiting(), Job.queue == queue, Job.released_at.is_(None),
                      Job.cancel_requested.is_(False))
               .subquery())
     rows = session.execute(select(ranked.c.id, ranked.c.user_id, ranked.c.created_at, ranked.c.pending_reason)
@@ -362,7 +357,7 @@ def _preempt_for_high(session: Session, services: Services, queue: str) -> list[
     that the freed slot is its. Returns the ids released (none, or the high job); None when no high job
     waits or no running job may be preempted for it."""
     waiting = session.execute(select(Job.id, Job.user_id, Job.released_at)
-                              .where(_waiting(), Job.queue == queue, Job.priority == HIGH,
+                              .where(lifecycle.waiting(), Job.queue == queue, Job.priority == HIGH,
                                      Job.cancel_requested.is_(False))
                               .order_by(Job.created_at).limit(1)).first()
     if waiting is None:
@@ -375,7 +370,7 @@ def _preempt_for_high(session: Session, services: Services, queue: str) -> list[
                 f"preempted by a high-priority job (it ran at {PRIORITY_NAMES[victim.priority]})"):
             return None
         log.info("dispatch: job %s asked to hand its slot back to %s", victim.id, waiting.id)
-    for job_id in session.scalars(select(Job.id).where(_waiting(), Job.queue == queue,
+    for job_id in session.scalars(select(Job.id).where(lifecycle.waiting(), Job.queue == queue,
                                                        Job.priority < HIGH, Job.released_at.is_not(None))):
         lifecycle.unrelease(session, job_id)
     return [waiting.id] if waiting.released_at is None and lifecycle.release(session, waiting.id) else []
@@ -404,7 +399,7 @@ def _rering(session: Session, services: Services, states: dict[str, QueueState])
     free = [queue for queue, state in states.items() if state.free > 0]
     if not free:
         return []
-    rows = session.execute(select(Job.id, Job.queue).where(_waiting(), Job.queue.in_(free),
+    rows = session.execute(select(Job.id, Job.queue).where(lifecycle.waiting(), Job.queue.in_(free),
                                                            Job.released_at < stale)).all()
     rung = []
     for job_id, queue in rows:
@@ -416,7 +411,7 @@ def _rering(session: Session, services: Services, states: dict[str, QueueState])
 
 
 def _queues_with_queued_jobs(session: Session) -> set[str]:
-    return set(session.scalars(select(Job.queue).where(_waiting()).distinct()))
+    return set(session.scalars(select(Job.queue).where(lifecycle.waiting()).distinct()))
 
 
 def _aware(moment: dt.datetime) -> dt.datetime:

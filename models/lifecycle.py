@@ -86,6 +86,12 @@ def _rows(session: Session, statement) -> int:
     return session.execute(statement.execution_options(synchronize_session=False)).rowcount
 
 
+def waiting():
+    """The condition on jobs that wait for a slot: queued and not paused (a paused job, a sweep's trial at a
+    rung, waits for its sweep: it is never released, counted as waiting, nor said to wait for a worker)."""
+    return (Job.status == "queued") & Job.paused.is_(False)
+
+
 def is_finished(status: str) -> bool:
     """Whether a job in ``status`` has ended for good (only then may it be deleted)."""
     return status in FINISHED_STATUSES

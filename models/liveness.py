@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
+from models import lifecycle
 from models.queues import CPU, who_serves
 from models.settings import Settings
 from models.tables import Job, Worker, utcnow
@@ -70,7 +71,7 @@ def stalls(session: Session, settings: Settings) -> Stalls:
     """What stalls right now (see ``Stalls``); two small indexed queries and the workers table."""
     served = served_queues(session, settings)
     # A paused job waits for its sweep, not for a worker: no worker would move it.
-    queued = session.execute(select(Job.queue, func.count()).where(Job.status == "queued", Job.paused.is_(False))
+    queued = session.execute(select(Job.queue, func.count()).where(lifecycle.waiting())
                              .group_by(Job.queue)).all()
     unreaped = session.scalar(select(func.count()).select_from(Job).where(
         Job.status == "running", Job.lease_expires_at < live_after(settings)))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import Label, func, select
 from sqlalchemy.orm import Session
 
+from models import lifecycle
 from models.db import locked_row
 from models.queues import queue_gpus
 from models.settings import Settings
@@ -101,7 +102,7 @@ def _use_of(user_id, name: str):
     if name == "queued_jobs":
         # A paused job (a sweep's trial at a rung) doesn't count: it holds a result, not a place in the queue,
         # and its sweep keeps no more than its parallelism of trials queued or running.
-        return select(func.count()).where(Job.user_id == user_id, Job.status == "queued", Job.paused.is_(False))
+        return select(func.count()).where(Job.user_id == user_id, lifecycle.waiting())
     if name == "running_jobs":
         return select(func.count()).where(Job.user_id == user_id, Job.status == "running")
     if name == "storage_bytes":

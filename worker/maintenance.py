@@ -109,7 +109,7 @@ def reconcile(ctx: Services) -> None:
     with ctx.sessions() as session:
         served = served_queues(session, ctx.settings)
         queued = session.execute(select(Job.id, Job.queue, Job.pending_reason)
-                                 .where(Job.status == "queued", Job.paused.is_(False))).all()
+                                 .where(lifecycle.waiting())).all()
         for job_id, queue, reason in queued:
             if queue not in served:
                 lifecycle.set_pending_reason(session, job_id, no_worker_reason(queue))
