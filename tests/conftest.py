@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import secrets
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -44,16 +45,35 @@ def _admin_connection() -> psycopg.Connection:
         pytest.fail(f"PostgreSQL is required at {POSTGRES_ADMIN_URL} and is not reachable: {exc}")
 
 
+@contextlib.contextmanager
+def _postgres_database(template: str | None = None):
+    """A new PostgreSQL database (a copy of ``template``, else empty); its SQLAlchemy URL; dropped after."""
+    name = f"torchyard_test_{secrets.token_hex(6)}"
+    with _admin_connection() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+    url = make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with _admin_connection() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture
 def empty_postgres_url():
     """A fresh, empty PostgreSQL database (SQLAlchemy URL), dropped after the test."""
-    name = f"torchyard_test_{secrets.token_hex(6)}"
-    with _admin_connection() as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
-    yield url.render_as_string(hide_password=False)
-    with _admin_connection() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with _postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres() -> str:
+    """The name of a PostgreSQL database migrated to head once a session: the tests' databases copy it."""
+    from migrations.apply import upgrade
+
+    with _postgres_database() as url:
+        upgrade(url)  # its engine is gone when it returns: a database with a connection can't be a template
+        yield make_url(url).database
 
 
 @pytest.fixture
@@ -62,22 +82,31 @@ def empty_sqlite_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'torchyard.db'}"
 
 
-@pytest.fixture
-def sqlite_url(empty_sqlite_url) -> str:
-    """A SQLite database migrated to head."""
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory) -> str:
+    """A SQLite database file migrated to head once a session: the tests' databases copy it."""
     from migrations.apply import upgrade
 
-    upgrade(empty_sqlite_url)
+    path = tmp_path_factory.mktemp("migrated") / "head.db"
+    upgrade(f"sqlite:///{path}")
+    return str(path)
+
+
+@pytest.fixture
+def sqlite_url(empty_sqlite_url, migrated_sqlite) -> str:
+    """A SQLite database migrated to head: a copy of the session's (migrating costs a tenth of a second a test;
+    tests/test_migrations.py runs the migrations themselves)."""
+    with contextlib.closing(sqlite3.connect(migrated_sqlite)) as head, \
+            contextlib.closing(sqlite3.connect(make_url(empty_sqlite_url).database)) as new:
+        head.backup(new)
     return empty_sqlite_url
 
 
 @pytest.fixture
-def postgres_url(empty_postgres_url) -> str:
-    """A PostgreSQL database migrated to head."""
-    from migrations.apply import upgrade
-
-    upgrade(empty_postgres_url)
-    return empty_postgres_url
+def postgres_url(migrated_postgres) -> str:
+    """A PostgreSQL database migrated to head: a copy of the session's, dropped after the test."""
+    with _postgres_database(template=migrated_postgres) as url:
+        yield url
 
 
 @pytest.fixture
