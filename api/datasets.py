@@ -202,11 +202,19 @@ def dataset_users(session: Session, dataset: Dataset) -> list[str]:
 def dataset_sweeps(session: Session, dataset: Dataset) -> list[str]:
     """The ids of the owner's running sweeps whose trials may read the dataset (their base, or a value of their
     space, names it): such a sweep starts new trials until it ends."""
-    running = session.execute(select(Sweep.id, Sweep.base, Sweep.trials)
+    running = session.execute(select(Sweep.id, Sweep.base, Sweep.trials, Sweep.request)
                               .where(Sweep.user_id == dataset.user_id, Sweep.status == "running")
                               .order_by(Sweep.created_at, Sweep.id))
-    return [sweep_id for sweep_id, base, trials in running
-            if any(trial_spec(base, params).get("data", {}).get("dataset_id") == dataset.id for params in trials)]
+    return [sweep_id for sweep_id, base, trials, request in running
+            if any(trial_spec(base, params).get("data", {}).get("dataset_id") == dataset.id
+                   for params in [*trials, *choice_params(request)])]
+
+
+def choice_params(request: dict) -> list[dict]:
+    """Each choice value of a tpe sweep's space alone ({path: value}): a trial it proposes later may hold it."""
+    if request.get("method") != "tpe":
+        return []
+    return [{path: value} for path, domain in request["space"].items() for value in domain.get("choice", [])]
 
 
 def _remove_file(uri: str) -> None:

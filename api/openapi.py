@@ -180,8 +180,10 @@ SWEEP_BODY = {
                     "base": _ref("JobSpec"),
                     "space": {"type": "object", "description": 'spec path -> domain: {"choice": [...]}, '
                               '{"uniform": [lo, hi]}, {"log_uniform": [lo, hi]} or {"int_uniform": [lo, hi]}'},
-                    "method": {"enum": ["grid", "random"]},
+                    "method": {"enum": ["grid", "random", "tpe"]},
                     "trials": {"type": "integer", "minimum": 1},
+                    "startup_trials": {"type": ["integer", "null"], "minimum": 1,
+                                       "description": "tpe: random trials before proposals (default min(10, trials))"},
                     "parallelism": {"type": "integer", "minimum": 1},
                     "metric": {"type": "string"},
                     "mode": {"enum": ["min", "max"]},

@@ -189,7 +189,7 @@ class SweepSummary(Out):
     name: str
     owner: str
     status: Literal["running", "succeeded", "cancelled", "failed"]
-    method: Literal["grid", "random"]
+    method: Literal["grid", "random", "tpe"]
     metric: str
     mode: Literal["min", "max"]
     trials: int = Field(description="trials the sweep runs in all")

@@ -66,7 +66,7 @@ def submit():
         return json_response(sweep_out(session, existing, user.name), status=200,
                              headers={"Location": f"{API_PREFIX}/sweeps/{existing.id}"})
     # The sweep's first trials are queued with it, as that many submits would be: held to the same quotas.
-    wanted = {"queued_jobs": min(planned.request["parallelism"], len(planned.trials)), "storage_bytes": 0}
+    wanted = {"queued_jobs": min(planned.request["parallelism"], planned.request["trials"]), "storage_bytes": 0}
     quotas.check(settings, locked, wanted, read_load(session, settings, user.id, tuple(wanted)).uses)
     sweep = Sweep(user_id=user.id, name=planned.request["name"], idempotency_key=key, request=planned.request,
                   base=planned.base, trials=planned.trials, rungs=planned.rungs, metric=planned.metric,
@@ -74,7 +74,7 @@ def submit():
     session.add(sweep)
     session.flush()
     touched = sweep_control.step(session, sweep, settings)
-    audit.record(session, user, "submit", sweep.id, name=sweep.name, trials=len(planned.trials))
+    audit.record(session, user, "submit", sweep.id, name=sweep.name, trials=planned.request["trials"])
     session.commit()
     dispatch_soon(services(), sorted(touched), session)
     return json_response(sweep_out(session, sweep, user.name), status=201,
@@ -242,7 +242,7 @@ def sweep_summary(sweep: Sweep, owner: str, jobs: list[Job]) -> SweepSummary:
         params=sweep.trials[best.sweep_trial])
     return SweepSummary(
         id=sweep.id, name=sweep.name, owner=owner, status=sweep.status, method=sweep.request["method"],
-        metric=sweep.metric, mode=sweep.mode, trials=len(sweep.trials), created=len(jobs),
+        metric=sweep.metric, mode=sweep.mode, trials=sweep.request["trials"], created=len(jobs),
         parallelism=sweep.request["parallelism"], rungs=list(sweep.rungs or []),
         counts={state: states.get(state, 0) for state in sweep_control.TRIAL_STATES}, best=best_out,
         error=sweep.error, created_at=as_utc(sweep.created_at), finished_at=as_utc(sweep.finished_at),

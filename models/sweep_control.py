@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,18 +25,21 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import lifecycle, queues
+from models import lifecycle, queues, tpe
 from models.asha import Create, Promote, TrialState, next_action
 from models.db import locked_row
 from models.dispatch import PRIORITIES, dispatch_soon
 from models.experiments import job_labels
 from models.services import Services
 from models.settings import Settings
-from models.sweep_spec import trial_spec
+from models.spec import JobSpec, SpecError
+from models.sweep_spec import Domain, trial_spec
 from models.tables import EpochMetrics, Job, Sweep, utcnow
 from models.validation import parse_service_spec
 
 log = logging.getLogger(__name__)
+
+RANDOM_RETRIES = 10  # random params tried after a tpe proposal whose spec fails, before the trial is skipped
 
 PRUNED = "sweep_pruned"
 # The state of a trial as a sweep's page shows it: its job's status, told apart where a sweep means more.
@@ -124,29 +128,35 @@ def step(session: Session, sweep: Sweep, settings: Settings) -> set[str]:
     request = sweep.request
     flying = sum(in_flight(job) for job in trials.jobs.values())
     queues_touched: set[str] = set()
+    stuck = False
     while flying < request["parallelism"]:
         action = decide(sweep, trials)
         if action is None:
             break
         job = start_trial(session, sweep, trials, action, settings)
+        if job is None:  # no valid params for the next trial: the sweep ends with the trials it has
+            stuck = True
+            break
         queues_touched.add(job.queue)
         flying += 1
-    if flying == 0 and decide(sweep, trials) is None:
+    if flying == 0 and (stuck or decide(sweep, trials) is None):
         finish(session, sweep, trials)
     return queues_touched
 
 
 def decide(sweep: Sweep, trials: Trials) -> Promote | Create | None:
     """What the next free place in the sweep goes to: a paused trial to promote, a new trial, or nothing."""
-    can_create = len(trials.jobs) < len(sweep.trials)
+    can_create = len(trials.jobs) < sweep.request["trials"]  # tpe's sweep.trials: those planned so far
     if not sweep.rungs:
         return Create() if can_create else None
     return next_action(list(sweep.rungs), sweep.request["scheduler"]["reduction_factor"], sweep.mode,
                        trials.states(), can_create)
 
 
-def start_trial(session: Session, sweep: Sweep, trials: Trials, action: Promote | Create, settings: Settings) -> Job:
-    """Promote the paused trial ``action`` names (to its next rung), or create the next new trial."""
+def start_trial(session: Session, sweep: Sweep, trials: Trials, action: Promote | Create,
+                settings: Settings) -> Job | None:
+    """Promote the paused trial ``action`` names (to its next rung), or create the next new trial (None: it
+    found no valid params)."""
     rungs = list(sweep.rungs or [])
     if isinstance(action, Promote):
         job = trials.jobs[action.number]
@@ -155,17 +165,27 @@ def start_trial(session: Session, sweep: Sweep, trials: Trials, action: Promote 
         session.refresh(job)  # its row as the UPDATE left it, for the next decision of this round
         return job
     number = len(trials.jobs)
-    job = create_trial(session, sweep, number, settings)
-    trials.jobs[number] = job
+    job = create_trial(session, sweep, number, settings, trials)
+    if job is not None:
+        trials.jobs[number] = job
     return job
 
 
-def create_trial(session: Session, sweep: Sweep, number: int, settings: Settings) -> Job:
+def create_trial(session: Session, sweep: Sweep, number: int, settings: Settings,
+                 trials: Trials | None = None) -> Job | None:
     """Add trial ``number`` as a queued job of the sweep's user: the base with the trial's parameters, run to
     the first rung under ASHA (the spec was checked when the sweep was accepted; it is parsed again here, as
-    the worker will, so that a job row is only ever made of a valid spec)."""
-    params = sweep.trials[number]
-    spec = parse_service_spec(trial_spec(sweep.base, params), settings.limits)
+    the worker will, so that a job row is only ever made of a valid spec). A trial past the planned ones
+    (method tpe) gets proposed params, stored with the sweep; None if none of them made a valid spec."""
+    if number < len(sweep.trials):
+        params = sweep.trials[number]
+        spec = parse_service_spec(trial_spec(sweep.base, params), settings.limits)
+    else:
+        found = proposed_trial(sweep, number, trials or read_trials(session, sweep), settings)
+        if found is None:
+            return None
+        params, spec = found
+        sweep.trials = [*sweep.trials, params]  # a new list: SQLAlchemy sees a JSON column change by assignment
     rungs = list(sweep.rungs or [])
     job = lifecycle.submit(
         session,
@@ -183,6 +203,31 @@ def create_trial(session: Session, sweep: Sweep, number: int, settings: Settings
     )
     session.flush()
     return job
+
+
+def proposed_trial(sweep: Sweep, number: int, trials: Trials, settings: Settings) -> tuple[dict, JobSpec] | None:
+    """Trial ``number``'s params and parsed spec: TPE's proposal from the results so far (random draws until
+    two exist), then up to RANDOM_RETRIES random draws if its spec fails the job gate; None if all do."""
+    # Paths in sorted order: a stored JSON object's keys may come back reordered (the database's serializer).
+    space = {path: Domain.model_validate(domain) for path, domain in sorted(sweep.request["space"].items())}
+    rng = random.Random(f"{sweep.request['seed']}:{number}")  # the same results propose the same trial
+    observed = [(sweep.trials[n], value) for n, job in sorted(trials.jobs.items())
+                if n < len(sweep.trials) and (value := trial_value(sweep, job)) is not None]
+
+    def drawn():  # lazily: each draw takes from rng only when the one before it failed
+        yield (tpe.propose(space, observed, sweep.mode, rng) if len(observed) >= 2 else
+               {path: domain.sample(rng) for path, domain in space.items()})
+        for _ in range(RANDOM_RETRIES):
+            yield {path: domain.sample(rng) for path, domain in space.items()}
+
+    for params in drawn():
+        try:
+            return params, parse_service_spec(trial_spec(sweep.base, params), settings.limits)
+        except SpecError as exc:
+            log.info("sweep %s trial %d: params %s refused (%s)", sweep.id, number, params, exc.problems[0].message)
+    log.warning("sweep %s: no valid params for trial %d after %d draws; it ends with %d trials", sweep.id,
+                number, RANDOM_RETRIES + 1, number)
+    return None
 
 
 def trial_name(sweep_name: str, number: int) -> str:

@@ -46,6 +46,7 @@ MAX_SPACE_PATHS = 16  # paths one space may search
 MAX_CHOICES = 100  # values of one choice domain
 MAX_SHOWN_PATH = 220  # characters of a problem's path echoed back ("space." and a path of stored text's 200)
 DEFAULT_REDUCTION_FACTOR = 3  # ASHA's η: the paper's default
+DEFAULT_STARTUP_TRIALS = 10  # tpe's random trials before its first proposal, unless fewer trials in all
 EPOCHS_PATH = "training.epochs"  # ASHA's to decide, never the space's
 DOMAIN_KINDS = ("choice", "uniform", "log_uniform", "int_uniform")
 
@@ -152,8 +153,10 @@ class SweepRequest(Strict):
     name: Text(min_length=1) = "sweep"
     base: dict[str, Any]  # a job spec: models.validation checks it
     space: dict[str, Domain]  # path -> domain; paths are checked against the base (path_problem)
-    method: Literal["grid", "random"]
-    trials: _bounded(MAX_TRIALS, "MAX_TRIALS", "trials") | None = None  # random: required; grid: its size
+    method: Literal["grid", "random", "tpe"]
+    trials: _bounded(MAX_TRIALS, "MAX_TRIALS", "trials") | None = None  # random, tpe: required; grid: its size
+    # tpe: the first trials, drawn as random ones are; the later ones are proposed from their results
+    startup_trials: _bounded(MAX_TRIALS, "MAX_TRIALS", "startup trials") | None = None
     parallelism: _bounded(MAX_PARALLELISM, "MAX_PARALLELISM", "trials at once") = 1
     metric: Text(min_length=1) | None = None
     mode: Literal["min", "max"] | None = None
@@ -182,7 +185,8 @@ class PlannedSweep:
 
     request: dict  # the normalized request (defaults filled in: metric, mode, seed, trials for grid), JSON-able
     base: dict  # the normalized base spec, with training.epochs = max_epochs under ASHA
-    trials: list[dict]  # each trial's params {path: value}, in trial order (sampled deterministically from seed)
+    trials: list[dict]  # each trial's params {path: value}, in trial order (sampled deterministically from seed);
+    # tpe: its startup trials only, the controller proposes (and appends) the rest
     rungs: list[int]  # ASHA's pause epochs, the last = max_epochs; [] without a scheduler
     metric: str
     mode: str  # "min" | "max"
@@ -212,6 +216,9 @@ def parse_sweep(body: Any, limits: Limits) -> PlannedSweep:
         raise SpecError(shown(problems))
     planned = _planned(request, spec, base)
     problems = trial_problems(planned.base, planned.trials, limits)
+    if request.method == "tpe":  # its later trials are proposed from the domains: each value is checked alone
+        problems += [problem for problem in domain_problems(planned.base, request.space, limits)
+                     if problem.path not in {known.path for known in problems}]  # one problem per path
     if problems:
         raise SpecError(shown(problems))
     return planned
@@ -236,9 +243,12 @@ def _planned(request: SweepRequest, spec: JobSpec, base: dict) -> PlannedSweep:
                      "reduction_factor": asha.reduction_factor}
         rungs = asha_rungs(asha.min_epochs, max_epochs, asha.reduction_factor)
         trial_base = trial_spec(base, {EPOCHS_PATH: max_epochs})
-    trials = sample_trials(request.space, request.method, request.trials or 0, request.seed)
+    startup = startup_trials(request)
+    trials = sample_trials(request.space, request.method, request.trials if startup is None else startup,
+                           request.seed)
     normalized = {"name": request.name, "base": base, "space": {p: d.as_json() for p, d in request.space.items()},
-                  "method": request.method, "trials": len(trials), "parallelism": request.parallelism,
+                  "method": request.method, "trials": request.trials if startup is not None else len(trials),
+                  "startup_trials": startup, "parallelism": request.parallelism,
                   "metric": metric, "mode": mode, "seed": request.seed, "scheduler": scheduler}
     return PlannedSweep(normalized, trial_base, trials, rungs, metric, mode)
 
@@ -256,10 +266,24 @@ def request_problems(request: SweepRequest, spec: JobSpec, base: dict, limits: L
     return problems
 
 
+def startup_trials(request: SweepRequest) -> int | None:
+    """tpe: how many trials are drawn at random before proposals (default min(10, trials)); None otherwise."""
+    if request.method != "tpe":
+        return None
+    return request.startup_trials or min(DEFAULT_STARTUP_TRIALS, request.trials or 0)
+
+
 def method_problems(request: SweepRequest) -> list[Problem]:
-    """grid: only choices, at most MAX_TRIALS combinations, ``trials`` its size if given; random: ``trials``."""
-    if request.method == "random":
-        return [] if request.trials is not None else [Problem("trials", "required for method 'random'")]
+    """grid: only choices, at most MAX_TRIALS combinations, ``trials`` its size if given; random and tpe:
+    ``trials``; tpe's ``startup_trials`` at most ``trials``, and nobody else's."""
+    if request.method != "tpe" and request.startup_trials is not None:
+        return [Problem("startup_trials", f"only for method 'tpe', not {request.method!r}")]
+    if request.method in ("random", "tpe"):
+        if request.trials is None:
+            return [Problem("trials", f"required for method {request.method!r}")]
+        if request.startup_trials is not None and request.startup_trials > request.trials:
+            return [Problem("startup_trials", f"at most trials ({request.trials}), not {request.startup_trials}")]
+        return []
     problems = [Problem(f"space.{path}", f"method 'grid' takes only choice domains, not {domain.kind}; "
                                          "list the values, or use method 'random'")
                 for path, domain in request.space.items() if domain.kind != "choice"]
@@ -309,6 +333,22 @@ def trial_problems(base: dict, trials: list[dict], limits: Limits) -> list[Probl
     return list(found.values())
 
 
+def domain_problems(base: dict, space: dict[str, Domain], limits: Limits) -> list[Problem]:
+    """Each numeric domain's two ends and each choice value, applied alone to the base, through the job gate:
+    a trial proposed later (method tpe) then never holds a value nobody checked. One problem per path."""
+    found: dict[str, Problem] = {}
+    for path, domain in space.items():
+        for value in domain.values:  # a choice's values, or [lo, hi]
+            try:
+                parse_service_spec(trial_spec(base, {path: value}), limits)
+            except SpecError as exc:
+                problem = exc.problems[0]
+                where = "" if problem.path == path else f" ({problem.path})"
+                found.setdefault(path, Problem(f"space.{path}", f"{path} = {_echo(value)}, a value method 'tpe' "
+                                                                f"may propose{where}: {problem.message}"))
+    return list(found.values())
+
+
 def _trial_problem(number: int, params: dict, problem: Problem) -> Problem:
     for path, value in params.items():
         if problem.path == path or _inside(problem.path, path):
@@ -337,7 +377,8 @@ def _inside(path: str, parent: str) -> bool:
 
 def sample_trials(space: dict[str, Domain], method: str, trials: int, seed: int) -> list[dict]:
     """Each trial's params: grid, the cartesian product, in an order shuffled by ``random.Random(seed)``;
-    random, ``trials`` draws from ``random.Random(seed)`` (path by path in key order, trial after trial).
+    random (and tpe's startup trials), ``trials`` draws from ``random.Random(seed)`` (path by path in key order,
+    trial after trial): tpe's first n trials are random's first n.
 
     The grid is shuffled because trials start in their order and ASHA promotes by what has reached a rung so
     far: in the product's order the trials of one value come together (all the small learning rates first),

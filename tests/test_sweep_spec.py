@@ -430,3 +430,47 @@ def test_a_scheduler_of_type_none_is_no_scheduler():
 def test_a_kilobytes_long_path_is_refused_and_echoed_cut_short():
     assert problems_of(request(space={"a" * 5000: {"choice": [1]}})) == {
         "space." + "a" * 214 + "…": "at most 200 characters, not 5000"}
+
+
+def test_tpe_needs_trials_and_its_startup_trials_default_to_ten_at_most():
+    assert problems_of(request(method="tpe", trials=None)) == {"trials": "required for method 'tpe'"}
+    planned = parse_sweep(request(method="tpe", trials=30), LIMITS)
+    assert (planned.request["trials"], planned.request["startup_trials"], len(planned.trials)) == (30, 10, 10)
+    planned = parse_sweep(request(method="tpe", trials=4), LIMITS)
+    assert (planned.request["trials"], planned.request["startup_trials"], len(planned.trials)) == (4, 4, 4)
+    assert parse_sweep(request(), LIMITS).request["startup_trials"] is None  # random has none
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"method": "tpe", "trials": 4, "startup_trials": 5}, "at most trials (4), not 5"),
+    ({"method": "tpe", "trials": 4, "startup_trials": 0}, "Input should be greater than or equal to 1"),
+    ({"method": "random", "trials": 4, "startup_trials": 2}, "only for method 'tpe', not 'random'"),
+])
+def test_startup_trials_are_one_to_trials_and_only_for_tpe(changes, message):
+    assert problems_of(request(**changes)) == {"startup_trials": message}
+
+
+def test_tpes_startup_trials_are_the_random_trials_of_the_same_seed():
+    random_trials = parse_sweep(request(method="random", trials=9, seed=3), LIMITS).trials
+    planned = parse_sweep(request(method="tpe", trials=20, startup_trials=5, seed=3), LIMITS)
+
+    assert planned.trials == random_trials[:5]
+    assert (planned.request["method"], planned.request["trials"], planned.request["startup_trials"]) == ("tpe", 20, 5)
+
+
+@pytest.mark.parametrize("domain, value", [
+    ({"uniform": [-0.01, 0.1]}, "-0.01"),
+    ({"choice": [0.01, -5.0]}, "-5.0"),
+])
+def test_a_tpe_domain_value_the_job_gate_refuses_is_refused_at_submit(domain, value):
+    body = request(method="tpe", trials=10, startup_trials=1, seed=1, space={"optimizer.lr": domain})
+    assert parse_sweep({**body, "method": "random", "trials": 1, "startup_trials": None}, LIMITS)  # its one trial
+    assert problems_of(body) == {"space.optimizer.lr": f"optimizer.lr = {value}, a value method 'tpe' may "
+                                                       "propose: Input should be greater than 0"}
+
+
+def test_a_tpe_int_domain_end_the_job_gate_refuses_is_refused_at_submit():
+    body = request(method="tpe", trials=10, startup_trials=1, space={"model.layers[0].out_features":
+                                                                     {"int_uniform": [0, 64]}})
+    assert problems_of(body) == {"space.model.layers[0].out_features": "model.layers[0].out_features = 0, a value "
+                                 "method 'tpe' may propose: Input should be greater than or equal to 1"}

@@ -5,6 +5,7 @@ on SQLite with the filesystem broker and on PostgreSQL with Redis."""
 from __future__ import annotations
 
 import io
+import random
 
 import pytest
 from specs import blobs_spec
@@ -12,6 +13,7 @@ from sqlalchemy import select, update
 
 from models import sweep_control
 from models.asha import Promote, TrialState, next_action
+from models.sweep_spec import Domain
 from models.tables import Artifact, EpochMetrics, Job, Sweep
 
 SWEEPS = "/api/v1/sweeps"
@@ -288,3 +290,48 @@ def test_a_running_trials_value_is_its_last_epochs_and_an_ended_ones_its_final(c
         session.commit()
     trials = client.get(f"{SWEEPS}/{sweep['id']}/trials", headers=alice).get_json()["trials"]
     assert [(trial["state"], trial["value"]) for trial in trials] == [("running", 0.8), ("succeeded", 0.7)]
+
+
+def test_a_tpe_sweep_proposes_its_later_trials_from_the_results_so_far(client, alice, sessions, services):
+    space = sweep_request()["space"]
+    sweep = post(client, alice, sweep_request(method="tpe", trials=4, startup_trials=2, scheduler=None))
+    assert (sweep["method"], sweep["trials"], sweep["created"], sweep["request"]["startup_trials"]) == ("tpe", 4, 2, 2)
+
+    def result(number: int, value: float) -> None:
+        """Trial ``number`` ended with ``value`` as its val_loss, as a worker would record it."""
+        with sessions() as session:
+            session.execute(update(Job).where(Job.sweep_id == sweep["id"], Job.sweep_trial == number).values(
+                status="succeeded", epoch=4, final_metrics={"epoch": 4, "val_loss": value}))
+            session.commit()
+
+    def stored() -> Sweep:
+        with sessions() as session:
+            return session.get(Sweep, sweep["id"])
+
+    result(0, 0.9)
+    sweep_control.advance(services)
+    # One result is too few to model: trial 2 is drawn at random, from the rng of its seed and number, path by
+    # path in sorted order.
+    rng = random.Random("0:2")
+    drawn = {path: Domain.model_validate(domain).sample(rng) for path, domain in sorted(space.items())}
+    assert [job.sweep_trial for job in trial_rows(sessions, sweep["id"])] == [0, 1, 2]
+    assert stored().trials[2] == drawn
+
+    result(1, 0.4)
+    result(2, 0.7)
+    sweep_control.advance(services)
+    jobs = trial_rows(sessions, sweep["id"])
+    trials = stored().trials
+    assert [job.sweep_trial for job in jobs] == [0, 1, 2, 3] and len(trials) == 4
+    proposed = trials[3]  # TPE's, from three results
+    assert 0.001 <= proposed["optimizer.lr"] <= 0.3 and proposed["model.layers[0].out_features"] in (4, 16)
+    assert jobs[3].spec["optimizer"]["lr"] == proposed["optimizer.lr"]
+    assert jobs[3].spec["model"]["layers"][0]["out_features"] == proposed["model.layers[0].out_features"]
+    listed = client.get(f"{SWEEPS}/{sweep['id']}/trials", headers=alice).get_json()["trials"]
+    assert [trial["params"] for trial in listed] == trials
+
+    result(3, 0.5)
+    sweep_control.advance(services)
+    ended = client.get(f"{SWEEPS}/{sweep['id']}", headers=alice).get_json()
+    assert (ended["status"], ended["created"], ended["counts"]["succeeded"]) == ("succeeded", 4, 4)
+    assert (ended["best"]["job_id"], ended["best"]["value"], ended["best"]["params"]) == (jobs[1].id, 0.4, trials[1])
