@@ -89,7 +89,7 @@ def targets(live_server, tokens, spec, set_job, add_artifact, sessions) -> dict[
     dataset = requests.post(f"{live_server}/api/v1/datasets", files=upload, headers=headers, timeout=10)
     with sessions() as session:  # a running and an ended sweep, as rows: a POST would publish their trials
         owner = session.get(Job, finished).user_id
-        sweeps = [Sweep(user_id=owner, name=f"s{status}", request={"method": "random", "parallelism": 1},
+        sweeps = [Sweep(user_id=owner, name=f"s{status}", request={"method": "random", "trials": 1, "parallelism": 1},
                         base=spec, trials=[{}], rungs=[], metric="loss", mode="min", status=status)
                   for status in ("running", "succeeded")]
         session.add_all(sweeps)
