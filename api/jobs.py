@@ -22,7 +22,7 @@ from models import audit, lifecycle
 from models.experiments import labelled
 from models.spec import Problem, unknown_name_message
 from models.storage import job_prefix
-from models.tables import JOB_STATUSES, Artifact, EpochMetrics, Job, User
+from models.tables import JOB_STATUSES, Artifact, EpochMetrics, Job, Sweep, User
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,6 @@ def delete_finished_job(session: Session, job: Job) -> None:
     session.execute(delete(Job).where(Job.id == job.id))
 
 
-def owner_name(session: Session, job: Job) -> str:
-    """The name of the job's user (the caller's own row is in the session already: no query)."""
-    return session.get(User, job.user_id).name
+def owner_name(session: Session, row: Job | Sweep) -> str:
+    """The name of the user of a job or a sweep (the caller's own row is in the session already: no query)."""
+    return session.get(User, row.user_id).name

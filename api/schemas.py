@@ -9,7 +9,8 @@ from flask import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.roles import ROLES
-from models.tables import JOB_STATUSES, LOG_LEVELS
+from models.sweep_control import TRIAL_STATES
+from models.tables import JOB_STATUSES, LOG_LEVELS, SWEEP_STATUSES
 
 API_PREFIX = "/api/v1"
 JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
@@ -166,7 +167,8 @@ class TagList(Out):
 
 # --- sweeps -------------------------------------------------------------------------------------
 
-TrialStateName = Literal["queued", "running", "paused", "succeeded", "pruned", "failed", "cancelled"]
+TrialStateName = Literal[TRIAL_STATES]  # type: ignore[valid-type]
+SweepStatus = Literal[SWEEP_STATUSES]  # type: ignore[valid-type]
 
 
 class SweepBest(Out):
@@ -188,7 +190,7 @@ class SweepSummary(Out):
     id: str
     name: str
     owner: str
-    status: Literal["running", "succeeded", "cancelled", "failed"]
+    status: SweepStatus
     method: Literal["grid", "random", "tpe"]
     metric: str
     mode: Literal["min", "max"]

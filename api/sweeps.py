@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from api.auth import current_user, owned, require_user, visible
 from api.db import get_session, services
 from api.errors import ApiError, conflict, validation_error
-from api.jobs import DEFAULT_LIMIT, delete_finished_job
+from api.jobs import DEFAULT_LIMIT, delete_finished_job, owner_name
 from api.pagination import MAX_LIMIT, decode_cursor, encode_cursor, int_arg, one_arg
 from api.schemas import (
     API_PREFIX,
@@ -211,10 +211,6 @@ def delete_sweep(sweep_id: str):
 
 
 # --- presenting --------------------------------------------------------------------------------------------
-
-
-def owner_name(session: Session, sweep: Sweep) -> str:
-    return session.get(User, sweep.user_id).name
 
 
 def trial_jobs(session: Session, sweep_ids: list[str]) -> dict[str, list[Job]]:
