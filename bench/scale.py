@@ -1,7 +1,7 @@
 """Queue throughput against worker processes: N small jobs through PostgreSQL and Redis with 1, 2 and 4
 worker processes, measured in the same run.
 
-    python bench/scale.py [--jobs 200] [--processes 1,2,4] [--mode both|workers|concurrency]
+    python bench/scale.py [--jobs 200] [--processes 1,2,4] [--mode both|workers|concurrency|overhead|memory]
 
 Each measurement is a fresh PostgreSQL database, a flushed Redis db (11) and a local artifact folder:
   workers      N separate ``celery worker`` processes of concurrency 1 (as N machines would run them,
@@ -12,6 +12,14 @@ this process) as fast as it takes them, and the clock runs from the first submit
 finished. Prints jobs/s and the ratio to one process. Needs PostgreSQL at 127.0.0.1:5432 (user postgres)
 and Redis at 127.0.0.1:6379.
 
+With ``--mode overhead`` (and first, in ``both``) it prints where a job's time goes: the same specs trained
+back to back by the engine in this process (``train()``: the in-process limit, with the same output files),
+then run back to back as jobs by the worker's own ``run_job`` in this process (claim, fenced writes, uploads,
+final record; no broker), then through one real worker process (the "workers 1" run). The service overhead
+per job is the worker's time per job minus the in-process limit; it is split by phase (exclusive times,
+measured around the runner's and the engine's own functions), and what is left is the broker, Celery and
+the dispatcher.
+
 First (and alone with ``--mode memory``) it prints the resident memory (VmRSS) of each process, idle: one
 worker of concurrency 1 (its main process and its pool process, once that has imported the engine) and the
 API as ``torchyard api`` runs it (gunicorn's master and its workers, once they have imported scikit-learn).
@@ -20,12 +28,15 @@ API as ``torchyard api`` runs it (gunicorn's master and its workers, once they h
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,6 +183,149 @@ def measure_memory(slots: int) -> list[tuple[str, float, float]]:
             deployment.close()
 
 
+class PhaseClock:
+    """Exclusive time per phase: each timed function's own time, less the time of timed functions it calls."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._local = threading.local()
+        self._undo: list[tuple[object, str, object]] = []
+
+    def time(self, owner: object, attribute: str, phase: str) -> None:
+        """Time every call of ``owner.attribute`` (a module's function or a class's method) as ``phase``."""
+        original = getattr(owner, attribute)
+        clock = self
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            stack = clock._stack()
+            stack.append(0.0)  # the time of the timed calls inside this one
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - started
+                clock.seconds[phase] += elapsed - stack.pop()
+                if stack:
+                    stack[-1] += elapsed
+
+        setattr(owner, attribute, timed)
+        self._undo.append((owner, attribute, original))
+
+    def _stack(self) -> list[float]:
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        return self._local.stack
+
+    def restore(self) -> None:
+        for owner, attribute, original in reversed(self._undo):
+            setattr(owner, attribute, original)
+        self._undo.clear()
+
+
+def timed_phases(clock: PhaseClock) -> None:
+    """The phases of a job that the overhead mode reports, timed around the functions that do them."""
+    from models.storage import ArtifactStore
+    from worker import job_callbacks, runner
+    from worker.engine import checkpoints, outputs, run, trainer
+
+    for owner, attribute, phase in (
+        (runner, "claim", "claim (and the log's first line)"),
+        (run, "prepare_run", "data, network, trainer"),
+        (trainer.Trainer, "run_epoch", "training and evaluation"),
+        (job_callbacks.LeaseKeeper, "on_batch_end", "lease and cancel checks"),
+        (job_callbacks.DatabaseMetrics, "on_epoch_end", "per-epoch rows"),
+        (outputs.MetricsFile, "on_epoch_end", "metrics.jsonl"),
+        (checkpoints, "save_atomically", "checkpoint files (fsync)"),
+        (job_callbacks.ArtifactUploader, "on_checkpoint", "checkpoint rows"),
+        (job_callbacks.ArtifactUploader, "on_checkpoint_removed", "checkpoint rows"),
+        (run, "write_outputs", "weights and model card files"),
+        (ArtifactStore, "put_file", "uploads (copy and SHA-256)"),
+        (runner, "record_result", "final record"),
+    ):
+        clock.time(owner, attribute, phase)
+
+
+def in_process_seconds(specs: list[dict], home: Path, clock: PhaseClock) -> float:
+    """Train ``specs`` back to back with the engine in this process (the limit); return the seconds."""
+    from models.validation import parse_spec
+    from worker.engine import train
+
+    parsed = [parse_spec(spec) for spec in specs]
+    train(parsed[0], home / "warm-up")  # the first run pays for lazy imports and allocator growth
+    clock.seconds.clear()
+    started = time.perf_counter()
+    for index, spec in enumerate(parsed):
+        train(spec, home / f"in-process-{index}")
+    return time.perf_counter() - started
+
+
+def run_job_seconds(deployment: Deployment, specs: list[dict], clock: PhaseClock) -> float:
+    """Run ``specs`` as jobs, back to back, through the worker's ``run_job`` in this process; the seconds."""
+    from sqlalchemy import update
+
+    from models.services import make_services
+    from models.tables import Job, utcnow
+    from worker import runner
+
+    ids = []
+    for spec in specs:
+        response = deployment.client.post("/api/v1/jobs", json=spec, headers=deployment.headers)
+        assert response.status_code == 201, response.get_json()
+        ids.append(response.get_json()["id"])
+    with deployment.sessions() as session:  # no worker is registered: release them as the dispatcher would
+        session.execute(update(Job).where(Job.released_at.is_(None)).values(released_at=utcnow()))
+        session.commit()
+    ctx = make_services(deployment.settings)
+    chosen, runner.context = runner.context, lambda: ctx
+    try:
+        assert runner.run_job(ids[0]) == "succeeded"  # warm-up: the first claim builds its statement
+        clock.seconds.clear()
+        started = time.perf_counter()
+        for job_id in ids[1:]:
+            assert runner.run_job(job_id) == "succeeded", job_id
+        return time.perf_counter() - started
+    finally:
+        runner.context = chosen
+        ctx.engine.dispose()
+
+
+def measure_overhead(jobs: int) -> None:
+    """Print the in-process limit, run_job in-process and one worker process, per job, and the phases."""
+    specs = [{**SMALL_JOB, "seed": index} for index in range(jobs)]
+    clock = PhaseClock()
+    timed_phases(clock)
+    with tempfile.TemporaryDirectory(prefix="torchyard-bench-") as home:
+        try:
+            limit = in_process_seconds(specs, Path(home), clock) / jobs
+            engine_phases = dict(clock.seconds)
+            deployment = Deployment(Path(home) / "run-job")
+            try:
+                deployment.start()
+                in_runner = run_job_seconds(deployment, [{**SMALL_JOB, "seed": jobs}, *specs], clock) / jobs
+            finally:
+                deployment.close()
+            runner_phases = dict(clock.seconds)
+        finally:
+            clock.restore()
+    service = measure(jobs, 1, "workers") / jobs
+    ms = 1000
+    print(f"per job: in-process train() {limit * ms:.1f} ms   run_job in-process {in_runner * ms:.1f} ms   "
+          f"one worker process {service * ms:.1f} ms")
+    print(f"service overhead per job (worker process - in-process train()): {(service - limit) * ms:.1f} ms "
+          f"(goal <= 25 ms), of which:")
+    print(f"  {'phase':<34}{'train() ms':>11}{'run_job ms':>11}{'overhead ms':>13}")
+    for phase in dict.fromkeys([*runner_phases, *engine_phases]):
+        alone, in_job = engine_phases.get(phase, 0.0) / jobs, runner_phases.get(phase, 0.0) / jobs
+        print(f"  {phase:<34}{alone * ms:>11.2f}{in_job * ms:>11.2f}{(in_job - alone) * ms:>13.2f}")
+    untimed_alone = limit - sum(engine_phases.values()) / jobs
+    untimed_job = in_runner - sum(runner_phases.values()) / jobs
+    print(f"  {'the rest of train() and run_job':<34}{untimed_alone * ms:>11.2f}{untimed_job * ms:>11.2f}"
+          f"{(untimed_job - untimed_alone) * ms:>13.2f}")
+    print(f"  {'broker, Celery, dispatcher, submit':<34}{'':>11}{'':>11}{(service - in_runner) * ms:>13.2f}"
+          "   (worker process - run_job in-process)")
+
+
 def measure(jobs: int, processes: int, mode: str) -> float:
     with tempfile.TemporaryDirectory(prefix="torchyard-bench-") as home:
         deployment = Deployment(Path(home))
@@ -190,10 +344,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--processes", default="1,2,4")
-    parser.add_argument("--mode", choices=["both", "workers", "concurrency", "memory"], default="both")
+    parser.add_argument("--mode", choices=["both", "workers", "concurrency", "overhead", "memory"], default="both")
     args = parser.parse_args()
     counts = [int(n) for n in args.processes.split(",")]
-    modes = {"both": ["workers", "concurrency"], "memory": []}.get(args.mode, [args.mode])
+    modes = {"both": ["workers", "concurrency"], "memory": [], "overhead": []}.get(args.mode, [args.mode])
 
     import torch
 
@@ -210,6 +364,8 @@ def main() -> None:
                 print(f"  {label:<24}VmRSS {rss:>5.0f} MB   PSS {pss:>5.0f} MB", flush=True)
             worker = [pss for label, _rss, pss in rows if label.startswith("worker")]
             print(f"  {'the worker, all told':<24}{'':>18}PSS {sum(worker):>5.0f} MB", flush=True)
+    if args.mode in ("both", "overhead"):
+        measure_overhead(args.jobs)
     if not modes:
         return
     print(f"{'mode':<13}{'processes':>10}{'seconds':>10}{'jobs/s':>10}{'vs 1':>8}")

@@ -377,8 +377,8 @@ class Service:
             self.headers = {"Authorization": f"Bearer {create_api_key(session, 'alice', 'test')}"}
         self.workers: list[WorkerProcess] = []
 
-    def start_worker(self, queues=("cpu",), name: str | None = None) -> WorkerProcess:
-        worker = WorkerProcess(self.settings, queues, name=name or f"worker-{len(self.workers)}")
+    def start_worker(self, queues=("cpu",), name: str | None = None, concurrency: int = 1) -> WorkerProcess:
+        worker = WorkerProcess(self.settings, queues, concurrency, name=name or f"worker-{len(self.workers)}")
         self.workers.append(worker)
         worker.wait_registered(self.sessions)
         return worker
@@ -416,14 +416,14 @@ class Service:
 
 
 @contextlib.contextmanager
-def running_service(settings, queues=("cpu",)):
-    """Migrate, start the API and one worker; yield the deployment."""
+def running_service(settings, queues=("cpu",), concurrency: int = 1):
+    """Migrate, start the API and one worker (of ``concurrency`` slots); yield the deployment."""
     from migrations.apply import upgrade
 
     upgrade(settings.database_url)
     service = Service(settings)
     try:
-        service.start_worker(queues)
+        service.start_worker(queues, concurrency=concurrency)
         yield service
     finally:
         service.close()

@@ -6,6 +6,7 @@ the limit: the limit is tested on what a real worker writes.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -22,11 +23,28 @@ from werkzeug.serving import make_server
 
 from api.auth import create_api_key
 from models.tables import Dataset, Job, LogLine, User
+from worker.cpus import slot_threads
 from worker.job_log import JobLog, start_log
 
 JOBS = "/api/v1/jobs"
 LOG_LINES = 8
 FINISHED = ("succeeded", "failed", "cancelled")
+
+
+@functools.cache
+def machine_threads() -> int:
+    """The intra-op threads torch gives a new process here (this one may have changed its own)."""
+    found = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                           capture_output=True, text=True, check=True)
+    return int(found.stdout)
+
+
+def started(attempt: int, of: int, worker_id: str, slots: int = 1) -> str:
+    """The first line of an attempt's log, on a worker of ``slots`` slots of this machine."""
+    # An operator's OMP_NUM_THREADS is each process's count already (worker.cpus.take_share).
+    threads = machine_threads() if "OMP_NUM_THREADS" in os.environ else slot_threads(machine_threads(), slots)
+    return (f"attempt {attempt} of {of} started on worker {worker_id}; device cpu, "
+            f"{threads} CPU thread{'' if threads == 1 else 's'}")
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +99,22 @@ def read_events(response):
 # --- what a real worker writes ----------------------------------------------------------------------------
 
 
+def test_each_slot_of_a_worker_trains_on_its_share_of_the_cores(tmp_path):
+    # Two jobs at once on one machine's cores: each pool process takes half of torch's threads, so that the
+    # two don't oversubscribe the cores (on a machine of one core, both keep the one).
+    with running_service(worker_settings(tmp_path / "home"), concurrency=2) as two_slots:
+        job, log = run(two_slots, blobs_spec("shared", epochs=1))
+    assert job["status"] == "succeeded", log
+    assert log["lines"][0]["text"] == started(1, 3, job["worker_id"], slots=2)
+
+
 def test_a_succeeded_jobs_log_has_its_start_device_and_end(service):
     job, log = run(service, circles_spec("logged", epochs=3))
     assert job["status"] == "succeeded", service.log()
     assert log["status"] == "succeeded"
     first, last = log["lines"][0], log["lines"][-1]
     assert first["seq"] == 1 and first["attempt"] == 1 and first["level"] == "INFO"
-    assert first["text"] == f"attempt 1 of 3 started on worker {job['worker_id']}; device cpu"
+    assert first["text"] == started(1, 3, job["worker_id"])
     assert last == {**last, "level": "INFO", "attempt": 1, "text": "succeeded after 3 epochs (completed)"}
     assert [line["seq"] for line in log["lines"]] == list(range(1, len(log["lines"]) + 1))
     assert log["last_seq"] == last["seq"]
@@ -235,11 +262,11 @@ def test_a_handed_back_jobs_log_tells_both_attempts_the_hand_back_and_the_resume
     lines = log_of(service, job_id)["lines"]
     assert [line["seq"] for line in lines] == list(range(1, len(lines) + 1))  # one order across attempts
     by_attempt = {attempt: [line["text"] for line in lines if line["attempt"] == attempt] for attempt in (1, 2)}
-    assert by_attempt[1][0] == f"attempt 1 of 3 started on worker {first.worker_id}; device cpu"
+    assert by_attempt[1][0] == started(1, 3, first.worker_id)
     assert by_attempt[1][-1] == ("handed back to the queue (its worker shut down); the next attempt resumes "
                                  "from the checkpoint saved now")
     # A hand-back uses no attempt: the job may still have three.
-    assert by_attempt[2][0] == f"attempt 2 of 4 started on worker {second.worker_id}; device cpu"
+    assert by_attempt[2][0] == started(2, 4, second.worker_id)
     assert by_attempt[2][1].startswith("resuming from checkpoints/epoch-")
     assert by_attempt[2][-1] == "succeeded after 40 epochs (completed)"
     assert len(lines) == len(by_attempt[1]) + len(by_attempt[2])
@@ -261,7 +288,7 @@ def test_a_killed_workers_attempt_is_said_lost_and_the_next_one_resumes(own_embe
     assert [(line["attempt"], line["text"]) for line in lost] == [
         (1, f"attempt 1 lost: worker {first.worker_id} stopped renewing its lease; the job is queued")]
     later = [line["text"] for line in lines if line["seq"] > lost[0]["seq"]]
-    assert later[0] == f"attempt 2 of 3 started on worker {second.worker_id}; device cpu"
+    assert later[0] == started(2, 3, second.worker_id)
     assert later[1].startswith("resuming from checkpoints/epoch-")
     assert later[-1] == "succeeded after 40 epochs (completed)"
 

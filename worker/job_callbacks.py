@@ -266,7 +266,8 @@ class ArtifactUploader(Callback):
         self.fence = fence
 
     def on_checkpoint(self, state: RunState, path: Path, epoch: int) -> None:
-        self.fence.renew()  # don't overwrite a stored checkpoint on behalf of an attempt that lost the job
+        # No renewal before the upload: it goes under this attempt's own folder (Fence.prefix), so an attempt
+        # that lost the job overwrites no file a row points at, and its row write below fails instead.
         name = checkpoint_name(path)
         stored = self.fence.ctx.store.put_file(str(path), self.fence.key(name))
 

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -177,9 +178,15 @@ def start_log(session: Session, job: Job, settings: Settings) -> JobLog:
     # A first attempt finds no lines; a later one continues after the last line of those before it.
     log = JobLog(job.id, job.attempts, 0 if job.attempts == 1 else _last_seq(session, job.id), settings)
     log.event("INFO", f"attempt {job.attempts} of {job.max_attempts} started on worker {job.worker_id}; "
-                      f"device {job.device or 'none'}")
+                      f"device {job.device or 'none'}, {threads_said()}")
     log.write(session)
     return log
+
+
+def threads_said() -> str:
+    """This process's torch intra-op threads, as the log says them (a worker's slot's share: worker.cpus)."""
+    threads = torch.get_num_threads()
+    return f"{threads} CPU thread{'' if threads == 1 else 's'}"
 
 
 def log_loss(session: Session, settings: Settings, job_id: str, attempt: int, what: str, status: str) -> None:

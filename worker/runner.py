@@ -213,7 +213,8 @@ def record_result(fence: Fence, result: TrainResult) -> str:
                "best_epoch": result.best_epoch}
     stored = []
     if result.status == "succeeded":  # a pause too: its weights are a result (a pruned trial keeps them)
-        fence.renew()
+        # Uploaded under the attempt's own folder (no renewal first): an attempt that lost the job overwrites no
+        # file a row points at, its write below fails, and run_job removes what it uploaded.
         outputs = {"weights": result.weights_path, "model_card": result.card_path,
                    "metrics": result.metrics_path}
         stored = [(kind, path.name, fence.ctx.store.put_file(str(path), fence.key(path.name)))

@@ -20,7 +20,7 @@ from models import lifecycle
 from models.dispatch import dispatch_soon
 from models.queues import queue_gpus
 from models.settings import get_settings
-from worker import gpus, maintenance
+from worker import cpus, gpus, maintenance
 from worker.context import context, set_worker_id, start_draining, worker_id
 from worker.job_log import log_loss
 
@@ -39,6 +39,7 @@ def prepare_worker(sender=None, **_kwargs) -> None:
         plan_gpu_slots(sender, queues)
     except ValueError as exc:  # SystemExit is no Exception, so Celery's signal dispatch lets it through
         raise SystemExit(f"torchyard worker can't start: {exc}") from None
+    cpus.set_slots(sender.concurrency)  # after the GPU plan, which may have set the concurrency
 
 
 def plan_gpu_slots(controller, queues: list[str]) -> None:
@@ -56,8 +57,10 @@ def plan_gpu_slots(controller, queues: list[str]) -> None:
 
 
 @worker_process_init.connect
-def pin_gpu_slot(**_kwargs) -> None:
-    """In each pool process of a GPU worker: see only the GPUs of this process's slot."""
+def pin_slot(**_kwargs) -> None:
+    """In each pool process: take the slot's share of the CPU threads and, on a GPU worker, see only the GPUs
+    of this process's slot."""
+    log.info("pool process %s: %s torch threads", os.getpid(), cpus.take_share())
     if gpus.plan() is not None:
         pinned = gpus.pin_slot(current_process().index)
         log.info("pool process %s: %s=%s", os.getpid(), gpus.VISIBLE, ",".join(pinned))
