@@ -235,6 +235,7 @@ def timed_phases(clock: PhaseClock) -> None:
         (trainer.Trainer, "run_epoch", "training and evaluation"),
         (job_callbacks.LeaseKeeper, "on_batch_end", "lease and cancel checks"),
         (job_callbacks.DatabaseMetrics, "on_epoch_end", "per-epoch rows"),
+        (job_callbacks.DatabaseMetrics, "on_epoch_done", "per-epoch rows"),
         (outputs.MetricsFile, "on_epoch_end", "metrics.jsonl"),
         (checkpoints, "save_atomically", "checkpoint files (fsync)"),
         (job_callbacks.ArtifactUploader, "on_checkpoint", "checkpoint rows"),

@@ -210,6 +210,13 @@ def test_a_cancelled_or_exhausted_queued_job_is_not_claimed(worker_context):
     assert job(worker_context, cancelled).status == "queued"
 
 
+def end_epoch(callback: DatabaseMetrics, state: RunState, metrics: dict) -> None:
+    """An epoch's end as the trainer calls it (no checkpoint due)."""
+    state.epoch = metrics["epoch"]
+    callback.on_epoch_end(state, metrics)
+    callback.on_epoch_done(state)
+
+
 def test_an_attempt_that_lost_its_job_writes_nothing(worker_context):
     job_id = add_job(worker_context)
     first = claim(worker_context, job_id)
@@ -226,7 +233,7 @@ def test_an_attempt_that_lost_its_job_writes_nothing(worker_context):
     stale = DatabaseMetrics(Fence(worker_context, job_id, first, "cpu"))
     metrics = {"epoch": 1, "loss": 1.0, "val_loss": 1.0}
     with pytest.raises(LeaseLost):
-        stale.on_epoch_end(RunState(epochs=2, epoch=1, history=[metrics]), metrics)
+        end_epoch(stale, RunState(epochs=2, epoch=1, history=[metrics]), metrics)
 
     with worker_context.sessions() as session:
         assert session.query(EpochMetrics).count() == 0
@@ -251,7 +258,7 @@ def test_an_epoch_row_is_stamped_when_the_epoch_ended_not_when_its_write_got_thr
     threading.Timer(0.5, release.set).start()
     metrics = {"epoch": 1, "loss": 1.0, "val_loss": 1.0}
     ended = utcnow()
-    DatabaseMetrics(fence).on_epoch_end(RunState(epochs=2, epoch=1, history=[metrics]), metrics)
+    end_epoch(DatabaseMetrics(fence), RunState(epochs=2, epoch=1, history=[metrics]), metrics)
     written = utcnow()
     holder.join()
 

@@ -8,7 +8,8 @@ import pytest
 from conftest import wait_for
 from sqlalchemy import select, update
 
-from models.tables import Artifact, Job, User, Worker, utcnow
+from models.storage import job_prefix
+from models.tables import Artifact, EpochMetrics, Job, User, Worker, utcnow
 from worker import runner
 from worker.job_callbacks import Fence
 
@@ -49,8 +50,13 @@ def test_a_job_runs_in_process_to_success(ctx):
     assert runner.run_job(job_id) == "succeeded"
     assert runner.run_job(job_id) == "skipped"  # a late duplicate
     with ctx.sessions() as session:
-        names = set(session.scalars(select(Artifact.name).where(Artifact.job_id == job_id)))
-    assert {"weights.safetensors", "model.json", "metrics.jsonl", "checkpoints/epoch-0003.pt"} <= names
+        rows = session.scalars(select(Artifact).where(Artifact.job_id == job_id)).all()
+        epochs = session.scalars(select(EpochMetrics.epoch).where(EpochMetrics.job_id == job_id)).all()
+    assert sorted(row.name for row in rows) == ["checkpoints/epoch-0002.pt", "checkpoints/epoch-0003.pt",
+                                                 "metrics.jsonl", "model.json", "weights.safetensors"]
+    # keep_last 2: epoch 1's checkpoint was pruned, its row and then its file; the store holds what rows name.
+    assert sorted(ctx.store.list_uris(job_prefix(job_id))) == sorted(row.uri for row in rows)
+    assert sorted(epochs) == [1, 2, 3]
     assert not list((ctx.settings.home / "scratch").glob(f"{job_id}*"))  # the scratch folder is cleaned up
 
 

@@ -3,6 +3,10 @@
 Every write is fenced by the attempt number: ``UPDATE jobs ... WHERE id = :id AND attempts = :attempt
 AND status = 'running'``. No row means another attempt owns the job now (the reaper requeued it), so
 this one raises LeaseLost and writes nothing more.
+
+An epoch's rows (its metrics, its checkpoint's artifact row, the rows of the checkpoints it prunes) are one
+transaction, written once the epoch's end is done (``Fence.defer``): a commit is a round trip and a WAL
+flush, and a small job's epochs are milliseconds long.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds between tries of a write while th
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_DEFERRED = "torchyard.deferred"  # session.info: (how many deferred writes it made, what follows their commit)
 
 
 class LeaseLost(Exception):
@@ -75,13 +80,22 @@ class Fence:
         self.log = log  # the attempt's log lines ride along with its renewals
         # Why the attempt gives the job back, when it does: the worker shuts down, or the dispatcher asked.
         self.hand_back_reason = "requeued: its worker shut down"
+        # Writes waiting for this attempt's next fenced transaction (``defer``), in order.
+        self.deferred: list[Callable[[Session], Callable[[], None] | None]] = []
 
     def update(self, session: Session, **progress: Any) -> Row:
-        """Renew the lease (recording ``progress``) if this attempt still owns the job; LeaseLost otherwise.
+        """Renew the lease (recording ``progress``) if this attempt still owns the job, then make the deferred
+        writes; LeaseLost otherwise.
 
         Returns the row's ``cancel_requested`` and ``preempt_reason``. A lost lease rolls the transaction back:
         nothing of it lands.
         """
+        row = self.renew_lease(session, **progress)
+        self._write_deferred(session)
+        return row
+
+    def renew_lease(self, session: Session, **progress: Any) -> Row:
+        """``update`` without the deferred writes (for the renewals of ``keep_alive``'s thread)."""
         row = lifecycle.renew(session, self.job_id, self.attempt, self.ctx.settings.lease_seconds, **progress)
         if row is None:
             session.rollback()
@@ -91,10 +105,28 @@ class Fence:
         return row
 
     def require(self, session: Session, matched: bool) -> None:
-        """Raise LeaseLost (rolling back) unless a lifecycle write of this attempt matched its row."""
+        """Raise LeaseLost (rolling back) unless a lifecycle write of this attempt matched its row; then make
+        the deferred writes."""
         if not matched:
             session.rollback()
             raise LeaseLost(f"job {self.job_id}: attempt {self.attempt} lost its lease")
+        self._write_deferred(session)
+
+    def defer(self, work: Callable[[Session], Callable[[], None] | None]) -> None:
+        """Make ``work(session)`` part of this attempt's next fenced transaction (``update`` or ``require``);
+        what it returns, if anything, is called once that transaction has committed."""
+        self.deferred.append(work)
+
+    def _write_deferred(self, session: Session) -> None:
+        then = [after for work in self.deferred if (after := work(session)) is not None]
+        session.info[_DEFERRED] = (len(self.deferred), then)
+
+    def _deferred_committed(self, session: Session) -> None:
+        """Forget the deferred writes ``session`` committed and run what follows them."""
+        written, then = session.info.pop(_DEFERRED, (0, []))
+        del self.deferred[:written]
+        for after in then:
+            after()
 
     def transaction(self, work: Callable[[Session], T]) -> T:
         """Run ``work(session)`` and commit; while the database is unreachable, again on a new connection.
@@ -114,6 +146,7 @@ class Fence:
                         self._settle_log(session, committed=False)
                         raise
                     self._settle_log(session, committed=True)
+                    self._deferred_committed(session)
                 return result
             except DBAPIError as exc:
                 delay = RETRY_DELAYS[min(tries, len(RETRY_DELAYS) - 1)]
@@ -135,7 +168,8 @@ class Fence:
             (self.log.written if committed else self.log.unwritten)(session)
 
     def renew(self) -> bool:
-        """Renew the lease in its own transaction; return whether a cancel was requested."""
+        """Renew the lease (and make the deferred writes) in its own transaction; return whether a cancel was
+        requested."""
         return self.transaction(self.update).cancel_requested
 
     @contextlib.contextmanager
@@ -149,8 +183,8 @@ class Fence:
 
         def renew_until_done() -> None:
             while not done.wait(self.ctx.settings.heartbeat_seconds):
-                try:
-                    self.renew()
+                try:  # the lease only: the deferred writes are the attempt's own thread's
+                    self.transaction(self.renew_lease)
                 except LeaseLost:
                     return  # the next fenced write of the attempt itself stops it
                 except Exception:  # the attempt's own fenced writes report a lasting outage
@@ -215,7 +249,8 @@ def remove_unreferenced(fence: Fence, key: str) -> list[str]:
 
 
 class DatabaseMetrics(Callback):
-    """Each epoch: its EpochMetrics row and the job's progress and best, in one fenced transaction."""
+    """Each epoch: its EpochMetrics row and the job's progress and best, in one fenced transaction with the
+    epoch's checkpoint rows."""
 
     def __init__(self, fence: Fence):
         self.fence = fence
@@ -235,17 +270,18 @@ class DatabaseMetrics(Callback):
         self.fence.transaction(write)
 
     def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
-        ended_at = utcnow()  # the row's time is the epoch's end, not when the database write got through
-        progress = self.progress(state)
+        row = EpochMetrics(job_id=self.fence.job_id, epoch=metrics["epoch"], attempt=self.fence.attempt,
+                           values=finite_values(metrics),
+                           created_at=utcnow())  # the epoch's end, not when the database write got through
 
         def write(session: Session) -> None:
-            self.fence.update(session, epoch=metrics["epoch"], **progress)
-            # merge() upserts by (job_id, epoch): a resumed attempt replaces a row rather than adding one.
-            session.merge(EpochMetrics(job_id=self.fence.job_id, epoch=metrics["epoch"],
-                                       attempt=self.fence.attempt, values=finite_values(metrics),
-                                       created_at=ended_at))
+            session.merge(row)  # an upsert by (job_id, epoch): a resumed attempt replaces a row, adds none
 
-        self.fence.transaction(write)
+        self.fence.defer(write)
+
+    def on_epoch_done(self, state: RunState) -> None:
+        progress = self.progress(state)
+        self.fence.transaction(lambda session: self.fence.update(session, epoch=state.epoch, **progress))
 
     def progress(self, state: RunState) -> dict[str, Any]:
         """The job row's best_* columns: the trainer's best so far."""
@@ -267,26 +303,25 @@ class ArtifactUploader(Callback):
 
     def on_checkpoint(self, state: RunState, path: Path, epoch: int) -> None:
         # No renewal before the upload: it goes under this attempt's own folder (Fence.prefix), so an attempt
-        # that lost the job overwrites no file a row points at, and its row write below fails instead.
+        # that lost the job overwrites no file a row points at, and its row write fails instead.
         name = checkpoint_name(path)
         stored = self.fence.ctx.store.put_file(str(path), self.fence.key(name))
-
-        def write(session: Session) -> None:
-            self.fence.update(session)
-            record_artifact(session, self.fence.job_id, "checkpoint", name, stored, epoch)
-
-        self.fence.transaction(write)
+        self.fence.defer(lambda session: record_artifact(session, self.fence.job_id, "checkpoint", name, stored,
+                                                         epoch))
 
     def on_checkpoint_removed(self, state: RunState, path: Path, epoch: int) -> None:
-        def write(session: Session) -> list[str]:
-            self.fence.update(session)
-            return list(session.scalars(
+        def write(session: Session) -> Callable[[], None]:
+            uris = list(session.scalars(
                 delete(Artifact).where(Artifact.job_id == self.fence.job_id, Artifact.name == checkpoint_name(path))
                 .returning(Artifact.uri).execution_options(synchronize_session=False)))
 
-        # Rows first, files second: the API never lists a checkpoint whose file is gone.
-        for uri in self.fence.transaction(write):
-            self.fence.ctx.store.delete(uri)
+            def delete_files() -> None:  # rows first, files once they are committed: the API never lists a
+                for uri in uris:  # checkpoint whose file is gone
+                    self.fence.ctx.store.delete(uri)
+
+            return delete_files
+
+        self.fence.defer(write)
 
 
 class PauseAt(Callback):

@@ -79,6 +79,9 @@ class Callback:
         earlier attempt's checkpoint, stored elsewhere), so a callback removes its own copy by name.
         """
 
+    def on_epoch_done(self, state: RunState) -> None:
+        """After all of an epoch's end: its on_epoch_end, its checkpoint (if one is due) and the pruning."""
+
     def on_train_end(self, state: RunState, result: Any) -> None:
         """After training ended and the outputs were written (result: TrainResult)."""
 

@@ -206,6 +206,8 @@ class Trainer:
             self.step_scheduler(metrics)
         if self.state.epoch % self.spec.checkpoint.every_n_epochs == 0 or last:
             self.save_checkpoint()
+        for callback in self.callbacks:
+            callback.on_epoch_done(self.state)
 
     def step_scheduler(self, metrics: dict[str, Any]) -> None:
         kind = self.spec.scheduler.type
