@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Engine, Select, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -27,6 +28,12 @@ def make_engine(url: str) -> Engine:
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded values after commit, so rows can be returned from helpers."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def dialect_insert(session: Session, entity: Any):
+    """An INSERT of ``entity`` in the session's dialect, which has ``on_conflict_do_nothing`` and
+    ``on_conflict_do_update`` (PostgreSQL and SQLite both do; SQLAlchemy's generic insert has neither)."""
+    return (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert(entity)
 
 
 def locked_row(session: Session, statement: Select) -> Any:

@@ -26,9 +26,10 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from models import lifecycle
+from models.db import dialect_insert
 from models.services import Services
 from models.storage import job_prefix
-from models.tables import Artifact, EpochMetrics, Job, utcnow
+from models.tables import Artifact, EpochMetrics, Job, new_id, utcnow
 from worker.engine import PAUSED, Callback, RunState, StopTraining
 from worker.job_log import JobLog
 
@@ -219,15 +220,19 @@ def checkpoint_name(path: Path) -> str:
     return f"checkpoints/{path.name}"
 
 
-def record_artifact(session: Session, job_id: str, kind: str, name: str, stored: tuple[str, int, str],
-                    epoch: int | None = None) -> None:
-    """Insert or replace the (job, name) artifact row."""
-    uri, size, sha256 = stored
-    row = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
-    if row is None:
-        row = Artifact(job_id=job_id, name=name)
-        session.add(row)
-    row.kind, row.uri, row.size, row.sha256, row.epoch = kind, uri, size, sha256, epoch
+def record_artifacts(session: Session, job_id: str, stored: list[tuple[str, str, tuple[str, int, str], int | None]],
+                     ) -> None:
+    """Insert or replace the (job, name) artifact row of each (kind, name, (uri, size, sha256), epoch), in one
+    statement."""
+    if not stored:
+        return
+    rows = [{"id": new_id("art"), "job_id": job_id, "kind": kind, "name": name, "uri": uri, "size": size,
+             "sha256": sha256, "epoch": epoch, "created_at": utcnow()}
+            for kind, name, (uri, size, sha256), epoch in stored]
+    insert = dialect_insert(session, Artifact)
+    session.execute(insert.on_conflict_do_update(
+        index_elements=[Artifact.job_id, Artifact.name],
+        set_={column: insert.excluded[column] for column in ("kind", "uri", "size", "sha256", "epoch")}), rows)
 
 
 def remove_unreferenced(fence: Fence, key: str) -> list[str]:
@@ -306,8 +311,8 @@ class ArtifactUploader(Callback):
         # that lost the job overwrites no file a row points at, and its row write fails instead.
         name = checkpoint_name(path)
         stored = self.fence.ctx.store.put_file(str(path), self.fence.key(name))
-        self.fence.defer(lambda session: record_artifact(session, self.fence.job_id, "checkpoint", name, stored,
-                                                         epoch))
+        self.fence.defer(lambda session: record_artifacts(session, self.fence.job_id,
+                                                          [("checkpoint", name, stored, epoch)]))
 
     def on_checkpoint_removed(self, state: RunState, path: Path, epoch: int) -> None:
         def write(session: Session) -> Callable[[], None]:

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from models.db import dialect_insert
 from models.settings import Settings
 from models.tables import Job, LogLine, utcnow
 from models.text import visible
@@ -103,9 +103,8 @@ class JobLog:
             rows, self._pending = self._pending, []
         if rows:
             session.info.setdefault(WRITING, []).extend(rows)
-            insert = (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert
             # A retried commit that did land the first time finds its rows there: nothing twice, no error.
-            session.execute(insert(LogLine).on_conflict_do_nothing(), rows)
+            session.execute(dialect_insert(session, LogLine).on_conflict_do_nothing(), rows)
 
     def close(self, session: Session, level: str, text: str) -> None:
         """Write the waiting lines and then ``text``, the attempt's last line, in the transaction that ends the

@@ -36,7 +36,7 @@ from worker.job_callbacks import (
     database_down,
     finite,
     finite_values,
-    record_artifact,
+    record_artifacts,
     remove_unreferenced,
 )
 from worker.job_log import JobLog, start_log
@@ -217,7 +217,7 @@ def record_result(fence: Fence, result: TrainResult) -> str:
         # file a row points at, its write below fails, and run_job removes what it uploaded.
         outputs = {"weights": result.weights_path, "model_card": result.card_path,
                    "metrics": result.metrics_path}
-        stored = [(kind, path.name, fence.ctx.store.put_file(str(path), fence.key(path.name)))
+        stored = [(kind, path.name, fence.ctx.store.put_file(str(path), fence.key(path.name)), None)
                   for kind, path in outputs.items()]
     if result.stop_reason == PAUSED:
         return pause(fence, result, outcome, stored)
@@ -230,8 +230,7 @@ def record_result(fence: Fence, result: TrainResult) -> str:
     def write(session: Session) -> None:
         fence.require(session, lifecycle.finish(session, fence.job_id, fence.attempt, status,
                                                 stop_reason=result.stop_reason, error=result.error, **outcome))
-        for kind, name, info in stored:
-            record_artifact(session, fence.job_id, kind, name, info)
+        record_artifacts(session, fence.job_id, stored)
         fence.log.close(session, *closing_line(status, result))
 
     fence.transaction(write)
@@ -250,8 +249,7 @@ def pause(fence: Fence, result: TrainResult, outcome: dict, stored: list) -> str
         status = lifecycle.pause(session, fence.job_id, fence.attempt,
                                  f"paused after epoch {epoch}: waiting for its sweep to promote or stop it", **outcome)
         fence.require(session, status is not None)
-        for kind, name, info in stored:
-            record_artifact(session, fence.job_id, kind, name, info)
+        record_artifacts(session, fence.job_id, stored)
         if status == "queued":
             fence.log.close(session, "INFO", f"paused after epoch {epoch} (stop_at_epoch); the next attempt "
                                              "resumes from the checkpoint saved now")
