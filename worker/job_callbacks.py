@@ -6,7 +6,11 @@ this one raises LeaseLost and writes nothing more.
 
 An epoch's rows (its metrics, its checkpoint's artifact row, the rows of the checkpoints it prunes) are one
 transaction, written once the epoch's end is done (``Fence.defer``): a commit is a round trip and a WAL
-flush, and a small job's epochs are milliseconds long.
+flush, and a small job's epochs are milliseconds long. Those transactions and the lease renewals don't wait
+for the flush (PostgreSQL's asynchronous commit, ``durable=False``): a crash of the database's machine may
+lose their last fraction of a second (whole transactions, never half of one), which the attempt that resumes
+from the newest checkpoint row left writes again. Claims and ends wait, as does a transaction after which
+files are deleted (a lost delete of a row would point at a deleted file).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Row, delete, select
+from sqlalchemy import Row, delete, select, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -40,6 +44,7 @@ RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds between tries of a write while th
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _DEFERRED = "torchyard.deferred"  # session.info: (how many deferred writes it made, what follows their commit)
+_LAZY = "torchyard.lazy_commit"  # session.info: its commit doesn't wait for the WAL flush
 
 
 class LeaseLost(Exception):
@@ -121,6 +126,8 @@ class Fence:
     def _write_deferred(self, session: Session) -> None:
         then = [after for work in self.deferred if (after := work(session)) is not None]
         session.info[_DEFERRED] = (len(self.deferred), then)
+        if then and session.info.pop(_LAZY, False):  # files are deleted once it commits: it must last
+            session.execute(text("SET LOCAL synchronous_commit = on"))
 
     def _deferred_committed(self, session: Session) -> None:
         """Forget the deferred writes ``session`` committed and run what follows them."""
@@ -129,18 +136,22 @@ class Fence:
         for after in then:
             after()
 
-    def transaction(self, work: Callable[[Session], T]) -> T:
+    def transaction(self, work: Callable[[Session], T], durable: bool = True) -> T:
         """Run ``work(session)`` and commit; while the database is unreachable, again on a new connection.
 
         A database restart drops every connection: the run waits it out instead of failing the job. Each
         ``work`` is one transaction of idempotent writes (fenced updates, upserts), so a second try is safe.
         After ``lease_seconds`` of trying it raises DatabaseUnavailable: by then the lease may be gone.
+        ``durable=False``: the commit doesn't wait for PostgreSQL's WAL flush (see the module's docstring).
         """
         deadline = time.monotonic() + self.ctx.settings.lease_seconds
         for tries in itertools.count():
             try:
                 with self.ctx.sessions() as session:
                     try:
+                        if not durable and session.get_bind().dialect.name == "postgresql":
+                            session.execute(text("SET LOCAL synchronous_commit = off"))
+                            session.info[_LAZY] = True
                         result = work(session)
                         session.commit()
                     except BaseException:
@@ -185,7 +196,7 @@ class Fence:
         def renew_until_done() -> None:
             while not done.wait(self.ctx.settings.heartbeat_seconds):
                 try:  # the lease only: the deferred writes are the attempt's own thread's
-                    self.transaction(self.renew_lease)
+                    self.transaction(self.renew_lease, durable=False)
                 except LeaseLost:
                     return  # the next fenced write of the attempt itself stops it
                 except Exception:  # the attempt's own fenced writes report a lasting outage
@@ -286,7 +297,8 @@ class DatabaseMetrics(Callback):
 
     def on_epoch_done(self, state: RunState) -> None:
         progress = self.progress(state)
-        self.fence.transaction(lambda session: self.fence.update(session, epoch=state.epoch, **progress))
+        self.fence.transaction(lambda session: self.fence.update(session, epoch=state.epoch, **progress),
+                               durable=False)
 
     def progress(self, state: RunState) -> dict[str, Any]:
         """The job row's best_* columns: the trainer's best so far."""
@@ -377,7 +389,7 @@ class LeaseKeeper(Callback):
             raise StopTraining("preempted", checkpoint=True)
         if now - self.last_renew >= self.heartbeat:
             self.last_renew = now
-            row = self.fence.transaction(self.fence.update)
+            row = self.fence.transaction(self.fence.update, durable=False)
         else:
             row = self.fence.transaction(lambda session: session.execute(
                 select(Job.cancel_requested, Job.preempt_reason).where(Job.id == self.fence.job_id)).first())
