@@ -64,6 +64,22 @@ def test_resume_after_a_stop_continues_exactly(tmp_path):
     assert [row["epoch"] for row in metrics_without_timing(resumed.metrics_path)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_checkpoints_are_fsynced_unless_the_caller_keeps_its_own_durable_copies(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    spec = parse_spec(resumable_spec(epochs=2))
+
+    train(spec, tmp_path / "local")  # torchyard train: a resume reads these files
+    assert len(synced) == 2 * 2  # each checkpoint, then its folder after the rename
+    synced.clear()
+    worker = train(spec, tmp_path / "worker", durable_checkpoints=False)  # the worker uploads each one
+    assert synced == []
+    # Otherwise the same: whole files under their names, and the same run (the same weights).
+    assert sorted(p.name for p in (tmp_path / "worker/checkpoints").iterdir()) == ["epoch-0001.pt", "epoch-0002.pt"]
+    assert worker.weights_path.read_bytes() == (tmp_path / "local/weights.safetensors").read_bytes()
+
+
 def test_a_preemption_checkpoints_mid_epoch_and_the_resume_loses_no_batch(tmp_path):
     spec = parse_spec(resumable_spec())
     whole = train(spec, tmp_path / "whole")

@@ -169,9 +169,11 @@ def execute(ctx: Services, fence: Fence, job: Job, spec: JobSpec, device: str, s
         callbacks = [DatabaseMetrics(fence), ArtifactUploader(fence), LeaseKeeper(fence, draining, setup_done)]
         if job.stop_at_epoch is not None and job.stop_at_epoch < spec.training.epochs:
             callbacks.append(PauseAt(job.stop_at_epoch))
-        # The limits hold the deployment's run time limit too: the trainer enforces it, across attempts.
+        # The limits hold the deployment's run time limit too: the trainer enforces it, across attempts. No fsync
+        # of the checkpoint files: ArtifactUploader copies each to the store at once, and a resume reads that
+        # copy (this scratch folder doesn't outlive the attempt).
         result = train(spec, out_dir, resume=resumed is not None, callbacks=callbacks, data_path=data_path,
-                       device=device, limits=ctx.settings.limits)
+                       device=device, limits=ctx.settings.limits, durable_checkpoints=False)
     with fence.keep_alive():  # uploading the outputs
         return record_result(fence, result)
 

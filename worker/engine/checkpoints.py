@@ -26,15 +26,19 @@ def position(name: str) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2) or 0)) if match else None
 
 
-def save_atomically(obj: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file, fsync, then rename: a reader sees the whole file or none."""
+def save_atomically(obj: dict[str, Any], path: Path, durable: bool = True) -> None:
+    """Write to a temporary file, then rename: a reader sees the whole file or none. ``durable``: fsync the
+    file before the rename and the folder after it, so that the file outlasts a crash of the machine."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     with open(temporary, "wb") as handle:
         torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(temporary, path)
+    if not durable:
+        return
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)

@@ -61,7 +61,7 @@ class Prepared:
 
 def prepare_run(spec: JobSpec, out_dir: Path, *, resume: bool = False, callbacks: Sequence[Callback] = (),
                 data_path: Path | None = None, device: str | None = None,
-                limits: Limits | None = None, group=None) -> Prepared:
+                limits: Limits | None = None, group=None, durable_checkpoints: bool = True) -> Prepared:
     """Load the data, check the network against it, build everything, and restore a checkpoint if resuming.
 
     ``group`` is this process's place in a data-parallel run (worker.engine.group); rank 0 or a
@@ -87,7 +87,8 @@ def prepare_run(spec: JobSpec, out_dir: Path, *, resume: bool = False, callbacks
         for _position, path in checkpoints.list_all(checkpoint_dir):
             path.unlink()
     callbacks = [outputs.MetricsFile(out_dir / outputs.METRICS), *callbacks] if group.is_main else []
-    trainer = Trainer(spec, model, data, torch_device, checkpoint_dir, callbacks, group, limits=limits)
+    trainer = Trainer(spec, model, data, torch_device, checkpoint_dir, callbacks, group, limits=limits,
+                      durable_checkpoints=durable_checkpoints)
     if state is not None:
         trainer.restore(state)
     return Prepared(trainer, plan, data, state["epoch"] if state else None)
@@ -141,23 +142,26 @@ def write_outputs(trainer: Trainer, prepared: Prepared, spec: JobSpec, out_dir: 
 
 
 def train(spec: JobSpec, out_dir: Path, *, resume: bool = False, callbacks: Sequence[Callback] = (),
-          data_path: Path | None = None, device: str | None = None, limits: Limits | None = None) -> TrainResult:
+          data_path: Path | None = None, device: str | None = None, limits: Limits | None = None,
+          durable_checkpoints: bool = True) -> TrainResult:
     """Train ``spec`` into ``out_dir`` (weights.safetensors, model.json, metrics.jsonl, checkpoints/).
 
     Raises SpecError when the data or network don't fit; any exception a callback raises other than
-    StopTraining passes through untouched.
+    StopTraining passes through untouched. ``durable_checkpoints=False`` doesn't fsync the checkpoint files:
+    for a caller that keeps its own durable copy of each one (the worker: the artifact store).
     """
     out_dir, limits = Path(out_dir), limits or Limits()
     if spec.resources.world_size > 1:
         return train_distributed(spec, out_dir, resume=resume, callbacks=callbacks, data_path=data_path,
-                                 device=device, limits=limits)
+                                 device=device, limits=limits, durable_checkpoints=durable_checkpoints)
     prepared = prepare_run(spec, out_dir, resume=resume, callbacks=callbacks, data_path=data_path,
-                           device=device, limits=limits)
+                           device=device, limits=limits, durable_checkpoints=durable_checkpoints)
     return finish(prepared, spec, out_dir)
 
 
 def train_distributed(spec: JobSpec, out_dir: Path, *, resume: bool, callbacks: Sequence[Callback],
-                      data_path: Path | None, device: str | None, limits: Limits) -> TrainResult:
+                      data_path: Path | None, device: str | None, limits: Limits,
+                      durable_checkpoints: bool) -> TrainResult:
     """Data-parallel training: this process is rank 0, the other ranks are subprocesses."""
     out_dir.mkdir(parents=True, exist_ok=True)
     world_size, port = spec.resources.world_size, distributed.free_port()
@@ -167,7 +171,8 @@ def train_distributed(spec: JobSpec, out_dir: Path, *, resume: bool, callbacks: 
         group = init_group(0, world_size, port, device_type)
         try:
             prepared = prepare_run(spec, out_dir, resume=resume, callbacks=callbacks, data_path=data_path,
-                                   device=device_type, limits=limits, group=group)
+                                   device=device_type, limits=limits, group=group,
+                                   durable_checkpoints=durable_checkpoints)
             return finish(prepared, spec, out_dir)
         finally:
             torch_dist.destroy_process_group()

@@ -43,7 +43,7 @@ class Trainer:
 
     def __init__(self, spec: JobSpec, model: nn.Module, data: TensorData, device: torch.device,
                  checkpoint_dir: Path, callbacks: Sequence[Callback] = (), group=None,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, durable_checkpoints: bool = True):
         self.spec = spec
         self.dist = group or Single()
         self.module = model.to(device)  # what checkpoints and weights hold
@@ -51,6 +51,7 @@ class Trainer:
         self.data = data
         self.device = device
         self.checkpoint_dir = checkpoint_dir
+        self.durable_checkpoints = durable_checkpoints  # fsync each one (checkpoints.save_atomically)
         self.batch_size = min(spec.training.batch_size, data.n_train)
         self.n_used = data.n_train
         if data.n_train % self.batch_size and data.n_train % self.batch_size < self.dist.world_size:
@@ -315,7 +316,7 @@ class Trainer:
                                 # Stopped inside an accumulation group: its gradient so far, not yet applied.
                                 "gradient": self.gradient() if self.pending_gradient else None}
         path = checkpoints.checkpoint_path(self.checkpoint_dir, *position)
-        checkpoints.save_atomically(state, path)
+        checkpoints.save_atomically(state, path, durable=self.durable_checkpoints)
         for callback in self.callbacks:
             callback.on_checkpoint(self.state, path, self.state.epoch)
         if not mid_epoch:
