@@ -51,16 +51,18 @@ def bare_app():
     import hashlib
 
     from flask import Flask, Response, request
-    from sqlalchemy import create_engine, func, select
+    from sqlalchemy import func, select
 
+    from api.epoch_rows import METRICS_PAGE
+    from models.db import make_engine
     from models.tables import ApiKey, EpochMetrics, Job, User
 
     app = Flask(__name__)
-    engine = create_engine(os.environ["TORCHYARD_DATABASE_URL"], pool_size=16, pool_pre_ping=False)
+    engine = make_engine(os.environ["TORCHYARD_DATABASE_URL"])  # the service's: same pool, same pre-ping
     keys, users, jobs, epochs = (ApiKey.__table__, User.__table__, Job.__table__, EpochMetrics.__table__)
     key_query = (select(keys.c.revoked_at, keys.c.expires_at, users.c.id, users.c.name)
                  .join(users, users.c.id == keys.c.user_id))
-    page_size, metrics_page = 20, metrics_page_size()
+    page_size, metrics_page = 20, METRICS_PAGE  # the API's pages
 
     def answer(body, status=200):
         return Response(json.dumps(body, default=str), status=status, mimetype="application/json")
@@ -155,15 +157,6 @@ def evenly_spaced(count: int, most: int) -> list[int]:
     from api.downsample import evenly
 
     return evenly(range(count), most)
-
-
-def metrics_page_size() -> int:
-    """The API's page of metrics rows, which the bare app uses too."""
-    try:
-        from api.jobs import METRICS_PAGE
-    except ImportError:  # the API before paging: the bare app pages as the goal asks
-        return 1000
-    return METRICS_PAGE
 
 
 # --- the data ------------------------------------------------------------------------------------
