@@ -137,9 +137,12 @@ def caller() -> str:
 
 
 def caller_key_id() -> str | None:
-    """The id of the API key this request authenticates with (models.accounts's rules), or None."""
-    key = bearer_key()
-    return key.id if key is not None and refusal(key, utcnow()) is None else None
+    """The id of the API key this request authenticates with (models.accounts's rules), or None; decided once a
+    request (the limiter asks four times)."""
+    if "caller_key_id" not in g:
+        key = bearer_key()
+        g.caller_key_id = key.id if key is not None and refusal(key, utcnow()) is None else None
+    return g.caller_key_id
 
 
 def rate_limited(endpoint: str) -> bool:
