@@ -7,7 +7,8 @@ its API key, ``--jobs`` jobs (and as many of another user's) and one job of ``--
 rows, it serves
   torchyard  the API as ``torchyard api`` runs it (gunicorn, its worker class, processes and threads): key
              lookup, rate limiter (Redis), request histogram, pydantic responses;
-  bare       a Flask app defined here, served by the same gunicorn command line but for the app: each route
+  bare       a Flask app defined here, served by the same gunicorn command line but for the app, over the same
+             database engine (models.db.make_engine: same pool, same pre-ping on checkout): each route
              looks the bearer key up by its SHA-256 (as api/auth.py does) and then the job, the first page
              of jobs or the metrics rows with SQLAlchemy Core, and answers json.dumps of about the same
              fields; no rate limit, no request metrics, no validation of the query beyond int();
