@@ -11,7 +11,6 @@ from sqlalchemy.orm import Session
 from api import epoch_rows
 from api.auth import current_user, owned, require_user, visible
 from api.db import get_session, services
-from api.epoch_rows import METRICS_PAGE
 from api.errors import conflict, not_found, validation_error
 from api.pagination import MAX_INT, MAX_LIMIT, decode_cursor, encode_cursor, int_arg, one_arg
 from api.presenters import job_out, job_summary
@@ -93,14 +92,16 @@ def metrics(job_id: str):
     session = get_session()
     job = owned(session, Job, job_id, "job")
     since = int_arg(request.args, "since_epoch", 0, 0, MAX_INT)
-    most = int_arg(request.args, "max_points", 0, 2, METRICS_PAGE)  # 0 (absent): a page
+    most = int_arg(request.args, "max_points", 0, 2, epoch_rows.METRICS_PAGE)  # 0 (absent): a page
     if wants_stream(request):
         # The stream polls with sessions of its own; the request's session closes when this view returns.
         # The caller holds the stream (an admin following another's job uses the admin's stream slots).
         return metrics_stream(services().sessions, current_user().id, job.id, resume_epoch(request, since),
                               owner_name(session, job))
-    rows, next_since = (epoch_rows.sample(session, job.id, since, most), None) if most else \
-        epoch_rows.page(session, job.id, since)
+    if most:
+        rows, next_since = epoch_rows.sample(session, job.id, since, most), None  # the sample spans them all
+    else:
+        rows, next_since = epoch_rows.page(session, job.id, since)
     return json_response(MetricsOut(metrics=[{"epoch": epoch, **values} for epoch, values in rows],
                                     status=job.status, next_since_epoch=next_since))
 

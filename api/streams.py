@@ -22,7 +22,6 @@ from werkzeug.datastructures import MultiDict
 from api import epoch_rows
 from api.auth import bearer_key
 from api.db import get_session, services
-from api.epoch_rows import METRICS_PAGE
 from api.errors import validation_error
 from api.pagination import MAX_INT, int_arg, one_arg
 from api.presenters import job_out, log_line_out
@@ -163,9 +162,9 @@ def follow_job(
             after, last_sent = key, time.monotonic()
         if job is None:
             return  # deleted while followed
-        if len(events) >= METRICS_PAGE:
-            continue  # a full page (api.epoch_rows): more rows wait already, read them now
-        if job.status in FINISHED_STATUSES:
+        # A full page (api.epoch_rows reads METRICS_PAGE rows a poll): more rows wait already, read them now.
+        more = len(events) >= epoch_rows.METRICS_PAGE
+        if job.status in FINISHED_STATUSES and not more:
             yield finished(job)
             return
         now = time.monotonic()
@@ -174,7 +173,8 @@ def follow_job(
         if now - last_sent >= keepalive:
             yield ": keep-alive\n\n"
             last_sent = now
-        time.sleep(poll)
+        if not more:
+            time.sleep(poll)
 
 
 def _poll(sessions: sessionmaker[Session], job_id: str, after: int, read: Reader) -> tuple[Job | None, list]:
