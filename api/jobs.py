@@ -8,9 +8,9 @@ from flask import Blueprint, request
 from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.orm import Session
 
+from api import epoch_rows
 from api.auth import current_user, owned, require_user, visible
 from api.db import get_session, services
-from api.downsample import evenly
 from api.errors import conflict, not_found, validation_error
 from api.pagination import MAX_INT, MAX_LIMIT, decode_cursor, encode_cursor, int_arg, one_arg
 from api.presenters import job_out, job_summary
@@ -85,28 +85,25 @@ def get_job(job_id: str):
 
 @bp.get("/<job_id>/metrics")
 def metrics(job_id: str):
-    """Per-epoch metrics in epoch order; ``?since_epoch=N`` gives only the epochs after N (for polling),
-    ``?max_points=N`` at most N of them, evenly spaced, the first and the last always (for charts).
-    With ``Accept: text/event-stream`` (or ``?stream=1``) an SSE stream follows new epochs live."""
+    """Per-epoch metrics in epoch order, a page (``METRICS_PAGE`` epochs) at a time: ``?since_epoch=N`` gives the
+    epochs after N (for polling; ``next_since_epoch`` is the N of the next page), ``?max_points=N`` at most N of
+    them, evenly spaced, the first and the last always (for charts). With ``Accept: text/event-stream`` (or
+    ``?stream=1``) an SSE stream follows new epochs live."""
     session = get_session()
     job = owned(session, Job, job_id, "job")
     since = int_arg(request.args, "since_epoch", 0, 0, MAX_INT)
-    most = int_arg(request.args, "max_points", 0, 2, MAX_INT)  # 0 (absent): every epoch
+    most = int_arg(request.args, "max_points", 0, 2, epoch_rows.METRICS_PAGE)  # 0 (absent): a page
     if wants_stream(request):
         # The stream polls with sessions of its own; the request's session closes when this view returns.
         # The caller holds the stream (an admin following another's job uses the admin's stream slots).
         return metrics_stream(services().sessions, current_user().id, job.id, resume_epoch(request, since),
                               owner_name(session, job))
-    rows = session.scalars(
-        select(EpochMetrics)
-        .where(EpochMetrics.job_id == job.id, EpochMetrics.epoch > since)
-        .order_by(EpochMetrics.epoch)
-    ).all()
     if most:
-        rows = evenly(rows, most)
-    return json_response(
-        MetricsOut(metrics=[{"epoch": r.epoch, **r.values} for r in rows], status=job.status)
-    )
+        rows, next_since = epoch_rows.sample(session, job.id, since, most), None  # the sample spans them all
+    else:
+        rows, next_since = epoch_rows.page(session, job.id, since)
+    return json_response(MetricsOut(metrics=[{"epoch": epoch, **values} for epoch, values in rows],
+                                    status=job.status, next_since_epoch=next_since))
 
 
 @bp.post("/<job_id>/cancel")

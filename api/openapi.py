@@ -15,6 +15,7 @@ from werkzeug.routing import Rule
 
 from api.artifacts import WEIGHT_FORMATS
 from api.auth import require_user
+from api.epoch_rows import METRICS_PAGE
 from api.logs import FORMATS as LOG_FORMATS
 from api.pagination import MAX_INT, MAX_LIMIT
 from api.rate_limits import rate_limited
@@ -111,7 +112,8 @@ SSE_EVENT = sse_event(
     "status: the finished job (as JobOut), after which the stream ends",
 )
 METRICS = {
-    "description": "metrics in epoch order (application/json); or, when asked for with Accept: "
+    "description": f"metrics in epoch order (application/json), at most {METRICS_PAGE} epochs an answer: "
+    "next_since_epoch says where the next page starts (null: no more yet); or, when asked for with Accept: "
     "text/event-stream or stream=true, a Server-Sent Events stream: one `metrics` event per new epoch (`id` "
     "is its epoch), a `status` event with the job once it has finished, then the end of the stream; a "
     "comment keeps the connection alive every 2 s, and a stream ends after an hour: reconnect with "
@@ -258,14 +260,15 @@ DETAILS = {
                 "since_epoch",
                 "query",
                 {"type": "integer", "minimum": 0, "maximum": MAX_INT},
-                "only the epochs after this one",
+                f"only the epochs after this one; a JSON answer holds at most {METRICS_PAGE} of them (its "
+                "next_since_epoch is the value for the next page)",
             ),
             _param(
                 "max_points",
                 "query",
-                {"type": "integer", "minimum": 2, "maximum": MAX_INT},
-                "at most this many epochs, evenly spaced, the first and the last always (for charts; "
-                "not for streams)",
+                {"type": "integer", "minimum": 2, "maximum": METRICS_PAGE},
+                "at most this many of the epochs after since_epoch, evenly spaced, the first and the last always "
+                "(for charts; not for streams)",
             ),
             _param(
                 "stream",

@@ -110,6 +110,9 @@ class JobList(Out):
 class MetricsOut(Out):
     metrics: list[dict[str, Any]] = Field(description='per-epoch rows, e.g. {"epoch": 1, "loss": 0.7, ...}')
     status: JobStatus
+    next_since_epoch: int | None = Field(
+        description="pass as ?since_epoch= for the epochs after this page; null when there are none yet (and "
+        "with max_points, whose sample spans every epoch asked for)")
 
 
 class LayerOut(Out):

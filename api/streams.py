@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.datastructures import MultiDict
 
+from api import epoch_rows
 from api.auth import bearer_key
 from api.db import get_session, services
 from api.errors import validation_error
@@ -27,7 +28,7 @@ from api.presenters import job_out, log_line_out
 from api.stream_slots import LEASE_SECONDS, stream_gate
 from models.accounts import refusal
 from models.spec import Problem
-from models.tables import FINISHED_STATUSES, ApiKey, EpochMetrics, Job, LogLine, utcnow
+from models.tables import FINISHED_STATUSES, ApiKey, Job, LogLine, utcnow
 
 EVENT_STREAM = "text/event-stream"
 STREAM_FLAGS = {"1": True, "true": True, "0": False, "false": False, "": False}
@@ -161,7 +162,9 @@ def follow_job(
             after, last_sent = key, time.monotonic()
         if job is None:
             return  # deleted while followed
-        if job.status in FINISHED_STATUSES:
+        # A full page (api.epoch_rows reads METRICS_PAGE rows a poll): more rows wait already, read them now.
+        more = len(events) >= epoch_rows.METRICS_PAGE
+        if job.status in FINISHED_STATUSES and not more:
             yield finished(job)
             return
         now = time.monotonic()
@@ -170,7 +173,8 @@ def follow_job(
         if now - last_sent >= keepalive:
             yield ": keep-alive\n\n"
             last_sent = now
-        time.sleep(poll)
+        if not more:
+            time.sleep(poll)
 
 
 def _poll(sessions: sessionmaker[Session], job_id: str, after: int, read: Reader) -> tuple[Job | None, list]:
@@ -185,11 +189,7 @@ def _poll(sessions: sessionmaker[Session], job_id: str, after: int, read: Reader
 
 
 def _epoch_events(session: Session, job_id: str, after: int) -> list[tuple[int, str]]:
-    rows = session.execute(
-        select(EpochMetrics.epoch, EpochMetrics.values)
-        .where(EpochMetrics.job_id == job_id, EpochMetrics.epoch > after)
-        .order_by(EpochMetrics.epoch)
-    ).all()
+    rows, _next = epoch_rows.page(session, job_id, after)  # a stream opened on a long job reads it a page a poll
     return [(epoch, sse("metrics", {"epoch": epoch, **values}, event_id=str(epoch))) for epoch, values in rows]
 
 

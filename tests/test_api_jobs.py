@@ -6,8 +6,9 @@ import logging
 
 import pytest
 from private_servers import free_port
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, insert, select
 
+from api.epoch_rows import METRICS_PAGE
 from models.tables import EpochMetrics, Job
 
 JOBS = "/api/v1/jobs"
@@ -202,6 +203,53 @@ def test_metrics_since_an_epoch_come_in_order(client, alice, spec, sessions, set
     assert everything["metrics"][1] == {"epoch": 2, "loss": 0.5}
     later = client.get(f"{JOBS}/{job_id}/metrics", query_string={"since_epoch": 1}, headers=alice).json
     assert [row["epoch"] for row in later["metrics"]] == [2, 3]
+
+
+def add_epochs(sessions, job_id: str, epochs) -> None:
+    with sessions() as session:
+        session.execute(insert(EpochMetrics), [dict(job_id=job_id, epoch=epoch, attempt=1, values={"loss": 1 / epoch})
+                                               for epoch in epochs])
+        session.commit()
+
+
+def test_metrics_come_a_page_at_a_time_in_order_with_no_gap_or_repeat(client, alice, spec, sessions):
+    job_id = submit(client, alice, spec).json["id"]
+    add_epochs(sessions, job_id, range(1, 2501))
+    pages, since = [], 0
+    while since is not None:
+        page = client.get(f"{JOBS}/{job_id}/metrics", query_string={"since_epoch": since}, headers=alice).json
+        pages.append([row["epoch"] for row in page["metrics"]])
+        since = page["next_since_epoch"]
+    assert [len(epochs) for epochs in pages] == [METRICS_PAGE, METRICS_PAGE, 500]
+    assert [epoch for epochs in pages for epoch in epochs] == list(range(1, 2501))
+    last = client.get(f"{JOBS}/{job_id}/metrics?since_epoch=2500", headers=alice).json
+    assert (last["metrics"], last["next_since_epoch"]) == ([], None)
+
+
+def test_max_points_picks_evenly_by_position_across_a_gap_in_the_epochs_keeping_the_first_and_last(
+        client, alice, spec, sessions):
+    job_id = submit(client, alice, spec).json["id"]
+    add_epochs(sessions, job_id, [*range(1, 101), *range(201, 301)])  # 200 rows; epochs 101-200 missing
+
+    def sampled(query: str) -> list[int]:
+        answer = client.get(f"{JOBS}/{job_id}/metrics?{query}", headers=alice).json
+        assert answer["next_since_epoch"] is None
+        return [row["epoch"] for row in answer["metrics"]]
+
+    # Positions 0, 50, 100, 149, 199 of the 200 rows (api.downsample.evenly): row 100 is epoch 201.
+    assert sampled("max_points=5") == [1, 51, 201, 250, 300]
+    assert sampled("since_epoch=50&max_points=3") == [51, 226, 300]  # of the 150 rows after epoch 50
+    assert sampled("since_epoch=290&max_points=20") == list(range(291, 301))  # fewer rows than points: all
+
+
+@pytest.mark.parametrize("query, name", [
+    ("max_points=1", "max_points"), (f"max_points={METRICS_PAGE + 1}", "max_points"), ("max_points=x", "max_points"),
+    ("since_epoch=-1", "since_epoch")])
+def test_a_bad_metrics_query_is_422_naming_the_argument(client, alice, spec, query, name):
+    job_id = submit(client, alice, spec).json["id"]
+    response = client.get(f"{JOBS}/{job_id}/metrics?{query}", headers=alice)
+    assert response.status_code == 422
+    assert response.json["errors"][0]["path"] == name
 
 
 def test_cancelling_a_queued_job_is_immediate(client, alice, spec):

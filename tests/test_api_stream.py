@@ -10,7 +10,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+from sqlalchemy import insert
 
+from api.epoch_rows import METRICS_PAGE
 from models.tables import EpochMetrics
 
 JOBS = "/api/v1/jobs"
@@ -127,13 +129,29 @@ def test_a_reconnect_gets_only_the_later_epochs(live_server, tokens, spec, sessi
     assert events[-1]["data"]["error"] == "out of memory"
 
 
+def test_a_stream_of_a_finished_job_longer_than_a_page_sends_every_epoch_once_then_its_status(
+    live_server, tokens, spec, sessions, set_job
+):
+    job_id = submit(live_server, tokens["alice"], spec)
+    with sessions() as session:  # the stream reads METRICS_PAGE rows a poll (api.epoch_rows)
+        session.execute(insert(EpochMetrics), [dict(job_id=job_id, epoch=epoch, attempt=1, values={"loss": 1.0})
+                                               for epoch in range(1, METRICS_PAGE + 2)])
+        session.commit()
+    set_job(job_id, status="succeeded", attempts=1)
+    events = read_events(open_stream(f"{live_server}{JOBS}/{job_id}/metrics", tokens["alice"]))
+    sent = [event for event in events if "event" in event]
+    assert [event["data"]["epoch"] for event in sent[:-1]] == list(range(1, METRICS_PAGE + 2))
+    assert sent[-1]["event"] == "status" and sent[-1]["data"]["status"] == "succeeded"
+
+
 def test_without_a_stream_request_the_metrics_are_json(live_server, tokens, spec, sessions):
     job_id = submit(live_server, tokens["alice"], spec)
     add_epoch(sessions, job_id, 1)
     for url in (f"{live_server}{JOBS}/{job_id}/metrics", f"{live_server}{JOBS}/{job_id}/metrics?stream=false"):
         with open_stream(url, tokens["alice"], {"Accept": "application/json"}) as response:
             assert response.headers["Content-Type"] == "application/json"
-            assert json.loads(response.read()) == {"metrics": [{"epoch": 1, "loss": 1.0}], "status": "queued"}
+            assert json.loads(response.read()) == {"metrics": [{"epoch": 1, "loss": 1.0}], "status": "queued",
+                                                   "next_since_epoch": None}
 
 
 def test_another_users_stream_and_bad_arguments_are_problems(live_server, tokens, spec):

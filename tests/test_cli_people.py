@@ -467,3 +467,37 @@ def test_a_terminal_gets_colour_unless_no_color_is_set(monkeypatch):
     plain = Terminal()
     show.echo(show.jobs_table([job], NOW), plain)
     assert plain.getvalue() == show.plain_text(show.jobs_table([job], NOW)) + "\n" and "\x1b" not in plain.getvalue()
+
+
+def test_the_clients_metrics_read_every_page_after_the_epoch_asked_for_in_order():
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs, urlsplit
+
+    asked: list[int] = []
+
+    class TwoAPage(BaseHTTPRequestHandler):  # pages of 2 of epochs 1..5, as the API pages its 1,000
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            since = int(parse_qs(urlsplit(self.path).query)["since_epoch"][0])
+            asked.append(since)
+            epochs = [epoch for epoch in range(1, 6) if epoch > since][:2]
+            body = json.dumps({"metrics": [{"epoch": epoch} for epoch in epochs], "status": "succeeded",
+                               "next_since_epoch": epochs[-1] if epochs and epochs[-1] < 5 else None}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), TwoAPage)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        rows = Client(f"http://127.0.0.1:{server.server_port}", "t").metrics("job_x", since_epoch=1)
+    finally:
+        server.shutdown()
+        thread.join()
+    assert rows == [{"epoch": 2}, {"epoch": 3}, {"epoch": 4}, {"epoch": 5}]
+    assert asked == [1, 3]

@@ -11,9 +11,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from sqlalchemy import insert
 
 from api.dashboard import CONTENT_SECURITY_POLICY
 from api.downsample import evenly
+from api.epoch_rows import METRICS_PAGE
 from api.openapi import openapi_document
 from api.vendor import MANIFEST, PACKAGES, VENDOR
 from models.tables import EpochMetrics
@@ -141,9 +143,9 @@ def test_evenly_keeps_the_first_and_the_last_and_at_most_the_count_in_order(coun
 
 
 def add_epochs(sessions, job_id: str, count: int) -> None:
-    with sessions() as session:
-        session.add_all(EpochMetrics(job_id=job_id, epoch=epoch, attempt=1, values={"loss": 1 / epoch})
-                        for epoch in range(1, count + 1))
+    with sessions() as session:  # one executemany: 10,000 ORM objects took seconds
+        session.execute(insert(EpochMetrics), [dict(job_id=job_id, epoch=epoch, attempt=1, values={"loss": 1 / epoch})
+                                               for epoch in range(1, count + 1)])
         session.commit()
 
 
@@ -158,8 +160,9 @@ def test_max_points_downsamples_a_long_curve_keeping_its_first_and_last_epoch(cl
     after = client.get(f"{metrics}?since_epoch=9990&max_points=4", headers=alice).json["metrics"]
     assert [row["epoch"] for row in after] == [9991, 9994, 9997, 10_000]
     assert len(client.get(f"{metrics}?since_epoch=9990&max_points=50", headers=alice).json["metrics"]) == 10
-    assert len(client.get(metrics, headers=alice).json["metrics"]) == 10_000  # without it, every epoch
-    for bad in ("1", "0", "-5", "many"):
+    first_page = client.get(metrics, headers=alice).json  # without it, a page
+    assert len(first_page["metrics"]) == METRICS_PAGE and first_page["next_since_epoch"] == METRICS_PAGE
+    for bad in ("1", "0", "-5", "many", str(METRICS_PAGE + 1)):
         refused = client.get(f"{metrics}?max_points={bad}", headers=alice)
         assert refused.status_code == 422, bad
         assert refused.json["errors"][0]["path"] == "max_points"

@@ -72,6 +72,22 @@ def test_the_submission_past_its_budget_is_a_429_with_retry_after_and_stores_not
         assert session.scalar(select(func.count()).select_from(Job)) == 3
 
 
+def test_on_redis_the_fields_count_down_with_each_request_and_the_reset_is_the_windows(make_app, alice):
+    # On Redis one script counts a request and reads what its fields say (api.rate_limits.OneTripFixedWindow).
+    redis_client = flushed_redis(REDIS_RATE_URL)
+    try:
+        client = make_app(rate_limit_read="3/minute", rate_limit_storage_url=REDIS_RATE_URL).test_client()
+        answers = [client.get(f"{API}/jobs", headers=alice) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200] * 3
+        assert [fields(a)[:2] for a in answers] == [(3, 2), (3, 1), (3, 0)]
+        assert all(1 <= fields(a)[2] <= 60 for a in answers)
+        [key] = redis_client.keys("LIMITS:LIMITER/torchyard/key:*/read/3/1/minute")
+        assert int(redis_client.get(key)) == 3 and 0 < redis_client.ttl(key) <= 60
+        assert_rate_limited(client.get(f"{API}/jobs", headers=alice), "read", 3)
+    finally:
+        redis_client.flushdb()
+
+
 def test_reads_and_uploads_have_budgets_of_their_own(make_app, alice, spec):
     client = make_app(rate_limit_submit="1/minute", rate_limit_read="2/minute",
                       rate_limit_upload="1/minute").test_client()

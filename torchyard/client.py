@@ -144,7 +144,21 @@ class Client:
                                                  "tag": list(tags), "experiment": experiment})
 
     def metrics(self, job_id: str, since_epoch: int = 0) -> list[dict]:
-        return self._json("GET", f"/jobs/{job_id}/metrics", query={"since_epoch": since_epoch})["metrics"]
+        """Every metrics row after ``since_epoch``, in epoch order, read a page at a time."""
+        rows: list[dict] = []
+        while True:
+            page = self.metrics_page(job_id, since_epoch)
+            rows += page["metrics"]
+            if page["next_since_epoch"] is None:
+                return rows
+            since_epoch = page["next_since_epoch"]
+
+    def metrics_page(self, job_id: str, since_epoch: int = 0, max_points: int | None = None) -> dict:
+        """One answer of GET /jobs/{id}/metrics: {"metrics": [...], "status": ..., "next_since_epoch": ...}, a page
+        of the rows after ``since_epoch`` (pass next_since_epoch for the next one); with ``max_points``, at most
+        that many of them, evenly spaced, the first and the last always."""
+        return self._json("GET", f"/jobs/{job_id}/metrics", query={"since_epoch": since_epoch,
+                                                                   "max_points": max_points})
 
     def logs(self, job_id: str, since_seq: int = 0) -> dict:
         """The job's log lines after ``since_seq``: {"lines": [...], "last_seq": ..., "status": ...}; pass

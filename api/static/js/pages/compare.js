@@ -125,9 +125,11 @@ function follow(jobs, changed) {
         console.warn(error); // this job (deleted meanwhile?) only: the others are still drawn, and it is asked again
         return false;
       }
-      const news = page.metrics.length > 0 || page.status !== entry.status;
+      // Rows come a page at a time: a job that finished stays live until its last page is read.
+      const status = page.next_since_epoch === null ? page.status : entry.status;
+      const news = page.metrics.length > 0 || status !== entry.status;
       entry.rows = [...entry.rows, ...page.metrics];
-      entry.status = page.status;
+      entry.status = status;
       return news;
     }));
     if (stopped) return; // the page was left meanwhile

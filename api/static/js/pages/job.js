@@ -110,7 +110,8 @@ async function follow(path, curves, signal, { onEpoch, onFinished }) {
       try {
         const rows = await api(`${path}/metrics?since_epoch=${curves.lastEpoch}`, { signal });
         rows.metrics.forEach(add);
-        if (FINISHED.has(rows.status)) return onFinished(await api(path, { signal }));
+        // A page at a time: the job is done with once its last page is read (next_since_epoch null).
+        if (FINISHED.has(rows.status) && rows.next_since_epoch === null) return onFinished(await api(path, { signal }));
       } catch { /* the next turn tries again */ }
       since = curves.lastEpoch;
       first = true;

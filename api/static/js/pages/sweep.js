@@ -59,10 +59,14 @@ export function render(root, { id }) {
     const behind = trials.filter((trial) => trial.epoch > lastEpoch(rows.get(trial.job_id)));
     await Promise.all(behind.map(async (trial) => {
       const since = lastEpoch(rows.get(trial.job_id));
-      const query = since ? `since_epoch=${since}` : `max_points=${MAX_POINTS}`;
+      let query = since ? `since_epoch=${since}` : `max_points=${MAX_POINTS}`;
       try {
-        const history = await api(`/jobs/${encodeURIComponent(trial.job_id)}/metrics?${query}`, { signal: abort.signal });
-        rows.set(trial.job_id, [...(rows.get(trial.job_id) || []), ...history.metrics]);
+        // New epochs come a page at a time: read to the last page, so that a sweep's final read is whole.
+        while (query) {
+          const history = await api(`/jobs/${encodeURIComponent(trial.job_id)}/metrics?${query}`, { signal: abort.signal });
+          rows.set(trial.job_id, [...(rows.get(trial.job_id) || []), ...history.metrics]);
+          query = history.next_since_epoch === null ? null : `since_epoch=${history.next_since_epoch}`;
+        }
       } catch (error) {
         if (!abort.signal.aborted) console.warn(error); // this trial only: asked again on the next turn
       }
