@@ -41,6 +41,7 @@ import multiprocessing
 import os
 import random
 import secrets
+import shutil
 import sys
 import tempfile
 import threading
@@ -451,9 +452,14 @@ def services(settings, group: str, pool: int):
 
 def run_shard(args: argparse.Namespace, index: int, settings_dump: dict, gate) -> dict:
     """A process of simulated workers, from the start ``gate`` gives until the window ends."""
+    import logging
+
     import api.submit  # noqa: F401 - imported before the start, as a worker's modules are
     import worker.runner  # noqa: F401
     from models.settings import Settings
+
+    # What the workers' code logs (a re-published job, a dispatch that failed) goes to a file, counted at the end.
+    logging.basicConfig(filename=Path(settings_dump["home"]) / f"shard-{index}.log", level=logging.WARNING)
 
     return Shard(args, index, Settings(**settings_dump), wait_for_start(gate)).run()
 
@@ -652,9 +658,10 @@ def run(args: argparse.Namespace) -> None:
                            lease_seconds=round(60 * args.slowdown),
                            reconcile_seconds=round(30 * args.slowdown)).resolved()
         slots = args.workers * args.slots
-        print(f"cluster_sim: {args.workers} workers x {args.slots} slots = {slots} slots, {args.processes} processes x "
-              f"{args.pool} pooled connections (PostgreSQL max_connections {max_connections}: a real cluster "
-              f"needs PgBouncer); {os.cpu_count()} cores, load average before: {' '.join(map(str, os.getloadavg()))}")
+        print(f"cluster_sim: {args.workers} workers x {args.slots} slots = {slots} slots, {args.processes} processes, "
+              f"each with 3 pools (upkeep, batch ends, jobs) of {args.pool} connections (PostgreSQL max_connections "
+              f"{max_connections}: a real cluster needs PgBouncer); {os.cpu_count()} cores, load average before: "
+              f"{' '.join(f'{load:.2f}' for load in os.getloadavg())}")
         started = time.perf_counter()
         print(f"building {database}: {args.jobs:,} finished jobs of {args.users} users, {args.metric_rows:,} metric "
               f"rows, {slots} queued jobs", flush=True)
@@ -700,9 +707,12 @@ def run(args: argparse.Namespace) -> None:
         report_cpu(args, cpu_by_group(before[0], after[0]), times, targets, wall, len(after[0]))
         print(f"the whole machine was {machine:.0%} busy over the window (the simulator, PostgreSQL, Redis and "
               "whatever else runs here)")
-        print(f"load average after: {' '.join(map(str, os.getloadavg()))}")
+        print(f"load average after: {' '.join(f'{load:.2f}' for load in os.getloadavg())}")
+        print(f"deadlocks the workers' code logged (a dispatch that failed and left it to the next round): "
+              f"{sum(path.read_text().count('DeadlockDetected') for path in home.glob('shard-*.log'))}")
     finally:
         redis.close()
+        shutil.rmtree(home, ignore_errors=True)
         if args.keep:
             print(f"kept database {database}")
         else:
