@@ -603,7 +603,8 @@ def report_cpu(args: argparse.Namespace, used: dict[str, float], times: dict[str
         needed += per_op * target
         print(f"{group:16} {used.get(group, 0.0):7.1f} {used.get(group, 0.0) / (wall * cores):6.0%} {ops / wall:8.1f} "
               f"{per_op * 1000:10.2f} {target:13.1f} {per_op * target:16.2f}")
-    print(f"at the target rates the database would need about {needed:.1f} cores (extrapolated)")
+    real = f"; at the real rates (x{args.slowdown:g}) about {needed * args.slowdown:.1f}" if args.slowdown != 1 else ""
+    print(f"at the target rates the database would need about {needed:.1f} cores (extrapolated){real}")
 
 
 # --- the run -----------------------------------------------------------------------------------
