@@ -7,9 +7,11 @@
 It builds a fresh PostgreSQL database (migrated with the project's Alembic migrations) holding ``--jobs``
 finished jobs of ``--users`` users and ``--metric-rows`` epoch-metric rows, loaded with COPY, plus a backlog of
 queued jobs (one per slot), and starts a private Redis. Then ``--processes`` processes each drive a share of
-the ``--workers`` simulated workers of ``--slots`` slots through the functions a real worker calls, over a
-bounded connection pool per process (``--pool``; a real deployment of 1,000 machines would put PgBouncer in
-front of PostgreSQL, whose ``max_connections`` is far below 1,000 × 8):
+the ``--workers`` simulated workers of ``--slots`` slots through the functions a real worker calls, over three
+bounded connection pools per process (``--pool`` connections each, one per group of operations, named by
+``application_name`` so that the database's CPU is read per group; a real deployment of 1,000 machines would
+put PgBouncer in front of PostgreSQL, whose ``max_connections`` is far below 1,000 × 8). ``--slowdown N`` makes
+every interval N times longer: the same state at 1/N of the rates, for a machine that can't drive them all.
 
   every worker, every heartbeat   ``maintenance.heartbeat_worker`` and ``maintenance.sweep`` (reap, reconcile,
                                   sweeps, dispatch, prune), as ``maintenance.tick`` does
