@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from flask import Blueprint, request
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 
 from api.auth import require_admin, require_user
 from api.db import get_session
 from api.errors import validation_error
-from api.pagination import MAX_LIMIT, decode_cursor, encode_cursor, int_arg, one_arg, time_arg
+from api.pagination import MAX_LIMIT, after_cursor, encode_cursor, int_arg, one_arg, time_arg
 from api.schemas import API_PREFIX, AuditEventOut, AuditList, as_utc, json_response
 from models.audit import ACTIONS
 from models.spec import Problem, unknown_name_message
@@ -44,8 +44,7 @@ def list_events():
         query = query.where(AuditEvent.at >= since)
     cursor = one_arg(args, "cursor")
     if cursor:
-        at, ident = decode_cursor(cursor)
-        query = query.where(or_(AuditEvent.at < at, and_(AuditEvent.at == at, AuditEvent.id < ident)))
+        query = query.where(after_cursor(cursor, AuditEvent.at, AuditEvent.id))
     # One row more than the page tells whether a next page exists.
     rows = get_session().scalars(query.order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit + 1)).all()
     page = rows[:limit]

@@ -7,13 +7,13 @@ import os
 import tempfile
 
 from flask import Blueprint, request
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.auth import current_user, owned, require_user
 from api.db import get_session, services
 from api.errors import conflict, not_found, validation_error
-from api.pagination import MAX_LIMIT, decode_cursor, encode_cursor, int_arg, one_arg
+from api.pagination import MAX_LIMIT, after_cursor, encode_cursor, int_arg, one_arg
 from api.presenters import dataset_out, dataset_summary
 from api.schemas import API_PREFIX, DatasetList, json_response, no_content
 from api.upload_slots import upload_slot
@@ -134,10 +134,7 @@ def list_datasets():
     query = select(Dataset).where(Dataset.user_id == current_user().id)
     cursor = one_arg(request.args, "cursor")
     if cursor:
-        created, ident = decode_cursor(cursor)
-        query = query.where(
-            or_(Dataset.created_at < created, and_(Dataset.created_at == created, Dataset.id < ident))
-        )
+        query = query.where(after_cursor(cursor, Dataset.created_at, Dataset.id))
     # One row more than the page tells whether a next page exists.
     order = (Dataset.created_at.desc(), Dataset.id.desc())
     rows = get_session().scalars(query.order_by(*order).limit(limit + 1)).all()

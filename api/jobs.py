@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, request
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from api import epoch_rows
 from api.auth import current_user, owned, require_user, visible
 from api.db import get_session, services
 from api.errors import conflict, not_found, validation_error
-from api.pagination import MAX_INT, MAX_LIMIT, decode_cursor, encode_cursor, int_arg, one_arg
+from api.pagination import MAX_INT, MAX_LIMIT, after_cursor, encode_cursor, int_arg, one_arg
 from api.presenters import job_out, job_summary
 from api.schemas import API_PREFIX, JobList, MetricsOut, json_response, no_content
 from api.streams import metrics_stream, resume_epoch, wants_stream
@@ -66,8 +66,7 @@ def list_jobs():
     query = labelled(query, *label_filters(request.args))
     cursor = one_arg(request.args, "cursor")
     if cursor:
-        created, ident = decode_cursor(cursor)
-        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < ident)))
+        query = query.where(after_cursor(cursor, Job.created_at, Job.id))
     # One row more than the page tells whether a next page exists.
     rows = get_session().execute(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
     page = rows[:limit]

@@ -17,7 +17,7 @@ from api.auth import current_user, owned, require_user, visible
 from api.db import get_session, services
 from api.errors import ApiError, conflict, validation_error
 from api.jobs import DEFAULT_LIMIT, delete_finished_job, owner_name
-from api.pagination import MAX_LIMIT, decode_cursor, encode_cursor, int_arg, one_arg
+from api.pagination import MAX_LIMIT, after_cursor, encode_cursor, int_arg, one_arg
 from api.schemas import (
     API_PREFIX,
     SweepBest,
@@ -135,8 +135,7 @@ def list_sweeps():
     query = select(Sweep, User.name).join(User, User.id == Sweep.user_id).where(visible(Sweep))
     cursor = one_arg(request.args, "cursor")
     if cursor:
-        created, ident = decode_cursor(cursor)
-        query = query.where(or_(Sweep.created_at < created, and_(Sweep.created_at == created, Sweep.id < ident)))
+        query = query.where(after_cursor(cursor, Sweep.created_at, Sweep.id))
     session = get_session()
     rows = session.execute(query.order_by(Sweep.created_at.desc(), Sweep.id.desc()).limit(limit + 1)).all()
     page = rows[:limit]

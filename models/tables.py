@@ -122,8 +122,11 @@ class Job(Base):
         UniqueConstraint("user_id", "idempotency_key"),
         # A trial number is started once: two controller rounds that raced would collide here, not run it twice.
         UniqueConstraint("sweep_id", "sweep_trial"),
-        Index("ix_jobs_user_id_created_at", "user_id", "created_at"),
+        # Lists page by (created_at, id) within a user (api/jobs.py): the cursor is a range of this index.
+        Index("ix_jobs_user_id_created_at_id", "user_id", "created_at", "id"),
         Index("ix_jobs_status_queue", "status", "queue"),
+        # Fair share reads the jobs that ended in the last hours (models.dispatch.user_states).
+        Index("ix_jobs_finished_at", "finished_at"),
         Index("ix_jobs_user_id_experiment_created_at", "user_id", "experiment", "created_at"),
     )
 

@@ -178,6 +178,38 @@ def test_listing_pages_newest_first_with_a_cursor(client, alice, bob, spec):
     assert seen == made[::-1]
 
 
+def test_a_page_after_a_cursor_starts_at_the_cursor_in_the_index_instead_of_filtering_newer_jobs(app, client,
+                                                                                                  alice):
+    from api.pagination import encode_cursor
+    from models.tables import utcnow
+
+    engine = app.extensions["torchyard"].engine
+    lists = []
+
+    def record(_conn, _cursor, statement, parameters, *_args):
+        if "FROM jobs JOIN users" in statement:
+            lists.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        query = {"cursor": encode_cursor(utcnow(), "job_x")}
+        assert client.get(JOBS, query_string=query, headers=alice).status_code == 200
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    [(statement, parameters)] = lists
+    with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            rows = connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            plan = " ".join(row[-1] for row in rows)
+            assert "USING INDEX ix_jobs_user_id_created_at_id (user_id=? AND (created_at,id)<(?,?))" in plan, plan
+            assert "TEMP B-TREE" not in plan, plan  # no sort: the index is in the list's order
+            return
+        connection.exec_driver_sql("SET enable_seqscan = off")  # the table is empty: ask how a large one is read
+        plan = "\n".join(row[0] for row in connection.exec_driver_sql(f"EXPLAIN {statement}", parameters))
+    assert "ROW(created_at, (id)::text) <" in plan.split("Index Cond:", 1)[1].split("\n")[0], plan
+    assert "Filter" not in plan and "Sort" not in plan, plan
+
+
 def test_listing_filters_by_status_and_checks_its_arguments(client, alice, spec, set_job):
     first, second = (submit(client, alice, spec).json["id"] for _ in range(2))
     set_job(first, status="succeeded")
