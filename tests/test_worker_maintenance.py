@@ -240,6 +240,27 @@ def test_an_attempt_that_lost_its_job_writes_nothing(worker_context):
         assert session.get(Job, job_id).epoch == 0
 
 
+def test_a_resumed_attempts_epoch_row_replaces_the_lost_attempts(worker_context):
+    job_id = add_job(worker_context)
+    first = claim(worker_context, job_id)
+    end_epoch(DatabaseMetrics(Fence(worker_context, job_id, first, "cpu")), RunState(epochs=2),
+              {"epoch": 1, "loss": 2.0})
+    with worker_context.sessions() as session:  # the lease runs out; the job is released and claimed again
+        session.get(Job, job_id).lease_expires_at = utcnow() - LONG_AGO
+        session.commit()
+    maintenance.reap(worker_context)
+    with worker_context.sessions() as session:
+        assert lifecycle.release(session, job_id)
+        session.commit()
+    second = claim(worker_context, job_id)
+    end_epoch(DatabaseMetrics(Fence(worker_context, job_id, second, "cpu")), RunState(epochs=2),
+              {"epoch": 1, "loss": 1.0})
+
+    with worker_context.sessions() as session:
+        rows = session.scalars(select(EpochMetrics)).all()
+    assert [(row.epoch, row.attempt, row.values["loss"]) for row in rows] == [(1, second, 1.0)]
+
+
 def test_an_epoch_row_is_stamped_when_the_epoch_ended_not_when_its_write_got_through(worker_context):
     job_id = add_job(worker_context)
     fence = Fence(worker_context, job_id, claim(worker_context, job_id), "cpu")

@@ -286,12 +286,16 @@ class DatabaseMetrics(Callback):
         self.fence.transaction(write)
 
     def on_epoch_end(self, state: RunState, metrics: dict[str, Any]) -> None:
-        row = EpochMetrics(job_id=self.fence.job_id, epoch=metrics["epoch"], attempt=self.fence.attempt,
-                           values=finite_values(metrics),
-                           created_at=utcnow())  # the epoch's end, not when the database write got through
+        row = {"job_id": self.fence.job_id, "epoch": metrics["epoch"], "attempt": self.fence.attempt,
+               "values": finite_values(metrics),
+               "created_at": utcnow()}  # the epoch's end, not when the database write got through
 
         def write(session: Session) -> None:
-            session.merge(row)  # an upsert by (job_id, epoch): a resumed attempt replaces a row, adds none
+            # An upsert by (job_id, epoch): a resumed attempt replaces a row, adds none.
+            insert = dialect_insert(session, EpochMetrics)
+            session.execute(insert.on_conflict_do_update(
+                index_elements=[EpochMetrics.job_id, EpochMetrics.epoch],
+                set_={column: insert.excluded[column] for column in ("attempt", "values", "created_at")}), row)
 
         self.fence.defer(write)
 
