@@ -1,24 +1,31 @@
-"""Engine speed against two hand-written PyTorch loops, on the same data, seed and thread count.
+"""Engine speed against hand-written PyTorch loops and Lightning, on the same data, seed and thread count.
 
     python bench/engine.py [--epochs 3] [--repeats 3]
 
 For each workload it times the training loop only (data already in memory, model built):
   engine      torchyard's Trainer.fit() (metrics, callbacks, checkpoint at the end included)
-  hand        randperm + slicing over tensors: the fastest plain loop, the limit
-  dataloader  the tutorial loop: DataLoader(TensorDataset(X, y), shuffle=True)
-  for-loop    the engine again, with torch's for-loop optimizer kernels instead of the ones it picks
-and prints medians and the ratios engine/hand (goal <= 1.05), engine/dataloader (goal <= 0.8) and
-engine/for-loop (what the engine's choice of kernels saves). The plain loops use the engine's kernels.
+  compiled    the engine with training.compile: its loop time without the compile, which is printed apart
+  naive       the loop a tutorial writes: randperm, then each batch indexed by its slice of it, and
+              torch.optim.Adam(lr) with torch's defaults (on the CPU, the for-loop kernels): the baseline
+  same        hand-written, same kernels: one gather an epoch, then slices, Adam with the engine's kernels
+  dataloader  DataLoader(TensorDataset(X, y), shuffle=True), Adam with the engine's kernels
+  lightning   a LightningModule and lightning.Trainer (logger, checkpoints, progress bar and model summary
+              off) over the same DataLoader, Adam with the engine's kernels; left out when lightning is not
+              installed (it is no dependency of torchyard: pip install lightning)
+and prints medians and the ratios engine/naive (goal <= 0.8), engine/same, engine/dataloader,
+engine/lightning and compiled/naive. Runs are interleaved, their order rotated each repeat.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import logging
+import os
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,20 +69,19 @@ def engine_seconds(spec, out_dir: Path) -> float:
     return time.perf_counter() - started
 
 
-@contextlib.contextmanager
-def for_loop_kernels():
-    """The engine builds its optimizers with torch's for-loop kernels while this is open."""
-    chosen = components.optimizer_kernels
-    components.optimizer_kernels = lambda optimizer_type, device: {"foreach": False}
-    try:
-        yield
-    finally:
-        components.optimizer_kernels = chosen
+COMPILE_SECONDS: list[float] = []  # each compiled run's compile time, printed apart from its loop time
 
 
-def for_loop_engine_seconds(spec, out_dir: Path) -> float:
-    with for_loop_kernels():
-        return engine_seconds(spec, out_dir)
+def compiled_seconds(spec, out_dir: Path) -> float:
+    """The engine with training.compile: the loop's time less the steps that compiled (one step each of
+    its work is left out with them, a millisecond against the seconds they take)."""
+    spec = spec.model_copy(update={"training": spec.training.model_copy(update={"compile": True})})
+    prepared = prepare_run(spec, out_dir)
+    started = time.perf_counter()
+    prepared.trainer.fit()
+    seconds = time.perf_counter() - started
+    COMPILE_SECONDS.append(prepared.trainer.compile_seconds)
+    return seconds - prepared.trainer.compile_seconds
 
 
 def adam(model) -> torch.optim.Adam:
@@ -101,7 +107,24 @@ def _init_args(module: nn.Module) -> dict:
     return {}
 
 
+def naive_seconds(model, loss_fn, x, y, epochs, batch_size, seed) -> float:
+    """The tutorial's loop: torch's default Adam, and each batch gathered by its slice of a permutation."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    for _epoch in range(epochs):
+        permutation = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch_size):
+            indices = permutation[start:start + batch_size]
+            optimizer.zero_grad()
+            loss = loss_fn(model(x[indices]), y[indices])
+            loss.backward()
+            optimizer.step()
+    return time.perf_counter() - started
+
+
 def hand_seconds(model, loss_fn, x, y, epochs, batch_size, seed) -> float:
+    """Hand-written with the engine's kernels: one gather an epoch, then every batch a slice of it."""
     optimizer = adam(model)
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
@@ -116,13 +139,17 @@ def hand_seconds(model, loss_fn, x, y, epochs, batch_size, seed) -> float:
     return time.perf_counter() - started
 
 
+def loader(x, y, batch_size, seed) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))
+
+
 def dataloader_seconds(model, loss_fn, x, y, epochs, batch_size, seed) -> float:
     optimizer = adam(model)
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    batches = loader(x, y, batch_size, seed)
     started = time.perf_counter()
     for _epoch in range(epochs):
-        for xb, yb in loader:
+        for xb, yb in batches:
             loss = loss_fn(model(xb), yb)
             optimizer.zero_grad()
             loss.backward()
@@ -130,22 +157,61 @@ def dataloader_seconds(model, loss_fn, x, y, epochs, batch_size, seed) -> float:
     return time.perf_counter() - started
 
 
-def bench(name: str, raw: dict, epochs: int, repeats: int) -> dict:
+def lightning_seconds(model, loss_fn, x, y, epochs, batch_size, seed) -> float:
+    """lightning.Trainer.fit() of a LightningModule over the DataLoader, with everything optional off."""
+    import lightning
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model, self.loss_fn = model, loss_fn
+
+        def training_step(self, batch, batch_index):
+            xb, yb = batch
+            return self.loss_fn(self.model(xb), yb)
+
+        def configure_optimizers(self):
+            return adam(self.model)
+
+    trainer = lightning.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                num_sanity_val_steps=0)
+    batches = loader(x, y, batch_size, seed)
+    started = time.perf_counter()
+    trainer.fit(Module(), train_dataloaders=batches)
+    return time.perf_counter() - started
+
+
+def has_lightning() -> bool:
+    try:
+        import lightning  # noqa: F401
+    except ImportError:
+        return False
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # its "GPU available: False" lines
+    warnings.filterwarnings("ignore", module="lightning")  # e.g. "consider more num_workers"
+    return True
+
+
+ENGINES = {"engine": engine_seconds, "compiled": compiled_seconds}
+LOOPS = {"naive": naive_seconds, "same": hand_seconds, "dataloader": dataloader_seconds,
+         "lightning": lightning_seconds}
+
+
+def bench(name: str, raw: dict, epochs: int, repeats: int, kinds: list[str]) -> dict:
     spec = parse_spec({**raw, "name": name, "training": {**raw["training"], "epochs": epochs},
                        "checkpoint": {"every_n_epochs": epochs, "keep_last": 1}})
-    times = {"engine": [], "hand": [], "dataloader": [], "for-loop": []}
+    times = {kind: [] for kind in kinds}
     with tempfile.TemporaryDirectory() as tmp:
         prepared = prepare_run(spec, Path(tmp) / "setup")
         data, loss_fn = prepared.data, prepared.trainer.loss_fn
-        for repeat in range(repeats):  # interleaved, order rotated, so drifting load hits all four alike
-            runs = [("engine", engine_seconds), ("hand", hand_seconds), ("dataloader", dataloader_seconds),
-                    ("for-loop", for_loop_engine_seconds)]
-            for kind, loop in runs[repeat % 4:] + runs[:repeat % 4]:
-                if kind in ("engine", "for-loop"):
-                    times[kind].append(loop(spec, Path(tmp) / f"{kind}{repeat}"))
+        for repeat in range(repeats):  # interleaved, order rotated, so drifting load hits all alike
+            turn = repeat % len(kinds)
+            for kind in kinds[turn:] + kinds[:turn]:
+                if kind in ENGINES:
+                    times[kind].append(ENGINES[kind](spec, Path(tmp) / f"{kind}{repeat}"))
                 else:
-                    times[kind].append(loop(fresh_copy(prepared, spec.seed), loss_fn, data.x_train,
-                                            data.y_train, epochs, spec.training.batch_size, spec.seed))
+                    times[kind].append(LOOPS[kind](fresh_copy(prepared, spec.seed), loss_fn, data.x_train,
+                                                   data.y_train, epochs, spec.training.batch_size, spec.seed))
     return {kind: statistics.median(values) for kind, values in times.items()}
 
 
@@ -154,16 +220,29 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    kinds = ["engine", "compiled", "naive", "same", "dataloader", "lightning"]
+    if not has_lightning():
+        print("lightning: not installed (pip install lightning)")
+        kinds.remove("lightning")
     kernels = components.implementation(adam(nn.Linear(1, 1)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} epochs, "
-          f"median of {args.repeats}; Adam's kernels: {kernels} (for-loop: torch's for-loop kernels)")
-    print(f"{'workload':<10}{'engine s':>10}{'hand s':>10}{'loader s':>10}{'for-loop s':>12}"
-          f"{'engine/hand':>13}{'engine/loader':>15}{'engine/for-loop':>17}")
+          f"median of {args.repeats}; the engine's Adam kernels: {kernels}, naive's: "
+          f"{components.implementation(torch.optim.Adam(nn.Linear(1, 1).parameters()))}")
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    ratios = [("engine", "naive"), ("engine", "same"), ("engine", "dataloader"), ("engine", "lightning"),
+              ("compiled", "naive")]
+    ratios = [(a, b) for a, b in ratios if b in kinds]
+    print(f"{'workload':<10}" + "".join(f"{kind + ' s':>13}" for kind in kinds)
+          + "".join(f"{a + '/' + b:>18}" for a, b in ratios))
     for name, raw in WORKLOADS.items():
-        t = bench(name, raw, args.epochs, args.repeats)
-        print(f"{name:<10}{t['engine']:>10.3f}{t['hand']:>10.3f}{t['dataloader']:>10.3f}{t['for-loop']:>12.3f}"
-              f"{t['engine'] / t['hand']:>13.3f}{t['engine'] / t['dataloader']:>15.3f}"
-              f"{t['engine'] / t['for-loop']:>17.3f}")
+        COMPILE_SECONDS.clear()
+        t = bench(name, raw, args.epochs, args.repeats, kinds)
+        print(f"{name:<10}" + "".join(f"{t[kind]:>13.3f}" for kind in kinds)
+              + "".join(f"{t[a] / t[b]:>18.3f}" for a, b in ratios))
+        print(f"{'':<10}compiled: its loop time above leaves out compiling, which took "
+              f"{', '.join(f'{s:.1f}' for s in COMPILE_SECONDS)} s (each run compiles anew; the first may fill "
+              "inductor's on-disk cache)")
+    print(f"load average after:  {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -554,6 +554,9 @@ class Training(Strict):
     # Step the optimizer once every this many batches (and at the end of each epoch), on their summed gradient.
     accumulate_batches: Annotated[int, Field(ge=1, le=MAX_ACCUMULATE_BATCHES)] = 1
     precision: Literal["32", "bf16", "16"] = "32"
+    # torch.compile the forward pass and the loss (the backward is compiled with them); the model card
+    # records the seconds spent compiling (compile_seconds).
+    compile: bool = False
 
 
 class EarlyStopping(Strict):

@@ -98,6 +98,8 @@ def train(spec_file: Path, out_dir: Path, resume: bool, force: bool, device: str
     finally:
         printer.close()
     click.echo(summary_line(result, time.monotonic() - started))
+    if result.compile_seconds is not None:
+        click.echo(f"of which compiling (training.compile): {result.compile_seconds:.1f}s")
     if result.status != "succeeded":
         sys.exit(1)
     click.echo(f"outputs in {out_dir}")

@@ -269,11 +269,12 @@ def pause(fence: Fence, result: TrainResult, outcome: dict, stored: list) -> str
 def closing_line(status: str, result: TrainResult) -> tuple[str, str]:
     """The level and text of the log's last line for a run that ended ``status``."""
     epochs = f"{result.epochs_completed} epoch{'' if result.epochs_completed == 1 else 's'}"
+    compiling = "" if result.compile_seconds is None else f"; compiling took {result.compile_seconds:.1f} s"
     if status == "succeeded":
-        return "INFO", f"succeeded after {epochs} ({result.stop_reason})"
+        return "INFO", f"succeeded after {epochs} ({result.stop_reason}){compiling}"
     if status == "failed":
-        return "ERROR", f"failed after {epochs}: {result.error}"
-    return "INFO", f"cancelled after {epochs}"
+        return "ERROR", f"failed after {epochs}: {result.error}{compiling}"
+    return "INFO", f"cancelled after {epochs}{compiling}"
 
 
 def hand_back(fence: Fence) -> str:

@@ -35,6 +35,7 @@ class TrainResult:
     out_dir: Path | None = None
     device: str = "cpu"
     total_parameters: int = 0
+    compile_seconds: float | None = None  # training.compile: seconds spent compiling, across attempts
 
     @property
     def weights_path(self) -> Path:
@@ -108,6 +109,8 @@ def finish(prepared: Prepared, spec: JobSpec, out_dir: Path) -> TrainResult:
         result.status, result.error = "failed", str(failure)
     history = trainer.state.history
     result.epochs_completed = trainer.state.epoch
+    if spec.training.compile:
+        result.compile_seconds = round(trainer.compile_seconds, 3)
     result.final_metrics = history[-1] if history else {}
     if trainer.state.best is not None:
         best = trainer.state.best
@@ -132,6 +135,8 @@ def write_outputs(trainer: Trainer, prepared: Prepared, spec: JobSpec, out_dir: 
         "standardize": spec.data.standardize,
         "device": result.device,
         "optimizer_implementation": implementation(trainer.optimizer),  # fused, foreach or for-loop kernels
+        # training.compile: seconds of the steps that compiled (each attempt compiles anew), else None
+        "compile_seconds": result.compile_seconds,
         # What predictions mean: class index i is classes[i] (labels as in the data); the columns, in order.
         "classes": prepared.data.classes,
         "features": prepared.data.feature_names,

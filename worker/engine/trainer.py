@@ -15,6 +15,7 @@ from models.shapes import EVAL_CHUNK, optimizer_steps
 from models.spec import JobSpec, Limits
 from worker.engine import checkpoints
 from worker.engine.callbacks import PAUSED, Best, Callback, RunState, StopTraining, TrainingFailed
+from worker.engine.compiling import ForwardLoss
 from worker.engine.components import BATCH_SCHEDULERS, make_loss, make_optimizer, make_scheduler
 from worker.engine.data import TensorData
 from worker.engine.early_stopping import EarlyStopping
@@ -60,6 +61,8 @@ class Trainer:
         self.accumulate = spec.training.accumulate_batches
         self.precision = Precision(spec.training.precision, device)
         self.loss_fn = make_loss(spec, device)
+        self.forward_loss = ForwardLoss(self.model, self.precision, self.loss_fn, spec.training.compile)
+        self.compile_seconds = 0.0  # training.compile: the first step of each batch shape, across attempts
         self.optimizer = make_optimizer(spec, self.module, device)
         self.scheduler = make_scheduler(spec, self.optimizer, optimizer_steps(self.steps_per_epoch, self.accumulate))
         self.shuffle_generator = torch.Generator().manual_seed(spec.seed)
@@ -119,8 +122,9 @@ class Trainer:
             xb, yb = x[start:start + self.batch_size], y[start:start + self.batch_size]
             xb, yb = self.dist.shard(xb), self.dist.shard(yb)
             group_start, group_end = self.group_of(self.state.batch)
-            out = self.precision.forward(self.model, xb)
-            loss = self.loss_fn(out, yb)
+            compiles = self.forward_loss.compiles(xb)
+            step_started = time.perf_counter() if compiles else 0.0
+            out, loss = self.forward_loss(xb, yb)
             if self.state.batch == group_start:
                 self.optimizer.zero_grad(set_to_none=True)
             share = self.group_share(start, group_start, group_end)
@@ -128,6 +132,8 @@ class Trainer:
             self.pending_gradient = True
             if self.state.batch + 1 == group_end:
                 self.optimizer_step()
+            if compiles:  # its forward (and backward) compiled: that time, and this one step's work
+                self.compile_seconds += time.perf_counter() - step_started
             # Keep results on the device; reading them every batch would force a sync.
             outputs.append(out.detach())
             losses.append(loss.detach())
@@ -296,6 +302,7 @@ class Trainer:
             },
             "history": self.state.history,
             "elapsed_seconds": self.elapsed(),
+            "compile_seconds": self.compile_seconds,
             "checkpoints": list(self.state.checkpoints),
             "partial": None,
         }
@@ -356,6 +363,7 @@ class Trainer:
         self.publish_best()
         self.elapsed_before = self.state.elapsed_seconds = state["elapsed_seconds"]
         self.started = time.monotonic()
+        self.compile_seconds = state.get("compile_seconds", 0.0)  # this attempt compiles again, and adds its own
         # A checkpoint written before the list was kept knows of no other; those stay until the job is deleted.
         self.state.checkpoints = [tuple(position) for position in state.get("checkpoints", [])]
         partial = state.get("partial")
