@@ -26,8 +26,9 @@ def small_spec(n_samples: int = 120, compile: bool = False) -> dict:
                             "n_classes": 3, "random_state": 0}},
         "model": {"layers": [{"type": "Linear", "out_features": 8}, {"type": "ReLU"},
                              {"type": "Linear", "out_features": 3}]},
-        # 96 training rows in batches of 40: two full batches and a shorter last one (a second compiled graph)
-        "training": {"epochs": 3, "batch_size": 40, "compile": compile},
+        # 96 training rows in batches of 48: one batch shape, one graph to compile (a cold compile on 2 cores
+        # takes about 20 s a graph)
+        "training": {"epochs": 3, "batch_size": 48, "compile": compile},
         "resources": {"device": "cpu"},
     }
 
