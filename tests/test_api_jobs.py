@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 
 import pytest
@@ -176,6 +178,21 @@ def test_listing_pages_newest_first_with_a_cursor(client, alice, bob, spec):
             break
     assert pages == 3
     assert seen == made[::-1]
+
+
+def test_a_job_and_a_list_are_written_as_their_response_models_would_write_them(client, alice, spec, set_job):
+    # The presenters build plain dicts (no validation a request): the bytes must be the models' own.
+    from api.schemas import JobList, JobOut
+
+    job_id = submit(client, alice, spec).json["id"]
+    set_job(job_id, status="succeeded", epoch=5, best_metric="val_loss", best_value=1, best_epoch=4,
+            final_metrics={"loss": 0.25}, started_at=dt.datetime(2027, 1, 2, 3, 4, 5, 6))
+    one = client.get(f"{JOBS}/{job_id}", headers=alice).data
+    assert one == JobOut.model_validate_json(one).model_dump_json().encode()
+    assert b'"value":1.0' in one and b'"started_at":"2027-01-02T03:04:05.000006Z"' in one
+    page = client.get(JOBS, headers=alice).data
+    assert page == JobList.model_validate_json(page).model_dump_json().encode()
+    assert json.loads(page)["jobs"][0] == {k: v for k, v in json.loads(one).items() if k != "spec"}
 
 
 def test_listing_filters_by_status_and_checks_its_arguments(client, alice, spec, set_job):
