@@ -31,6 +31,10 @@ bp.before_request(require_user)
 
 DEFAULT_LIMIT = 20
 # How a job that ended is said in a refusal to cancel it.
+# A list's query but for its conditions and page size, built once: building the select of 27 columns each
+# request cost ~300 Python calls.
+LISTED = (select(*SUMMARY_COLUMNS, User.name.label("owner")).join(User, User.id == Job.user_id)
+          .order_by(Job.created_at.desc(), Job.id.desc()))
 ENDED_ALREADY = {"succeeded": "has already succeeded", "failed": "has already failed",
                  "cancelled": "has already been cancelled"}
 
@@ -54,7 +58,7 @@ def list_jobs():
     """The caller's jobs (an admin's: every user's), newest first, a page at a time.
     ``?status=``, ``?experiment=`` and ``?tag=`` (repeatable: a job must carry each) narrow them."""
     limit = int_arg(request.args, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    query = select(*SUMMARY_COLUMNS, User.name.label("owner")).join(User, User.id == Job.user_id).where(visible(Job))
+    query = LISTED.where(visible(Job))
     status = one_arg(request.args, "status")
     if status is not None:
         if status not in JOB_STATUSES:
@@ -69,7 +73,7 @@ def list_jobs():
         created, ident = decode_cursor(cursor)
         query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < ident)))
     # One row more than the page tells whether a next page exists.
-    rows = get_session().execute(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
+    rows = get_session().execute(query.limit(limit + 1)).all()
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
     return json_response({"jobs": [job_summary(row, row.owner) for row in page], "next_cursor": next_cursor})
