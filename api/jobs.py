@@ -13,8 +13,8 @@ from api.auth import current_user, owned, require_user, visible
 from api.db import get_session, services
 from api.errors import conflict, not_found, validation_error
 from api.pagination import MAX_INT, MAX_LIMIT, after_cursor, encode_cursor, int_arg, one_arg
-from api.presenters import job_out, job_summary
-from api.schemas import API_PREFIX, JobList, MetricsOut, json_response, no_content
+from api.presenters import SUMMARY_COLUMNS, job_out, job_summary
+from api.schemas import API_PREFIX, MetricsOut, json_response, no_content
 from api.streams import metrics_stream, resume_epoch, wants_stream
 from api.submit import spec_body, submit_job
 from api.tags import label_filters
@@ -31,6 +31,10 @@ bp.before_request(require_user)
 
 DEFAULT_LIMIT = 20
 # How a job that ended is said in a refusal to cancel it.
+# A list's query but for its conditions and page size, built once: building the select of 27 columns each
+# request cost ~300 Python calls.
+LISTED = (select(*SUMMARY_COLUMNS, User.name.label("owner")).join(User, User.id == Job.user_id)
+          .order_by(Job.created_at.desc(), Job.id.desc()))
 ENDED_ALREADY = {"succeeded": "has already succeeded", "failed": "has already failed",
                  "cancelled": "has already been cancelled"}
 
@@ -54,7 +58,7 @@ def list_jobs():
     """The caller's jobs (an admin's: every user's), newest first, a page at a time.
     ``?status=``, ``?experiment=`` and ``?tag=`` (repeatable: a job must carry each) narrow them."""
     limit = int_arg(request.args, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    query = select(Job, User.name).join(User, User.id == Job.user_id).where(visible(Job))
+    query = LISTED.where(visible(Job))
     status = one_arg(request.args, "status")
     if status is not None:
         if status not in JOB_STATUSES:
@@ -68,10 +72,10 @@ def list_jobs():
     if cursor:
         query = query.where(after_cursor(cursor, Job.created_at, Job.id))
     # One row more than the page tells whether a next page exists.
-    rows = get_session().execute(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
+    rows = get_session().execute(query.limit(limit + 1)).all()
     page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].Job.created_at, page[-1].Job.id) if len(rows) > limit else None
-    return json_response(JobList(jobs=[job_summary(job, owner) for job, owner in page], next_cursor=next_cursor))
+    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    return json_response({"jobs": [job_summary(row, row.owner) for row in page], "next_cursor": next_cursor})
 
 
 @bp.get("/<job_id>")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
+import pydantic_core
 from flask import Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,9 +26,19 @@ def as_utc(value: dt.datetime | None) -> dt.datetime | None:
     return value.replace(tzinfo=dt.timezone.utc)
 
 
-def json_response(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """A JSON response from a response model."""
-    return Response(model.model_dump_json(), status=status, headers=headers, mimetype="application/json")
+def json_response(body: BaseModel | dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+                  ) -> Response:
+    """A JSON response from a response model, or from a body a presenter built (api/presenters.py), written by
+    the same encoder."""
+    return Response(to_json(body), status=status, headers=headers, mimetype="application/json")
+
+
+def to_json(body: BaseModel | dict[str, Any]) -> bytes:
+    """A body as JSON, as pydantic writes a model (``inf_nan_mode``: a model's default, NaN and infinities as
+    null)."""
+    if isinstance(body, BaseModel):
+        return body.model_dump_json().encode()
+    return pydantic_core.to_json(body, inf_nan_mode="null")
 
 
 def no_content() -> Response:

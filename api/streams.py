@@ -25,6 +25,7 @@ from api.db import get_session, services
 from api.errors import validation_error
 from api.pagination import MAX_INT, int_arg, one_arg
 from api.presenters import job_out, log_line_out
+from api.schemas import to_json
 from api.stream_slots import LEASE_SECONDS, stream_gate
 from models.accounts import refusal
 from models.spec import Problem
@@ -75,7 +76,7 @@ def metrics_stream(sessions: sessionmaker[Session], user_id: str, job_id: str, s
     """The SSE response that follows a job's metrics from after ``since_epoch`` until the job finishes, if
     the stream limits admit another stream of ``user_id`` (else 429); ``owner`` names the job's user."""
     return job_stream(sessions, user_id, job_id, since_epoch, _epoch_events,
-                      lambda job: sse("status", json.loads(job_out(job, owner).model_dump_json())))
+                      lambda job: sse("status", json.loads(to_json(job_out(job, owner)))))
 
 
 def logs_stream(sessions: sessionmaker[Session], user_id: str, job_id: str, since_seq: int) -> Response:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 
 import pytest
@@ -208,6 +210,21 @@ def test_a_page_after_a_cursor_starts_at_the_cursor_in_the_index_instead_of_filt
         plan = "\n".join(row[0] for row in connection.exec_driver_sql(f"EXPLAIN {statement}", parameters))
     assert "ROW(created_at, (id)::text) <" in plan.split("Index Cond:", 1)[1].split("\n")[0], plan
     assert "Filter" not in plan and "Sort" not in plan, plan
+
+
+def test_a_job_and_a_list_are_written_as_their_response_models_would_write_them(client, alice, spec, set_job):
+    # The presenters build plain dicts (no validation a request): the bytes must be the models' own.
+    from api.schemas import JobList, JobOut
+
+    job_id = submit(client, alice, spec).json["id"]
+    set_job(job_id, status="succeeded", epoch=5, best_metric="val_loss", best_value=1, best_epoch=4,
+            final_metrics={"loss": 0.25}, started_at=dt.datetime(2027, 1, 2, 3, 4, 5, 6))
+    one = client.get(f"{JOBS}/{job_id}", headers=alice).data
+    assert one == JobOut.model_validate_json(one).model_dump_json().encode()
+    assert b'"value":1.0' in one and b'"started_at":"2027-01-02T03:04:05.000006Z"' in one
+    page = client.get(JOBS, headers=alice).data
+    assert page == JobList.model_validate_json(page).model_dump_json().encode()
+    assert json.loads(page)["jobs"][0] == {k: v for k, v in json.loads(one).items() if k != "spec"}
 
 
 def test_listing_filters_by_status_and_checks_its_arguments(client, alice, spec, set_job):
