@@ -97,6 +97,9 @@ def metrics(job_id: str):
     since = int_arg(request.args, "since_epoch", 0, 0, MAX_INT)
     most = int_arg(request.args, "max_points", 0, 2, epoch_rows.METRICS_PAGE)  # 0 (absent): a page
     if wants_stream(request):
+        if most:  # a stream sends every epoch as it comes: a sample of epochs not yet trained can't be drawn
+            raise validation_error([Problem("max_points", "a stream sends every epoch; ask without max_points, or "
+                                                          "for a sample without a stream")], "Invalid query argument")
         # The stream polls with sessions of its own; the request's session closes when this view returns.
         # The caller holds the stream (an admin following another's job uses the admin's stream slots).
         return metrics_stream(services().sessions, current_user().id, job.id, resume_epoch(request, since),

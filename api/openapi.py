@@ -268,7 +268,7 @@ DETAILS = {
                 "query",
                 {"type": "integer", "minimum": 2, "maximum": METRICS_PAGE},
                 "at most this many of the epochs after since_epoch, evenly spaced, the first and the last always "
-                "(for charts; not for streams)",
+                "(for charts; a stream refuses it: 422)",
             ),
             _param(
                 "stream",

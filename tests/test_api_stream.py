@@ -162,6 +162,7 @@ def test_another_users_stream_and_bad_arguments_are_problems(live_server, tokens
         (tokens["alice"], "?stream=maybe", {}, 422),
         (tokens["alice"], "", {"Last-Event-ID": "epoch-3"}, 422),
         (tokens["alice"], "?since_epoch=99999999999999999999", {}, 422),
+        (tokens["alice"], "?max_points=5", {}, 422),  # a sample of a stream
     ):
         response = open_stream(url + query, token, headers)
         assert response.status == status
