@@ -394,7 +394,7 @@ class Shard:
     def finish(self, run: dict) -> None:
         """The run's end as ``runner.record_result`` writes a success, then ``after_run``; then a new job."""
         from models import lifecycle
-        from worker.job_callbacks import record_artifact
+        from worker.job_callbacks import record_artifacts
         from worker.runner import after_run
 
         run["done"] = True
@@ -405,10 +405,10 @@ class Shard:
                                                     stop_reason="completed", epoch=state.epoch,
                                                     final_metrics={"loss": 0.1}, best_metric="val_loss",
                                                     best_value=0.1, best_epoch=state.epoch))
-            for kind, name in (("weights", "weights.safetensors"), ("model_card", "model.json"),
-                               ("metrics", "metrics.csv")):
-                record_artifact(session, fence.job_id, kind, name,
-                                (f"file:///sim/{fence.job_id}/{name}", 4096, "0" * 64))
+            record_artifacts(session, fence.job_id, [
+                (kind, name, (f"file:///sim/{fence.job_id}/{name}", 4096, "0" * 64), None)
+                for kind, name in (("weights", "weights.safetensors"), ("model_card", "model.json"),
+                                   ("metrics", "metrics.csv"))])
             fence.log.close(session, "INFO", f"succeeded after {state.epoch} epochs (completed)")
 
         self.stats.timed("finish", fence.transaction, write)
