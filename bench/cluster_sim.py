@@ -19,7 +19,8 @@ every interval N times longer: the same state at 1/N of the rates, for a machine
                                   as kombu's Redis transport does, without Celery's ack bookkeeping)
   claim                           ``lifecycle.claim`` and ``job_log.start_log``, as ``runner.claim``
   each second of a running job    ``LeaseKeeper.on_batch_end``: a cancel check, or a lease renewal every heartbeat
-  each epoch                      ``DatabaseMetrics.on_epoch_end``: the fenced progress write and its metrics row
+  each epoch                      ``DatabaseMetrics.on_epoch_end`` and ``on_epoch_done``, as the trainer calls
+                                  them: one fenced transaction of the progress and the epoch's metrics row
   the end                         ``lifecycle.finish`` with 3 artifact rows and the log's last line (as
                                   ``runner.record_result``), then ``runner.after_run`` (dispatch)
   a new job per finished one      ``api.submit.submit_job``, so the queue never runs dry
@@ -377,7 +378,8 @@ class Shard:
         self.checks_loop.at(time.time() + self.args.check_seconds, self.batch_end, run)
 
     def epoch_end(self, run: dict) -> None:
-        """``DatabaseMetrics.on_epoch_end``: the fenced progress write and the epoch's metrics row."""
+        """An epoch's end as the trainer reports it: ``DatabaseMetrics.on_epoch_end`` (the row, deferred) and
+        ``on_epoch_done`` (one fenced transaction of the progress and the row)."""
         from worker.engine.callbacks import Best
 
         if run.get("done"):
@@ -388,8 +390,13 @@ class Shard:
         state.best = Best("val_loss", loss, state.epoch)
         metrics = {"epoch": state.epoch, "loss": loss, "val_loss": loss * 1.1, "accuracy": 1 - loss / 2,
                    "val_accuracy": 1 - loss / 1.8, "lr": 0.01, "seconds": 0.31}
-        self.stats.timed("metric write", run["metrics"].on_epoch_end, state, metrics)
+        self.stats.timed("metric write", self.write_epoch, run["metrics"], state, metrics)
         self.jobs_loop.at(time.time() + self.args.epoch_seconds, self.epoch_end, run)
+
+    @staticmethod
+    def write_epoch(callback, state, metrics: dict) -> None:
+        callback.on_epoch_end(state, metrics)
+        callback.on_epoch_done(state)
 
     def finish(self, run: dict) -> None:
         """The run's end as ``runner.record_result`` writes a success, then ``after_run``; then a new job."""
