@@ -67,8 +67,9 @@ class Deployment:
         self.redis = redis.Redis.from_url(REDIS_URL)
         self.redis.flushdb()
         url = make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql+psycopg", database=self.database)
+        # All the bench's jobs may wait at once: the default queued-jobs quota (100) would refuse the rest.
         self.settings = Settings(home=home, database_url=url.render_as_string(hide_password=False),
-                                 broker_url=REDIS_URL).resolved()
+                                 broker_url=REDIS_URL, quota_queued_jobs=100_000).resolved()
         self.workers: list[subprocess.Popen] = []
         self.app = None
 
