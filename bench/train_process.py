@@ -25,18 +25,12 @@ BENCH = Path(__file__).resolve().parent
 
 
 def spec(epochs: int) -> dict:
-    return {
-        "name": "process", "seed": 0, "task": "regression",
-        "data": {"source": "sklearn", "name": "make_regression", "validation_split": 0,
-                 "params": {"n_samples": 20_000, "n_features": 20, "noise": 5.0, "random_state": 0}},
-        "model": {"layers": [{"type": "Linear", "out_features": 64}, {"type": "ReLU"},
-                             {"type": "Linear", "out_features": 64}, {"type": "ReLU"},
-                             {"type": "Linear", "out_features": 1}]},
-        "optimizer": {"type": "Adam", "lr": 0.001},
-        "training": {"epochs": epochs, "batch_size": 64},
-        "checkpoint": {"every_n_epochs": epochs, "keep_last": 1},
-        "resources": {"device": "cpu"},
-    }
+    """bench/engine.py's mlp workload (one definition of the run) for ``epochs``, a checkpoint at the end."""
+    from engine import WORKLOADS  # bench/ is this script's folder: sys.path[0]
+
+    mlp = WORKLOADS["mlp"]
+    return {**mlp, "name": "process", "seed": 0, "training": {**mlp["training"], "epochs": epochs},
+            "checkpoint": {"every_n_epochs": epochs, "keep_last": 1}, "resources": {"device": "cpu"}}
 
 
 def seconds(command: list[str]) -> float:
