@@ -19,7 +19,6 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -184,6 +183,8 @@ def start_log(session: Session, job: Job, settings: Settings) -> JobLog:
 
 def threads_said() -> str:
     """This process's torch intra-op threads, as the log says them (a worker's slot's share: worker.cpus)."""
+    import torch  # here, not at the top: `torchyard maintenance` imports this module and never torch
+
     threads = torch.get_num_threads()
     return f"{threads} CPU thread{'' if threads == 1 else 's'}"
 
