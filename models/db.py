@@ -36,6 +36,14 @@ def dialect_insert(session: Session, entity: Any):
     return (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert(entity)
 
 
+def upsert(session: Session, entity: Any, rows: list[dict] | dict, keys: list, updates: tuple[str, ...]) -> None:
+    """Insert ``rows`` in one statement; a row whose ``keys`` (a unique constraint's columns) exist already sets
+    its ``updates`` columns to the new values instead."""
+    insert = dialect_insert(session, entity)
+    session.execute(insert.on_conflict_do_update(
+        index_elements=keys, set_={column: insert.excluded[column] for column in updates}), rows)
+
+
 def locked_row(session: Session, statement: Select) -> Any:
     """The row ``statement`` selects (or None), locked until the session's transaction ends, so that two
     transactions that each check it and then write can't interleave.

@@ -30,7 +30,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from models import lifecycle
-from models.db import dialect_insert
+from models.db import upsert
 from models.services import Services
 from models.storage import job_prefix
 from models.tables import Artifact, EpochMetrics, Job, new_id, utcnow
@@ -240,10 +240,7 @@ def record_artifacts(session: Session, job_id: str, stored: list[tuple[str, str,
     rows = [{"id": new_id("art"), "job_id": job_id, "kind": kind, "name": name, "uri": uri, "size": size,
              "sha256": sha256, "epoch": epoch, "created_at": utcnow()}
             for kind, name, (uri, size, sha256), epoch in stored]
-    insert = dialect_insert(session, Artifact)
-    session.execute(insert.on_conflict_do_update(
-        index_elements=[Artifact.job_id, Artifact.name],
-        set_={column: insert.excluded[column] for column in ("kind", "uri", "size", "sha256", "epoch")}), rows)
+    upsert(session, Artifact, rows, [Artifact.job_id, Artifact.name], ("kind", "uri", "size", "sha256", "epoch"))
 
 
 def remove_unreferenced(fence: Fence, key: str) -> list[str]:
@@ -292,10 +289,8 @@ class DatabaseMetrics(Callback):
 
         def write(session: Session) -> None:
             # An upsert by (job_id, epoch): a resumed attempt replaces a row, adds none.
-            insert = dialect_insert(session, EpochMetrics)
-            session.execute(insert.on_conflict_do_update(
-                index_elements=[EpochMetrics.job_id, EpochMetrics.epoch],
-                set_={column: insert.excluded[column] for column in ("attempt", "values", "created_at")}), row)
+            upsert(session, EpochMetrics, row, [EpochMetrics.job_id, EpochMetrics.epoch],
+                   ("attempt", "values", "created_at"))
 
         self.fence.defer(write)
 
