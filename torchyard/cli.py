@@ -29,10 +29,18 @@ def _local_data_path(spec, spec_file: Path) -> Path | None:
     return spec_file.parent / spec.data.path  # an absolute path stays as it is
 
 
-def _print_problems(error) -> None:
-    click.echo("invalid spec:", err=True)
-    for problem in error.problems:
-        click.echo(f"  {problem}", err=True)
+@contextlib.contextmanager
+def _spec_refusals():
+    """A spec the engine refuses ends the command with its problems, one a line, and exit code 2."""
+    from models.spec import SpecError
+
+    try:
+        yield
+    except SpecError as error:
+        click.echo("invalid spec:", err=True)
+        for problem in error.problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(2)
 
 
 @click.group()
@@ -58,10 +66,7 @@ def main() -> None:
 def train(spec_file: Path, out_dir: Path, resume: bool, force: bool, device: str | None) -> None:
     """Train SPEC_FILE on this machine."""
     from models.settings import get_settings
-    from models.spec import SpecError
     from models.validation import parse_spec
-    from torchyard.progress import ProgressPrinter, network_table, summary_line
-    from worker.engine import finish, prepare_run
 
     if resume and force:
         raise click.UsageError("--resume continues the run in --out and --force replaces it: give one of them")
@@ -71,14 +76,16 @@ def train(spec_file: Path, out_dir: Path, resume: bool, force: bool, device: str
     # Read before the run is prepared: whether the folder held files of its own, besides a run's.
     foreign = _not_a_run_s(out_dir) if resume else []
     limits = get_settings().limits
-    printer = ProgressPrinter()
-    try:
+    with _spec_refusals():
         spec = parse_spec(_read_spec_file(spec_file), limits)
+    # Only now torch and scikit-learn (seconds to import): a refused command or spec is answered at once.
+    from torchyard.progress import ProgressPrinter, network_table, summary_line
+    from worker.engine import finish, prepare_run
+
+    printer = ProgressPrinter()
+    with _spec_refusals():
         prepared = prepare_run(spec, out_dir, resume=resume, callbacks=[printer],
                                data_path=_local_data_path(spec, spec_file), device=device, limits=limits)
-    except SpecError as error:
-        _print_problems(error)
-        sys.exit(2)
     if resume and prepared.resumed_from is None:
         if foreign:  # training there would mix a new run into files of another kind: said, not done
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
