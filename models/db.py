@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from sqlalchemy import Engine, Select, create_engine, event
+from sqlalchemy import Engine, Insert, Select, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,18 +31,29 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def dialect_insert(session: Session, entity: Any):
-    """An INSERT of ``entity`` in the session's dialect, which has ``on_conflict_do_nothing`` and
-    ``on_conflict_do_update`` (PostgreSQL and SQLite both do; SQLAlchemy's generic insert has neither)."""
-    return (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert(entity)
-
-
 def upsert(session: Session, entity: Any, rows: list[dict] | dict, keys: list, updates: tuple[str, ...]) -> None:
     """Insert ``rows`` in one statement; a row whose ``keys`` (a unique constraint's columns) exist already sets
     its ``updates`` columns to the new values instead."""
-    insert = dialect_insert(session, entity)
-    session.execute(insert.on_conflict_do_update(
-        index_elements=keys, set_={column: insert.excluded[column] for column in updates}), rows)
+    names = tuple(key.key for key in keys)
+    session.connection().execute(_insert_statement(session.get_bind().dialect.name, entity.__table__, names,
+                                                   tuple(updates)), rows)
+
+
+def insert_new(session: Session, entity: Any, rows: list[dict] | dict) -> None:
+    """Insert ``rows`` in one statement, skipping each row that conflicts with one stored already."""
+    session.connection().execute(_insert_statement(session.get_bind().dialect.name, entity.__table__, (), ()), rows)
+
+
+@functools.lru_cache(maxsize=32)
+def _insert_statement(dialect: str, table: Table, keys: tuple[str, ...], updates: tuple[str, ...]) -> Insert:
+    """The dialect's ``INSERT … ON CONFLICT`` (PostgreSQL and SQLite both have it; the generic insert hasn't),
+    built once, its rows passed as parameters: building it and its cache key cost more than running it, and a
+    running job writes one each epoch. Executed on the session's connection, not through the ORM's bulk insert."""
+    insert = (postgresql if dialect == "postgresql" else sqlite).insert(table)
+    if not updates:
+        return insert.on_conflict_do_nothing()
+    return insert.on_conflict_do_update(index_elements=list(keys),
+                                        set_={column: insert.excluded[column] for column in updates})
 
 
 def locked_row(session: Session, statement: Select) -> Any:

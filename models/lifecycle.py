@@ -164,13 +164,23 @@ def renew(session: Session, job_id: str, attempt: int, lease_seconds: float, **p
     unknown = progress.keys() - PROGRESS_FIELDS
     if unknown:
         raise ValueError(f"not progress: {sorted(unknown)}")
-    statement = (
-        _running(job_id, attempt)
-        .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds), **progress)
+    values = {f"new_{name}": value for name, value in progress.items()}
+    return session.execute(_renew_statement(tuple(sorted(progress))), {
+        "job_id": job_id, "attempt": attempt, "lease_until": utcnow() + dt.timedelta(seconds=lease_seconds),
+        **values}).first()
+
+
+@functools.lru_cache(maxsize=16)
+def _renew_statement(progress: tuple[str, ...]) -> Update:
+    """``renew``'s UPDATE for one set of progress fields, built once (as ``_claim_statement``): a running job
+    renews at every epoch's end."""
+    return (
+        update(Job)
+        .where(Job.id == bindparam("job_id"), Job.status == "running", Job.attempts == bindparam("attempt"))
+        .values(lease_expires_at=bindparam("lease_until"), **{name: bindparam(f"new_{name}") for name in progress})
         .returning(Job.cancel_requested, Job.preempt_reason)
         .execution_options(synchronize_session=False)
     )
-    return session.execute(statement).first()
 
 
 def finish(session: Session, job_id: str, attempt: int, status: str, *, stop_reason: str | None = None,

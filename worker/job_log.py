@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from models.db import dialect_insert
+from models.db import insert_new
 from models.settings import Settings
 from models.tables import Job, LogLine, utcnow
 from models.text import visible
@@ -103,7 +103,7 @@ class JobLog:
         if rows:
             session.info.setdefault(WRITING, []).extend(rows)
             # A retried commit that did land the first time finds its rows there: nothing twice, no error.
-            session.execute(dialect_insert(session, LogLine).on_conflict_do_nothing(), rows)
+            insert_new(session, LogLine, rows)
 
     def close(self, session: Session, level: str, text: str) -> None:
         """Write the waiting lines and then ``text``, the attempt's last line, in the transaction that ends the
