@@ -12,7 +12,7 @@ import io
 
 import pytest
 import requests
-from conftest import flushed_redis, settings_env
+from conftest import flushed_redis, settings_env, wait_for
 from sqlalchemy import func, select
 
 from api.rate_limits import storage_url
@@ -120,6 +120,26 @@ def test_requests_without_a_valid_key_count_against_their_address_read_budget(ma
     assert client.get(f"{API}/jobs", headers=alice).status_code == 200  # her key's budget is her own
 
 
+def test_a_budget_of_several_limits_counts_each_and_refuses_at_the_first_one_spent(make_app, alice):
+    client = make_app(rate_limit_read="100/hour;2/minute").test_client()
+    answers = [client.get(f"{API}/jobs", headers=alice) for _ in range(2)]
+    assert [a.status_code for a in answers] == [200, 200]
+    # The fields follow the limit nearest to exhaustion; the policy names both, shortest window first.
+    assert [fields(a)[:2] for a in answers] == [(2, 1), (2, 0)]
+    assert answers[0].headers["RateLimit-Policy"] == "2;w=60, 100;w=3600"
+    assert_rate_limited(client.get(f"{API}/jobs", headers=alice), "read", 2)
+
+
+def test_the_dashboards_static_files_count_against_no_budget_and_its_pages_against_the_read_budget(make_app):
+    client = make_app(rate_limit_read="1/minute").test_client()
+    files = [client.get("/static/app.css") for _ in range(3)]
+    assert [a.status_code for a in files] == [200] * 3
+    assert not any(name in a.headers for a in files for name in FIELDS)
+    page = client.get("/")
+    assert page.status_code == 200 and fields(page)[:2] == (1, 0)
+    assert_rate_limited(client.get("/"), "read", 1)
+
+
 def test_health_is_never_rate_limited(make_app):
     client = make_app(rate_limit_read="1/minute").test_client()
     answers = [client.get(f"{API}/health") for _ in range(3)]
@@ -133,6 +153,33 @@ def test_a_redis_that_is_down_leaves_the_api_up_and_still_limited(make_app, alic
     assert [submit(client, alice, spec).status_code for _ in range(2)] == [201, 201]
     assert_rate_limited(submit(client, alice, spec), "submit", 2)
     assert client.get(f"{API}/jobs", headers=alice).status_code == 200
+
+
+def test_while_redis_is_away_the_counts_are_in_memory_and_once_it_is_back_in_redis_again(make_app, alice, tmp_path):
+    from private_servers import PrivateRedis
+
+    server = PrivateRedis(tmp_path / "redis")
+    try:
+        client = make_app(rate_limit_storage_url=server.url(), rate_limit_read="1000/minute").test_client()
+
+        def read():
+            answer = client.get(f"{API}/jobs", headers=alice)
+            assert answer.status_code == 200, answer.json
+            return fields(answer)[:2]
+
+        def counted_in_redis() -> int:
+            keys = server.client().keys("LIMITS:LIMITER/torchyard/key:*/read/1000/1/minute")
+            return int(server.client().get(keys[0])) if keys else 0
+
+        assert [read(), read()] == [(1000, 999), (1000, 998)] and counted_in_redis() == 2
+        server.stop()
+        assert read() == (1000, 999)  # Flask-Limiter's fallback: this process's memory, from zero
+        server.start()  # empty: it keeps nothing on disk
+        # Flask-Limiter asks Redis again after a pause that grows (1 s, 2 s, …); meanwhile requests count in memory.
+        wait_for(lambda: read() and counted_in_redis(), timeout=60, what="the counts back in Redis")
+        assert read() == (1000, 1000 - counted_in_redis())
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("variable, value", [
