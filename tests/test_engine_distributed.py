@@ -52,6 +52,29 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path):
     assert torchyard.load_model(tmp_path / "ddp") is not None
 
 
+def test_the_ranks_split_the_threads_their_job_was_given_and_its_process_gets_its_own_back(tmp_path):
+    # A worker's pool process trains with its slot's share of the cores (worker.cpus); a data-parallel job's
+    # ranks split that share, not the whole machine's, and the pool process's next job has its share again.
+    import torch
+
+    from worker.engine import Callback
+
+    seen = []
+
+    class Threads(Callback):
+        def on_train_begin(self, state) -> None:  # rank 0, in this process
+            seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)  # a share unlike what the machine's core count would give each rank
+    try:
+        result = train(parse_spec(ddp_spec(2, epochs=1)), tmp_path, callbacks=[Threads()])
+        assert result.status == "succeeded", result.error
+        assert seen == [2] and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_every_rank_holds_the_job_to_the_limits_it_was_given(tmp_path):
     # More samples than the default max_samples: a rank that fell back to the defaults would refuse it.
     n_samples = Limits().max_samples + 2

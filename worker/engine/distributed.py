@@ -39,12 +39,13 @@ def read_job(path: Path) -> tuple[JobSpec, Limits]:
 
 
 def start_ranks(spec: JobSpec, limits: Limits, out_dir: Path, world_size: int, port: int, resume: bool,
-                data_path: Path | None, device: str) -> list[subprocess.Popen]:
-    """Ranks 1..n-1 as subprocesses; they write nothing, rank 0 owns the output folder."""
+                data_path: Path | None, device: str, threads: int) -> list[subprocess.Popen]:
+    """Ranks 1..n-1 as subprocesses, each with ``threads`` CPU threads; they write nothing, rank 0 owns the
+    output folder."""
     job_file = out_dir / JOB_FILE
     write_job(job_file, spec, limits)
     common = [sys.executable, "-m", "worker.engine.rank", str(job_file), str(out_dir),
-              "--world-size", str(world_size), "--port", str(port), "--device", device]
+              "--world-size", str(world_size), "--port", str(port), "--device", device, "--threads", str(threads)]
     common += ["--resume"] if resume else []
     common += ["--data-path", str(data_path)] if data_path else []
     return [subprocess.Popen([*common, "--rank", str(rank)]) for rank in range(1, world_size)]

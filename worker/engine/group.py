@@ -7,7 +7,6 @@ batch size is the spec's ``batch_size`` whatever the number of processes. NCCL o
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Callable
 
 import torch
@@ -101,11 +100,18 @@ class Group(Single):
             raise pending or TrainingFailed("failed on rank 0")
 
 
-def init_group(rank: int, world_size: int, port: int, device_type: str) -> Group:
-    """Join the process group of ``world_size`` processes that meet at 127.0.0.1:``port``."""
+def init_group(rank: int, world_size: int, port: int, device_type: str, threads: int) -> Group:
+    """Join the process group of ``world_size`` processes that meet at 127.0.0.1:``port``; on the CPU, train
+    with ``threads`` intra-op threads (``rank_threads``)."""
     backend = "nccl" if device_type == "cuda" else "gloo"
     torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                   world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
-    if device_type == "cpu":  # n processes share the cores instead of each taking all of them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    if device_type == "cpu":
+        torch.set_num_threads(threads)
     return Group(rank, world_size)
+
+
+def rank_threads(threads: int, world_size: int) -> int:
+    """Each rank's share of the ``threads`` its job was given (a worker slot's share, or all of a machine's):
+    the n processes split them instead of each taking every core."""
+    return max(1, threads // world_size)

@@ -24,11 +24,12 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--device", required=True)
+    parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--data-path", type=Path)
     args = parser.parse_args()
     spec, limits = read_job(args.job_file)
-    group = init_group(args.rank, args.world_size, args.port, args.device)
+    group = init_group(args.rank, args.world_size, args.port, args.device, args.threads)
     try:
         prepared = prepare_run(spec, args.out_dir, resume=args.resume, data_path=args.data_path,
                                device=args.device, limits=limits, group=group)

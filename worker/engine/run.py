@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as torch_dist
 
 from models.spec import JobSpec, Limits, Problem, SpecError
@@ -15,7 +16,7 @@ from worker.engine.callbacks import Callback, StopTraining, TrainingFailed
 from worker.engine.components import implementation
 from worker.engine.data import load_arrays, prepare
 from worker.engine.device import pick_device, seed
-from worker.engine.group import Single, init_group
+from worker.engine.group import Single, init_group, rank_threads
 from worker.engine.network import build_network, plan_network
 from worker.engine.trainer import Trainer
 
@@ -171,9 +172,11 @@ def train_distributed(spec: JobSpec, out_dir: Path, *, resume: bool, callbacks: 
     out_dir.mkdir(parents=True, exist_ok=True)
     world_size, port = spec.resources.world_size, distributed.free_port()
     device_type = pick_device(device or spec.resources.device).type
-    ranks = distributed.start_ranks(spec, limits, out_dir, world_size, port, resume, data_path, device_type)
+    own_threads = torch.get_num_threads()  # a worker slot's share of the cores (worker.cpus), or all of them
+    threads = rank_threads(own_threads, world_size)
+    ranks = distributed.start_ranks(spec, limits, out_dir, world_size, port, resume, data_path, device_type, threads)
     try:
-        group = init_group(0, world_size, port, device_type)
+        group = init_group(0, world_size, port, device_type, threads)
         try:
             prepared = prepare_run(spec, out_dir, resume=resume, callbacks=callbacks, data_path=data_path,
                                    device=device_type, limits=limits, group=group,
@@ -183,3 +186,4 @@ def train_distributed(spec: JobSpec, out_dir: Path, *, resume: bool, callbacks: 
             torch_dist.destroy_process_group()
     finally:
         distributed.stop_ranks(ranks)
+        torch.set_num_threads(own_threads)  # a worker's pool process runs its next job with its slot's share
