@@ -10,8 +10,13 @@ GPU quota is passed over, and their next job says why in its ``pending_reason``.
 
 It runs wherever a slot may have changed: after a submit (the API), after a job ends (the worker), and in
 every maintenance round, which also re-rings released jobs that no free worker took (a lost message).
-Each release is one conditional UPDATE (``lifecycle.release``): concurrent dispatchers can't release a job
-twice, and at worst release a few more than there are slots, which only delays fairness by those few.
+One dispatcher works on a queue at a time (``lock_queues``: PostgreSQL's advisory locks; a maintenance round
+leaves a queue that another holds, a submit or a job's end waits its turn), so that two can't pick the same
+jobs and wait on, or deadlock over, each other's row locks. It releases at most RELEASE_BATCH jobs of a queue
+a transaction, in one conditional UPDATE (``lifecycle.release_many``: a job cancelled meanwhile stays held),
+publishes them once that commits, and goes round again while room is left. A submit that finds a free slot
+releases its job with its insert, without the lock: at worst a few more than there are slots are released,
+which only delays fairness by those few.
 
 With ``preemption`` on, a high-priority job that finds no free slot asks the lowest-priority, most
 recently started running job of its queue to hand its slot back (``lifecycle.request_preemption``):
@@ -34,7 +39,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import CompoundSelect, Row, bindparam, func, literal, null, or_, select, union_all
+from sqlalchemy import CompoundSelect, Row, bindparam, func, literal, null, or_, select, text, union_all
 from sqlalchemy.orm import Session
 
 from models import lifecycle, quotas
@@ -45,6 +50,11 @@ from models.settings import Settings
 from models.tables import Job, User, Worker, utcnow
 
 log = logging.getLogger(__name__)
+
+# Releases per transaction of a queue: a cluster with thousands of free slots fills a batch at a time, each
+# published as soon as it commits, and the queue's lock is held for one batch at most.
+RELEASE_BATCH = 100
+DISPATCH_LOCK_SCOPE = 0x7479  # the first key of the dispatcher's advisory locks ("ty"); the second: the queue's
 
 PRIORITIES = {"low": 0, "normal": 1, "high": 2}
 PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
@@ -86,13 +96,33 @@ class UserState:
 def dispatch(services: Services, queues: Iterable[str] | None = None, session: Session | None = None) -> list[str]:
     """Release queued jobs of ``queues`` (default: every queue with queued jobs) where slots are free; ring
     again released jobs that no free worker took within ``reconcile_seconds``. Returns the released ids.
-    Runs in ``session`` when given (one with nothing uncommitted: a request's, after its commit)."""
+    Runs in ``session`` when given (one with nothing uncommitted: a request's, after its commit).
+
+    Each transaction releases at most RELEASE_BATCH jobs of a queue, then commits and publishes them; a queue
+    with more room left goes round again, so that workers start on the first jobs while the rest are picked."""
+    released: list[str] = []
+    while True:
+        done, unfinished = _dispatch_once(services, queues, session)
+        released += done
+        if not unfinished:
+            return released
+        queues = unfinished  # a maintenance round's other work (re-rings) is done: only the releases go on
+
+
+def _dispatch_once(services: Services, queues: Iterable[str] | None,
+                   session: Session | None) -> tuple[list[str], set[str]]:
+    """One transaction of ``dispatch``; the ids it released, and the queues that had more room than a batch."""
     settings = services.settings
     released: list[tuple[str, str]] = []
+    unfinished: set[str] = set()
     with contextlib.nullcontext(session) if session is not None else services.sessions() as session:
         wanted = set(queues) if queues is not None else _queues_with_queued_jobs(session)
+        # A maintenance round leaves a queue that another dispatcher holds to it (that one reads the state after
+        # taking the lock, so it misses nothing); a submit or a job's end waits its turn.
+        wanted = lock_queues(session, wanted, wait=queues is not None)
         if not wanted:
-            return []
+            session.rollback()  # ends the read's transaction (and takes no lock): nothing to do
+            return [], set()
         states = queue_states(session, services, wanted)
         for queue in sorted(wanted):
             state = states.get(queue)
@@ -106,14 +136,38 @@ def dispatch(services: Services, queues: Iterable[str] | None = None, session: S
             if state.released and state.held:  # a held job may outrank a released one of its user
                 state.released -= _put_priority_first(session, queue)
             room = state.free + settings.dispatch_margin - state.released
+            if room > RELEASE_BATCH:
+                room = RELEASE_BATCH
+                unfinished.add(queue)
             if room > 0:
-                released += [(job_id, queue) for job_id in _release(session, services, queue, room)]
+                batch = _release(session, services, queue, room)
+                released += [(job_id, queue) for job_id in batch]
+                if len(batch) < room:  # the queue ran out of jobs it may release
+                    unfinished.discard(queue)
         if queues is None:  # a maintenance round: the others only look at the queues they changed
             released += _rering(session, services, states)
         session.commit()
     for job_id, queue in released:
         services.publisher.publish(job_id, queue)
-    return [job_id for job_id, _ in released]
+    return [job_id for job_id, _ in released], unfinished
+
+
+def lock_queues(session: Session, queues: set[str], wait: bool) -> set[str]:
+    """Take each queue's dispatch lock for this transaction (PostgreSQL's advisory locks, in name order so
+    that two dispatchers of overlapping queues can't deadlock); return the queues locked. Without ``wait``, a
+    queue another transaction holds is left out. One dispatcher per queue at a time: concurrent ones would
+    pick the same held jobs and wait on (or deadlock over) each other's row locks. SQLite serializes every
+    write already: nothing to take."""
+    if session.get_bind().dialect.name != "postgresql":
+        return queues
+    function = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
+    locked = set()
+    for queue in sorted(queues):
+        got = session.execute(text(f"SELECT {function}(:scope, hashtext(:queue))::text"),
+                              {"scope": DISPATCH_LOCK_SCOPE, "queue": queue}).scalar()
+        if wait or got == "true":
+            locked.add(queue)
+    return locked
 
 
 def dispatch_soon(services: Services, queues: Iterable[str], session: Session | None = None) -> None:
@@ -271,12 +325,13 @@ def user_states(session: Session, services: Services, user_ids: set[str] | None 
 
 
 def _release(session: Session, services: Services, queue: str, room: int) -> list[str]:
-    """Pick up to ``room`` held jobs of ``queue`` by fair share and release them; their ids."""
+    """Pick up to ``room`` held jobs of ``queue`` by fair share and release them (one UPDATE for all: the
+    queue's lock keeps other dispatchers off them); the ids released."""
     candidates = _held_jobs(session, queue, room)
     if not candidates:
         return []
     users = user_states(session, services, set(candidates))  # only theirs: one user on an idle cluster
-    picked: list[str] = []
+    picked: list[Row] = []
     gpus = queue_gpus(queue)
     while len(picked) < room and candidates:
         eligible = [user for user in candidates if _within_quota(users[user], gpus)]
@@ -288,11 +343,12 @@ def _release(session: Session, services: Services, queue: str, room: int) -> lis
         job = candidates[user].pop(0)
         if not candidates[user]:
             del candidates[user]
-        if lifecycle.release(session, job.id, clear_reason=_is_quota_reason(job.pending_reason)):
-            picked.append(job.id)
-            users[user].active += 1
-            users[user].gpus += gpus
-    return picked
+        picked.append(job)
+        users[user].active += 1
+        users[user].gpus += gpus
+    # A job cancelled or paused since it was read stays held (and its slot goes to the next round).
+    return lifecycle.release_many(session, [job.id for job in picked],
+                                  clear_reason=[job.id for job in picked if _is_quota_reason(job.pending_reason)])
 
 
 def _put_priority_first(session: Session, queue: str) -> int:

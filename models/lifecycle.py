@@ -301,6 +301,21 @@ def release(session: Session, job_id: str, again_before: dt.datetime | None = No
     return bool(_rows(session, releasable.values(**values)))
 
 
+def release_many(session: Session, job_ids: list[str], clear_reason: list[str] = ()) -> list[str]:
+    """``release`` of several held jobs in one statement (``clear_reason``: those whose pending reason no longer
+    holds); the ids released, in ``job_ids``' order."""
+    if not job_ids:
+        return []
+    values: dict[str, Any] = {"released_at": utcnow(), "updated_at": Job.updated_at}
+    if clear_reason:
+        values["pending_reason"] = case((Job.id.in_(clear_reason), None), else_=Job.pending_reason)
+    releasable = (update(Job).where(Job.id.in_(job_ids), Job.status == "queued", Job.released_at.is_(None),
+                                    Job.paused.is_(False), Job.cancel_requested.is_(False))
+                  .values(**values).returning(Job.id).execution_options(synchronize_session=False))
+    done = set(session.scalars(releasable))
+    return [job_id for job_id in job_ids if job_id in done]
+
+
 def unrelease(session: Session, job_id: str) -> bool:
     """Hold a released job back again (a higher-priority one must get the next free slot): a worker that
     meets its message skips it, and the dispatcher releases it again later. False if it wasn't released."""

@@ -4,9 +4,13 @@ with a reason; a lost message is rung again; a high job may ask a lower one for 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime as dt
 
+import pytest
+from conftest import wait_for
+from sqlalchemy import func, select, text
 from test_worker_maintenance import LONG_AGO, SPEC, add_worker, job, rung
 
 from models import dispatch, lifecycle
@@ -265,3 +269,49 @@ def test_a_submit_goes_to_the_broker_with_its_insert_only_when_nothing_else_coul
     running(ctx, "alice", "box:0")
     with ctx.sessions() as session:  # alice's two running jobs fill her quota, though box:1 is free
         assert not dispatch.admits_at_once(session, ctx, "cpu", session.get(User, user(ctx, "alice")))
+
+
+def test_a_large_room_is_released_a_batch_a_transaction_each_published_once_it_commits(worker_context, monkeypatch):
+    monkeypatch.setattr(dispatch, "RELEASE_BATCH", 2)
+    add_worker(worker_context, "box:1", "cpu", slots=4)
+    jobs = [queued(worker_context, "alice", age=dt.timedelta(seconds=10 - i)) for i in range(7)]
+
+    class Recording:
+        """The publisher, noting at each publish how many jobs the database holds released (committed)."""
+
+        def __init__(self, inner):
+            self.inner, self.released = inner, []
+
+        def publish(self, job_id: str, queue: str) -> None:
+            with worker_context.sessions() as session:
+                self.released.append(session.scalar(select(func.count()).where(Job.released_at.is_not(None))))
+            self.inner.publish(job_id, queue)
+
+    recording = Recording(worker_context.publisher)
+    # Four free slots and the margin: five jobs, two, two and one a transaction, each published once it committed.
+    assert dispatch.dispatch(dataclasses.replace(worker_context, publisher=recording)) == jobs[:5]
+    assert recording.released == [2, 2, 4, 4, 5]
+    assert rung(worker_context) == jobs[:5]
+
+
+@pytest.mark.parametrize("worker_context", ["postgresql"], indirect=True)  # SQLite serializes writes itself
+def test_one_dispatcher_per_queue_at_a_time_a_round_leaves_a_held_queue_and_a_job_end_waits(worker_context):
+    add_worker(worker_context, "box:1", "cpu")
+    job_id = queued(worker_context, "alice")
+    holder = worker_context.sessions()  # another dispatcher, in the middle of its transaction on queue cpu
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        assert dispatch.lock_queues(holder, {"cpu"}, wait=True) == {"cpu"}
+        assert dispatch.dispatch(worker_context) == []  # a maintenance round: the holder will see the free slot
+        assert job(worker_context, job_id).released_at is None
+
+        after_a_job_end = pool.submit(dispatch.dispatch, worker_context, ["cpu"])
+        waiting = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        wait_for(lambda: holder.scalar(waiting) == 1, what="the job end's dispatch to wait for the lock")
+        assert not after_a_job_end.done()
+    finally:
+        holder.rollback()  # the holder's transaction ends: its lock goes with it
+        holder.close()
+        pool.shutdown()
+    assert after_a_job_end.result() == [job_id]
+    assert rung(worker_context) == [job_id]
