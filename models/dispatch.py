@@ -40,6 +40,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sqlalchemy import CompoundSelect, Row, bindparam, func, literal, null, or_, select, text, union_all
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from models import lifecycle, quotas
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 # published as soon as it commits, and the queue's lock is held for one batch at most.
 RELEASE_BATCH = 100
 DISPATCH_LOCK_SCOPE = 0x7479  # the first key of the dispatcher's advisory locks ("ty"); the second: the queue's
+LOCK_WAIT_SECONDS = 5  # how long a dispatch waits for a queue's lock (then for any row lock of its transaction)
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock_timeout that ran out
 
 PRIORITIES = {"low": 0, "normal": 1, "high": 2}
 PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
@@ -160,11 +163,21 @@ def lock_queues(session: Session, queues: set[str], wait: bool) -> set[str]:
     write already: nothing to take."""
     if session.get_bind().dialect.name != "postgresql":
         return queues
+    if wait:  # a holder that stalls (its process frozen) must not hang a submit: give up, and the next round goes
+        session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_WAIT_SECONDS}s'"))
     function = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
     locked = set()
     for queue in sorted(queues):
-        got = session.execute(text(f"SELECT {function}(:scope, hashtext(:queue))::text"),
-                              {"scope": DISPATCH_LOCK_SCOPE, "queue": queue}).scalar()
+        try:
+            got = session.execute(text(f"SELECT {function}(:scope, hashtext(:queue))::text"),
+                                  {"scope": DISPATCH_LOCK_SCOPE, "queue": queue}).scalar()
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                raise
+            session.rollback()  # the failed statement ended the transaction, and the locks taken with it
+            log.warning("dispatch: queue %s stayed locked by another dispatcher for %s s; the next round "
+                        "dispatches it", queue, LOCK_WAIT_SECONDS)
+            return set()
         if wait or got == "true":
             locked.add(queue)
     return locked
