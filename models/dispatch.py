@@ -120,8 +120,8 @@ def _dispatch_once(services: Services, queues: Iterable[str] | None,
     unfinished: set[str] = set()
     with contextlib.nullcontext(session) if session is not None else services.sessions() as session:
         wanted = set(queues) if queues is not None else _queues_with_queued_jobs(session)
-        # A maintenance round leaves a queue that another dispatcher holds to it (that one reads the state after
-        # taking the lock, so it misses nothing); a submit or a job's end waits its turn.
+        # A maintenance round leaves a queue that another dispatcher holds to it (what that one can't see yet, the
+        # next round does); a submit or a job's end waits its turn, so that its freed slot is seen at once.
         wanted = lock_queues(session, wanted, wait=queues is not None)
         if not wanted:
             session.rollback()  # ends the read's transaction (and takes no lock): nothing to do

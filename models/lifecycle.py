@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from sqlalchemy import Row, Update, bindparam, case, select, update
@@ -301,7 +301,7 @@ def release(session: Session, job_id: str, again_before: dt.datetime | None = No
     return bool(_rows(session, releasable.values(**values)))
 
 
-def release_many(session: Session, job_ids: list[str], clear_reason: list[str] = ()) -> list[str]:
+def release_many(session: Session, job_ids: list[str], clear_reason: Collection[str] = ()) -> list[str]:
     """``release`` of several held jobs in one statement (``clear_reason``: those whose pending reason no longer
     holds); the ids released, in ``job_ids``' order."""
     if not job_ids:
