@@ -30,11 +30,11 @@ bp = Blueprint("jobs", __name__, url_prefix=f"{API_PREFIX}/jobs")
 bp.before_request(require_user)
 
 DEFAULT_LIMIT = 20
-# How a job that ended is said in a refusal to cancel it.
 # A list's query but for its conditions and page size, built once: building the select of 27 columns each
 # request cost ~300 Python calls.
 LISTED = (select(*SUMMARY_COLUMNS, User.name.label("owner")).join(User, User.id == Job.user_id)
           .order_by(Job.created_at.desc(), Job.id.desc()))
+# How a job that ended is said in a refusal to cancel it.
 ENDED_ALREADY = {"succeeded": "has already succeeded", "failed": "has already failed",
                  "cancelled": "has already been cancelled"}
 

@@ -10,11 +10,12 @@ fails (keep-alives every few seconds make that write happen soon).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from flask import Request, Response, current_app
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.datastructures import MultiDict
@@ -76,7 +77,7 @@ def metrics_stream(sessions: sessionmaker[Session], user_id: str, job_id: str, s
     """The SSE response that follows a job's metrics from after ``since_epoch`` until the job finishes, if
     the stream limits admit another stream of ``user_id`` (else 429); ``owner`` names the job's user."""
     return job_stream(sessions, user_id, job_id, since_epoch, _epoch_events,
-                      lambda job: sse("status", json.loads(to_json(job_out(job, owner)))))
+                      lambda job: sse("status", job_out(job, owner)))
 
 
 def logs_stream(sessions: sessionmaker[Session], user_id: str, job_id: str, since_seq: int) -> Response:
@@ -195,7 +196,7 @@ def _epoch_events(session: Session, job_id: str, after: int) -> list[tuple[int, 
 
 
 def _log_events(session: Session, job_id: str, after: int) -> list[tuple[int, str]]:
-    return [(line.seq, sse("log", json.loads(log_line_out(line).model_dump_json()), event_id=str(line.seq)))
+    return [(line.seq, sse("log", log_line_out(line), event_id=str(line.seq)))
             for line in log_lines(session, job_id, after)]
 
 
@@ -205,7 +206,8 @@ def log_lines(session: Session, job_id: str, after: int) -> list[LogLine]:
                                 .order_by(LogLine.seq)))
 
 
-def sse(event: str, data: dict, event_id: str | None = None) -> str:
-    """One event in the text/event-stream format (JSON data holds no newline, so one data line)."""
+def sse(event: str, data: BaseModel | dict[str, Any], event_id: str | None = None) -> str:
+    """One event in the text/event-stream format, its data written as a response body is (``to_json``: compact
+    JSON holds no newline, so one data line)."""
     head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+    return f"{head}event: {event}\ndata: {to_json(data).decode()}\n\n"

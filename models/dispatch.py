@@ -138,15 +138,12 @@ def _dispatch_once(services: Services, queues: Iterable[str] | None,
                     continue  # the slot being freed is the high job's: release nothing else now
             if state.released and state.held:  # a held job may outrank a released one of its user
                 state.released -= _put_priority_first(session, queue)
-            room = state.free + settings.dispatch_margin - state.released
-            if room > RELEASE_BATCH:
-                room = RELEASE_BATCH
-                unfinished.add(queue)
+            room = min(state.free + settings.dispatch_margin - state.released, RELEASE_BATCH)
             if room > 0:
                 batch = _release(session, services, queue, room)
                 released += [(job_id, queue) for job_id in batch]
-                if len(batch) < room:  # the queue ran out of jobs it may release
-                    unfinished.discard(queue)
+                if len(batch) == RELEASE_BATCH:  # a full batch: the queue may have room for more
+                    unfinished.add(queue)
         if queues is None:  # a maintenance round: the others only look at the queues they changed
             released += _rering(session, services, states)
         session.commit()
@@ -169,7 +166,7 @@ def lock_queues(session: Session, queues: set[str], wait: bool) -> set[str]:
     locked = set()
     for queue in sorted(queues):
         try:
-            got = session.execute(text(f"SELECT {function}(:scope, hashtext(:queue))::text"),
+            got = session.execute(text(f"SELECT {function}(:scope, hashtext(:queue))"),
                                   {"scope": DISPATCH_LOCK_SCOPE, "queue": queue}).scalar()
         except OperationalError as exc:
             if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
@@ -178,7 +175,7 @@ def lock_queues(session: Session, queues: set[str], wait: bool) -> set[str]:
             log.warning("dispatch: queue %s stayed locked by another dispatcher for %s s; the next round "
                         "dispatches it", queue, LOCK_WAIT_SECONDS)
             return set()
-        if wait or got == "true":
+        if wait or got:  # the waiting lock returns nothing (void); the try, whether it got it
             locked.add(queue)
     return locked
 

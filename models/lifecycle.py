@@ -43,7 +43,7 @@ import functools
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from sqlalchemy import Row, Update, bindparam, case, select, update
+from sqlalchemy import Row, Update, and_, bindparam, case, select, update
 from sqlalchemy.orm import Session
 
 from models.tables import FINISHED_STATUSES, Job, new_id, utcnow
@@ -292,13 +292,10 @@ def release(session: Session, job_id: str, again_before: dt.datetime | None = No
     ``clear_reason``, its pending reason no longer holds. False when another dispatcher got there first, or
     the job is no longer queued: only the winner publishes."""
     held = Job.released_at.is_(None) if again_before is None else Job.released_at < again_before
-    # Dispatch is bookkeeping, not a change a client sees: updated_at stays.
     values: dict[str, Any] = {"released_at": utcnow(), "updated_at": Job.updated_at}
     if clear_reason:
         values["pending_reason"] = None
-    # A paused job waits for its sweep, not for a slot: never released (``unpause`` first).
-    releasable = _queued(job_id).where(held, Job.paused.is_(False), Job.cancel_requested.is_(False))
-    return bool(_rows(session, releasable.values(**values)))
+    return bool(_rows(session, update(Job).where(Job.id == job_id, _releasable(held)).values(**values)))
 
 
 def release_many(session: Session, job_ids: list[str], clear_reason: Collection[str] = ()) -> list[str]:
@@ -309,11 +306,17 @@ def release_many(session: Session, job_ids: list[str], clear_reason: Collection[
     values: dict[str, Any] = {"released_at": utcnow(), "updated_at": Job.updated_at}
     if clear_reason:
         values["pending_reason"] = case((Job.id.in_(clear_reason), None), else_=Job.pending_reason)
-    releasable = (update(Job).where(Job.id.in_(job_ids), Job.status == "queued", Job.released_at.is_(None),
-                                    Job.paused.is_(False), Job.cancel_requested.is_(False))
-                  .values(**values).returning(Job.id).execution_options(synchronize_session=False))
+    releasable = (update(Job).where(Job.id.in_(job_ids), _releasable(Job.released_at.is_(None))).values(**values)
+                  .returning(Job.id).execution_options(synchronize_session=False))
     done = set(session.scalars(releasable))
     return [job_id for job_id in job_ids if job_id in done]
+
+
+def _releasable(held):
+    """A job the dispatcher may hand to the broker: queued, ``held`` as the caller says, and neither paused (it
+    waits for its sweep, not a slot: ``unpause`` first) nor being cancelled. Dispatch is bookkeeping, not a change
+    a client sees: the releases leave updated_at as it was."""
+    return and_(Job.status == "queued", held, Job.paused.is_(False), Job.cancel_requested.is_(False))
 
 
 def unrelease(session: Session, job_id: str) -> bool:

@@ -23,7 +23,7 @@ from werkzeug.serving import make_server
 
 from api.auth import create_api_key
 from models.tables import Dataset, Job, LogLine, User
-from worker.cpus import slot_threads
+from worker.engine import thread_share
 from worker.job_log import JobLog, start_log
 
 JOBS = "/api/v1/jobs"
@@ -42,7 +42,7 @@ def machine_threads() -> int:
 def started(attempt: int, of: int, worker_id: str, slots: int = 1) -> str:
     """The first line of an attempt's log, on a worker of ``slots`` slots of this machine."""
     # An operator's OMP_NUM_THREADS is each process's count already (worker.cpus.take_share).
-    threads = machine_threads() if "OMP_NUM_THREADS" in os.environ else slot_threads(machine_threads(), slots)
+    threads = machine_threads() if "OMP_NUM_THREADS" in os.environ else thread_share(machine_threads(), slots)
     return (f"attempt {attempt} of {of} started on worker {worker_id}; device cpu, "
             f"{threads} CPU thread{'' if threads == 1 else 's'}")
 

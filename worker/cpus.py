@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from worker.engine import thread_share
+
 _slots = 1  # set in the main process before the pool forks
 
 
@@ -21,16 +23,11 @@ def set_slots(slots: int) -> None:
     _slots = max(1, slots)
 
 
-def slot_threads(machine_threads: int, slots: int) -> int:
-    """The intra-op threads of one slot: an equal share of the machine's, at least one."""
-    return max(1, machine_threads // max(1, slots))
-
-
 def take_share() -> int:
     """In a pool process: use this slot's share of torch's threads; return the count.
 
     An operator's OMP_NUM_THREADS is a per-process choice already, and stands.
     """
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(slot_threads(torch.get_num_threads(), _slots))
+        torch.set_num_threads(thread_share(torch.get_num_threads(), _slots))
     return torch.get_num_threads()

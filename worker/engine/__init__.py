@@ -6,7 +6,7 @@ public face: code outside the engine imports from here, never from the modules b
 
 from worker.engine.callbacks import PAUSED, Best, Callback, RunState, StopTraining, TrainingFailed
 from worker.engine.checkpoints import position
-from worker.engine.device import pick_device
+from worker.engine.device import pick_device, thread_share
 from worker.engine.memory import check_memory
 from worker.engine.network import Network, build_network, plan_network
 from worker.engine.outputs import CARD, CARD_FORMAT, WEIGHTS
@@ -15,5 +15,5 @@ from worker.engine.run import TrainResult, finish, prepare_run, train
 __all__ = [
     "CARD", "CARD_FORMAT", "PAUSED", "WEIGHTS", "Best", "Callback", "Network", "RunState", "StopTraining",
     "TrainingFailed", "TrainResult", "build_network", "check_memory", "finish", "pick_device", "plan_network",
-    "position", "prepare_run", "train",
+    "position", "prepare_run", "thread_share", "train",
 ]

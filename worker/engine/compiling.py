@@ -40,8 +40,10 @@ class ForwardLoss:
 
     def compiles(self, x: torch.Tensor) -> bool:
         """Whether the step of batch ``x`` compiles (its shape is new to a compiled run): the trainer times it."""
+        if not self.compiled:
+            return False
         shape = tuple(x.shape)
-        if not self.compiled or shape in self.shapes:
+        if shape in self.shapes:
             return False
         self.shapes.add(shape)
         return True

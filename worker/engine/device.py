@@ -7,6 +7,12 @@ import torch
 from models.spec import Problem, SpecError
 
 
+def thread_share(threads: int, parts: int) -> int:
+    """One of ``parts`` processes' share of ``threads`` intra-op threads, at least one: a worker's slots split the
+    machine's (worker.cpus), a data-parallel job's ranks split their slot's, instead of each taking every core."""
+    return max(1, threads // max(1, parts))
+
+
 def pick_device(requested: str = "auto", rank: int = 0) -> torch.device:
     """cuda, then mps, then cpu for 'auto'; an explicit device that isn't there is a clear error.
 

@@ -102,16 +102,10 @@ class Group(Single):
 
 def init_group(rank: int, world_size: int, port: int, device_type: str, threads: int) -> Group:
     """Join the process group of ``world_size`` processes that meet at 127.0.0.1:``port``; on the CPU, train
-    with ``threads`` intra-op threads (``rank_threads``)."""
+    with ``threads`` intra-op threads (``device.thread_share`` of the job's)."""
     backend = "nccl" if device_type == "cuda" else "gloo"
     torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                   world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     if device_type == "cpu":
         torch.set_num_threads(threads)
     return Group(rank, world_size)
-
-
-def rank_threads(threads: int, world_size: int) -> int:
-    """Each rank's share of the ``threads`` its job was given (a worker slot's share, or all of a machine's):
-    the n processes split them instead of each taking every core."""
-    return max(1, threads // world_size)

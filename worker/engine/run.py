@@ -15,8 +15,8 @@ from worker.engine import checkpoints, distributed, outputs
 from worker.engine.callbacks import Callback, StopTraining, TrainingFailed
 from worker.engine.components import implementation
 from worker.engine.data import load_arrays, prepare
-from worker.engine.device import pick_device, seed
-from worker.engine.group import Single, init_group, rank_threads
+from worker.engine.device import pick_device, seed, thread_share
+from worker.engine.group import Single, init_group
 from worker.engine.network import build_network, plan_network
 from worker.engine.trainer import Trainer
 
@@ -173,7 +173,7 @@ def train_distributed(spec: JobSpec, out_dir: Path, *, resume: bool, callbacks: 
     world_size, port = spec.resources.world_size, distributed.free_port()
     device_type = pick_device(device or spec.resources.device).type
     own_threads = torch.get_num_threads()  # a worker slot's share of the cores (worker.cpus), or all of them
-    threads = rank_threads(own_threads, world_size)
+    threads = thread_share(own_threads, world_size)
     ranks = distributed.start_ranks(spec, limits, out_dir, world_size, port, resume, data_path, device_type, threads)
     try:
         group = init_group(0, world_size, port, device_type, threads)
