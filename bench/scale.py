@@ -20,9 +20,10 @@ per job is the worker's time per job minus the in-process limit; it is split by 
 measured around the runner's and the engine's own functions), and what is left is the broker, Celery and
 the dispatcher.
 
-First (and alone with ``--mode memory``) it prints the resident memory (VmRSS) of each process, idle: one
-worker of concurrency 1 (its main process and its pool process, once that has imported the engine) and the
-API as ``torchyard api`` runs it (gunicorn's master and its workers, once they have imported scikit-learn).
+First (and alone with ``--mode memory``) it prints the resident memory (VmRSS and PSS) of each process, idle: one
+worker of concurrency 1 and 2 (its main process and its pool processes, once they have imported the engine) and
+the API as ``torchyard api`` runs it (gunicorn's master and its workers, once they have imported scikit-learn);
+then the same with 2 slots after MEMORY_JOBS small jobs.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from models.settings import Settings  # noqa: E402
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/11"
 SMALL_JOB = blobs_spec("small", epochs=3, n_samples=200)
+MEMORY_JOBS = 20  # run before the last memory reading: enough that both pool processes of 2 slots run some
 
 
 class Deployment:
@@ -67,9 +69,11 @@ class Deployment:
         self.redis = redis.Redis.from_url(REDIS_URL)
         self.redis.flushdb()
         url = make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql+psycopg", database=self.database)
-        # All the bench's jobs may wait at once: the default queued-jobs quota (100) would refuse the rest.
+        # All the bench's jobs may wait at once, submitted in a few seconds: the default queued-jobs quota (100)
+        # and submit budget (120 a minute) would refuse the rest.
         self.settings = Settings(home=home, database_url=url.render_as_string(hide_password=False),
-                                 broker_url=REDIS_URL, quota_queued_jobs=100_000).resolved()
+                                 broker_url=REDIS_URL, quota_queued_jobs=100_000,
+                                 rate_limit_submit="100000/minute").resolved()
         self.workers: list[subprocess.Popen] = []
         self.app = None
 
@@ -152,8 +156,9 @@ def settled(pids: list[int], seconds: float = 1.0) -> bool:
     return all(rss_mb(pid) - mb < 1 for pid, mb in zip(pids, before, strict=True))
 
 
-def measure_memory(slots: int) -> list[tuple[str, float, float]]:
-    """Each process's resident memory and PSS in MB, idle: one worker of ``slots`` and the API (gunicorn)."""
+def measure_memory(slots: int, jobs: int = 0) -> list[tuple[str, float, float]]:
+    """Each process's resident memory and PSS in MB, idle: one worker of ``slots`` and the API (gunicorn);
+    after ``jobs`` small jobs when given (each pool process has then run some: what it holds once working)."""
     with tempfile.TemporaryDirectory(prefix="torchyard-bench-") as home:
         deployment = Deployment(Path(home))
         api = None
@@ -171,6 +176,8 @@ def measure_memory(slots: int) -> list[tuple[str, float, float]]:
                                                       for pid in children(main)), "the worker's pool process")
             wait_until(lambda: children(api.process.pid) and all(
                 maps_any(pid, ("/sklearn/",)) for pid in children(api.process.pid)), "the API workers to start")
+            if jobs:
+                deployment.run(jobs)
             wait_until(lambda: settled([main, *children(main), api.process.pid, *children(api.process.pid)]),
                        "the processes' memory to settle")
             named = [("worker main process", main)]
@@ -358,10 +365,11 @@ def main() -> None:
     print("load average before: {:.2f} {:.2f} {:.2f} (other processes on this machine skew the figures)"
           .format(*os.getloadavg()))
     if args.mode in ("both", "memory"):
-        for slots in (1, 2):
-            print(f"memory, idle: one worker of {slots} slot(s) and the API (torchyard api); VmRSS counts the "
+        for slots, jobs in ((1, 0), (2, 0), (2, MEMORY_JOBS)):
+            when = f"after {jobs} jobs" if jobs else "idle"
+            print(f"memory, {when}: one worker of {slots} slot(s) and the API (torchyard api); VmRSS counts the "
                   f"pages a process shares in full, PSS shares them out")
-            rows = measure_memory(slots)
+            rows = measure_memory(slots, jobs)
             for label, rss, pss in rows:
                 print(f"  {label:<24}VmRSS {rss:>5.0f} MB   PSS {pss:>5.0f} MB", flush=True)
             worker = [pss for label, _rss, pss in rows if label.startswith("worker")]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 
+# Imported here, in a worker's main process, before its pool processes fork from it: torch.optim's optimizers
+# import torch._dynamo when the first one is made (1.2-1.8 s on 2 cores), which would otherwise delay the first
+# job of every pool process by that much, and load a copy in each.
+import torch._dynamo  # noqa: F401
 from celery import shared_task
 from celery.exceptions import Reject
 
