@@ -59,7 +59,7 @@ def bare_app():
     from models.tables import ApiKey, EpochMetrics, Job, User
 
     app = Flask(__name__)
-    engine = make_engine(os.environ["TORCHYARD_DATABASE_URL"])  # the service's: same pool, same pre-ping
+    engine = make_engine(os.environ["TORCHYARD_DATABASE_URL"])  # the service's: same pool, same checks
     keys, users, jobs, epochs = (ApiKey.__table__, User.__table__, Job.__table__, EpochMetrics.__table__)
     key_query = (select(keys.c.revoked_at, keys.c.expires_at, users.c.id, users.c.name)
                  .join(users, users.c.id == keys.c.user_id))

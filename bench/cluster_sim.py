@@ -449,12 +449,11 @@ def named(database_url: str, group: str) -> str:
 
 def services(settings, group: str, pool: int):
     """Services whose engine pools ``pool`` connections named ``group``, with the worker's session timeout."""
-    from sqlalchemy import create_engine
-
+    from models.db import make_engine
     from models.services import make_services
     from worker.context import end_stalled_transactions
 
-    engine = create_engine(named(settings.database_url, group), pool_size=pool, max_overflow=0, pool_pre_ping=True)
+    engine = make_engine(named(settings.database_url, group), pool_size=pool, max_overflow=0)
     end_stalled_transactions(engine, settings.lease_seconds)
     return make_services(settings, engine=engine)
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import functools
+import select as io_select
 from typing import Any
 
 from sqlalchemy import Engine, Insert, Select, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL and a busy timeout so the API and a worker can share it."""
+def make_engine(url: str, **pool: Any) -> Engine:
+    """An engine for ``url`` (``pool``: the pool's options, pool_size and the like); SQLite gets WAL and a busy
+    timeout so the API and a worker can share it."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30}, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
@@ -23,7 +26,18 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, **pool)
+    event.listen(engine, "checkout", _drop_if_server_left)
+    return engine
+
+
+def _drop_if_server_left(dbapi_connection, _record, _proxy) -> None:
+    """Pool checkout: a connection the server has closed (a restart, a terminated backend) is replaced, as
+    ``pool_pre_ping`` would, but without its round trip on every checkout (every request and every epoch's
+    transaction). An idle connection has nothing to read until the server ends it: its goodbye (an error
+    message, then the socket's end) makes the socket readable, which a poll sees without asking the server."""
+    if dbapi_connection.closed or io_select.select([dbapi_connection.fileno()], [], [], 0)[0]:
+        raise DisconnectionError("the server closed this connection")  # the pool takes another
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
