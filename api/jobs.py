@@ -20,6 +20,7 @@ from api.submit import spec_body, submit_job
 from api.tags import label_filters
 from models import audit, lifecycle
 from models.experiments import labelled
+from models.quotas import restate_stored_bytes
 from models.spec import Problem, unknown_name_message
 from models.storage import job_prefix
 from models.tables import JOB_STATUSES, Artifact, EpochMetrics, Job, Sweep, User
@@ -156,6 +157,7 @@ def delete_finished_job(session: Session, job: Job) -> None:
     store.delete_tree(job_prefix(job.id))
     session.execute(delete(EpochMetrics).where(EpochMetrics.job_id == job.id))
     session.execute(delete(Artifact).where(Artifact.job_id == job.id))
+    restate_stored_bytes(session, job.id)  # its bytes leave its user's total
     session.execute(delete(Job).where(Job.id == job.id))
 
 

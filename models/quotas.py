@@ -8,16 +8,18 @@ Torch-free and Flask-free: both sides call it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-from sqlalchemy import Label, func, select
+from sqlalchemy import Insert, Label, bindparam, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from models import lifecycle
 from models.db import locked_row
 from models.queues import queue_gpus
 from models.settings import Settings
-from models.tables import Artifact, Dataset, Job, StreamSlot, User, utcnow
+from models.tables import Artifact, Dataset, Job, StoredBytes, StreamSlot, User, utcnow
 
 # name -> (what it counts, whether waiting frees some of it: then a 429 with Retry-After, else a 403)
 QUOTAS: dict[str, tuple[str, bool]] = {
@@ -106,11 +108,41 @@ def _use_of(user_id, name: str):
     if name == "running_jobs":
         return select(func.count()).where(Job.user_id == user_id, Job.status == "running")
     if name == "storage_bytes":
+        # A user uploads a few datasets, but their jobs' artifacts grow with their history: those are a running
+        # total (restate_stored_bytes), one row to read.
         datasets = select(func.coalesce(func.sum(Dataset.size), 0)).where(Dataset.user_id == user_id)
-        artifacts = (select(func.coalesce(func.sum(Artifact.size), 0)).join(Job, Job.id == Artifact.job_id)
-                     .where(Job.user_id == user_id))
-        return select(datasets.scalar_subquery() + artifacts.scalar_subquery())
+        artifacts = select(StoredBytes.artifacts).where(StoredBytes.user_id == user_id).scalar_subquery()
+        return select(datasets.scalar_subquery() + func.coalesce(artifacts, 0))
     return select(func.count()).where(StreamSlot.user_id == user_id, StreamSlot.expires_at > utcnow())
+
+
+def restate_stored_bytes(session: Session, job_id: str) -> None:
+    """Count a job's artifact rows again, in the transaction that changed them, after the change: the job's
+    ``stored_bytes`` becomes their sum, and its user's StoredBytes moves by the difference. Exact, and
+    idempotent: run again (a retried transaction that had landed), it finds no difference. The caller holds
+    the job's row (a fenced write of its attempt, or the deletion of a finished job), so no other transaction
+    restates the same job meanwhile."""
+    user_id, was, now = session.execute(_STORED_NOW, {"job_id": job_id}).one()
+    if now == was:
+        return
+    session.execute(update(Job).where(Job.id == job_id).values(stored_bytes=now))
+    session.execute(_add_stored_bytes(session.get_bind().dialect.name),
+                    {"user_id": user_id, "artifacts": now - was})
+
+
+# restate_stored_bytes's read: the job's user, what it counted, and what its artifact rows hold now.
+_STORED_NOW = select(Job.user_id, Job.stored_bytes,
+                     select(func.coalesce(func.sum(Artifact.size), 0)).where(Artifact.job_id == Job.id)
+                     .scalar_subquery()).where(Job.id == bindparam("job_id"))
+
+
+@functools.cache
+def _add_stored_bytes(dialect: str) -> Insert:
+    """Add to a user's StoredBytes, making the row on the user's first artifact (PostgreSQL's and SQLite's
+    ``INSERT … ON CONFLICT``: two jobs of a user may add at once)."""
+    insert = (postgresql if dialect == "postgresql" else sqlite).insert(StoredBytes)
+    return insert.on_conflict_do_update(index_elements=[StoredBytes.user_id],
+                                        set_={"artifacts": StoredBytes.artifacts + insert.excluded.artifacts})
 
 
 def quota(session: Session, settings: Settings, user: User, name: str) -> Quota:

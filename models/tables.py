@@ -175,10 +175,24 @@ class Job(Base):
     device: Mapped[Optional[str]] = mapped_column(String(100))
     lease_expires_at: Mapped[Optional[dt.datetime]]
 
+    # The bytes of its artifact rows as its user's StoredBytes counts them (models.quotas.restate_stored_bytes).
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[Optional[dt.datetime]]
     finished_at: Mapped[Optional[dt.datetime]]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class StoredBytes(Base):
+    """What a user's jobs' artifacts take, kept as a running total (models.quotas.restate_stored_bytes) so
+    that the storage quota, which every submit checks, reads one row rather than every artifact of the user's
+    history. A row of its own, not a column of ``users``: running jobs write it, and submits lock the user's."""
+
+    __tablename__ = "stored_bytes"
+
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    artifacts: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class JobTag(Base):

@@ -263,7 +263,9 @@ def set_job(sessions):
 
 @pytest.fixture
 def add_artifact(sessions, store):
-    """Store a file of a job and its row, under the key layout workers use (``jobs/<id>/<name>``)."""
+    """Store a file of a job and its row, under the key layout workers use (``jobs/<id>/<name>``), counted in its
+    user's stored bytes as a worker's write counts it."""
+    from models.quotas import restate_stored_bytes
     from models.storage import job_prefix
     from models.tables import Artifact
 
@@ -273,6 +275,8 @@ def add_artifact(sessions, store):
                             epoch=epoch)
         with sessions() as session:
             session.add(artifact)
+            session.flush()
+            restate_stored_bytes(session, job_id)
             session.commit()
         return artifact
 

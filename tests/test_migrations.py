@@ -78,3 +78,33 @@ def test_jobs_stored_before_sweeps_existed_upgrade_as_ordinary_unpaused_jobs_and
             assert connection.execute(text("SELECT id FROM jobs")).scalar_one() == "job_1"
     finally:
         engine.dispose()
+
+
+def test_artifacts_stored_before_the_running_total_are_counted_by_the_upgrade(empty_url):
+    upgrade(empty_url, "0007_scale_indexes")
+    engine = make_engine(empty_url)
+    try:
+        with engine.begin() as connection:
+            for user in ("usr_1", "usr_2", "usr_3"):
+                connection.execute(text(f"INSERT INTO users (id, name, created_at, role, share) "
+                                        f"VALUES ('{user}', '{user}', CURRENT_TIMESTAMP, 'user', 1)"))
+            for job, user in (("job_1", "usr_1"), ("job_2", "usr_1"), ("job_3", "usr_2")):
+                connection.execute(text(
+                    "INSERT INTO jobs (id, user_id, name, status, spec, queue, priority, epoch, epochs, "
+                    "cancel_requested, attempts, max_attempts, created_at, updated_at, paused) VALUES "
+                    f"('{job}', '{user}', 'j', 'succeeded', '{{}}', 'cpu', 1, 2, 2, false, 1, 3, CURRENT_TIMESTAMP, "
+                    "CURRENT_TIMESTAMP, false)"))
+            for number, (job, size) in enumerate((("job_1", 100), ("job_1", 20), ("job_2", 3), ("job_3", 4000))):
+                connection.execute(text(
+                    "INSERT INTO artifacts (id, job_id, kind, name, uri, size, sha256, created_at) VALUES "
+                    f"('art_{number}', '{job}', 'weights', 'f{number}', 'file:///f', {size}, 'x', CURRENT_TIMESTAMP)"))
+        upgrade(empty_url)
+        with engine.connect() as connection:
+            jobs = dict(connection.execute(text("SELECT id, stored_bytes FROM jobs")).all())
+            users = dict(connection.execute(text("SELECT user_id, artifacts FROM stored_bytes")).all())
+        assert jobs == {"job_1": 120, "job_2": 3, "job_3": 4000}
+        assert users == {"usr_1": 123, "usr_2": 4000}  # usr_3 has none: no row, which reads as 0
+        downgrade(empty_url, "0007_scale_indexes")
+        assert "stored_bytes" not in table_names(empty_url)
+    finally:
+        engine.dispose()

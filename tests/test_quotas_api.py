@@ -161,6 +161,25 @@ def test_storage_counts_job_artifacts_too(client, alice, spec, add_artifact, ses
     assert count(sessions, Dataset) == 0
 
 
+def test_deleting_a_finished_job_gives_its_artifacts_bytes_back(client, alice, bob, spec, add_artifact, set_job):
+    mine, theirs = submit(client, alice, spec).json["id"], submit(client, bob, spec).json["id"]
+    add_artifact(mine, "weights", "weights.safetensors", b"w" * 900)
+    add_artifact(theirs, "weights", "weights.safetensors", b"w" * 700)
+    set_job(mine, status="succeeded")
+    assert_quota_problem(upload(client, alice, csv_of(200)), 403, "storage_bytes", STORAGE, 900)
+
+    assert client.delete(f"{API}/jobs/{mine}", headers=alice).status_code == 204
+
+    assert upload(client, alice, csv_of(200)).status_code == 201
+    assert storage_use(client, alice) == 200
+    assert storage_use(client, bob) == 700  # not theirs
+
+
+def storage_use(client, headers: dict) -> int:
+    return next(quota["use"] for quota in client.get(f"{API}/me", headers=headers).json["quotas"]
+                if quota["name"] == "storage_bytes")
+
+
 def test_an_upload_whose_content_length_is_past_the_room_is_refused_before_its_body_is_read(
     live_server, tokens, sessions
 ):

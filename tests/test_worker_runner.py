@@ -8,8 +8,9 @@ import pytest
 from conftest import wait_for
 from sqlalchemy import event, select, update
 
+from models import quotas
 from models.storage import job_prefix
-from models.tables import Artifact, EpochMetrics, Job, User, Worker, utcnow
+from models.tables import Artifact, EpochMetrics, Job, StoredBytes, User, Worker, utcnow
 from worker import runner
 from worker.job_callbacks import Fence
 
@@ -42,6 +43,28 @@ def add_job(ctx, spec: dict) -> str:
 def job(ctx, job_id: str) -> Job:
     with ctx.sessions() as session:
         return session.get(Job, job_id)
+
+
+def test_the_artifacts_a_run_keeps_are_its_users_stored_bytes(ctx):
+    first = add_job(ctx, MOONS)
+    with ctx.sessions() as session:
+        user_id = session.get(Job, first).user_id
+        second = Job(user_id=user_id, name="j2", spec={**MOONS, "seed": 1}, epochs=3, released_at=utcnow())
+        session.add(second)
+        session.commit()
+        second = second.id
+
+    assert runner.run_job(first) == "succeeded"
+    assert runner.run_job(second) == "succeeded"
+
+    with ctx.sessions() as session:
+        sizes = {job_id: sum(session.scalars(select(Artifact.size).where(Artifact.job_id == job_id)))
+                 for job_id in (first, second)}
+        # Checkpoints came and went each epoch (keep_last 2): what is counted is what the rows hold at the end.
+        assert all(sizes.values())
+        assert {job_id: session.get(Job, job_id).stored_bytes for job_id in sizes} == sizes
+        assert session.get(StoredBytes, user_id).artifacts == sum(sizes.values())
+        assert quotas.use(session, user_id, "storage_bytes") == sum(sizes.values())
 
 
 def test_a_job_runs_in_process_to_success(ctx):

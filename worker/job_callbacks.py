@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from models import lifecycle
 from models.db import upsert
+from models.quotas import restate_stored_bytes
 from models.services import Services
 from models.storage import job_prefix
 from models.tables import Artifact, EpochMetrics, Job, new_id, utcnow
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _DEFERRED = "torchyard.deferred"  # session.info: (how many deferred writes it made, what follows their commit)
 _LAZY = "torchyard.lazy_commit"  # session.info: its commit doesn't wait for the WAL flush
+_ARTIFACTS = "torchyard.artifacts_changed"  # session.info: it changed the job's artifact rows (restate them)
 
 
 class LeaseLost(Exception):
@@ -153,6 +155,8 @@ class Fence:
                             session.execute(text("SET LOCAL synchronous_commit = off"))
                             session.info[_LAZY] = True
                         result = work(session)
+                        if session.info.pop(_ARTIFACTS, False):  # once, however many rows it changed
+                            restate_stored_bytes(session, self.job_id)
                         session.commit()
                     except BaseException:
                         self._settle_log(session, committed=False)
@@ -234,13 +238,14 @@ def checkpoint_name(path: Path) -> str:
 def record_artifacts(session: Session, job_id: str, stored: list[tuple[str, str, tuple[str, int, str], int | None]],
                      ) -> None:
     """Insert or replace the (job, name) artifact row of each (kind, name, (uri, size, sha256), epoch), in one
-    statement."""
+    statement of a fenced transaction (``Fence.transaction`` then counts the job's stored bytes again)."""
     if not stored:
         return
     rows = [{"id": new_id("art"), "job_id": job_id, "kind": kind, "name": name, "uri": uri, "size": size,
              "sha256": sha256, "epoch": epoch, "created_at": utcnow()}
             for kind, name, (uri, size, sha256), epoch in stored]
     upsert(session, Artifact, rows, [Artifact.job_id, Artifact.name], ("kind", "uri", "size", "sha256", "epoch"))
+    session.info[_ARTIFACTS] = True
 
 
 def remove_unreferenced(fence: Fence, key: str) -> list[str]:
@@ -330,6 +335,7 @@ class ArtifactUploader(Callback):
             uris = list(session.scalars(
                 delete(Artifact).where(Artifact.job_id == self.fence.job_id, Artifact.name == checkpoint_name(path))
                 .returning(Artifact.uri).execution_options(synchronize_session=False)))
+            session.info[_ARTIFACTS] = True
 
             def delete_files() -> None:  # rows first, files once they are committed: the API never lists a
                 for uri in uris:  # checkpoint whose file is gone
