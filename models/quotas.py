@@ -121,28 +121,31 @@ def restate_stored_bytes(session: Session, job_id: str) -> None:
     ``stored_bytes`` becomes their sum, and its user's StoredBytes moves by the difference. Exact, and
     idempotent: run again (a retried transaction that had landed), it finds no difference. The caller holds
     the job's row (a fenced write of its attempt, or the deletion of a finished job), so no other transaction
-    restates the same job meanwhile."""
-    user_id, was, now = session.execute(_STORED_NOW, {"job_id": job_id}).one()
+    restates the same job meanwhile. Statements built once, run on the session's connection: a running job
+    restates at every epoch that keeps or drops a checkpoint."""
+    connection = session.connection()
+    user_id, was, now = connection.execute(_STORED_NOW, {"job_id": job_id}).one()
     if now == was:
         return
-    session.execute(update(Job).where(Job.id == job_id).values(stored_bytes=now))
-    session.execute(_add_stored_bytes(session.get_bind().dialect.name),
-                    {"user_id": user_id, "artifacts": now - was})
+    connection.execute(_SET_STORED, {"job_id": job_id, "stored": now})
+    connection.execute(_add_stored_bytes(connection.dialect.name), {"user_id": user_id, "artifacts": now - was})
 
 
-# restate_stored_bytes's read: the job's user, what it counted, and what its artifact rows hold now.
-_STORED_NOW = select(Job.user_id, Job.stored_bytes,
-                     select(func.coalesce(func.sum(Artifact.size), 0)).where(Artifact.job_id == Job.id)
-                     .scalar_subquery()).where(Job.id == bindparam("job_id"))
+_jobs, _artifacts, _totals = Job.__table__, Artifact.__table__, StoredBytes.__table__
+# What the job counted, and what its artifact rows hold now (with its user, whose total moves by the difference).
+_HELD_NOW = select(func.coalesce(func.sum(_artifacts.c.size), 0)).where(_artifacts.c.job_id == _jobs.c.id)
+_STORED_NOW = (select(_jobs.c.user_id, _jobs.c.stored_bytes, _HELD_NOW.scalar_subquery())
+               .where(_jobs.c.id == bindparam("job_id")))
+_SET_STORED = update(_jobs).where(_jobs.c.id == bindparam("job_id")).values(stored_bytes=bindparam("stored"))
 
 
 @functools.cache
 def _add_stored_bytes(dialect: str) -> Insert:
     """Add to a user's StoredBytes, making the row on the user's first artifact (PostgreSQL's and SQLite's
     ``INSERT … ON CONFLICT``: two jobs of a user may add at once)."""
-    insert = (postgresql if dialect == "postgresql" else sqlite).insert(StoredBytes)
-    return insert.on_conflict_do_update(index_elements=[StoredBytes.user_id],
-                                        set_={"artifacts": StoredBytes.artifacts + insert.excluded.artifacts})
+    insert = (postgresql if dialect == "postgresql" else sqlite).insert(_totals)
+    return insert.on_conflict_do_update(index_elements=["user_id"],
+                                        set_={"artifacts": _totals.c.artifacts + insert.excluded.artifacts})
 
 
 def quota(session: Session, settings: Settings, user: User, name: str) -> Quota:
