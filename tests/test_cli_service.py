@@ -133,6 +133,23 @@ def test_an_unknown_setting_is_an_error_not_ignored(tmp_path):
     assert "unknown setting TORCHYARD_DATABSE_URL" in run.stderr
 
 
+def test_an_api_that_does_not_answer_is_named_by_its_url(tmp_path):
+    with socket.socket() as sock:  # a free port, closed again: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    run = torchyard("status", "job_1", env=cli_env(tmp_path, TORCHYARD_URL=url, TORCHYARD_TOKEN="ty_x"))
+    assert run.returncode == 1
+    assert f"can't reach the torchyard API at {url} (" in run.stderr
+    assert "TORCHYARD_URL" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_no_api_key_says_where_one_is_looked_for_and_how_to_make_one(tmp_path):
+    run = torchyard("status", "job_1", env=cli_env(tmp_path))
+    assert run.returncode == 2
+    assert f"save one in {tmp_path / 'home' / 'token'}" in run.stderr
+    assert "TORCHYARD_TOKEN" in run.stderr and "torchyard token create NAME" in run.stderr
+
+
 def test_a_server_that_cuts_an_upload_off_without_an_answer_is_said_plainly_with_the_size_sent(tmp_path):
     listener = socket.create_server(("127.0.0.1", 0))
 

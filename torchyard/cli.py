@@ -373,7 +373,8 @@ def _client():
     if not token_value and saved.is_file():
         token_value = saved.read_text().strip()
     if not token_value:
-        raise click.UsageError("no API key: set TORCHYARD_TOKEN (or run `torchyard serve`, which saves one)")
+        raise click.UsageError(f"no API key: set TORCHYARD_TOKEN, or save one in {saved} (`torchyard serve` saves "
+                               "one there; `torchyard token create NAME` makes one on the service's machine)")
     return Client(settings.url, token_value)
 
 
@@ -391,7 +392,11 @@ def _api_errors():
     except (ApiError, SendCutOff) as error:  # SendCutOff: it reached the API, which cut the upload off
         raise click.ClickException(str(error)) from None
     except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as error:
-        raise click.ClickException(f"can't reach the torchyard API: {error}") from None
+        from models.settings import get_settings
+
+        reason = getattr(error, "reason", None) or error
+        raise click.ClickException(f"can't reach the torchyard API at {get_settings().url} ({reason}); is "
+                                   "`torchyard serve` running there? TORCHYARD_URL says where it is") from None
     except OSError as error:  # a local file: the one to upload, or the folder to download into
         raise click.ClickException(str(error)) from None
 
