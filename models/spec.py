@@ -801,6 +801,31 @@ def _what_for(path: str) -> tuple[str, dict] | None:
     return None
 
 
+def _field_names_beside(loc: tuple) -> set[str]:
+    """The fields of the spec's model(s) where an error's ``loc`` ends (the unknown field itself last), followed
+    from JobSpec through fields, list items and pydantic's tags of union members (``Linear``, ``sklearn``)."""
+    models: set[type[BaseModel]] = {JobSpec}
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # a list's items: their models were gathered with the list's field
+        tagged = {model for model in models if any(typing.get_origin(field.annotation) is Literal and part in
+                                                   typing.get_args(field.annotation)
+                                                   for field in model.model_fields.values())}
+        if tagged:  # a union member's tag: the one member
+            models = tagged
+            continue
+        fields = [model.model_fields[part] for model in models if part in model.model_fields]
+        models = set().union(*(_models_in(field.annotation) for field in fields))
+    return {name for model in models for name in model.model_fields}
+
+
+def _models_in(annotation: Any) -> set[type[BaseModel]]:
+    """The pydantic models an annotation may hold (through Optional, unions, lists and Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {annotation}
+    return set().union(*(_models_in(argument) for argument in typing.get_args(annotation)))
+
+
 def problem_from_error(error: dict) -> Problem:
     """One of pydantic's validation errors as a Problem at the field path the user wrote."""
     path = format_path(error["loc"])
@@ -815,10 +840,14 @@ def problem_from_error(error: dict) -> Problem:
     if kind == "extra_forbidden":
         if path.rsplit(".", 1)[-1] in INFERRED_FIELDS:
             return Problem(path, "is inferred from the data; remove it")
-        return Problem(path, "unknown field")
+        close = difflib.get_close_matches(str(error["loc"][-1]), sorted(_field_names_beside(error["loc"])), n=3,
+                                          cutoff=0.6)
+        return Problem(path, "unknown field" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else ""))
     if kind == "value_error" and isinstance(error.get("ctx", {}).get("error"), SpecProblem):
         problem = error["ctx"]["error"]
         joint = "" if not path or problem.subpath.startswith("[") else "."
         return Problem(f"{path}{joint}{problem.subpath}", str(problem))
+    if kind == "missing":  # said as this module's own messages say it (pydantic's: "Field required")
+        return Problem(path, "missing")
     message = error["msg"].removeprefix("Value error, ")
     return Problem(path, message)

@@ -230,7 +230,7 @@ def test_base_problems_are_under_base():
     assert problems_of(request(base=[1])) == {"base": "Input should be a valid dictionary"}
     request_without_base = request()
     del request_without_base["base"]
-    assert problems_of(request_without_base) == {"base": "Field required"}
+    assert problems_of(request_without_base) == {"base": "missing"}
     local = digits_base(data={"source": "file", "path": "/etc/passwd.csv", "target": "y"})
     assert list(problems_of(request(base=local))) == ["base.data.source"]
 
