@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import running_service, worker_settings
+from sqlalchemy import select
 from werkzeug.serving import make_server
 
 from torchyard import show
@@ -100,6 +101,21 @@ ID                            NAME         STATUS  PROGRESS  BEST  AGE
 job_000000000000000000000001  circles-mlp  queued  0/5       -     1h ago"""
 
 
+def test_an_admins_list_of_several_users_jobs_names_each_owner(client, alice, bob, spec, set_job, sessions):
+    from models import accounts
+
+    with sessions() as session:
+        accounts.set_role(session, "bob", "admin")
+    mine, theirs = post_job(client, alice, spec, name="alices"), post_job(client, bob, spec, name="bobs")
+    set_job(mine, created_at=at(2))
+    set_job(theirs, created_at=at(1))
+    jobs = client.get(JOBS, headers=bob).get_json()["jobs"]
+    assert numbered(show.plain_text(show.jobs_table(jobs, NOW)), [theirs, mine]) == """\
+ID                            OWNER  NAME    STATUS  PROGRESS  BEST  AGE
+job_000000000000000000000001  bob    bobs    queued  0/5       -     1m ago
+job_000000000000000000000002  alice  alices  queued  0/5       -     2m ago"""
+
+
 def test_status_summarises_a_job_for_a_person(client, alice, fixed_jobs):
     def summary(job_id):
         job = client.get(f"{JOBS}/{job_id}", headers=alice).get_json()
@@ -178,6 +194,20 @@ def test_an_api_error_is_said_once_with_its_field_errors_and_no_traceback(cli, s
     assert "training.epochs" in refused.stderr and "Traceback" not in refused.stderr
     missing = cli("status", "job_nope")
     assert (missing.returncode, missing.stderr) == (1, "Error: 404 Not Found: no job 'job_nope'\n")
+
+
+def test_a_refusal_that_waiting_lifts_says_how_long_to_wait(cli, spec, tmp_path, sessions):
+    from models.tables import User
+
+    with sessions() as session:
+        session.scalar(select(User).where(User.name == "alice")).quotas = {"queued_jobs": 0}
+        session.commit()
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    refused = cli("submit", str(path))
+    assert refused.returncode == 1
+    assert "429 Quota exceeded" in refused.stderr and "(quota_queued_jobs)" in refused.stderr
+    assert "(retry after 30 s)" in refused.stderr
 
 
 # --- data as people have it -----------------------------------------------------------------------
@@ -457,7 +487,8 @@ class Terminal(io.StringIO):
 
 
 def test_a_terminal_gets_colour_unless_no_color_is_set(monkeypatch):
-    job = {"id": "job_1", "name": "n", "status": "failed", "cancel_requested": False, "tags": [], "experiment": None,
+    job = {"id": "job_1", "owner": "alice", "name": "n", "status": "failed", "cancel_requested": False, "tags": [],
+           "experiment": None,
            "progress": {"epoch": 1, "epochs": 2}, "best": None, "created_at": "2026-03-04T11:00:00Z"}
     monkeypatch.setenv("TERM", "xterm-256color")
     monkeypatch.delenv("NO_COLOR", raising=False)

@@ -122,10 +122,12 @@ def test_serve_prints_one_quiet_banner_answers_and_ends_on_sigterm_with_0_and_no
     try:
         # Up: the banner (once the API answers) and the worker's own "ready." line.
         wait_for(lambda: "torchyard serve is ready" in output() and " ready.\n" in output(), 90, "serve", output)
-        with urllib.request.urlopen(f"{url}/", timeout=10) as page:  # the URL the banner says to open
-            assert (page.status, page.headers.get_content_type()) == (200, "text/html")
         with urllib.request.urlopen(f"{url}/api/v1", timeout=10) as index:
             assert (index.status, json.loads(index.read())["name"]) == (200, "torchyard")
+            # serve's own wait for the API spent none of this address's budget: this request is its first
+            assert int(index.headers["RateLimit-Remaining"]) == int(index.headers["RateLimit-Limit"]) - 1
+        with urllib.request.urlopen(f"{url}/", timeout=10) as page:  # the URL the banner says to open
+            assert (page.status, page.headers.get_content_type()) == (200, "text/html")
         processes = descendants(process.pid)
         assert len(processes) >= 4, processes  # gunicorn's master and worker, Celery's worker and its pool child
 

@@ -565,7 +565,8 @@ def status(job_id: str, follow: bool, as_json: bool) -> None:
 @click.option("--experiment", default=None, help="Only the jobs of this experiment.")
 @click.option("--limit", type=LIMIT, default=20, show_default=True, help="How many jobs, newest first.")
 def list_jobs(status_filter: str | None, tags: tuple[str, ...], experiment: str | None, limit: int) -> None:
-    """Your newest jobs: id, name, status, progress, best metric, age; tags and experiment when any has them."""
+    """Your newest jobs (an admin's: everyone's, with their owners): id, name, status, progress, best metric, age;
+    tags and experiment when any has them."""
     from torchyard import show
 
     jobs = _call(_client().jobs, status=status_filter, limit=limit, tags=tags, experiment=experiment)["jobs"]

@@ -40,7 +40,10 @@ class ApiError(Exception):
         # With field errors, the detail only repeats the first of them: each is said once, under the title.
         head = f"{status} {problem.get('title', '')}" if errors else \
             f"{status} {problem.get('title', '')}: {problem.get('detail', '')}"
-        lines = [head.rstrip(": ")] + [f"  {e.get('path')}: {e.get('message')}" for e in errors]
+        head = head.rstrip(": ")
+        if retry_after and "retry after" not in head.lower():  # waiting helps: say how long, once
+            head += f" (retry after {retry_after} s)"
+        lines = [head] + [f"  {e.get('path')}: {e.get('message')}" for e in errors]
         super().__init__("\n".join(lines))
 
 

@@ -96,14 +96,16 @@ def start_api(argv: list[str]) -> subprocess.Popen:
 
 
 def wait_for_api(api: subprocess.Popen, url: str, timeout: float = API_START_SECONDS) -> bool:
-    """Whether the API at ``url`` answered GET /api/v1 before ``timeout``; False at once when it exited."""
+    """Whether the API at ``url`` answered GET /api/v1/health before ``timeout`` (ok, or 503 while the worker
+    starts); False at once when it exited. /health counts against no rate limit: asking it spends no budget of
+    the machine's own address."""
     parsed = urllib.parse.urlsplit(url)
     deadline = time.monotonic() + timeout
     while api.poll() is None and time.monotonic() < deadline:
         connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=5)  # no proxy, unlike urllib
         try:
-            connection.request("GET", "/api/v1")
-            if connection.getresponse().status == 200:
+            connection.request("GET", "/api/v1/health")
+            if connection.getresponse().status in (200, 503):
                 return True
         except OSError:  # not listening yet
             pass

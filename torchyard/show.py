@@ -129,17 +129,18 @@ def size_text(size: int) -> str:
 
 
 def jobs_table(jobs: list[dict], now: dt.datetime) -> RenderableType:
-    """The jobs, one a row: id, name, status, progress, best metric, age; tags and experiment when any job
-    has them. ``no jobs`` when there are none."""
+    """The jobs, one a row: id, name, status, progress, best metric, age; their owners when they are of more than
+    one user (an admin's list), tags and experiment when any job has them. ``no jobs`` when there are none."""
     if not jobs:
         return "no jobs"
+    owners = len({job["owner"] for job in jobs}) > 1
     tags = any(job["tags"] for job in jobs)
     experiment = any(job["experiment"] for job in jobs)
-    headers = ["ID", "NAME", "STATUS", "PROGRESS", "BEST", "AGE"]
+    headers = ["ID", *(["OWNER"] if owners else []), "NAME", "STATUS", "PROGRESS", "BEST", "AGE"]
     table = _table(*headers, *(["TAGS"] if tags else []), *(["EXPERIMENT"] if experiment else []))
     for job in jobs:
-        row = [job["id"], job["name"], _status(job), progress_text(job), best_text(job["best"]),
-               age(job["created_at"], now)]
+        row = [job["id"], *([job["owner"]] if owners else []), job["name"], _status(job), progress_text(job),
+               best_text(job["best"]), age(job["created_at"], now)]
         row += [",".join(job["tags"]) or "-"] if tags else []
         row += [job["experiment"] or "-"] if experiment else []
         _add_row(table, *row)
