@@ -191,9 +191,9 @@ def main() -> None:
         print(f"  the first two jobs of a fresh worker {ms(cold[0])}, {ms(cold[1])}   (POST -> first epoch)")
         print(f"  bare Celery round trip delay->get    {ms(trip)}   (delay -> task body runs: "
               f"{ms(statistics.median(bare_starts))})")
-        print(f"  ratio first-epoch latency / bare round trip: {latency / trip:.1f}  (goal <= 5)")
+        print(f"  ratio first-epoch latency / bare round trip: {latency / trip:.2f}  (goal <= 5)")
         hot = statistics.median(hot_trips)
-        print(f"  (bare round trips back to back, no pause: {ms(hot)}; the ratio against those: {latency / hot:.1f})")
+        print(f"  (bare round trips back to back, no pause: {ms(hot)}; the ratio against those: {latency / hot:.2f})")
         print(f"  gaps between {args.burst} consecutive jobs on one worker (finished_at -> next started_at): "
               f"median {ms(statistics.median(gaps))}, max {ms(max(gaps))}")
     finally:
