@@ -22,6 +22,7 @@ RUN_JOB = "worker.tasks.run_job"
 # Jobs run for hours; a redelivery after this long is harmless (the claim refuses it) and the database
 # lease plus the reaper, not the broker, bring back the jobs of lost workers.
 VISIBILITY_TIMEOUT = 7 * 24 * 3600
+FILESYSTEM_POLL_SECONDS = 0.1  # how often an idle worker looks for a message in the filesystem broker
 # A few quick tries, then give up: the job row is already committed and the dispatcher re-publishes
 # queued jobs that nobody took, so an API request must not hang on a broker that is down.
 RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
@@ -58,6 +59,9 @@ def transport_options(settings: Settings) -> dict:
         # one filesystem, so two workers can't both take it (the default moves it to /tmp: copy + delete).
         # The maintenance thread prunes that folder.
         options.update(broker_folders(settings.home), store_processed=True)
+        # An idle worker looks in its queue's folder this often (kombu's default, 1 s, made a job submitted to an
+        # idle `torchyard serve` wait half a second on average before it started); a look is one listdir.
+        options["polling_interval"] = FILESYSTEM_POLL_SECONDS
     else:
         options["socket_connect_timeout"] = 5  # an API request must not hang on a dead broker
     return options
