@@ -63,11 +63,16 @@ def _insert_statement(dialect: str, table: Table, keys: tuple[str, ...], updates
     """The dialect's ``INSERT … ON CONFLICT`` (PostgreSQL and SQLite both have it; the generic insert hasn't),
     built once, its rows passed as parameters: building it and its cache key cost more than running it, and a
     running job writes one each epoch. Executed on the session's connection, not through the ORM's bulk insert."""
-    insert = (postgresql if dialect == "postgresql" else sqlite).insert(table)
+    insert = dialect_insert(dialect, table)
     if not updates:
         return insert.on_conflict_do_nothing()
     return insert.on_conflict_do_update(index_elements=list(keys),
                                         set_={column: insert.excluded[column] for column in updates})
+
+
+def dialect_insert(dialect: str, table: Table) -> Insert:
+    """The dialect's INSERT, which has ``ON CONFLICT`` (PostgreSQL's and SQLite's; the generic insert hasn't)."""
+    return (postgresql if dialect == "postgresql" else sqlite).insert(table)
 
 
 def locked_row(session: Session, statement: Select) -> Any:

@@ -12,11 +12,10 @@ import functools
 from dataclasses import dataclass
 
 from sqlalchemy import Insert, Label, bindparam, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from models import lifecycle
-from models.db import locked_row
+from models.db import dialect_insert, locked_row
 from models.queues import queue_gpus
 from models.settings import Settings
 from models.tables import Artifact, Dataset, Job, StoredBytes, StreamSlot, User, utcnow
@@ -143,7 +142,7 @@ _SET_STORED = update(_jobs).where(_jobs.c.id == bindparam("job_id")).values(stor
 def _add_stored_bytes(dialect: str) -> Insert:
     """Add to a user's StoredBytes, making the row on the user's first artifact (PostgreSQL's and SQLite's
     ``INSERT … ON CONFLICT``: two jobs of a user may add at once)."""
-    insert = (postgresql if dialect == "postgresql" else sqlite).insert(_totals)
+    insert = dialect_insert(dialect, _totals)
     return insert.on_conflict_do_update(index_elements=["user_id"],
                                         set_={"artifacts": _totals.c.artifacts + insert.excluded.artifacts})
 
