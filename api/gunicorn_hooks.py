@@ -35,9 +35,19 @@ def on_starting(server) -> None:
 def post_worker_init(worker) -> None:
     """Import scikit-learn in the background as the worker starts: its first spec naming a scikit-learn
     dataset took 1.5 s for the import (bench/queue_latency.py's max), and the worker answers meanwhile."""
+    threading.Thread(target=_warm_up, name=WARM_UP_THREAD, daemon=True).start()
+
+
+def _warm_up() -> None:
+    """Import scikit-learn, then move every object this process holds so far out of the garbage collector's
+    sight (gc.freeze): the app's and the libraries' objects live as long as the process, and a full collection
+    then walks only what requests allocate, nor does it write to the pages shared with the master."""
+    import gc
+
     from models.catalog import warm_up
 
-    threading.Thread(target=warm_up, name=WARM_UP_THREAD, daemon=True).start()
+    warm_up()
+    gc.freeze()
 
 
 WARM_UP_THREAD = "torchyard-warm-up"

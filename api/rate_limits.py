@@ -1,33 +1,36 @@
-"""Rate limits per API key, with Flask-Limiter: the one owner of who counts against which budget.
+"""Rate limits per API key: the one owner of who counts against which budget.
 
-Three budgets, each a setting in Flask-Limiter's notation: submissions (``rate_limit_submit``: POST /jobs and /sweeps),
-uploads (``rate_limit_upload``: POST /datasets) and every other request (``rate_limit_read``: reads, mostly).
-They are counted per API key, not per address (many users share a NAT); a request without a valid key
-counts against its address's read budget. ``/health`` counts against none: a probe is never refused.
+Three budgets, each a setting in the notation of the ``limits`` library: submissions (``rate_limit_submit``: POST
+/jobs and /sweeps), uploads (``rate_limit_upload``: POST /datasets) and every other request (``rate_limit_read``:
+reads, mostly). They are counted per API key, not per address (many users share a NAT); a request without a
+valid key counts against its address's read budget. ``/health`` and static files count against none: a probe is
+never refused.
 
 Every counted answer carries the fields of draft-ietf-httpapi-ratelimit-headers: ``RateLimit-Limit``,
 ``RateLimit-Remaining``, ``RateLimit-Reset`` (seconds, not a date: no clock to agree on) and
 ``RateLimit-Policy``. One past its budget is a 429 problem naming the budget, with ``Retry-After``.
 
-The counts live where every API process sees them (``storage_url``: the broker's Redis in production). A
-Redis that fails makes each process count in its own memory until Redis answers again (Flask-Limiter's
-in-memory fallback, which re-checks it every few seconds): the API stays up and limited, though each process
-then allows a whole budget.
+The counts are fixed windows that live where every API process sees them (``storage_url``: the broker's Redis in
+production), one counter per key, budget and limit. A process takes units from a counter in leases (``Leases``):
+one unit at a time under 100 a window, else a hundredth of the limit (at most 100), which it spends on its next
+requests without asking Redis again. No window ever admits more than its limit across all processes; a process
+may refuse while others still hold units they leased, at most a hundredth of the limit each. Once a window is
+spent, a process refuses until it ends without asking Redis (a count only grows). A Redis that fails makes each
+process count in its own memory (``Counters``) until Redis answers again, which it asks after a pause that
+doubles (1 s, 2 s, … 60 s): the API stays up and limited, though each process then allows a whole budget.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from dataclasses import dataclass
 
-from flask import Flask, Response, current_app, g, has_app_context, request
-from flask_limiter import Limit, Limiter, RateLimitExceeded, RequestLimit
-from limits import RateLimitItem
-from limits.errors import StorageError
-from limits.storage import RedisStorage
-from limits.strategies import STRATEGIES, FixedWindowRateLimiter
-from limits.util import WindowStats
+import redis
+from flask import Flask, Response, current_app, g, request
+from limits import RateLimitItem, parse_many
 
 from api.auth import bearer_key
 from api.errors import problem_response
@@ -41,75 +44,201 @@ EXTENSION = "torchyard.rate_limits"
 BUDGETS = ("submit", "upload", "read")
 # The requests of the budgets other than read, by method and endpoint.
 WRITES = {("POST", "jobs.submit"): "submit", ("POST", "sweeps.submit"): "submit", ("POST", "datasets.upload"): "upload"}
-EXEMPT = frozenset({"health.health"})
+EXEMPT = frozenset({"health.health", "dashboard.static"})
+KEY_PREFIX = "LIMITS:"  # the counters' names in Redis, as Flask-Limiter named them before (LIMITS:LIMITER/…)
 # A Redis that doesn't answer within this is down for the limiter, which falls back rather than hang (as long
 # as /health waits for the broker).
 STORAGE_TIMEOUT_SECONDS = 2.0
-STRATEGY = "torchyard-fixed-window"  # OneTripFixedWindow's name among limits' strategies
-# limits' incr_expire.lua, returning the key's time to live beside the count.
-INCR_EXPIRE_TTL = """
-local amount = tonumber(ARGV[2])
-local current = redis.call("incrby", KEYS[1], amount)
-if tonumber(current) == amount then
+# After a failure the counts stay in memory this long before Redis is asked again; it doubles while Redis fails.
+RETRY_FIRST_SECONDS, RETRY_MOST_SECONDS = 1.0, 60.0
+LEASE_SHARE = 100  # a lease is this share of a limit (a hundredth), so idle processes strand at most 1% each
+LEASE_MOST = 100  # units; a process asks Redis at least once every this many requests of a caller
+WINDOWS_BEFORE_SWEEP = 10_000  # ended windows are dropped once a process knows this many (addresses come and go)
+# Count ``units``; set the window when the count is new (or, after a crash of another client, has none); return
+# the count and the window's milliseconds left.
+INCR_EXPIRE_PTTL = """
+local current = redis.call("incrby", KEYS[1], ARGV[2])
+local left = redis.call("pttl", KEYS[1])
+if left < 0 then
     redis.call("expire", KEYS[1], ARGV[1])
+    left = tonumber(ARGV[1]) * 1000
 end
-return {current, redis.call("ttl", KEYS[1])}
+return {current, left}
 """
 
 
-class OneTripFixedWindow(FixedWindowRateLimiter):
-    """limits' fixed window, whose hit on Redis also reads the window's time to live in the same script and keeps
-    the count and the reset for the request's RateLimit fields: one round trip to Redis a request instead of
-    three (the hit, then GET and TTL for the fields). Other storages (the in-memory fallback) count as limits does."""
+@dataclass(frozen=True)
+class Grant:
+    """The answer of a counter: ``units`` of it were counted, the window's count is now ``count``, and the
+    window ends at ``reset_at`` (time.time()); ``source`` is where it counts (memory or Redis)."""
 
-    def __init__(self, storage):
-        super().__init__(storage)
-        self.script = storage.get_connection().register_script(INCR_EXPIRE_TTL) \
-            if isinstance(storage, RedisStorage) else None
-
-    def hit(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool:
-        """Count ``cost`` against the limit; True while within it."""
-        if self.script is None or not has_app_context():
-            return super().hit(item, *identifiers, cost=cost)
-        key = item.key_for(*identifiers)
-        # An error is Flask-Limiter's to handle (it falls back to memory), as limits' own would be.
-        count, ttl = self.script([self.storage.prefixed_key(key)], [item.get_expiry(), cost])
-        g.setdefault("rate_limit_windows", {})[key] = WindowStats(time.time() + max(ttl, 0),
-                                                                  max(0, item.amount - int(count)))
-        return int(count) <= item.amount
-
-    def get_window_stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats:
-        """The reset time and what remains of the limit: as this request's hit left them, else asked of the storage."""
-        known = g.get("rate_limit_windows", {}).get(item.key_for(*identifiers)) if has_app_context() else None
-        return known or super().get_window_stats(item, *identifiers)
+    units: int
+    count: int
+    reset_at: float
+    source: str
 
 
-def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
-    """Count every request but /health against its budget; answer 429 past it; write the RateLimit fields."""
-    # Before the limiter's own hook (registered by init_app below): a failed key lookup (the database is
-    # down) then fails the request as require_user would, rather than inside the limiter, which would take
-    # it for a failed Redis.
-    app.before_request(_identify_caller)
-    STRATEGIES.setdefault(STRATEGY, OneTripFixedWindow)
-    url = storage_url(settings)
-    limiter = Limiter(
-        key_func=caller,
-        default_limits=[Limit(lambda: _rate(settings), scope=lambda _endpoint: budget(), shared=True)],
-        storage_uri=url,
-        storage_options=_storage_options(url),
-        # One counter per key and window: on Redis one script a request counts and reads what the fields say
-        # (OneTripFixedWindow); an exact reset.
-        strategy=STRATEGY,
-        in_memory_fallback_enabled=True,
-        key_prefix="torchyard",
-        headers_enabled=False,  # its X-RateLimit-Reset is a timestamp; the draft's fields are written here
-    )
-    limiter.request_filter(_exempt)
-    limiter.init_app(app)
+class MemoryCounters:
+    """Fixed windows in this process's memory: ``serve``'s single API process, and the fallback while Redis fails."""
+
+    def __init__(self, clock=time.time):
+        self.clock = clock
+        self.windows: dict[str, list] = {}  # key -> [count, reset_at]
+        self.lock = threading.Lock()
+
+    def add(self, key: str, units: int, expiry: int) -> Grant:
+        """Count ``units`` in the window of ``key`` (a new one of ``expiry`` seconds if none is open)."""
+        now = self.clock()
+        with self.lock:
+            window = self.windows.get(key)
+            if window is None or window[1] <= now:
+                _sweep(self.windows, now, lambda entry: entry[1])
+                window = self.windows[key] = [0, now + expiry]
+            window[0] += units
+            return Grant(units, window[0], window[1], "memory")
+
+
+class RedisCounters:
+    """Fixed windows in Redis, which every API process shares: one script a lease counts and reads the window."""
+
+    def __init__(self, url: str):
+        client = redis.Redis.from_url(url, socket_connect_timeout=STORAGE_TIMEOUT_SECONDS,
+                                      socket_timeout=STORAGE_TIMEOUT_SECONDS)
+        self.script = client.register_script(INCR_EXPIRE_PTTL)
+
+    def add(self, key: str, units: int, expiry: int) -> Grant:
+        """Count ``units`` in the window of ``key``; raises redis.RedisError when Redis fails."""
+        count, milliseconds = self.script([KEY_PREFIX + key], [expiry, units])
+        return Grant(units, int(count), time.time() + int(milliseconds) / 1000, "redis")
+
+
+class Counters:
+    """Redis's counters, or this process's memory while Redis fails (then asked again after a pause that doubles)."""
+
+    def __init__(self, url: str):
+        self.memory = MemoryCounters()
+        self.redis = None if url.startswith("memory://") else RedisCounters(url)
+        self.failures = 0
+        self.retry_at = 0.0
+
+    def lease(self, key: str, amount: int, expiry: int) -> Grant:
+        """Count a lease of units against a limit of ``amount`` a window: a hundredth of it on Redis (at most
+        LEASE_MOST), one unit in memory, where counting costs nothing."""
+        if self.redis is not None and time.monotonic() >= self.retry_at:
+            try:
+                grant = self.redis.add(key, min(max(1, amount // LEASE_SHARE), LEASE_MOST), expiry)
+            except redis.RedisError as error:
+                pause = min(RETRY_FIRST_SECONDS * 2 ** self.failures, RETRY_MOST_SECONDS)
+                self.failures += 1
+                self.retry_at = time.monotonic() + pause
+                log.warning("rate limits count in this process's memory for %.0f s: Redis failed (%s)", pause, error)
+            else:
+                if self.failures:
+                    log.warning("rate limits count in Redis again")
+                self.failures = 0
+                return grant
+        return self.memory.add(key, 1, expiry)
+
+
+@dataclass
+class Lease:
+    """What this process knows of one counter's window: the count it last saw, the units it holds."""
+
+    amount: int
+    reset_at: float
+    source: str
+    count: int = 0
+    held: int = 0
+
+    def take(self) -> bool:
+        """Spend a held unit, if any."""
+        if self.held:
+            self.held -= 1
+            return True
+        return False
+
+    @property
+    def remaining(self) -> int:
+        """Units of the window not yet spent, as far as this process knows: those nobody leased, and its own."""
+        return max(0, self.amount - self.count) + self.held
+
+    @property
+    def spent(self) -> bool:
+        """Whether no unit of the window is left to lease (nor will be: a count only grows)."""
+        return self.count >= self.amount
+
+
+@dataclass(frozen=True)
+class Counted:
+    """One limit's part in a request's answer: the limit, whether it admitted the request, and its window."""
+
+    limit: RateLimitItem
+    admitted: bool
+    remaining: int
+    reset_at: float
+
+
+class Leases:
+    """This process's units of every counter, spent one a request; a lease is asked of ``Counters`` when none is
+    held."""
+
+    def __init__(self, counters: Counters):
+        self.counters = counters
+        self.leases: dict[str, Lease] = {}
+        self.lock = threading.Lock()  # gunicorn's threads share them
+
+    def take(self, limit: RateLimitItem, *identifiers: str) -> Counted:
+        """Count one request against ``limit`` of the counter named by ``identifiers``."""
+        key = limit.key_for(*identifiers)
+        now = time.time()
+        with self.lock:
+            lease = self.leases.get(key)
+            if lease is not None and lease.reset_at > now:
+                if lease.take():
+                    return _counted(limit, lease, admitted=True)
+                if lease.spent:  # refused until the window ends, without a round trip
+                    return _counted(limit, lease, admitted=False)
+        grant = self.counters.lease(key, limit.amount, limit.get_expiry())  # outside the lock: a round trip
+        with self.lock:
+            lease = self.leases.get(key)
+            # Another window, or another counter's (Redis failed, or answers again): what was held there is dropped.
+            if lease is None or lease.reset_at <= now or lease.source != grant.source:
+                _sweep(self.leases, now, lambda entry: entry.reset_at)
+                lease = self.leases[key] = Lease(limit.amount, grant.reset_at, grant.source)
+            lease.reset_at = grant.reset_at
+            lease.count = max(lease.count, grant.count)
+            lease.held += max(0, min(grant.units, limit.amount - (grant.count - grant.units)))
+            return _counted(limit, lease, admitted=lease.take())
+
+
+def _counted(limit: RateLimitItem, lease: Lease, admitted: bool) -> Counted:
+    return Counted(limit, admitted, lease.remaining if admitted else 0, lease.reset_at)
+
+
+def _sweep(entries: dict, now: float, ends) -> None:
+    """Drop the ended windows of ``entries`` once there are many (each caller's address may make one)."""
+    if len(entries) >= WINDOWS_BEFORE_SWEEP:
+        for key in [key for key, entry in entries.items() if ends(entry) <= now]:
+            del entries[key]
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """An app's budgets (parsed settings, shortest window first) and this process's leases."""
+
+    budgets: dict[str, list[RateLimitItem]]
+    leases: Leases
+
+
+def init_rate_limits(app: Flask, settings: Settings) -> RateLimits:
+    """Count every request but /health's and static files' against its budget; answer 429 past it; write the
+    RateLimit fields."""
+    budgets = {name: sorted(parse_many(getattr(settings, f"rate_limit_{name}")), key=RateLimitItem.get_expiry)
+               for name in BUDGETS}
+    app.extensions[EXTENSION] = limits = RateLimits(budgets, Leases(Counters(storage_url(settings))))
+    app.before_request(_count_request)
     app.after_request(_rate_limit_fields)
-    app.register_error_handler(RateLimitExceeded, _rate_limited)
-    app.extensions[EXTENSION] = limiter
-    return limiter
+    return limits
 
 
 def storage_url(settings: Settings) -> str:
@@ -138,7 +267,7 @@ def caller() -> str:
 
 def caller_key_id() -> str | None:
     """The id of the API key this request authenticates with (models.accounts's rules), or None; decided once a
-    request (the limiter asks four times)."""
+    request."""
     if "caller_key_id" not in g:
         key = bearer_key()
         g.caller_key_id = key.id if key is not None and refusal(key, utcnow()) is None else None
@@ -150,66 +279,48 @@ def rate_limited(endpoint: str) -> bool:
     return endpoint not in EXEMPT
 
 
-def _exempt() -> bool:
-    return request.endpoint is None or not rate_limited(request.endpoint)
-
-
-def _identify_caller() -> None:
-    if not _exempt():
-        caller_key_id()
-
-
-def _rate(settings: Settings) -> str:
-    return getattr(settings, f"rate_limit_{budget()}")
-
-
-def _storage_options(url: str) -> dict:
-    if url.startswith("memory://"):
-        return {}
-    # wrap_exceptions: a Redis failure is limits' StorageError, which the headers below can tell apart.
-    return {"socket_connect_timeout": STORAGE_TIMEOUT_SECONDS, "socket_timeout": STORAGE_TIMEOUT_SECONDS,
-            "wrap_exceptions": True}
-
-
-def _limiter() -> Limiter:
-    return current_app.extensions[EXTENSION]
+def _count_request() -> Response | None:
+    """before_request: take a unit of each limit of the request's budget, shortest window first; 429 at the
+    first that has none (the units taken before it stay spent)."""
+    if request.endpoint is None or not rate_limited(request.endpoint):
+        return None
+    limits: RateLimits = current_app.extensions[EXTENSION]
+    name, whose = budget(), caller()
+    g.rate_limit_policy = limits.budgets[name]
+    g.rate_limit_counted = counted = []
+    for limit in limits.budgets[name]:
+        counted.append(limits.leases.take(limit, "torchyard", whose, name))
+        if not counted[-1].admitted:
+            return _rate_limited(name, counted[-1])
+    return None
 
 
 def _rate_limit_fields(response: Response) -> Response:
     """after_request: the draft's fields on every counted answer (a refusal's too)."""
-    counted = _limiter().current_limits
-    if not counted:
-        return response
-    try:
-        response.headers.update(rate_limit_fields(counted))
-    except StorageError as error:  # Redis failed since the count; the next request falls back to memory
-        log.warning("rate-limit fields left out: the storage failed (%s)", error)
+    counted = g.get("rate_limit_counted")
+    if counted:
+        response.headers.update(rate_limit_fields(counted, g.rate_limit_policy))
     return response
 
 
-def rate_limit_fields(counted: list[RequestLimit]) -> dict[str, str]:
-    """``RateLimit-*`` of the limit nearest to exhaustion (a budget may have several: "10/second;1000/hour")."""
-    nearest = next((limit for limit in counted if limit.breached), None) or min(counted, key=_remaining)
+def rate_limit_fields(counted: list[Counted], policy: list[RateLimitItem]) -> dict[str, str]:
+    """``RateLimit-*`` of the limit nearest to exhaustion among those ``counted`` (a budget may have several:
+    "10/second;1000/hour"), and the budget's ``policy``."""
+    nearest = next((each for each in counted if not each.admitted), None) or min(counted, key=lambda c: c.remaining)
     return {
         "RateLimit-Limit": str(nearest.limit.amount),
-        "RateLimit-Remaining": str(_remaining(nearest)),
+        "RateLimit-Remaining": str(nearest.remaining),
         "RateLimit-Reset": str(_seconds_to_reset(nearest)),
-        "RateLimit-Policy": ", ".join(f"{limit.limit.amount};w={limit.limit.get_expiry()}" for limit in counted),
+        "RateLimit-Policy": ", ".join(f"{limit.amount};w={limit.get_expiry()}" for limit in policy),
     }
 
 
-def _remaining(limit: RequestLimit) -> int:
-    return max(limit.remaining, 0)
-
-
-def _seconds_to_reset(limit: RequestLimit) -> int:
+def _seconds_to_reset(counted: Counted) -> int:
     # Whole seconds, rounded up and at least 1: a client that waits this long finds the window renewed.
-    return max(1, math.ceil(limit.window.reset_time - time.time()))
+    return max(1, math.ceil(counted.reset_at - time.time()))
 
 
-def _rate_limited(_error: RateLimitExceeded) -> Response:
-    name = budget()
-    breached = _limiter().current_limit  # on a breach, the limit breached
+def _rate_limited(name: str, breached: Counted) -> Response:
     seconds = _seconds_to_reset(breached)
     whose = "this API key" if caller_key_id() else "requests without a valid API key from this address"
     detail = f"{whose} used its {name} budget, {breached.limit} (rate_limit_{name}); retry after {seconds} s"

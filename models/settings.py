@@ -95,7 +95,7 @@ class Settings(BaseModel):
     # Live metrics streams (SSE) each hold a thread while open: one API process serves at most this many, so
     # the rest of its threads stay free (a user's own streams across every process: quota_streams).
     max_streams_per_process: Annotated[int, Field(ge=1)] = 8
-    # Rate limits per API key (api/rate_limits.py), in Flask-Limiter's notation ("120/minute", or several:
+    # Rate limits per API key (api/rate_limits.py), in the notation of the limits library ("120/minute", or several:
     # "10/second;1000/hour"): submissions (POST /jobs), uploads (POST /datasets), and every other request
     # (reads mostly); a request without a valid key counts against its IP address's read budget.
     rate_limit_submit: str = "120/minute"

@@ -160,7 +160,8 @@ def test_while_redis_is_away_the_counts_are_in_memory_and_once_it_is_back_in_red
 
     server = PrivateRedis(tmp_path / "redis")
     try:
-        client = make_app(rate_limit_storage_url=server.url(), rate_limit_read="1000/minute").test_client()
+        # Under 100 a window, each request counts in Redis (no lease).
+        client = make_app(rate_limit_storage_url=server.url(), rate_limit_read="99/minute").test_client()
 
         def read():
             answer = client.get(f"{API}/jobs", headers=alice)
@@ -168,18 +169,76 @@ def test_while_redis_is_away_the_counts_are_in_memory_and_once_it_is_back_in_red
             return fields(answer)[:2]
 
         def counted_in_redis() -> int:
-            keys = server.client().keys("LIMITS:LIMITER/torchyard/key:*/read/1000/1/minute")
+            keys = server.client().keys("LIMITS:LIMITER/torchyard/key:*/read/99/1/minute")
             return int(server.client().get(keys[0])) if keys else 0
 
-        assert [read(), read()] == [(1000, 999), (1000, 998)] and counted_in_redis() == 2
+        assert [read(), read()] == [(99, 98), (99, 97)] and counted_in_redis() == 2
         server.stop()
-        assert read() == (1000, 999)  # Flask-Limiter's fallback: this process's memory, from zero
+        assert read() == (99, 98)  # the fallback: this process's memory, from zero
         server.start()  # empty: it keeps nothing on disk
-        # Flask-Limiter asks Redis again after a pause that grows (1 s, 2 s, …); meanwhile requests count in memory.
+        # Redis is asked again after a pause that grows (1 s, 2 s, …); meanwhile requests count in memory.
         wait_for(lambda: read() and counted_in_redis(), timeout=60, what="the counts back in Redis")
-        assert read() == (1000, 1000 - counted_in_redis())
+        assert read() == (99, 99 - counted_in_redis())
     finally:
         server.stop()
+
+
+def test_on_redis_a_process_leases_a_hundredth_of_a_large_budget_and_spends_it_without_asking(make_app, alice):
+    redis_client = flushed_redis(REDIS_RATE_URL)
+    try:
+        one, two = (make_app(rate_limit_read="1000/minute", rate_limit_storage_url=REDIS_RATE_URL).test_client()
+                    for _ in range(2))  # two API processes, each with its own leases
+
+        def read(client):
+            answer = client.get(f"{API}/jobs", headers=alice)
+            assert answer.status_code == 200, answer.json
+            return fields(answer)[1]
+
+        def counted_in_redis() -> int:
+            [key] = redis_client.keys("LIMITS:LIMITER/torchyard/key:*/read/1000/1/minute")
+            return int(redis_client.get(key))
+
+        assert [read(one) for _ in range(10)] == list(range(999, 989, -1))
+        assert counted_in_redis() == 10  # one lease of 10 units for those ten requests
+        assert read(two) == 1000 - 20 + 9  # the other process's lease: the units nobody leased, and its own 9
+        assert read(one) == 1000 - 30 + 9 and counted_in_redis() == 30
+    finally:
+        redis_client.flushdb()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_leases_of_several_processes_never_admit_more_than_the_budget(make_app, alice, seed):
+    import random
+
+    redis_client = flushed_redis(REDIS_RATE_URL)
+    try:
+        # 300 a window: leases of 3 units; three processes strand at most 2 units each.
+        clients = [make_app(rate_limit_read="300/minute", rate_limit_storage_url=REDIS_RATE_URL).test_client()
+                   for _ in range(3)]
+        pick = random.Random(seed)
+        statuses = [pick.choice(clients).get(f"{API}/jobs", headers=alice).status_code for _ in range(400)]
+        assert set(statuses) == {200, 429}
+        assert 300 - 3 * 2 <= statuses.count(200) <= 300
+        [key] = redis_client.keys("LIMITS:LIMITER/torchyard/key:*/read/300/1/minute")
+        counted = int(redis_client.get(key))
+        # Once each process has seen the window spent, it refuses without asking Redis.
+        assert all(client.get(f"{API}/jobs", headers=alice).status_code == 429 for client in clients * 5)
+        assert int(redis_client.get(key)) == counted
+    finally:
+        redis_client.flushdb()
+
+
+def test_windows_in_memory_that_ended_are_dropped_once_there_are_many():
+    from api.rate_limits import WINDOWS_BEFORE_SWEEP, MemoryCounters
+
+    now = [1000.0]
+    counters = MemoryCounters(clock=lambda: now[0])
+    for address in range(WINDOWS_BEFORE_SWEEP):
+        counters.add(f"ip:{address}", 1, expiry=60)
+    assert counters.add("ip:0", 1, expiry=60).count == 2  # in its window still
+    now[0] += 61
+    assert counters.add("ip:new", 1, expiry=60).count == 1
+    assert list(counters.windows) == ["ip:new"]
 
 
 @pytest.mark.parametrize("variable, value", [
