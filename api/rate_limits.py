@@ -78,12 +78,39 @@ class Grant:
     source: str
 
 
+class Windows(dict):
+    """Windows by key (anything with a ``reset_at``), whose ended ones are dropped once there are many (each
+    caller's address may open one); at most as often as their number doubles, so that a sweep's cost is spread
+    over the windows opened before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.sweep_at = WINDOWS_BEFORE_SWEEP
+
+    def open(self, key: str, window, now: float):
+        """Keep ``window`` as ``key``'s, after dropping the ended windows if it is time to."""
+        if len(self) >= self.sweep_at:
+            for ended in [key for key, each in self.items() if each.reset_at <= now]:
+                del self[ended]
+            self.sweep_at = max(WINDOWS_BEFORE_SWEEP, 2 * len(self))
+        self[key] = window
+        return window
+
+
+@dataclass
+class MemoryWindow:
+    """A window's count in this process's memory."""
+
+    count: int
+    reset_at: float
+
+
 class MemoryCounters:
     """Fixed windows in this process's memory: ``serve``'s single API process, and the fallback while Redis fails."""
 
     def __init__(self, clock=time.time):
         self.clock = clock
-        self.windows: dict[str, list] = {}  # key -> [count, reset_at]
+        self.windows = Windows()
         self.lock = threading.Lock()
 
     def add(self, key: str, units: int, expiry: int) -> Grant:
@@ -91,11 +118,10 @@ class MemoryCounters:
         now = self.clock()
         with self.lock:
             window = self.windows.get(key)
-            if window is None or window[1] <= now:
-                _sweep(self.windows, now, lambda entry: entry[1])
-                window = self.windows[key] = [0, now + expiry]
-            window[0] += units
-            return Grant(units, window[0], window[1], "memory")
+            if window is None or window.reset_at <= now:
+                window = self.windows.open(key, MemoryWindow(0, now + expiry), now)
+            window.count += units
+            return Grant(units, window.count, window.reset_at, "memory")
 
 
 class RedisCounters:
@@ -184,7 +210,7 @@ class Leases:
 
     def __init__(self, counters: Counters):
         self.counters = counters
-        self.leases: dict[str, Lease] = {}
+        self.leases = Windows()
         self.lock = threading.Lock()  # gunicorn's threads share them
 
     def take(self, limit: RateLimitItem, *identifiers: str) -> Counted:
@@ -201,10 +227,11 @@ class Leases:
         grant = self.counters.lease(key, limit.amount, limit.get_expiry())  # outside the lock: a round trip
         with self.lock:
             lease = self.leases.get(key)
-            # Another window, or another counter's (Redis failed, or answers again): what was held there is dropped.
-            if lease is None or lease.reset_at <= now or lease.source != grant.source:
-                _sweep(self.leases, now, lambda entry: entry.reset_at)
-                lease = self.leases[key] = Lease(limit.amount, grant.reset_at, grant.source)
+            # Another window (ended here, or a count below the one seen: a count only grows in a window), or another
+            # counter's (Redis failed, or answers again): what was held there is dropped.
+            if (lease is None or lease.reset_at <= now or grant.count < lease.count
+                    or lease.source != grant.source):
+                lease = self.leases.open(key, Lease(limit.amount, grant.reset_at, grant.source), now)
             lease.reset_at = grant.reset_at
             lease.count = max(lease.count, grant.count)
             lease.held += max(0, min(grant.units, limit.amount - (grant.count - grant.units)))
@@ -213,13 +240,6 @@ class Leases:
 
 def _counted(limit: RateLimitItem, lease: Lease, admitted: bool) -> Counted:
     return Counted(limit, admitted, lease.remaining if admitted else 0, lease.reset_at)
-
-
-def _sweep(entries: dict, now: float, ends) -> None:
-    """Drop the ended windows of ``entries`` once there are many (each caller's address may make one)."""
-    if len(entries) >= WINDOWS_BEFORE_SWEEP:
-        for key in [key for key, entry in entries.items() if ends(entry) <= now]:
-            del entries[key]
 
 
 @dataclass(frozen=True)

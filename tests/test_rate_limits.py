@@ -228,7 +228,7 @@ def test_leases_of_several_processes_never_admit_more_than_the_budget(make_app, 
         redis_client.flushdb()
 
 
-def test_windows_in_memory_that_ended_are_dropped_once_there_are_many():
+def test_windows_in_memory_that_ended_are_dropped_once_there_are_many_and_no_more_often_than_they_double():
     from api.rate_limits import WINDOWS_BEFORE_SWEEP, MemoryCounters
 
     now = [1000.0]
@@ -239,6 +239,12 @@ def test_windows_in_memory_that_ended_are_dropped_once_there_are_many():
     now[0] += 61
     assert counters.add("ip:new", 1, expiry=60).count == 1
     assert list(counters.windows) == ["ip:new"]
+    # Windows still open are kept: the next sweep waits until their number doubles (a sweep walks them all).
+    for address in range(2 * WINDOWS_BEFORE_SWEEP - 2):
+        counters.add(f"ip:more{address}", 1, expiry=60)
+    assert len(counters.windows) == 2 * WINDOWS_BEFORE_SWEEP - 1
+    assert counters.windows.sweep_at == 2 * WINDOWS_BEFORE_SWEEP
+    assert counters.add("ip:new", 1, expiry=60).count == 2
 
 
 @pytest.mark.parametrize("variable, value", [
