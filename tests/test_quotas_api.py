@@ -175,6 +175,21 @@ def test_deleting_a_finished_job_gives_its_artifacts_bytes_back(client, alice, b
     assert storage_use(client, bob) == 700  # not theirs
 
 
+def test_restating_a_jobs_bytes_again_changes_nothing_and_a_second_job_adds_to_its_users_total(
+    client, alice, spec, add_artifact, sessions
+):
+    from models.quotas import restate_stored_bytes
+
+    first, second = (submit(client, alice, spec).json["id"] for _ in range(2))
+    add_artifact(first, "weights", "weights.safetensors", b"w" * 300)  # the user's first bytes: the total's row
+    add_artifact(first, "checkpoint", "epoch-1.pt", b"c" * 50, epoch=1)
+    add_artifact(second, "weights", "weights.safetensors", b"w" * 20)
+    with sessions() as session:
+        restate_stored_bytes(session, first)  # a retried transaction that had landed
+        session.commit()
+    assert storage_use(client, alice) == 370
+
+
 def storage_use(client, headers: dict) -> int:
     return next(quota["use"] for quota in client.get(f"{API}/me", headers=headers).json["quotas"]
                 if quota["name"] == "storage_bytes")
