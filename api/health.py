@@ -9,6 +9,7 @@ from sqlalchemy import text
 
 from api.db import get_session, services
 from api.openapi import openapi_document
+from api.rate_limits import storage_state
 from api.schemas import API_PREFIX, HealthOut, IndexLinks, IndexOut, json_response
 from models.liveness import NO_WORKER, Stalls, stalls
 from models.version import torchyard_version
@@ -43,10 +44,12 @@ def health():
 
     Each check says ``ok``, ``skipped …``, ``degraded: …`` or ``error: …``. ``error`` (503): the database or
     the broker doesn't answer, so this API can't serve. ``degraded`` (200): it serves, but jobs stall (no
-    live worker for a queue with queued jobs, or expired leases that nobody reaps). 200 because what a
+    live worker for a queue with queued jobs, or expired leases that nobody reaps), or the rate limits count in
+    each API process's memory (their Redis fails: each process allows a whole budget). 200 because what a
     probe does on 503, taking the API out of rotation or restarting it, would cure neither; watch ``status``.
     """
-    checks = {"database": _check(_ping_database), "broker": _check(_ping_broker), "workers": _check(_workers)}
+    checks = {"database": _check(_ping_database), "broker": _check(_ping_broker), "workers": _check(_workers),
+              "rate_limits": _check(storage_state)}
     status = _overall(checks.values())
     return json_response(HealthOut(status=status, checks=checks), status=503 if status == "error" else 200)
 

@@ -53,6 +53,9 @@ STORAGE_TIMEOUT_SECONDS = 2.0
 RETRY_FIRST_SECONDS, RETRY_MOST_SECONDS = 1.0, 60.0
 LEASE_SHARE = 100  # a lease is this share of a limit (a hundredth), so idle processes strand at most 1% each
 LEASE_MOST = 100  # units; a process asks Redis at least once every this many requests of a caller
+# A thread waits this long at most for another's lease of the same counter (which Redis's timeouts bound) before
+# asking for one itself.
+ASKING_WAIT_SECONDS = 2 * STORAGE_TIMEOUT_SECONDS + 1
 WINDOWS_BEFORE_SWEEP = 10_000  # ended windows are dropped once a process knows this many (addresses come and go)
 # Count ``units``; set the window when the count is new (or, after a crash of another client, has none); return
 # the count and the window's milliseconds left.
@@ -128,9 +131,13 @@ class RedisCounters:
     """Fixed windows in Redis, which every API process shares: one script a lease counts and reads the window."""
 
     def __init__(self, url: str):
-        client = redis.Redis.from_url(url, socket_connect_timeout=STORAGE_TIMEOUT_SECONDS,
-                                      socket_timeout=STORAGE_TIMEOUT_SECONDS)
-        self.script = client.register_script(INCR_EXPIRE_PTTL)
+        self.client = redis.Redis.from_url(url, socket_connect_timeout=STORAGE_TIMEOUT_SECONDS,
+                                           socket_timeout=STORAGE_TIMEOUT_SECONDS)
+        self.script = self.client.register_script(INCR_EXPIRE_PTTL)
+
+    def ping(self) -> None:
+        """Ask Redis whether it answers; raises redis.RedisError when not."""
+        self.client.ping()
 
     def add(self, key: str, units: int, expiry: int) -> Grant:
         """Count ``units`` in the window of ``key``; raises redis.RedisError when Redis fails."""
@@ -144,8 +151,10 @@ class Counters:
     def __init__(self, url: str):
         self.memory = MemoryCounters()
         self.redis = None if url.startswith("memory://") else RedisCounters(url)
-        self.failures = 0
+        self.failures = 0  # pauses in a row, however many requests failed at once
         self.retry_at = 0.0
+        self.error = ""  # the last failure, while there are failures
+        self.lock = threading.Lock()
 
     def lease(self, key: str, amount: int, expiry: int) -> Grant:
         """Count a lease of units against a limit of ``amount`` a window: a hundredth of it on Redis (at most
@@ -154,16 +163,42 @@ class Counters:
             try:
                 grant = self.redis.add(key, min(max(1, amount // LEASE_SHARE), LEASE_MOST), expiry)
             except redis.RedisError as error:
-                pause = min(RETRY_FIRST_SECONDS * 2 ** self.failures, RETRY_MOST_SECONDS)
-                self.failures += 1
-                self.retry_at = time.monotonic() + pause
-                log.warning("rate limits count in this process's memory for %.0f s: Redis failed (%s)", pause, error)
+                self._failed(error)
             else:
                 if self.failures:
-                    log.warning("rate limits count in Redis again")
-                self.failures = 0
+                    self._answered()
                 return grant
         return self.memory.add(key, 1, expiry)
+
+    def _failed(self, error: redis.RedisError) -> None:
+        with self.lock:
+            if time.monotonic() < self.retry_at:  # another request's failure already paused: the same outage
+                return
+            pause = min(RETRY_FIRST_SECONDS * 2 ** self.failures, RETRY_MOST_SECONDS)
+            self.failures += 1
+            self.retry_at = time.monotonic() + pause
+            self.error = f"{type(error).__name__}: {error}"
+        log.warning("rate limits count in this process's memory for %.0f s: Redis failed (%s)", pause, error)
+
+    def _answered(self) -> None:
+        with self.lock:
+            if not self.failures:
+                return
+            self.failures, self.error = 0, ""
+        log.warning("rate limits count in Redis again")
+
+    def state(self) -> str:
+        """For /health: ``ok`` while the counts live in Redis, ``skipped (…)`` where they live in memory by design,
+        else ``degraded: …`` (each API process then allows a whole budget)."""
+        if self.redis is None:
+            return "skipped (counted in this process's memory: one API process)"
+        try:
+            self.redis.ping()
+        except redis.RedisError as error:
+            return f"degraded: rate limits count in each API process's memory; Redis doesn't answer ({error})"
+        if self.failures:
+            return f"degraded: rate limits count in this API process's memory since Redis failed ({self.error})"
+        return "ok"
 
 
 @dataclass
@@ -211,31 +246,48 @@ class Leases:
     def __init__(self, counters: Counters):
         self.counters = counters
         self.leases = Windows()
+        self.asking: dict[str, threading.Event] = {}  # the counters whose lease a thread is asking for
         self.lock = threading.Lock()  # gunicorn's threads share them
 
     def take(self, limit: RateLimitItem, *identifiers: str) -> Counted:
         """Count one request against ``limit`` of the counter named by ``identifiers``."""
         key = limit.key_for(*identifiers)
-        now = time.time()
-        with self.lock:
-            lease = self.leases.get(key)
-            if lease is not None and lease.reset_at > now:
-                if lease.take():
-                    return _counted(limit, lease, admitted=True)
-                if lease.spent:  # refused until the window ends, without a round trip
-                    return _counted(limit, lease, admitted=False)
-        grant = self.counters.lease(key, limit.amount, limit.get_expiry())  # outside the lock: a round trip
-        with self.lock:
-            lease = self.leases.get(key)
-            # Another window (ended here, or a count below the one seen: a count only grows in a window), or another
-            # counter's (Redis failed, or answers again): what was held there is dropped.
-            if (lease is None or lease.reset_at <= now or grant.count < lease.count
-                    or lease.source != grant.source):
-                lease = self.leases.open(key, Lease(limit.amount, grant.reset_at, grant.source), now)
-            lease.reset_at = grant.reset_at
-            lease.count = max(lease.count, grant.count)
-            lease.held += max(0, min(grant.units, limit.amount - (grant.count - grant.units)))
-            return _counted(limit, lease, admitted=lease.take())
+        while True:
+            now = time.time()
+            with self.lock:
+                lease = self.leases.get(key)
+                if lease is not None and lease.reset_at > now:
+                    if lease.take():
+                        return _counted(limit, lease, admitted=True)
+                    if lease.spent:  # refused until the window ends, without a round trip
+                        return _counted(limit, lease, admitted=False)
+                # One lease of a counter asked at a time: the threads that find none held wait for it, rather than
+                # each leasing units that this process would hold unspent when the window ends.
+                asked = self.asking.get(key)
+                if asked is None:
+                    self.asking[key] = asked = threading.Event()
+                    break
+            asked.wait(ASKING_WAIT_SECONDS)
+        try:
+            grant = self.counters.lease(key, limit.amount, limit.get_expiry())  # outside the lock: a round trip
+            with self.lock:
+                lease = self._granted(key, limit, grant, now)
+                return _counted(limit, lease, admitted=lease.take())
+        finally:
+            with self.lock:
+                del self.asking[key]
+            asked.set()
+
+    def _granted(self, key: str, limit: RateLimitItem, grant: Grant, now: float) -> Lease:
+        lease = self.leases.get(key)
+        # Another window (this one ended, or Redis began a new one), or another counter's (Redis failed, or
+        # answers again): what was held of the old one is dropped.
+        if (lease is None or lease.reset_at <= now or lease.source != grant.source
+                or grant.reset_at > lease.reset_at + limit.get_expiry() / 2):
+            lease = self.leases.open(key, Lease(limit.amount, grant.reset_at, grant.source), now)
+        lease.count = max(lease.count, grant.count)
+        lease.held += max(0, min(grant.units, limit.amount - (grant.count - grant.units)))
+        return lease
 
 
 def _counted(limit: RateLimitItem, lease: Lease, admitted: bool) -> Counted:
@@ -292,6 +344,11 @@ def caller_key_id() -> str | None:
         key = bearer_key()
         g.caller_key_id = key.id if key is not None and refusal(key, utcnow()) is None else None
     return g.caller_key_id
+
+
+def storage_state() -> str:
+    """Where this process counts, for /health (``Counters.state``)."""
+    return current_app.extensions[EXTENSION].leases.counters.state()
 
 
 def rate_limited(endpoint: str) -> bool:

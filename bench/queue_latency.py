@@ -12,10 +12,10 @@ API under gunicorn and one warm worker (one slot), it measures
 in rounds of one of each, so both meet the same machine, each after the same idle PAUSE (a back-to-back
 loop keeps the CPUs warm and is faster than a first request after a pause: compare them as they start
 alike). It prints medians and the ratio start latency / bare round trip (goal <= 3, issue 14's; issue 11 asked
-<= 5), the start latency of the first two jobs (the fresh worker's pool process and the API's processes meet them first), and for comparison
-the bare round trip timed back to back. Then ``--burst`` small jobs submitted at once to the one worker:
-the gaps between a job's finished_at and the next one's started_at (goal: no multi-second stalls), max
-and median.
+<= 5), the start latency of the first two jobs (the fresh worker's pool process and the API's processes meet
+them first), and for comparison the bare round trip timed back to back. Then ``--burst`` small jobs submitted
+at once to the one worker: the gaps between a job's finished_at and the next one's started_at (goal: no
+multi-second stalls), max and median.
 """
 
 from __future__ import annotations

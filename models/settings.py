@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,6 +16,8 @@ from models.spec import Limits
 PREFIX = "TORCHYARD_"
 # Where rate-limit counts may live: this process, or a Redis server.
 RATE_LIMIT_STORAGES = ("memory://", "redis://", "rediss://")
+MAX_RATE_WINDOW_SECONDS = 366 * 24 * 3600
+ZERO_WINDOW = re.compile(r"(/|\bper)\s*0+\s*[a-z]")
 
 
 class Settings(BaseModel):
@@ -131,8 +134,11 @@ class Settings(BaseModel):
             items = parse_many(value)
         except ValueError:
             items = []
-        if not items or any(item.amount < 1 for item in items):
+        # limits reads "10/0 minutes" as 10 a minute: a window of zero units is refused here.
+        if not items or any(item.amount < 1 for item in items) or ZERO_WINDOW.search(value.lower()):
             raise ValueError(f"a rate such as '120/minute' or '10/second;1000/hour', not {value!r}")
+        if any(item.get_expiry() > MAX_RATE_WINDOW_SECONDS for item in items):
+            raise ValueError(f"windows of at most a year (a budget renews in them), not {value!r}")
         return value
 
     @field_validator("rate_limit_storage_url")
@@ -140,6 +146,13 @@ class Settings(BaseModel):
     def _rate_limit_storage(cls, value: str) -> str:
         if value and not value.startswith(RATE_LIMIT_STORAGES):
             raise ValueError(f"empty (the default), or a URL starting {', '.join(RATE_LIMIT_STORAGES)}; not {value!r}")
+        if value.startswith(("redis://", "rediss://")):
+            from redis.connection import parse_url  # only the API reads this URL
+
+            try:
+                parse_url(value)
+            except ValueError as error:
+                raise ValueError(f"not a Redis URL ({error}): {value!r}") from None
         return value
 
     @field_validator("worker_gpus", mode="before")

@@ -249,6 +249,9 @@ def test_windows_in_memory_that_ended_are_dropped_once_there_are_many_and_no_mor
 
 @pytest.mark.parametrize("variable, value", [
     ("TORCHYARD_RATE_LIMIT_SUBMIT", "120 per fortnight"),
+    ("TORCHYARD_RATE_LIMIT_SUBMIT", "1 per 0 seconds"),  # limits itself would read a window of 1 second
+    ("TORCHYARD_RATE_LIMIT_READ", "10/999999999999 years"),
+    ("TORCHYARD_RATE_LIMIT_STORAGE_URL", "redis://127.0.0.1:notaport/0"),
     ("TORCHYARD_RATE_LIMIT_READ", "0/minute"),
     ("TORCHYARD_RATE_LIMIT_UPLOAD", ""),
     ("TORCHYARD_RATE_LIMIT_STORAGE_URL", "memcached://127.0.0.1:11211"),
@@ -256,6 +259,73 @@ def test_windows_in_memory_that_ended_are_dropped_once_there_are_many_and_no_mor
 def test_a_bad_rate_limit_setting_is_an_error_at_startup_naming_the_variable(variable, value):
     with pytest.raises(ValueError, match=variable):
         Settings.from_env({variable: value})
+
+
+def test_many_threads_of_one_process_admit_exactly_the_budget(make_app, alice):
+    import threading
+
+    redis_client = flushed_redis(REDIS_RATE_URL)
+    try:
+        # 300 a window: leases of 3. Threads that find no unit wait for the one lease being asked, so none is
+        # left unspent (answers to concurrent leases coming back out of order once stranded a third).
+        app = make_app(rate_limit_read="300/minute", rate_limit_storage_url=REDIS_RATE_URL)
+        statuses: list[int] = []
+        start = threading.Barrier(16)
+
+        def hammer():
+            client = app.test_client()
+            start.wait()
+            for _ in range(25):
+                statuses.append(client.get(f"{API}/jobs", headers=alice).status_code)
+
+        threads = [threading.Thread(target=hammer) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert (statuses.count(200), statuses.count(429)) == (300, 100)
+    finally:
+        redis_client.flushdb()
+
+
+def test_requests_failing_on_redis_at_once_pause_it_once(make_app):
+    import threading
+
+    from api.rate_limits import RETRY_FIRST_SECONDS, Counters
+
+    counters = Counters("redis://127.0.0.1:1/0")  # nothing listens there
+    start = threading.Barrier(8)
+    grants = []
+
+    def lease():
+        start.wait()
+        grants.append(counters.lease("ip:1", 1000, 60))
+
+    threads = [threading.Thread(target=lease) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {grant.source for grant in grants} == {"memory"} and len(grants) == 8
+    assert counters.failures == 1  # one pause of RETRY_FIRST_SECONDS, not one doubling per request
+    assert counters.error.startswith("ConnectionError")
+    assert RETRY_FIRST_SECONDS == 1.0
+
+
+def test_health_says_degraded_while_the_rate_limits_redis_does_not_answer(make_app, tmp_path):
+    from private_servers import PrivateRedis
+
+    server = PrivateRedis(tmp_path / "redis")
+    try:
+        client = make_app(rate_limit_storage_url=server.url()).test_client()
+        assert client.get(f"{API}/health").json["checks"]["rate_limits"] == "ok"
+        server.stop()
+        answer = client.get(f"{API}/health")
+        assert answer.status_code == 200 and answer.json["status"] == "degraded"
+        assert answer.json["checks"]["rate_limits"].startswith(
+            "degraded: rate limits count in each API process's memory; Redis doesn't answer")
+    finally:
+        server.stop()
 
 
 def test_the_counts_live_in_the_brokers_redis_by_default_else_in_memory():

@@ -79,7 +79,8 @@ def test_health_is_degraded_while_queued_jobs_have_no_live_worker_and_ok_once_on
     assert response.status_code == 200  # the API serves; restarting it would cure nothing
     assert response.json == {"status": "degraded", "checks": {
         "database": "ok", "broker": "skipped (filesystem transport)",
-        "workers": f"degraded: {NO_CPU_WORKER} (2 queued jobs)"}}
+        "workers": f"degraded: {NO_CPU_WORKER} (2 queued jobs)",
+        "rate_limits": "skipped (counted in this process's memory: one API process)"}}
 
     add_worker(sessions, "gpu,cpu")  # alive
     response = client.get(HEALTH)
@@ -143,7 +144,8 @@ def test_with_no_worker_alive_health_says_so_and_torchyard_maintenance_requeues_
         assert set(by_attempt) == {1, 2} and sum(by_attempt.values()) == EPOCHS
         assert service.wait_status(waiting)["status"] == "succeeded"
         assert service.http.health() == {"status": "ok", "checks": {
-            "database": "ok", "broker": "skipped (filesystem transport)", "workers": "ok"}}
+            "database": "ok", "broker": "skipped (filesystem transport)", "workers": "ok",
+            "rate_limits": "skipped (counted in this process's memory: one API process)"}}
     finally:
         assert stop(maintenance) == 0, log_path.read_text()
     assert "maintenance stopped" in log_path.read_text()
