@@ -15,6 +15,11 @@ import tempfile
 import threading
 from pathlib import Path
 
+# gunicorn's own setting (25.1 and later; older ones ignore the name): no control socket. Every gunicorn of a
+# user shares one default path ($HOME/.gunicorn/gunicorn.ctl), so a second API server on the machine (or a test's)
+# took it over, and the first to stop deleted the other's; torchyard runs its servers itself.
+control_socket_disable = True
+
 VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 OWN_PREFIX = "torchyard-api-metrics-"  # a folder ``metrics_directory`` made, which on_exit removes
 
