@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -153,6 +154,9 @@ class Settings(BaseModel):
                 parse_url(value)
             except ValueError as error:
                 raise ValueError(f"not a Redis URL ({error}): {value!r}") from None
+            database = urlsplit(value).path.strip("/")
+            if database and not (database.isascii() and database.isdigit()):  # redis-py would use database 0
+                raise ValueError(f"a Redis database is a number (redis://host:6379/3), not {database!r}")
         return value
 
     @field_validator("worker_gpus", mode="before")

@@ -252,6 +252,7 @@ def test_windows_in_memory_that_ended_are_dropped_once_there_are_many_and_no_mor
     ("TORCHYARD_RATE_LIMIT_SUBMIT", "1 per 0 seconds"),  # limits itself would read a window of 1 second
     ("TORCHYARD_RATE_LIMIT_READ", "10/999999999999 years"),
     ("TORCHYARD_RATE_LIMIT_STORAGE_URL", "redis://127.0.0.1:notaport/0"),
+    ("TORCHYARD_RATE_LIMIT_STORAGE_URL", "redis://127.0.0.1:6379/abc"),
     ("TORCHYARD_RATE_LIMIT_READ", "0/minute"),
     ("TORCHYARD_RATE_LIMIT_UPLOAD", ""),
     ("TORCHYARD_RATE_LIMIT_STORAGE_URL", "memcached://127.0.0.1:11211"),
