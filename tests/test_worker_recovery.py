@@ -14,8 +14,9 @@ from models.validation import parse_spec
 from worker.engine import train
 
 EPOCHS = 40
-# Enough rows that the 40 epochs last several seconds: a stop must land mid-run.
-LONG = long_spec(EPOCHS, n_samples=4000, batch_size=30)
+# Enough batches that the 40 epochs last several seconds even on a fast machine (at 30 a batch they took 1 s, and
+# a stop once landed after the end): a stop must land mid-run.
+LONG = long_spec(EPOCHS, n_samples=4000, batch_size=8)
 
 
 @pytest.fixture(scope="module")
