@@ -250,7 +250,7 @@ def test_the_cli_shows_and_follows_a_jobs_log(service, base_url, tmp_path):
 
 def test_a_handed_back_jobs_log_tells_both_attempts_the_hand_back_and_the_resume(own_embedded_service):
     service = own_embedded_service
-    job_id = service.submit(long_spec(40, n_samples=4000, batch_size=30, name="handed-back"))
+    job_id = service.submit(long_spec(40, n_samples=4000, batch_size=8, name="handed-back"))
     service.wait_for(lambda: service.job(job_id)["progress"]["epoch"] >= 3, 90, "epoch 3")
     first = service.workers[0]
     assert first.stop(timeout=30) == 0, first.log()
@@ -274,7 +274,7 @@ def test_a_handed_back_jobs_log_tells_both_attempts_the_hand_back_and_the_resume
 
 def test_a_killed_workers_attempt_is_said_lost_and_the_next_one_resumes(own_embedded_service):
     service = own_embedded_service
-    job_id = service.submit(long_spec(40, n_samples=4000, batch_size=30, name="reaped"))
+    job_id = service.submit(long_spec(40, n_samples=4000, batch_size=8, name="reaped"))
     service.wait_for(lambda: service.job(job_id)["progress"]["epoch"] >= 3, 90, "epoch 3")
     first = service.workers[0]
     first.kill()

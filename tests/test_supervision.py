@@ -19,7 +19,7 @@ from models.tables import EpochMetrics, Job, Worker, utcnow
 from torchyard.client import Client
 
 EPOCHS = 30  # with fused Adam 12 epochs ended too soon for a kill to land mid-run
-LONG = long_spec(EPOCHS, n_samples=3000, batch_size=30)  # lasts several seconds: a kill lands mid-run
+LONG = long_spec(EPOCHS, n_samples=3000, batch_size=8)  # seconds, on a fast machine too: a kill lands mid-run
 HEALTH = "/api/v1/health"
 NO_CPU_WORKER = "no live worker serves queue 'cpu'"
 NOBODY_REAPS = "with an expired lease that nobody reaps (no worker and no `torchyard maintenance` is running)"
