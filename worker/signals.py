@@ -6,6 +6,7 @@ Connected when a worker imports ``worker.tasks``; the API never imports this mod
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -40,6 +41,10 @@ def prepare_worker(sender=None, **_kwargs) -> None:
     except ValueError as exc:  # SystemExit is no Exception, so Celery's signal dispatch lets it through
         raise SystemExit(f"torchyard worker can't start: {exc}") from None
     cpus.set_slots(sender.concurrency)  # after the GPU plan, which may have set the concurrency
+    # The pool processes fork next and share this process's pages (torch, the engine) until they write to
+    # them. Frozen, the objects made so far are out of every garbage collection's sight, so a collection in
+    # a pool process doesn't write to (and so copy) the pages that hold them.
+    gc.freeze()
 
 
 def plan_gpu_slots(controller, queues: list[str]) -> None:
