@@ -13,8 +13,9 @@ bounded connection pools per process (``--pool`` connections each, one per group
 put PgBouncer in front of PostgreSQL, whose ``max_connections`` is far below 1,000 × 8). ``--slowdown N`` makes
 every interval N times longer: the same state at 1/N of the rates, for a machine that can't drive them all.
 
-  every worker, every heartbeat   ``maintenance.heartbeat_worker`` and ``maintenance.sweep`` (reap, reconcile,
-                                  sweeps, dispatch, prune), as ``maintenance.tick`` does
+  every worker, every heartbeat   ``maintenance.heartbeat_worker``, then it asks for the cluster's round
+                                  (``rounds.take_round``) and, when it takes it, ``maintenance.sweep`` (reap,
+                                  reconcile, sweeps, dispatch, prune), as ``maintenance.tick`` does
   a slot takes a message          from the Redis list the dispatcher's ``BrokerPublisher`` publishes to (BRPOP,
                                   as kombu's Redis transport does, without Celery's ack bookkeeping)
   claim                           ``lifecycle.claim`` and ``job_log.start_log``, as ``runner.claim``
@@ -292,12 +293,18 @@ class Shard:
             self.slot_free(worker)
 
     def tick(self, worker: str, register: dict) -> None:
-        """``maintenance.tick``, its heartbeat and its sweep timed apart."""
+        """``maintenance.tick``, its heartbeat, its ask for the round and its sweep timed apart."""
+        from models import rounds
+        from models.tables import utcnow
         from worker import maintenance
 
         if self.stats.timed("heartbeat", maintenance.heartbeat_worker, self.upkeep, worker) is False:
             maintenance.register_worker(self.upkeep, worker, **register)
-        self.stats.timed("maintenance round", maintenance.sweep, self.upkeep)
+        with self.upkeep.sessions() as session:
+            taken = self.stats.timed("round asked", rounds.take_round, session, worker, utcnow(),
+                                     rounds.every(self.settings))
+        if taken:
+            self.stats.timed("maintenance round", maintenance.sweep, self.upkeep)
         self.upkeep_loop.at(time.time() + self.settings.heartbeat_seconds, self.tick, worker, register)
 
     def slot_free(self, worker: str) -> None:
@@ -434,7 +441,7 @@ class Shard:
 
 
 GROUPS = {  # application_name: the operations whose connections carry it
-    "sim-upkeep": ("register", "heartbeat", "maintenance round"),
+    "sim-upkeep": ("register", "heartbeat", "round asked", "maintenance round"),
     "sim-batch-ends": ("cancel check", "lease renewal"),
     "sim-jobs": ("claim", "claim (skipped)", "metric write", "finish", "dispatch after a job ends", "submit"),
     "sim-reads": ("list first page", "list deep page", "get job", "job metrics"),
@@ -650,6 +657,7 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     from private_servers import PrivateRedis
 
+    from models import rounds
     from models.settings import Settings
 
     database = f"torchyard_clustersim_{secrets.token_hex(6)}"
@@ -680,7 +688,8 @@ def run(args: argparse.Namespace) -> None:
         heartbeat = settings.heartbeat_seconds
         targets = {
             "claim": slots / args.job_seconds, "heartbeat": args.workers / heartbeat,
-            "maintenance round": args.workers / heartbeat, "lease renewal": slots / heartbeat,
+            "round asked": args.workers / heartbeat, "maintenance round": 1 / rounds.every(settings).total_seconds(),
+            "lease renewal": slots / heartbeat,
             "cancel check": slots / args.check_seconds - slots / heartbeat, "metric write": slots / args.epoch_seconds,
             "finish": slots / args.job_seconds, "dispatch after a job ends": slots / args.job_seconds,
             "submit": slots / args.job_seconds, **{kind: args.reads / 4 for kind in

@@ -285,6 +285,17 @@ class Worker(Base):
     last_heartbeat_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+class MaintenanceRound(Base):
+    """When the cluster's last maintenance round began, and which process took it (``models.rounds``): one row,
+    so that however many workers a cluster has, they run about one round a heartbeat between them."""
+
+    __tablename__ = "maintenance_rounds"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    taken_at: Mapped[dt.datetime]
+    taken_by: Mapped[str] = mapped_column(String(200))  # host:pid of the process that took it
+
+
 class StreamSlot(Base):
     """An open live-metrics stream (SSE), so a user's streams are counted across every API process. Its
     process renews ``expires_at`` while it serves the stream; a slot past it (its process died) no longer

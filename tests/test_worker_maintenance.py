@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import event, select, update
 
 from api.schemas import as_utc
-from models import lifecycle
-from models.tables import AuditEvent, EpochMetrics, Job, User, Worker, utcnow
+from models import lifecycle, rounds
+from models.tables import AuditEvent, EpochMetrics, Job, MaintenanceRound, User, Worker, utcnow
 from models.validation import parse_service_spec
 from worker import maintenance, runner
 from worker.engine import RunState, pick_device
@@ -156,6 +156,48 @@ def test_a_maintenance_round_deletes_audit_events_past_their_retention(worker_co
 
 
 # --- claim and fence ----------------------------------------------------------------------------
+
+
+def test_the_cluster_takes_one_maintenance_round_every_interval_whoever_asks(worker_context):
+    start, every = utcnow(), dt.timedelta(seconds=5)
+
+    def ask(taker: str, seconds: float) -> bool:
+        with worker_context.sessions() as session:
+            return rounds.take_round(session, taker, start + dt.timedelta(seconds=seconds), every)
+
+    assert ask("a:1", 0)  # the first round ever
+    assert not ask("b:2", 1) and not ask("a:1", 4.9)  # taken by a:1, for everyone, until 5 s have passed
+    assert ask("b:2", 5)  # then whoever asks first: a process that stopped asking holds nothing up
+    assert not ask("a:1", 6)
+    with worker_context.sessions() as session:
+        row = session.get(MaintenanceRound, rounds.SWEEP)
+        assert (row.taken_by, as_utc(row.taken_at)) == ("b:2", start + dt.timedelta(seconds=5))
+
+
+def test_a_worker_sweeps_only_when_it_takes_the_round(worker_context):
+    job_id = running(worker_context)  # its lease expired: a round requeues it
+
+    assert maintenance.sweep_when_due(worker_context, "a:1")
+    assert job(worker_context, job_id).status == "queued"
+    assert not maintenance.sweep_when_due(worker_context, "b:2")  # within half a heartbeat of a:1's round
+
+
+@pytest.mark.parametrize("worker_context", ["postgresql"], indirect=True)
+def test_of_many_processes_asking_at_once_one_takes_the_round(worker_context):
+    now, every, askers = utcnow(), dt.timedelta(seconds=5), 8
+    barrier, taken = threading.Barrier(askers, timeout=60), []
+
+    def ask(taker: str) -> None:
+        with worker_context.sessions() as session:
+            barrier.wait()
+            taken.append(rounds.take_round(session, taker, now, every))
+
+    threads = [threading.Thread(target=ask, args=(f"w:{n}",)) for n in range(askers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(taken) == [False] * (askers - 1) + [True]
 
 
 def test_a_job_is_claimed_by_one_message_only(worker_context):

@@ -2,8 +2,9 @@
 
 Every worker runs these from one daemon thread in its main process (see ``start``), and so does a
 process with no worker at all (``run``: ``torchyard maintenance``, and a thread of ``torchyard serve``),
-so that jobs of dead workers are reaped and waiting jobs say why even when no worker is alive. Each change
-is a conditional UPDATE, so any number of them can run at once: one wins, the others change nothing, and
+so that jobs of dead workers are reaped and waiting jobs say why even when no worker is alive. They take
+turns: a round of the whole cluster every half heartbeat, by the first process to ask (``models.rounds``).
+Each change is a conditional UPDATE, so any number of them can run at once: one wins, the others change nothing, and
 only the winner publishes the job again. Every change of a job's status goes through ``models.lifecycle``.
 """
 
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from models import audit, lifecycle, sweep_control
+from models import audit, lifecycle, rounds, sweep_control
 from models.dispatch import dispatch
 from models.liveness import NO_WORKER, live_after, no_worker_reason, served_queues
 from models.services import Services
@@ -146,11 +147,21 @@ def sweep(ctx: Services) -> None:
     prune(ctx)
 
 
+def sweep_when_due(ctx: Services, taker: str) -> bool:
+    """``sweep`` if this process takes the cluster's round (``models.rounds``: one every half heartbeat,
+    however many processes ask); return whether it did."""
+    with ctx.sessions() as session:
+        taken = rounds.take_round(session, taker, utcnow(), rounds.every(ctx.settings))
+    if taken:
+        sweep(ctx)
+    return taken
+
+
 def tick(ctx: Services, worker_id: str, register: dict) -> None:
-    """A worker's round: heartbeat (re-registering if pruned), then ``sweep``."""
+    """A worker's heartbeat (re-registering if pruned), then the cluster's round if it is this worker's to take."""
     if not heartbeat_worker(ctx, worker_id):
         register_worker(ctx, worker_id, **register)
-    sweep(ctx)
+    sweep_when_due(ctx, worker_id)
 
 
 def every_heartbeat(ctx: Services, step: Callable[[], None], stop: threading.Event) -> None:
@@ -179,16 +190,18 @@ def start(ctx: Services, worker_id: str, queues: list[str], slots: int,
 
 
 def start_sweeping(ctx: Services) -> threading.Event:
-    """``sweep`` every heartbeat in a daemon thread, without a worker (``torchyard serve``); set the event
-    to stop it."""
+    """Ask for the cluster's round every heartbeat in a daemon thread, without a worker (``torchyard serve``);
+    set the event to stop it."""
     stop = threading.Event()
-    threading.Thread(target=every_heartbeat, args=(ctx, lambda: sweep(ctx), stop),
+    taker = this_process()
+    threading.Thread(target=every_heartbeat, args=(ctx, lambda: sweep_when_due(ctx, taker), stop),
                      name="torchyard-sweeper", daemon=True).start()
     return stop
 
 
 def run(ctx: Services) -> None:
-    """``torchyard maintenance``: ``sweep`` every heartbeat in this process until SIGTERM or Ctrl-C.
+    """``torchyard maintenance``: ask for the cluster's round every heartbeat in this process until SIGTERM or
+    Ctrl-C.
 
     Registers no worker (it trains nothing), needs no torch (it runs on the API image), and any number
     may run beside the workers' own loops.
@@ -198,5 +211,11 @@ def run(ctx: Services) -> None:
         signal.signal(signum, lambda *_: stop.set())
     log.info("maintenance every %s s: reaping leases expired on %s, explaining and re-publishing queued jobs",
              ctx.settings.heartbeat_seconds, ctx.engine.url.render_as_string(hide_password=True))
-    every_heartbeat(ctx, lambda: sweep(ctx), stop)
+    taker = this_process()
+    every_heartbeat(ctx, lambda: sweep_when_due(ctx, taker), stop)
     log.info("maintenance stopped")
+
+
+def this_process() -> str:
+    """host:pid, as a round's taker names a process that is no worker (a worker is named so as well)."""
+    return f"{socket.gethostname()}:{os.getpid()}"

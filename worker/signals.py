@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import socket
 
 from billiard.exceptions import WorkerLostError
 from billiard.process import current_process
@@ -33,7 +32,7 @@ _stop_maintenance = None
 def prepare_worker(sender=None, **_kwargs) -> None:
     """In the main process, before the pool forks: name the worker hostname:pid, refuse queues whose device
     this machine lacks, and plan GPU slots."""
-    set_worker_id(f"{socket.gethostname()}:{os.getpid()}")
+    set_worker_id(maintenance.this_process())
     queues = sorted(sender.app.amqp.queues.consume_from)
     try:
         gpus.check_mps(queues)
