@@ -13,6 +13,7 @@ bounded connection pools per process (``--pool`` connections each, one per group
 put PgBouncer in front of PostgreSQL, whose ``max_connections`` is far below 1,000 × 8). ``--slowdown N`` makes
 every interval N times longer: the same state at 1/N of the rates, for a machine that can't drive them all.
 
+  a worker starts                 ``maintenance.join``: it registers, then dispatches for its free slots
   every worker, every heartbeat   ``maintenance.heartbeat_worker``, then it asks for the cluster's round
                                   (``rounds.take_round``) and, when it takes it, ``maintenance.sweep`` (reap,
                                   reconcile, sweeps, dispatch, prune), as ``maintenance.tick`` does
@@ -287,7 +288,7 @@ class Shard:
         from worker import maintenance
 
         register = {"queues": [QUEUE], "slots": self.args.slots, "devices": {"cpu": 8, "cuda": 0}}
-        self.stats.timed("register", maintenance.register_worker, self.upkeep, worker, *register.values())
+        self.stats.timed("register", maintenance.join, self.upkeep, worker, *register.values())
         self.upkeep_loop.at(first_round, self.tick, worker, register)
         for _slot in range(self.args.slots):
             self.slot_free(worker)

@@ -96,16 +96,23 @@ class UserState:
         return self.active / self.share, self.usage / self.share
 
 
-def dispatch(services: Services, queues: Iterable[str] | None = None, session: Session | None = None) -> list[str]:
+def dispatch(services: Services, queues: Iterable[str] | None = None, session: Session | None = None,
+             wait: bool | None = None) -> list[str]:
     """Release queued jobs of ``queues`` (default: every queue with queued jobs) where slots are free; ring
     again released jobs that no free worker took within ``reconcile_seconds``. Returns the released ids.
     Runs in ``session`` when given (one with nothing uncommitted: a request's, after its commit).
 
+    ``wait``: whether to wait for a queue that another dispatcher holds. By default a dispatch of named queues
+    waits (a submit, a job's end: its freed slot must be seen at once) and a maintenance round leaves the queue
+    to the holder and the next round, as does a worker that joins (``worker.maintenance.join``: a thousand
+    starting at once would otherwise queue up on the lock).
+
     Each transaction releases at most RELEASE_BATCH jobs of a queue, then commits and publishes them; a queue
     with more room left goes round again, so that workers start on the first jobs while the rest are picked."""
     released: list[str] = []
+    wait = queues is not None if wait is None else wait
     while True:
-        done, unfinished = _dispatch_once(services, queues, session)
+        done, unfinished = _dispatch_once(services, queues, session, wait)
         released += done
         if not unfinished:
             return released
@@ -113,16 +120,16 @@ def dispatch(services: Services, queues: Iterable[str] | None = None, session: S
 
 
 def _dispatch_once(services: Services, queues: Iterable[str] | None,
-                   session: Session | None) -> tuple[list[str], set[str]]:
+                   session: Session | None, wait: bool) -> tuple[list[str], set[str]]:
     """One transaction of ``dispatch``; the ids it released, and the queues that had more room than a batch."""
     settings = services.settings
     released: list[tuple[str, str]] = []
     unfinished: set[str] = set()
     with contextlib.nullcontext(session) if session is not None else services.sessions() as session:
         wanted = set(queues) if queues is not None else _queues_with_queued_jobs(session)
-        # A maintenance round leaves a queue that another dispatcher holds to it (what that one can't see yet, the
+        # Without waiting, a queue that another dispatcher holds is left to it (what that one can't see yet, the
         # next round does); a submit or a job's end waits its turn, so that its freed slot is seen at once.
-        wanted = lock_queues(session, wanted, wait=queues is not None)
+        wanted = lock_queues(session, wanted, wait=wait)
         if not wanted:
             session.rollback()  # ends the read's transaction (and takes no lock): nothing to do
             return [], set()
@@ -180,11 +187,12 @@ def lock_queues(session: Session, queues: set[str], wait: bool) -> set[str]:
     return locked
 
 
-def dispatch_soon(services: Services, queues: Iterable[str], session: Session | None = None) -> None:
+def dispatch_soon(services: Services, queues: Iterable[str], session: Session | None = None,
+                  wait: bool = True) -> None:
     """``dispatch`` for a caller whose own work is done and committed (a submit, a job's end): a failure is
     logged, never raised, since the next maintenance round dispatches again."""
     try:
-        dispatch(services, queues, session)
+        dispatch(services, queues, session, wait)
     except Exception:  # noqa: BLE001 - the caller's work stands; only the release waits a round
         log.exception("dispatch of %s failed; the maintenance loop will retry", ", ".join(queues))
 

@@ -182,6 +182,20 @@ def test_a_worker_sweeps_only_when_it_takes_the_round(worker_context):
     assert not maintenance.sweep_when_due(worker_context, "b:2")  # within half a heartbeat of a:1's round
 
 
+def test_a_joining_worker_fills_its_slots_at_once_though_the_round_was_just_taken(worker_context):
+    held = [add_job(worker_context, released_at=None) for _ in range(5)]  # waiting in the database
+    assert maintenance.sweep_when_due(worker_context, "other:1")  # no live worker: nothing released
+    assert rung(worker_context) == []
+
+    maintenance.join(worker_context, "new-box:1", ["cpu"], 2, {"cpu": 2, "cuda": 0})
+
+    # Its 2 free slots and the dispatcher's margin, without waiting for the next round.
+    assert not maintenance.sweep_when_due(worker_context, "new-box:1")
+    released = rung(worker_context)
+    assert len(released) == 2 + worker_context.settings.dispatch_margin
+    assert set(released) <= set(held)
+
+
 @pytest.mark.parametrize("worker_context", ["postgresql"], indirect=True)
 def test_of_many_processes_asking_at_once_one_takes_the_round(worker_context):
     now, every, askers = utcnow(), dt.timedelta(seconds=5), 8

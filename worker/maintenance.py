@@ -22,7 +22,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from models import audit, lifecycle, rounds, sweep_control
-from models.dispatch import dispatch
+from models.dispatch import dispatch, dispatch_soon
 from models.liveness import NO_WORKER, live_after, no_worker_reason, served_queues
 from models.services import Services
 from models.tables import Job, Worker, utcnow
@@ -44,6 +44,14 @@ def register_worker(ctx: Services, worker_id: str, queues: list[str], slots: int
                              devices=devices, slots=slots, started_at=now,
                              last_heartbeat_at=now))
         session.commit()
+
+
+def join(ctx: Services, worker_id: str, queues: list[str], slots: int, devices: dict) -> None:
+    """Register the worker, then dispatch its queues: its free slots take jobs now, not at the cluster's next
+    maintenance round (which another process may have taken a moment ago). Without waiting for a queue that
+    another dispatcher holds: that one or the next round fills the slots."""
+    register_worker(ctx, worker_id, queues, slots, devices)
+    dispatch_soon(ctx, queues, wait=False)
 
 
 def heartbeat_worker(ctx: Services, worker_id: str) -> bool:
@@ -177,12 +185,12 @@ def every_heartbeat(ctx: Services, step: Callable[[], None], stop: threading.Eve
 
 def start(ctx: Services, worker_id: str, queues: list[str], slots: int,
           devices: dict | None = None) -> threading.Event:
-    """Register the worker and run ``tick`` every heartbeat in a daemon thread; set the event to stop it.
+    """Register the worker (``join``) and run ``tick`` every heartbeat in a daemon thread; set the event to stop it.
 
     ``devices`` is what the registry shows of the machine (a GPU worker's GPUs); default: local_devices().
     """
     register = {"queues": queues, "slots": slots, "devices": devices or local_devices()}
-    register_worker(ctx, worker_id, **register)
+    join(ctx, worker_id, **register)
     stop = threading.Event()
     threading.Thread(target=every_heartbeat, args=(ctx, lambda: tick(ctx, worker_id, register), stop),
                      name="torchyard-maintenance", daemon=True).start()
