@@ -4,8 +4,9 @@ Every worker runs these from one daemon thread in its main process (see ``start`
 process with no worker at all (``run``: ``torchyard maintenance``, and a thread of ``torchyard serve``),
 so that jobs of dead workers are reaped and waiting jobs say why even when no worker is alive. They take
 turns: a round of the whole cluster every half heartbeat, by the first process to ask (``models.rounds``).
-Each change is a conditional UPDATE, so any number of them can run at once: one wins, the others change nothing, and
-only the winner publishes the job again. Every change of a job's status goes through ``models.lifecycle``.
+Each change is a conditional UPDATE, so any number of rounds can run at once: one wins, the others change
+nothing, and only the winner publishes the job again. Every change of a job's status goes through
+``models.lifecycle``.
 """
 
 from __future__ import annotations
