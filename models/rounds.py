@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import exists, select
+from sqlalchemy import and_, exists, not_, select
 from sqlalchemy.orm import Session
 
 from models.db import dialect_insert
@@ -34,9 +34,14 @@ def take_round(session: Session, taker: str, now: dt.datetime, every: dt.timedel
     Most asks find the round taken by a plain read, which writes nothing. One that finds it due takes it by a
     conditional upsert: on PostgreSQL a second asker waits for the first's row lock, then finds the round
     taken (its WHERE is checked against the row the first committed); SQLite writes one at a time.
+
+    Each asker stamps the round with its own clock. A round stamped more than ``every`` in the asker's future
+    counts as due too: a machine whose clock runs ahead must not hold every round for the cluster, and then
+    none at all once it dies.
     """
-    since = now - every
-    if session.scalar(select(exists().where(MaintenanceRound.name == SWEEP, MaintenanceRound.taken_at > since))):
+    since, ahead = now - every, now + every
+    recent = and_(MaintenanceRound.taken_at > since, MaintenanceRound.taken_at <= ahead)
+    if session.scalar(select(exists().where(MaintenanceRound.name == SWEEP, recent))):
         session.rollback()
         return False
     insert = dialect_insert(session.get_bind().dialect.name, MaintenanceRound.__table__).values(
@@ -44,7 +49,7 @@ def take_round(session: Session, taker: str, now: dt.datetime, every: dt.timedel
     statement = insert.on_conflict_do_update(
         index_elements=["name"],
         set_={"taken_at": insert.excluded.taken_at, "taken_by": insert.excluded.taken_by},
-        where=MaintenanceRound.taken_at <= since,
+        where=not_(recent),
     ).returning(MaintenanceRound.name)
     taken = session.execute(statement).first() is not None
     session.commit()

@@ -174,6 +174,14 @@ def test_the_cluster_takes_one_maintenance_round_every_interval_whoever_asks(wor
         assert (row.taken_by, as_utc(row.taken_at)) == ("b:2", start + dt.timedelta(seconds=5))
 
 
+def test_a_round_stamped_by_a_clock_running_ahead_holds_up_no_other_process(worker_context):
+    now, every = utcnow(), dt.timedelta(seconds=5)
+    with worker_context.sessions() as session:
+        assert rounds.take_round(session, "ahead:1", now + dt.timedelta(hours=1), every)
+        assert rounds.take_round(session, "right:2", now, every)  # not held for the hour to come
+        assert not rounds.take_round(session, "right:3", now + dt.timedelta(seconds=1), every)
+
+
 def test_a_worker_sweeps_only_when_it_takes_the_round(worker_context):
     job_id = running(worker_context)  # its lease expired: a round requeues it
 
